@@ -1,0 +1,1 @@
+"""Latency, size and accuracy measurement on inference runtimes."""

@@ -1,0 +1,127 @@
+"""`edgekd` command line: run, validate, stages, check, bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import EdgekdError
+
+log = logging.getLogger("edgekd")
+
+
+def _cmd_run(args) -> int:
+    from .config import load_pipeline
+    from .runner import Runner
+
+    cfg, raw = load_pipeline(args.pipeline, args.set)
+    resume = args.resume is not None
+    run_dir = Path(args.resume) if resume else (Path(args.out) if args.out else None)
+    runner = Runner(cfg, raw, run_dir, resume=resume)
+    print(f"run directory: {runner.run_dir}", file=sys.stderr)
+    try:
+        out = runner.run()
+    except KeyboardInterrupt:
+        print(f"edgekd: interrupted; continue with: edgekd run {args.pipeline} --resume {runner.run_dir}", file=sys.stderr)
+        return 130
+    import json
+
+    report = json.loads((out / "report.json").read_text())
+    print(report["headline"])
+    print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from .config import load_pipeline
+
+    cfg, _ = load_pipeline(args.pipeline, args.set)
+    print(f"{args.pipeline}: OK ({len(cfg.stages)} stages: {', '.join(n for n, _ in cfg.stage_entries())})")
+    return 0
+
+
+def _describe(model_cls, indent: str = "    ") -> list[str]:
+    lines = []
+    for name, f in model_cls.model_fields.items():
+        default = "required" if f.is_required() else f"default {f.default!r}"
+        ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+        desc = f" - {f.description}" if f.description else ""
+        lines.append(f"{indent}{name}: {ann} ({default}){desc}")
+    return lines
+
+
+def _cmd_stages(args) -> int:
+    from .stages import STAGES
+
+    for name, cls in STAGES.items():
+        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        print(f"{name}: {doc[0] if doc else ''}")
+        print("\n".join(_describe(cls.Config)))
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from .check import run_check
+
+    return run_check(Path(args.report), Path(args.baseline), update=args.update_baseline)
+
+
+def _cmd_bench(args) -> int:
+    from .bench.cli import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgekd", description="Distill, prune, quantize, export and benchmark vision models for edge devices.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run a pipeline")
+    r.add_argument("pipeline")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
+    r.add_argument("--out", help="run directory (default: <output_dir>/<name>-<timestamp>)")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run in RUN_DIR")
+    r.set_defaults(fn=_cmd_run)
+    v = sub.add_parser("validate", help="check a pipeline without running it")
+    v.add_argument("pipeline")
+    v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    v.set_defaults(fn=_cmd_validate)
+    s = sub.add_parser("stages", help="list stages and their options")
+    s.set_defaults(fn=_cmd_stages)
+    c = sub.add_parser("check", help="compare a report with a stored baseline (exit 1 on regression)")
+    c.add_argument("report")
+    c.add_argument("--baseline", required=True)
+    c.add_argument("--update-baseline", action="store_true", help="write the report's figures into the baseline")
+    c.set_defaults(fn=_cmd_check)
+    b = sub.add_parser("bench", help="benchmark an ONNX model on the available runtimes")
+    b.add_argument("models", nargs="+", help="ONNX file(s)")
+    b.add_argument("--runtime", default="onnxruntime", help="comma list: onnxruntime,openvino,... or 'all'")
+    b.add_argument("--threads", default="1", help="comma list of thread counts, e.g. 1,2")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--throughput-batch", type=int, default=32)
+    b.add_argument("--runs", type=int, default=200)
+    b.add_argument("--warmup", type=int, default=30)
+    b.add_argument("--data", help="ImageFolder dir or .tar.gz for accuracy (its test split)")
+    b.add_argument("--json", help="write results to this JSON file")
+    b.set_defaults(fn=_cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    for noisy in ("matplotlib", "PIL", "torch_pruning"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.fn(args)
+    except EdgekdError as e:
+        if args.verbose:
+            raise
+        print(f"edgekd: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

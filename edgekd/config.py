@@ -1,0 +1,229 @@
+"""Pipeline configuration: YAML loading, ${ENV:-default} interpolation, --set overrides,
+and pydantic validation whose errors name the YAML key path (`stages[1].prune.target_macs`)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+
+def _fraction(v: float) -> float:
+    if not 0.0 < v <= 1.0:
+        raise ValueError("must be in (0, 1]")
+    return v
+
+
+Fraction = Annotated[float, AfterValidator(_fraction)]
+
+
+class Strict(BaseModel):
+    """Base for every config block: unknown keys are errors, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DataConfig(Strict):
+    source: str = Field(description="cifar10 | cifar100 | path to an ImageFolder dir | path to a .tar.gz of one")
+    root: str = Field("~/.cache/edgekd/datasets", description="download folder for torchvision datasets")
+    download: bool = False
+    train_dir: str | None = Field(None, description="train sub-folder inside the folder/archive (auto: 'train')")
+    test_dir: str | None = Field(None, description="test sub-folder inside the folder/archive (auto: 'test' or 'val')")
+    image_size: int = Field(32, gt=0, description="images are resized to this square size when decoded")
+    mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
+    std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+    num_classes: int | None = Field(None, gt=1, description="expected class count; checked against the data")
+    subset: int | None = Field(None, gt=0, description="stratified, seeded subset of the train split")
+    test_subset: int | None = Field(None, gt=0, description="stratified, seeded subset of the test split")
+    val_split: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of train held out for validation")
+    batch_size: int = Field(128, gt=0)
+    eval_batch_size: int = Field(256, gt=0)
+    augment: Literal["crop_flip", "flip", "none"] = "crop_flip"
+    skip_bad_images: bool = False
+    cache_dir: str | None = Field(None, description="decoded-tensor cache (default $EDGEKD_CACHE or ~/.cache/edgekd)")
+
+
+class ModelConfig(Strict):
+    arch: str = Field(description="torchvision classification architecture, e.g. resnet50, mobilenet_v2")
+    num_classes: int | None = Field(None, gt=1, description="defaults to the data's class count")
+    cifar_stem: bool = Field(False, description="adapt the stem to 32x32 inputs (see docs)")
+    width_mult: float | None = Field(None, gt=0)
+    checkpoint: str | None = Field(None, description="state_dict / pickled model / TorchScript / edgekd checkpoint / .onnx")
+    pretrained: bool = Field(False, description="torchvision ImageNet weights (needs internet)")
+
+
+class PipelineConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: all cores)")
+    output_dir: str = "runs"
+    data: DataConfig
+    teacher: ModelConfig | None = None
+    student: ModelConfig
+    stages: list[dict[str, Any]] = Field(min_length=1)
+
+    def stage_entries(self) -> list[tuple[str, BaseModel]]:
+        """(stage type, validated stage config) in pipeline order."""
+        return [self._validated[i] for i in range(len(self.stages))]
+
+    _validated: dict[int, tuple[str, BaseModel]] = {}
+
+
+# --------------------------------------------------------------------------- helpers
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _path_str(loc: tuple | list) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<root>"
+
+
+def interpolate(obj: Any, loc: tuple = ()) -> Any:
+    """Replace ${VAR} and ${VAR:-default} in every string of a parsed YAML tree."""
+    if isinstance(obj, dict):
+        return {k: interpolate(v, loc + (k,)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [interpolate(v, loc + (i,)) for i, v in enumerate(obj)]
+    if isinstance(obj, str):
+
+        def sub(m: re.Match) -> str:
+            var, default = m.group(1), m.group(2)
+            if var in os.environ:
+                return os.environ[var]
+            if default is not None:
+                return default
+            raise ConfigError(f"{_path_str(loc)}: environment variable ${{{var}}} is not set and has no default")
+
+        return _ENV.sub(sub, obj)
+    return obj
+
+
+def _parse_key(key: str) -> list[str | int]:
+    parts: list[str | int] = []
+    for seg in key.split("."):
+        m = re.fullmatch(r"([^\[\]]*)((?:\[\d+\])*)", seg)
+        if not m or (not m.group(1) and not m.group(2)):
+            raise ConfigError(f"--set {key}: cannot parse key")
+        if m.group(1):
+            parts.append(m.group(1))
+        parts += [int(i) for i in re.findall(r"\[(\d+)\]", m.group(2))]
+    return parts
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one `--set a.b=c`; a leading stage name (`distill.epochs=2`) addresses that stage."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment}: expected KEY=VALUE")
+    key, value_text = assignment.split("=", 1)
+    value = yaml.safe_load(value_text) if value_text != "" else ""
+    parts = _parse_key(key.strip())
+    stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
+    stage_names = [next(iter(s)) for s in stages if isinstance(s, dict) and len(s) == 1]
+    if isinstance(parts[0], str) and parts[0] not in raw and parts[0] in stage_names:
+        idx = [i for i, n in enumerate(stage_names) if n == parts[0]]
+        if len(idx) > 1:
+            raise ConfigError(f"--set {key}: stage '{parts[0]}' appears {len(idx)} times; use stages[i].{key}")
+        parts = ["stages", idx[0]] + parts
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        here = _path_str(parts[: i + 1])
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                raise ConfigError(f"--set {key}: {here} does not exist")
+            node = node[part]
+        else:
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {here} is not a mapping")
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+    last = parts[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last >= len(node):
+            raise ConfigError(f"--set {key}: {_path_str(parts)} does not exist")
+    elif not isinstance(node, dict):
+        raise ConfigError(f"--set {key}: {_path_str(parts[:-1])} is not a mapping")
+    node[last] = value
+
+
+def format_validation_error(err: ValidationError, prefix: tuple = ()) -> str:
+    lines = []
+    for e in err.errors():
+        loc = prefix + tuple(e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if e["type"] not in ("missing", "extra_forbidden") and "input" in e and not isinstance(e["input"], (dict, list)):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"{_path_str(loc)}: {msg}")
+    return "; ".join(lines)
+
+
+def validate(raw: Any) -> PipelineConfig:
+    """Validate a parsed pipeline tree, stage configs included; raises ConfigError."""
+    from .stages import STAGES
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"<root>: expected a mapping of pipeline keys, got {type(raw).__name__}")
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+    validated: dict[int, tuple[str, BaseModel]] = {}
+    for i, entry in enumerate(cfg.stages):
+        if len(entry) != 1:
+            raise ConfigError(f"stages[{i}]: expected one stage name mapping to its options, got keys {sorted(entry)}")
+        (name, opts), = entry.items()
+        if name not in STAGES:
+            raise ConfigError(f"stages[{i}]: unknown stage '{name}'; known: {', '.join(STAGES.names())}")
+        if opts is None:
+            opts = {}
+        if not isinstance(opts, dict):
+            raise ConfigError(f"stages[{i}].{name}: expected a mapping of options, got {type(opts).__name__}")
+        try:
+            validated[i] = (name, STAGES.get(name).Config.model_validate(opts))
+        except ValidationError as e:
+            raise ConfigError(format_validation_error(e, ("stages", i, name))) from None
+    needs_teacher = [n for n, c in validated.values() if getattr(c, "uses_teacher", lambda: False)()]
+    if needs_teacher and cfg.teacher is None:
+        raise ConfigError(f"teacher: required key is missing (stages {', '.join(needs_teacher)} use a distillation loss)")
+    cfg._validated = validated
+    return cfg
+
+
+def load_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) -> tuple[PipelineConfig, dict]:
+    """Read, interpolate, override and validate a pipeline file; returns (config, resolved raw tree)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: pipeline file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML: {getattr(e, 'problem', None) or e}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: file is empty")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"<root>: expected a mapping of pipeline keys, got {type(raw).__name__}")
+    for ov in overrides or []:
+        apply_override(raw, ov)
+    raw = interpolate(raw)
+    return validate(raw), raw

@@ -1,0 +1,288 @@
+"""Datasets as pre-decoded uint8 tensors.
+
+JPEG decoding dominates CPU training time on small images, so every split is decoded
+once into a uint8 N x C x H x W tensor and cached on disk under a key derived from the
+input *bytes* (archive hash, or the hash of every image file), never from a name.
+Augmentation (padded random crop, horizontal flip) then runs on whole batches of tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tarfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import DataConfig
+from .errors import EdgekdError
+from .fileio import atomic_path, sha256_file
+
+log = logging.getLogger("edgekd")
+
+IMG_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8, N x 3 x H x W
+    labels: torch.Tensor  # int64, N
+    classes: list[str]
+    key: str = ""  # content hash: changes whenever the bytes (or the selection) change
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def select(self, idx: np.ndarray, tag: str) -> "Split":
+        idx_t = torch.as_tensor(np.sort(idx), dtype=torch.long)
+        key = hashlib.sha256(f"{self.key}/{tag}/{idx_t.numpy().tobytes().hex()}".encode()).hexdigest()
+        return Split(self.images[idx_t], self.labels[idx_t], self.classes, key)
+
+
+@dataclass
+class Data:
+    train: Split
+    test: Split
+    val: Split | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    augment: str = "crop_flip"
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.train.classes)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.images.shape[-1])
+
+    def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, device=x_uint8.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x_uint8.device).view(1, 3, 1, 1)
+        return (x_uint8.float() / 255.0 - mean) / std
+
+
+def cache_root(cfg_dir: str | None = None) -> Path:
+    root = cfg_dir or os.environ.get("EDGEKD_CACHE") or "~/.cache/edgekd"
+    return Path(root).expanduser()
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _extract_archive(archive: Path, cache: Path) -> Path:
+    """Extract a .tar.gz once into the cache, keyed on the archive's bytes."""
+    digest = sha256_file(archive)[:20]
+    dest = cache / "extracted" / digest
+    if (dest / ".complete").exists():
+        return dest
+    tmp = cache / "extracted" / f".{digest}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            tar.extractall(tmp, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EdgekdError(f"{archive}: cannot extract archive ({e})") from None
+    (tmp / ".complete").write_text(str(archive))
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return dest
+
+
+def _find_split_dir(root: Path, wanted: str | None, candidates: tuple[str, ...]) -> Path:
+    if wanted:
+        p = root / wanted
+        if not p.is_dir():
+            raise EdgekdError(f"{p}: split folder not found")
+        return p
+    for depth_root in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
+        for name in candidates:
+            if (depth_root / name).is_dir():
+                return depth_root / name
+    raise EdgekdError(f"{root}: no '{candidates[0]}' folder found (ImageFolder layout: {candidates[0]}/<class>/<image>)")
+
+
+def _list_image_folder(folder: Path) -> tuple[list[Path], list[int], list[str]]:
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise EdgekdError(f"{folder}: no class folders found (ImageFolder layout: <class>/<image>)")
+    files, labels = [], []
+    for ci, c in enumerate(classes):
+        for f in sorted((folder / c).rglob("*")):
+            if f.suffix.lower() in IMG_EXTS and f.is_file():
+                files.append(f)
+                labels.append(ci)
+    if not files:
+        raise EdgekdError(f"{folder}: no image files found")
+    return files, labels, classes
+
+
+def _decode(args: tuple[str, int]) -> np.ndarray | str:
+    from PIL import Image
+
+    path, size = args
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+    except Exception as e:  # PIL raises many types for corrupt files
+        return f"{type(e).__name__}: {e}"
+
+
+def _load_image_folder(folder: Path, cfg: DataConfig, cache: Path) -> Split:
+    files, labels, classes = _list_image_folder(folder)
+    h = hashlib.sha256(f"size={cfg.image_size}".encode())
+    for f in files:
+        h.update(str(f.relative_to(folder)).encode())
+        h.update(f.read_bytes())
+    key = h.hexdigest()
+    cached = cache / "tensors" / f"{key[:32]}.pt"
+    if cached.exists():
+        try:
+            blob = torch.load(cached, weights_only=True)
+            return Split(blob["images"], blob["labels"], list(blob["classes"]), key)
+        except Exception:
+            log.warning("decoded-image cache %s is unreadable; decoding again", cached)
+    from tqdm import tqdm
+
+    jobs = [(str(f), cfg.image_size) for f in files]
+    workers = min(4, os.cpu_count() or 1)
+    with ProcessPoolExecutor(workers) as ex:
+        results = list(tqdm(ex.map(_decode, jobs, chunksize=256), total=len(jobs), desc=f"decode {folder.name}", unit="img", leave=False))
+    keep, bad = [], []
+    for i, r in enumerate(results):
+        if isinstance(r, str):
+            bad.append((files[i], r))
+        else:
+            keep.append(i)
+    if bad:
+        if not cfg.skip_bad_images:
+            f, why = bad[0]
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise EdgekdError(f"{f}: unreadable image ({why}){more}; fix it or set data.skip_bad_images: true")
+        for f, why in bad:
+            log.warning("skipping unreadable image %s (%s)", f, why)
+    images = torch.from_numpy(np.stack([results[i] for i in keep]))
+    labels_t = torch.tensor([labels[i] for i in keep], dtype=torch.long)
+    with atomic_path(cached) as tmp:
+        torch.save({"images": images, "labels": labels_t, "classes": classes}, tmp)
+    return Split(images, labels_t, classes, key)
+
+
+def _load_torchvision(name: str, cfg: DataConfig, train: bool) -> Split:
+    import torchvision
+
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
+    root = Path(cfg.root).expanduser()
+    try:
+        ds = cls(str(root), train=train, download=cfg.download)
+    except RuntimeError as e:
+        hint = "" if cfg.download else " (set data.download: true to fetch it)"
+        raise EdgekdError(f"data.source {name}: {e}{hint}") from None
+    images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
+    if images.shape[-1] != cfg.image_size:
+        images = F.interpolate(images.float(), size=cfg.image_size, mode="bilinear").round().clamp(0, 255).to(torch.uint8)
+    key = hashlib.sha256(images.numpy().tobytes()).hexdigest()
+    return Split(images, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes), key)
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def stratified_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """A seeded subset of `n` indices whose class proportions match `labels`."""
+    n = min(n, len(labels))
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * n / len(labels)
+    quota = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - quota))[: n - quota.sum()]:
+        quota[i] += 1
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)]
+    return np.sort(np.concatenate(picked))
+
+
+def load_data(cfg: DataConfig, seed: int) -> Data:
+    cache = cache_root(cfg.cache_dir)
+    src = cfg.source
+    if src.lower() in ("cifar10", "cifar100"):
+        train, test = _load_torchvision(src.lower(), cfg, True), _load_torchvision(src.lower(), cfg, False)
+    else:
+        path = Path(src).expanduser()
+        if not path.exists():
+            raise EdgekdError(f"data.source: {path} does not exist")
+        if path.is_file():
+            if not (path.name.endswith((".tar.gz", ".tgz", ".tar"))):
+                raise EdgekdError(f"data.source: {path} is a file but not a .tar.gz/.tgz/.tar archive")
+            path = _extract_archive(path, cache)
+        train_dir = _find_split_dir(path, cfg.train_dir, ("train",))
+        test_dir = _find_split_dir(path, cfg.test_dir, ("test", "val", "validation"))
+        train, test = _load_image_folder(train_dir, cfg, cache), _load_image_folder(test_dir, cfg, cache)
+        if train.classes != test.classes:
+            raise EdgekdError(f"{train_dir} and {test_dir} have different class folders")
+    if cfg.num_classes is not None and cfg.num_classes != len(train.classes):
+        raise EdgekdError(f"data.num_classes is {cfg.num_classes} but {src} has {len(train.classes)} classes")
+    if cfg.subset:
+        train = train.select(stratified_indices(train.labels.numpy(), cfg.subset, seed), f"subset{cfg.subset}s{seed}")
+    if cfg.test_subset:
+        test = test.select(stratified_indices(test.labels.numpy(), cfg.test_subset, seed), f"subset{cfg.test_subset}s{seed}")
+    val = None
+    if cfg.val_split > 0:
+        n_val = max(1, int(round(len(train) * cfg.val_split)))
+        val_idx = stratified_indices(train.labels.numpy(), n_val, seed + 1)
+        rest = np.setdiff1d(np.arange(len(train)), val_idx)
+        val, train = train.select(val_idx, "val"), train.select(rest, "trainrest")
+    return Data(train, test, val, cfg.mean, cfg.std, cfg.augment, cfg.batch_size, cfg.eval_batch_size)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator, pad: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded (reflect) random crop and/or horizontal flip on a uint8/float batch.
+
+    Returns the batch and a bool mask of flipped samples (teacher-logit caches use it)."""
+    b = x.shape[0]
+    flip = torch.zeros(b, dtype=torch.bool)
+    if mode == "none":
+        return x, flip
+    if mode == "crop_flip":
+        h, w = x.shape[-2:]
+        padded = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect")
+        oy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+        ox = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+        rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
+        x = padded[torch.arange(b)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
+    flip = torch.rand(b, generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x, flip
+
+
+def iterate(split: Split, batch_size: int, shuffle: bool = False, augment: str = "none", gen: torch.Generator | None = None):
+    """Yield (uint8-or-float images, labels, indices, flipped mask) batches from a Split."""
+    n = len(split)
+    order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+    for s in range(0, n, batch_size):
+        idx = order[s : s + batch_size]
+        x, flip = augment_batch(split.images[idx], augment, gen) if augment != "none" else (split.images[idx], torch.zeros(len(idx), dtype=torch.bool))
+        yield x, split.labels[idx], idx, flip

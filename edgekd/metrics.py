@@ -1,0 +1,77 @@
+"""Evaluation metrics: top-1, per-class precision/recall/F1, ECE, parameters, MACs, size."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes: list[str], bins: int = 15) -> dict:
+    """Metrics from raw logits; works for PyTorch and any runtime's outputs alike."""
+    logits = logits.astype(np.float64)
+    z = logits - logits.max(1, keepdims=True)
+    probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    pred = probs.argmax(1)
+    conf = probs.max(1)
+    correct = pred == labels
+    per_class = {}
+    for i, c in enumerate(classes):
+        tp = int(((pred == i) & (labels == i)).sum())
+        fp = int(((pred == i) & (labels != i)).sum())
+        fn = int(((pred != i) & (labels == i)).sum())
+        p = tp / (tp + fp) if tp + fp else 0.0
+        r = tp / (tp + fn) if tp + fn else 0.0
+        per_class[c] = {"precision": round(p, 4), "recall": round(r, 4),
+                        "f1": round(2 * p * r / (p + r), 4) if p + r else 0.0, "support": int((labels == i).sum())}
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return {
+        "top1": round(100.0 * correct.mean(), 3),
+        "ece": round(float(ece), 4),
+        "macro_f1": round(float(np.mean([v["f1"] for v in per_class.values()])), 4),
+        "n": int(len(labels)),
+        "per_class": per_class,
+    }
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data, split, device: torch.device) -> np.ndarray:
+    """Logits of `model` on a Split, in order (no augmentation)."""
+    from .data import iterate
+
+    model.eval()
+    outs = []
+    for x, _, _, _ in iterate(split, data.eval_batch_size):
+        outs.append(model(data.normalize(x.to(device))).float().cpu())
+    return torch.cat(outs).numpy()
+
+
+def evaluate(model: nn.Module, data, device: torch.device, split=None) -> dict:
+    split = split or data.test
+    return classification_metrics(predict(model, data, split, device), split.labels.numpy(), data.classes)
+
+
+def count_params(model: nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def count_macs(model: nn.Module, image_size: int) -> int:
+    """Multiply-accumulates of one forward pass at batch 1 (torch-pruning's counter)."""
+    import torch_pruning as tp
+
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else "cpu"
+    was_training = model.training
+    model.eval()
+    macs, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, 3, image_size, image_size, device=device))
+    model.train(was_training)
+    return int(macs)
+
+
+def model_stats(model: nn.Module, image_size: int) -> dict:
+    return {"params": count_params(model), "macs": count_macs(model, image_size)}

@@ -1,0 +1,218 @@
+"""Model builders, checkpoint loading and edgekd's own checkpoint format.
+
+An edgekd checkpoint stores *how to rebuild* the model (architecture spec, torch-pruning
+history, applied transforms such as QAT wrapping) next to its weights, so a pruned model
+reloads in a fresh process without pickling code objects.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .config import ModelConfig
+from .errors import EdgekdError
+
+log = logging.getLogger("edgekd")
+FORMAT_VERSION = 1
+
+
+def arch_spec(cfg: ModelConfig, num_classes: int) -> dict[str, Any]:
+    return {"arch": cfg.arch, "num_classes": num_classes, "cifar_stem": cfg.cifar_stem, "width_mult": cfg.width_mult}
+
+
+def _apply_cifar_stem(model: nn.Module, arch: str) -> None:
+    """Adapt an ImageNet stem to 32x32 inputs (the recipe of ../shared/models/README.md)."""
+    if arch.startswith(("resnet", "resnext", "wide_resnet")):
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    elif arch == "mobilenet_v2":
+        model.features[0][0].stride = (1, 1)
+        model.features[2].conv[1][0].stride = (1, 1)
+    elif arch.startswith(("mobilenet_v3", "efficientnet", "mnasnet", "regnet")):
+        first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        first.stride = (1, 1)
+    else:
+        raise EdgekdError(f"cifar_stem is not supported for arch '{arch}' (supported: resnet*, mobilenet_v2/v3, efficientnet*, mnasnet*, regnet*)")
+
+
+def build(spec: dict[str, Any], pretrained: bool = False) -> nn.Module:
+    import torchvision
+
+    arch = spec["arch"]
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise EdgekdError(f"unknown arch '{arch}': not a torchvision classification model")
+    kwargs: dict[str, Any] = {}
+    if spec.get("width_mult") is not None:
+        kwargs["width_mult"] = spec["width_mult"]
+    try:
+        if pretrained:
+            model = torchvision.models.get_model(arch, weights="DEFAULT", **kwargs)
+            _replace_head(model, spec["num_classes"])
+        else:
+            model = torchvision.models.get_model(arch, num_classes=spec["num_classes"], **kwargs)
+    except TypeError as e:
+        raise EdgekdError(f"arch '{arch}' does not accept {kwargs}: {e}") from None
+    if spec.get("cifar_stem"):
+        _apply_cifar_stem(model, arch)
+    return model
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> None:
+    name, last = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    setattr(parent, name.rsplit(".", 1)[-1], nn.Linear(last.in_features, num_classes))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, spec: dict, history: list | None = None,
+                    transforms: list | None = None, extra: dict | None = None) -> None:
+    from .fileio import save_torch
+
+    save_torch(path, {
+        "edgekd_format": FORMAT_VERSION,
+        "spec": spec,
+        "pruning_history": history or [],
+        "transforms": transforms or [],
+        "state_dict": model.state_dict(),
+        "extra": extra or {},
+    })
+
+
+def rebuild(ckpt: dict, example_input: torch.Tensor | None = None) -> nn.Module:
+    """Rebuild an edgekd checkpoint: constructor -> pruning history -> transforms -> weights."""
+    spec = ckpt["spec"]
+    model = build(spec)
+    if ckpt.get("pruning_history"):
+        from .pruning import replay_history
+
+        replay_history(model, ckpt["pruning_history"], example_input, ckpt.get("extra", {}).get("image_size", 32))
+    for t in ckpt.get("transforms", []):
+        from .quant.qat import apply_transform
+
+        model = apply_transform(model, t)
+    _load_state(model, ckpt["state_dict"], f"checkpoint for {spec['arch']}")
+    return model
+
+
+def _load_state(model: nn.Module, sd: dict, what: str) -> None:
+    sd = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in sd.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shape = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if shape:
+            parts.append(f"{len(shape)} shape mismatches (e.g. {shape[0]})")
+        raise EdgekdError(f"{what} does not fit the architecture: " + "; ".join(parts))
+    model.load_state_dict(sd)
+
+
+def _unwrap_state_dict(obj: Any) -> dict | None:
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model", "net"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+        if obj and all(isinstance(k, str) for k in obj) and all(torch.is_tensor(v) for v in obj.values()):
+            return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
+    return None
+
+
+def load_model(cfg: ModelConfig, num_classes: int, role: str, allow_onnx: bool = False) -> tuple[nn.Module, dict]:
+    """Build `cfg.arch` and load `cfg.checkpoint` if any. Returns (model, spec).
+
+    Accepts: edgekd checkpoints, state_dicts (optionally nested / fp16 / DataParallel),
+    TorchScript archives, fully pickled models and (teachers only) ONNX files."""
+    spec = arch_spec(cfg, cfg.num_classes or num_classes)
+    if not cfg.checkpoint:
+        return build(spec, cfg.pretrained), spec
+    path = Path(cfg.checkpoint).expanduser()
+    where = f"{role}.checkpoint {path}"
+    if not path.is_file():
+        raise EdgekdError(f"{where}: file not found")
+    if path.suffix == ".onnx":
+        if not allow_onnx:
+            raise EdgekdError(f"{where}: an ONNX file can only serve as a teacher (a student needs gradients)")
+        return OnnxModule(path), {**spec, "onnx": str(path)}
+    is_zip = zipfile.is_zipfile(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as first:
+        obj = None
+        if is_zip and _is_torchscript(path):
+            try:
+                return torch.jit.load(str(path), map_location="cpu"), {**spec, "torchscript": str(path)}
+            except Exception as e:
+                raise EdgekdError(f"{where}: corrupt TorchScript archive ({e})") from None
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+            log.warning("%s is a pickled object; loading it executed code from the file", where)
+        except Exception:
+            raise EdgekdError(f"{where}: cannot read checkpoint (corrupt or not a PyTorch file: {type(first).__name__})") from None
+    if isinstance(obj, dict) and obj.get("edgekd_format"):
+        return rebuild(obj), obj["spec"]
+    if isinstance(obj, nn.Module):
+        return obj, {**spec, "pickled": str(path)}
+    sd = _unwrap_state_dict(obj)
+    if sd is None:
+        raise EdgekdError(f"{where}: not a state_dict, edgekd checkpoint, TorchScript or pickled model")
+    model = build(spec)
+    _load_state(model, sd, where + f" (arch {cfg.arch}, cifar_stem={cfg.cifar_stem})")
+    return model, spec
+
+
+def _is_torchscript(path: Path) -> bool:
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+class OnnxModule(nn.Module):
+    """An ONNX file run by onnxruntime behind a torch Module interface (teachers only: no gradients)."""
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        import onnxruntime as ort
+
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise EdgekdError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.path = str(path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input_name: x.detach().cpu().float().numpy()})[0]
+        return torch.from_numpy(out).to(x.device)
+
+
+def output_classes(model: nn.Module, image_size: int) -> int:
+    model.eval()
+    with torch.no_grad():
+        return int(model(torch.zeros(1, 3, image_size, image_size)).shape[-1])
+
+
+def check_classes(model: nn.Module, role: str, num_classes: int, image_size: int) -> None:
+    try:
+        n = output_classes(model, image_size)
+    except Exception as e:
+        raise EdgekdError(f"{role}: forward pass on a 3x{image_size}x{image_size} input failed ({str(e).splitlines()[0]})") from None
+    if n != num_classes:
+        raise EdgekdError(f"{role} outputs {n} classes but the data has {num_classes}")
+
+
+def clone(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)

@@ -1,0 +1,113 @@
+"""ONNX export with the metadata a device-side runner needs, and verification in onnxruntime.
+
+Verification runs the exported file on real test images and compares with PyTorch:
+max |logit| difference and top-1 agreement; a mismatch beyond tolerance is an error."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .errors import EdgekdError
+from .fileio import atomic_path
+
+log = logging.getLogger("edgekd")
+
+
+def export_onnx(model: nn.Module, path: Path, image_size: int, opset: int = 17) -> Path:
+    """Export with a dynamic batch axis (TorchScript exporter: stable for CNNs, keeps Conv+BN foldable)."""
+    model = model.eval().cpu()
+    x = torch.zeros(1, 3, image_size, image_size)
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, x, str(tmp), opset_version=opset, dynamo=False, input_names=["input"],
+                              output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                              do_constant_folding=True)
+        except Exception as e:
+            raise EdgekdError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    return path
+
+
+def metadata(data, variant: str) -> dict[str, str]:
+    return {
+        "edgekd.classes": json.dumps(list(data.classes)),
+        "edgekd.input_size": json.dumps([3, data.image_size, data.image_size]),
+        "edgekd.mean": json.dumps(list(data.mean)),
+        "edgekd.std": json.dumps(list(data.std)),
+        "edgekd.layout": "NCHW",
+        "edgekd.resize": "resize",
+        "edgekd.variant": variant,
+    }
+
+
+def set_metadata(path: Path, props: dict[str, str]) -> None:
+    import onnx
+
+    m = onnx.load(str(path))
+    existing = {p.key: p.value for p in m.metadata_props}
+    existing.update(props)
+    del m.metadata_props[:]
+    for k, v in existing.items():
+        m.metadata_props.add(key=k, value=v)
+    m.producer_name = "edgekd"
+    with atomic_path(path) as tmp:
+        onnx.save(m, str(tmp))
+
+
+def session(path: Path, threads: int = 1):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise EdgekdError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:300]})") from None
+
+
+def run_onnx(path: Path, x: np.ndarray, batch: int = 256, threads: int = 0) -> np.ndarray:
+    sess = session(path, threads)
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def onnx_logits(path: Path, data, split=None) -> np.ndarray:
+    """Logits of an ONNX file on a Split (normalised exactly like training)."""
+    split = split or data.test
+    x = data.normalize(split.images).numpy()
+    return run_onnx(path, x)
+
+
+def verify(path: Path, reference: nn.Module, data, n: int = 256, max_abs: float | None = 1e-3,
+           min_agreement: float = 0.99) -> dict:
+    """Compare an ONNX file with a PyTorch reference on `n` real test images."""
+    x = data.normalize(data.test.images[:n])
+    with torch.no_grad():
+        ref = reference.eval().cpu()(x).numpy()
+    got = run_onnx(path, x.numpy())
+    diff = float(np.abs(ref - got).max())
+    agree = float((ref.argmax(1) == got.argmax(1)).mean())
+    out = {"images": int(len(x)), "max_abs_diff": round(diff, 6), "top1_agreement": round(agree, 4)}
+    if (max_abs is not None and diff > max_abs) or agree < min_agreement:
+        raise EdgekdError(f"{path.name}: ONNX output differs from PyTorch (max |diff| {diff:.3g}"
+                          f"{f' > {max_abs:g}' if max_abs is not None and diff > max_abs else ''}, top-1 agreement "
+                          f"{agree:.2%}{f' < {min_agreement:.0%}' if agree < min_agreement else ''})")
+    return out
+
+
+def op_counts(path: Path) -> dict[str, int]:
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path)).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))

@@ -1,0 +1,1 @@
+"""int8 quantization: QAT fake-quant modules (PyTorch) and static PTQ (onnxruntime)."""

@@ -1,0 +1,81 @@
+"""Static int8 post-training quantization of an ONNX file with onnxruntime's quantizer."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgekdError
+from ..fileio import atomic_path
+
+log = logging.getLogger("edgekd")
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over a float32 NCHW array."""
+
+    def __init__(self, x: np.ndarray, input_name: str, batch: int = 32):
+        self.batches = [x[i : i + batch] for i in range(0, len(x), batch)]
+        self.input_name = input_name
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.batches):
+            return None
+        self.i += 1
+        return {self.input_name: self.batches[self.i - 1]}
+
+    def rewind(self):
+        self.i = 0
+
+
+def quantize_onnx(src: Path, dst: Path, calib: np.ndarray, method: str = "minmax", per_channel: bool = True,
+                  activation_type: str = "uint8", percentile: float = 99.999, reduce_range: bool = False,
+                  exclude_depthwise: bool = False) -> Path:
+    """QDQ int8: per-channel symmetric int8 weights, per-tensor activations calibrated on `calib`."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    extra = {"ActivationSymmetric": activation_type == "int8", "WeightSymmetric": True}
+    if method == "percentile":
+        extra["CalibPercentile"] = percentile
+    with tempfile.TemporaryDirectory() as td:
+        pre = Path(td) / "pre.onnx"
+        try:
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        except Exception as e:
+            log.warning("quant_pre_process failed (%s); quantizing the raw export", e)
+            pre = src
+        nodes_to_exclude = _depthwise_convs(pre) if exclude_depthwise else []
+        import onnx
+
+        input_name = onnx.load(str(pre)).graph.input[0].name
+        with atomic_path(dst) as tmp:
+            try:
+                quantize_static(
+                    str(pre), str(tmp), _Reader(calib.astype(np.float32), input_name),
+                    quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range,
+                    activation_type=QuantType.QInt8 if activation_type == "int8" else QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=methods[method],
+                    nodes_to_exclude=nodes_to_exclude, extra_options=extra,
+                )
+            except Exception as e:
+                raise EdgekdError(f"int8 quantization of {src.name} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    return dst
+
+
+def _depthwise_convs(path: Path) -> list[str]:
+    import onnx
+
+    out = []
+    for node in onnx.load(str(path)).graph.node:
+        if node.op_type == "Conv":
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            if group > 1:
+                out.append(node.name)
+    return out

@@ -1,0 +1,136 @@
+"""Quantization-aware training with fake quantization that mirrors onnxruntime's int8 kernels.
+
+What ORT runs after static QDQ quantization (QDQ format, per-channel weights): int8
+symmetric per-output-channel weights, uint8 asymmetric per-tensor activations, BN folded
+into the conv. The modules here simulate exactly that in fp32 with straight-through
+gradients (torch.fake_quantize_* ops), so the KD fine-tune learns weights that survive it.
+
+Why not torch.ao / PT2E: in torch 2.14 the eager torch.ao.quantization flow is deprecated
+and PT2E QAT exports through torch.export with quantizer packages outside torch; our own
+small modules train with the shared loop, and the int8 ONNX graph is produced by
+onnxruntime's quantizer on the QAT weights (already on the int8 grid) with the same
+weight scheme, so what is trained is what ORT runs (export verifies top-1 agreement)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+
+def fold_bn(model: nn.Module) -> nn.Module:
+    """Fold every BatchNorm that directly follows a conv (Sequential neighbours or convN/bnN pairs)."""
+    model.eval()
+    for parent in list(model.modules()):
+        kids = list(parent.named_children())
+        for (n1, a), (n2, b) in zip(kids, kids[1:]):
+            if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
+                setattr(parent, n1, fuse_conv_bn_eval(a, b))
+                setattr(parent, n2, nn.Identity())
+        for name, a in list(parent.named_children()):
+            if isinstance(a, nn.Conv2d) and name.startswith("conv"):
+                bn_name = "bn" + name[4:]
+                b = getattr(parent, bn_name, None)
+                if isinstance(b, nn.BatchNorm2d):
+                    setattr(parent, name, fuse_conv_bn_eval(a, b))
+                    setattr(parent, bn_name, nn.Identity())
+    return model
+
+
+def _ensure_bias(m: nn.Module) -> None:
+    if getattr(m, "bias", None) is None:
+        m.bias = nn.Parameter(torch.zeros(m.weight.shape[0], device=m.weight.device))
+
+
+class ActFakeQuant(nn.Module):
+    """Per-tensor uint8 asymmetric fake quant; range tracked as an EMA of batch min/max."""
+
+    def __init__(self, momentum: float = 0.01):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("lo", torch.tensor(0.0))
+        self.register_buffer("hi", torch.tensor(0.0))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("enabled", torch.tensor(True))
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        lo, hi = x.min().clamp(max=0.0), x.max().clamp(min=0.0)
+        if not bool(self.initialized):
+            self.lo.copy_(lo), self.hi.copy_(hi), self.initialized.fill_(True)
+        else:
+            self.lo.lerp_(lo, self.momentum), self.hi.lerp_(hi, self.momentum)
+
+    def qparams(self) -> tuple[float, int]:
+        lo, hi = float(self.lo), float(self.hi)
+        scale = max((hi - lo) / 255.0, 1e-8)
+        zp = int(min(255, max(0, round(-lo / scale))))
+        return scale, zp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or not bool(self.initialized):
+            self.observe(x)
+        if not bool(self.enabled):
+            return x
+        scale, zp = self.qparams()
+        return torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255)
+
+
+def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel symmetric int8 (ORT's QInt8 per-channel scheme: scale = max|w| / 127)."""
+    scale = (w.detach().abs().flatten(1).amax(1) / 127.0).clamp_min(1e-8)
+    zp = torch.zeros_like(scale, dtype=torch.int32)
+    return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, -128, 127)
+
+
+class QConv2d(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.act_fq(x), fake_quant_weight(self.weight), self.bias)
+
+
+class QLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.act_fq(x), fake_quant_weight(self.weight), self.bias)
+
+
+def wrap_qat(model: nn.Module) -> nn.Module:
+    """Swap Conv2d/Linear for fake-quant versions (weights shared, an activation quantizer added)."""
+    for parent in list(model.modules()):
+        for name, m in list(parent.named_children()):
+            if type(m) in (nn.Conv2d, nn.Linear):
+                _ensure_bias(m)
+                m.__class__ = QConv2d if isinstance(m, nn.Conv2d) else QLinear
+                m.act_fq = ActFakeQuant().to(m.weight.device)
+    return model
+
+
+def set_quant_enabled(model: nn.Module, enabled: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, ActFakeQuant):
+            m.enabled.fill_(enabled)
+
+
+def snap_weights(model: nn.Module) -> nn.Module:
+    """Replace each fake-quant module by a plain one whose weights sit on the int8 grid (for export)."""
+    with torch.no_grad():
+        for parent in list(model.modules()):
+            for name, m in list(parent.named_children()):
+                if isinstance(m, (QConv2d, QLinear)):
+                    m.weight.copy_(fake_quant_weight(m.weight))
+                    del m.act_fq
+                    m.__class__ = nn.Conv2d if isinstance(m, QConv2d) else nn.Linear
+    return model
+
+
+def apply_transform(model: nn.Module, name: str) -> nn.Module:
+    """Re-apply a recorded transform when rebuilding a checkpoint (see models.rebuild)."""
+    if name == "fold_bn":
+        model = fold_bn(model)
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                _ensure_bias(m)
+        return model
+    if name == "qat":
+        return wrap_qat(model)
+    raise ValueError(f"unknown model transform '{name}'")

@@ -1,0 +1,183 @@
+"""report.json (stable, machine-readable; the CI gate reads it) and report.md with plots.
+
+report.json schema (version 1):
+  schema_version, pipeline, created, run_dir, seed, device, threads, versions, machine
+  teacher:   figures of the teacher (top1, ece, macro_f1, params, macs) or null
+  stages:    [{index, name, seconds, metrics, models, artifacts, info, history}]
+  models:    {variant: {label, top1, ece, params, macs, size_bytes, latency: {runtime: {...}}}}
+  headline:  one sentence a user wants first
+  metrics:   flat {"<group>.<name>.<figure>": number} - what `edgekd check` compares
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .fileio import atomic_path, write_json, write_text
+
+log = logging.getLogger("edgekd")
+SCHEMA_VERSION = 1
+_SKIP = {"per_class", "label", "latency", "n"}
+
+
+def flat_metrics(stages: list[dict], models: dict[str, dict]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for s in stages:
+        for k, v in s.get("metrics", {}).items():
+            if isinstance(v, (int, float)) and k not in _SKIP:
+                out[f"stage.{s['name']}.{k}"] = v
+    for name, m in models.items():
+        for k, v in m.items():
+            if isinstance(v, (int, float)) and k not in _SKIP:
+                out[f"model.{name}.{k}"] = v
+        for rt, lat in (m.get("latency") or {}).items():
+            for k, v in lat.items():
+                if isinstance(v, (int, float)):
+                    out[f"latency.{rt}.{name}.{k}"] = v
+    return out
+
+
+def headline(models: dict[str, dict]) -> str:
+    from .bench.summary import headline_sentence
+
+    return headline_sentence(models)
+
+
+def machine_info() -> dict:
+    from .bench.machine import machine_info as mi
+
+    return mi()
+
+
+def write_reports(run_dir: Path, cfg, manifest: dict, stages: list[dict], models: dict[str, dict], teacher: dict | None) -> None:
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "pipeline": cfg.name,
+        "created": manifest.get("created"),
+        "run_dir": str(run_dir),
+        "seed": cfg.seed,
+        "device": manifest.get("device"),
+        "threads": manifest.get("threads"),
+        "versions": manifest.get("versions"),
+        "machine": machine_info(),
+        "teacher": {k: v for k, v in teacher.items() if k != "per_class"} if teacher else None,
+        "stages": [{k: s.get(k) for k in ("index", "name", "seconds", "metrics", "models", "artifacts", "info", "history")} for s in stages],
+        "models": models,
+        "headline": headline(models),
+        "metrics": flat_metrics(stages, models),
+    }
+    write_json(run_dir / "report.json", report)
+    plots = _plots(run_dir, stages, models)
+    write_text(run_dir / "report.md", render_markdown(report, plots))
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def _fmt_int(n) -> str:
+    if n is None:
+        return "–"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "–"
+    for unit, div in (("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n} B"
+
+
+def render_markdown(report: dict, plots: dict[str, str]) -> str:
+    from .bench.summary import latency_columns
+
+    L = [f"# edgekd report: {report['pipeline']}", "", f"**{report['headline']}**", ""]
+    mach = report["machine"]
+    L.append(f"Run {report['created']} on {mach.get('cpu')} ({', '.join(mach.get('isa', [])) or 'no SIMD flags found'}), "
+             f"{mach.get('cores')} cores, device `{report['device']}`, torch threads {report['threads']}, seed {report['seed']}.")
+    L.append("")
+    models = report["models"]
+    runtimes, lat = latency_columns(models)
+    head = ["model", "top-1 %", "ECE", "params", "MACs", "size"] + [f"{r} ms" for r in runtimes]
+    L += ["## Models", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in models.items():
+        row = [m.get("label", name), f"{m['top1']:.2f}" if "top1" in m else "–", f"{m['ece']:.3f}" if "ece" in m else "–",
+               _fmt_int(m.get("params")), _fmt_int(m.get("macs")), _fmt_bytes(m.get("size_bytes"))]
+        row += [lat.get((name, r), "–") for r in runtimes]
+        L.append("| " + " | ".join(row) + " |")
+    L += ["", "## Stages", "", "| # | stage | seconds | top-1 % | ECE | params | MACs |", "|---|---|---|---|---|---|---|"]
+    for s in report["stages"]:
+        m = s.get("metrics") or {}
+        L.append(f"| {s['index']} | {s['name']} | {s['seconds']} | {m.get('top1', '–')} | {m.get('ece', '–')} | "
+                 f"{_fmt_int(m.get('params'))} | {_fmt_int(m.get('macs'))} |")
+    for s in report["stages"]:
+        info = {k: v for k, v in (s.get("info") or {}).items() if not isinstance(v, (list, dict))}
+        if info:
+            L += ["", f"**{s['name']}**: " + ", ".join(f"{k} = {v}" for k, v in info.items())]
+    for title, fname in plots.items():
+        L += ["", f"## {title}", "", f"![{title}]({fname})"]
+    L += ["", "Figures are machine-readable in `report.json` (`metrics` holds the flat keys `edgekd check` compares).", ""]
+    return "\n".join(L)
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _plots(run_dir: Path, stages: list[dict], models: dict[str, dict]) -> dict[str, str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib not installed: report.md has no plots")
+        return {}
+    out: dict[str, str] = {}
+    acc = [(m.get("label", k), m["top1"]) for k, m in models.items() if "top1" in m]
+    if acc:
+        fig, ax = plt.subplots(figsize=(7, 0.45 * len(acc) + 1))
+        names, vals = zip(*acc)
+        bars = ax.barh(range(len(vals)), vals, color="#4c72b0")
+        ax.set_yticks(range(len(vals)), names)
+        ax.invert_yaxis()
+        ax.bar_label(bars, fmt="%.2f", padding=3)
+        ax.set_xlabel("top-1 accuracy on the test split (%)")
+        ax.set_xlim(max(0, min(vals) - 10), min(100, max(vals) + 6))
+        ax.set_title("Accuracy by model / stage")
+        _save(fig, run_dir / "accuracy.png")
+        out["Accuracy by model and stage"] = "accuracy.png"
+    curves = [(s["name"], s["history"]) for s in stages if s.get("history")]
+    curves += [(f"{s['name']} baseline (ce)", s["info"]["baseline_history"]) for s in stages
+               if isinstance((s.get("info") or {}).get("baseline_history"), list)]
+    if curves:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+        for name, h in curves:
+            ep = [r["epoch"] for r in h]
+            a1.plot(ep, [r["loss"] for r in h], marker="o", label=name)
+            key = next((k for k in ("val_top1", "test_top1") if any(k in r for r in h)), None)
+            if key:
+                pts = [(r["epoch"], r[key]) for r in h if key in r]
+                a2.plot(*zip(*pts), marker="o", label=name)
+        a1.set(xlabel="epoch", ylabel="training loss", title="Training loss")
+        a2.set(xlabel="epoch", ylabel="top-1 %", title="Evaluation accuracy")
+        a1.legend(fontsize=8)
+        a2.legend(fontsize=8)
+        _save(fig, run_dir / "training.png")
+        out["Training curves"] = "training.png"
+    from .bench.summary import extra_plots
+
+    out.update(extra_plots(run_dir, models, _save))
+    return out

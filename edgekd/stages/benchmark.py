@@ -1,0 +1,76 @@
+"""benchmark: latency p50/p90/p99, throughput, memory, size and accuracy of every exported
+model on every available runtime, thread counts pinned; speed also as same-run ratios."""
+
+from __future__ import annotations
+
+import logging
+
+from pydantic import Field
+
+from ..bench.measure import bench_model
+from ..bench.runtimes import RUNTIMES, resolve
+from ..config import Strict
+from .base import Stage, StageResult, register
+
+log = logging.getLogger("edgekd")
+
+RATIOS = [("int8_qat", "student_fp32"), ("int8_ptq", "student_fp32"), ("student_fp32", "student_unpruned_fp32"),
+          ("int8_qat", "student_unpruned_fp32"), ("int8_qat", "teacher_fp32"), ("int8_ptq", "teacher_fp32"),
+          ("student_fp32", "teacher_fp32")]
+
+
+class BenchmarkConfig(Strict):
+    runtimes: list[str] = Field(default_factory=lambda: ["onnxruntime", "openvino"],
+                                description="runtimes to try; those not installed are skipped with a notice")
+    threads: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    batch: int = Field(1, gt=0)
+    throughput_batch: int = Field(32, gt=0)
+    warmup: int = Field(30, ge=0)
+    runs: int = Field(200, gt=4)
+    eval_images: int | None = Field(None, gt=0, description="test images for per-runtime accuracy (default: all)")
+
+
+@register("benchmark")
+class Benchmark(Stage):
+    Config = BenchmarkConfig
+
+    def run(self, ctx) -> StageResult:
+        cfg: BenchmarkConfig = self.config
+        data = ctx.data
+        onnx = {k.split(".", 1)[1]: ctx.run_dir / v for k, v in ctx.artifacts.items() if k.startswith("onnx.")}
+        # the export stage's files carry metadata and are verified; prefer them
+        onnx = {k: p for k, p in onnx.items() if p.parent.name.endswith("export")} or onnx
+        n = cfg.eval_images or len(data.test)
+        x = data.normalize(data.test.images[:n]).numpy()
+        y = data.test.labels[:n].numpy()
+        skipped, models = {}, {}
+        for rt in resolve(cfg.runtimes):
+            why = RUNTIMES.get(rt).available()
+            if why:
+                log.warning("benchmark: runtime %s skipped: %s", rt, why)
+                skipped[rt] = why
+                continue
+            for threads in cfg.threads:
+                key = f"{rt}/{threads}t"
+                for name, path in onnx.items():
+                    try:
+                        res = bench_model(path, rt, threads, data.image_size, cfg.batch, cfg.throughput_batch, cfg.warmup,
+                                          cfg.runs, x, y, ctx.variants.get(name, {}).get("macs"))
+                    except Exception as e:  # a runtime that cannot run one model must not sink the others
+                        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                        log.warning("benchmark: %s on %s failed: %s", name, key, msg)
+                        skipped[f"{key}:{name}"] = msg
+                        continue
+                    log.info("benchmark %-24s %-18s p50 %.3f ms  top-1 %.2f", name, key, res["p50_ms"], res.get("top1", float("nan")))
+                    models.setdefault(name, {"size_bytes": path.stat().st_size, "latency": {}})["latency"][key] = res
+        ratios = {}
+        for fast, slow in RATIOS:
+            for key in (models.get(fast) or {}).get("latency", {}):
+                s = (models.get(slow) or {}).get("latency", {}).get(key)
+                if s:
+                    ratios[f"{slow}/{fast}@{key}"] = round(s["p50_ms"] / models[fast]["latency"][key]["p50_ms"], 3)
+        for name, m in models.items():  # keep earlier figures (top1 by ORT etc.), add latency
+            m["latency"] = {**(ctx.variants.get(name, {}).get("latency") or {}), **m["latency"]}
+        metrics = {f"speedup.{k}": v for k, v in ratios.items()}
+        return StageResult(metrics=metrics, models=models, info={"ratios": ratios, "skipped": skipped,
+                                                                  "eval_images": int(n), "threads": cfg.threads})
