@@ -1,0 +1,84 @@
+"""`edgekd bench MODEL.onnx ...`: the benchmark stage's measurements for any ONNX file."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgekdError
+from ..fileio import write_json
+from .machine import machine_info
+from .measure import bench_model
+from .runtimes import RUNTIMES, resolve
+
+log = logging.getLogger("edgekd")
+
+
+def _meta(path: Path) -> dict:
+    import onnx
+
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise EdgekdError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
+    props = {p.key: p.value for p in m.metadata_props}
+    shape = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
+    size = json.loads(props["edgekd.input_size"])[-1] if "edgekd.input_size" in props else (shape[-1] or 224)
+    return {"image_size": int(size), "props": props}
+
+
+def _eval_data(source: str, props: dict, image_size: int):
+    from ..config import DataConfig
+    from ..data import load_data
+
+    kw = {"source": source, "image_size": image_size}
+    if "edgekd.mean" in props:
+        kw.update(mean=tuple(json.loads(props["edgekd.mean"])), std=tuple(json.loads(props["edgekd.std"])))
+    data = load_data(DataConfig(**kw), seed=0)
+    return data.normalize(data.test.images).numpy(), data.test.labels.numpy()
+
+
+def run_bench(args) -> int:
+    runtimes = resolve(args.runtime)
+    threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
+    results = []
+    for model in args.models:
+        path = Path(model)
+        if not path.is_file():
+            raise EdgekdError(f"{path}: file not found")
+        meta = _meta(path)
+        x = y = None
+        if args.data:
+            x, y = _eval_data(args.data, meta["props"], meta["image_size"])
+        for rt in runtimes:
+            why = RUNTIMES.get(rt).available()
+            if why:
+                print(f"skip {rt}: {why}")
+                continue
+            for t in threads:
+                try:
+                    res = bench_model(path, rt, t, meta["image_size"], args.batch, args.throughput_batch, args.warmup, args.runs, x, y)
+                except EdgekdError:
+                    raise
+                except Exception as e:
+                    raise EdgekdError(f"{path} on {rt}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+                results.append({"model": str(path), "size_bytes": path.stat().st_size, **res})
+    mi = machine_info()
+    print(f"# {mi['cpu']} ({', '.join(mi['isa'])}), {mi['cores']} cores")
+    print(f"{'model':40s} {'runtime':12s} {'thr':>3s} {'p50 ms':>9s} {'p90 ms':>9s} {'p99 ms':>9s} {'img/s@b':>10s} {'top-1':>7s}")
+    for r in results:
+        top1 = f"{r['top1']:.2f}" if "top1" in r else "–"
+        print(f"{Path(r['model']).name[:40]:40s} {r['runtime']:12s} {r['threads']:>3d} {r['p50_ms']:9.3f} {r['p90_ms']:9.3f} "
+              f"{r['p99_ms']:9.3f} {r['throughput_ips']:10.1f} {top1:>7s}")
+    if len(results) > 1:
+        base = results[0]
+        for r in results[1:]:
+            if r["runtime"] == base["runtime"] and r["threads"] == base["threads"]:
+                print(f"ratio {Path(base['model']).name} / {Path(r['model']).name} on {r['runtime']}/{r['threads']}t: "
+                      f"{base['p50_ms'] / r['p50_ms']:.2f}x")
+    if args.json:
+        write_json(args.json, {"machine": mi, "results": results})
+    return 0

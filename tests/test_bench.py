@@ -1,0 +1,71 @@
+"""`edgekd bench`, runtimes that are missing, broken model files, and the report helpers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgekd.bench.runtimes import RUNTIMES, Runtime
+from edgekd.bench.summary import headline_sentence, pareto
+from edgekd.cli import main
+from edgekd.models import build
+from edgekd.onnx_export import export_onnx
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "tiny.onnx"
+    return export_onnx(build({"arch": "mobilenet_v2", "num_classes": 4, "cifar_stem": True, "width_mult": 0.25}), path, 32)
+
+
+def test_bench_measures_latency_and_writes_json(tiny_onnx, tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert main(["bench", str(tiny_onnx), "--threads", "1", "--runs", "10", "--warmup", "2", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    r = res["results"][0]
+    assert r["runtime"] == "onnxruntime" and r["threads"] == 1 and r["batch"] == 1
+    assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+    assert r["throughput_ips"] > 0
+    assert res["machine"]["cores"] >= 1 and isinstance(res["machine"]["isa"], list)
+    assert "tiny.onnx" in capsys.readouterr().out
+
+
+def test_missing_runtime_is_a_one_line_notice(tiny_onnx, monkeypatch, capsys):
+    @RUNTIMES.register("not_installed_rt")
+    class Missing(Runtime):
+        module, install_hint = "no_such_module_xyz", "pip install no-such-runtime"
+
+    try:
+        assert main(["bench", str(tiny_onnx), "--runtime", "onnxruntime,not_installed_rt", "--runs", "5", "--warmup", "1"]) == 0
+        out = capsys.readouterr().out
+        assert "skip not_installed_rt: not installed (pip install no-such-runtime)" in out
+        assert "Traceback" not in out
+    finally:
+        RUNTIMES._items.pop("not_installed_rt")
+
+
+def test_unknown_runtime_and_broken_model_are_clear_errors(tmp_path, capsys):
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"\x00garbage")
+    assert main(["bench", str(bad)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("edgekd: error:") and "broken.onnx" in err[0]
+    assert main(["bench", str(bad), "--runtime", "tensorrt-ish"]) == 1
+    assert "unknown runtime 'tensorrt-ish'" in capsys.readouterr().err
+
+
+def test_headline_says_when_int8_is_not_faster():
+    lat = lambda ms: {"onnxruntime/1t": {"p50_ms": ms}}
+    models = {"teacher_fp32": {"top1": 92.0, "size_bytes": 94_000_000, "latency": lat(20.0)},
+              "student_fp32": {"top1": 90.0, "size_bytes": 9_000_000, "latency": lat(1.0)},
+              "int8_qat": {"top1": 89.5, "size_bytes": 2_500_000, "latency": lat(1.05), "label": "int8 QAT"}}
+    h = headline_sentence(models)
+    assert h.startswith("int8 QAT: 19.0x faster than teacher, 38x smaller, -2.5 points")
+    assert "NOTE: int8 is not faster than the fp32 student here (0.95x)" in h
+    models["int8_qat"]["latency"] = lat(0.4)
+    assert "int8 is 2.50x the speed of the fp32 student" in headline_sentence(models)
+
+
+def test_pareto_front():
+    assert pareto([(1.0, 80.0), (2.0, 90.0), (3.0, 85.0), (0.5, 70.0)]) == [0, 1, 3]

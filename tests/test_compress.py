@@ -1,0 +1,165 @@
+"""Pruning, int8 quantization and export verification on tiny models and tiny data."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from edgekd.config import DataConfig
+from edgekd.data import Data, Split
+from edgekd.errors import ConfigError, EdgekdError
+from edgekd.metrics import count_macs, count_params
+from edgekd.models import build, rebuild, save_checkpoint
+from edgekd.onnx_export import export_onnx, metadata, set_metadata, verify
+from edgekd.pruning import make_pruner, pruning_history, resolve_ignored
+from edgekd.quant.ptq import quantize_onnx
+from edgekd.quant.qat import apply_transform, snap_weights
+
+SPEC = {"arch": "mobilenet_v2", "num_classes": 4, "cifar_stem": True, "width_mult": 0.5}
+
+
+def tiny_data(n: int = 64, size: int = 32) -> Data:
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    labels = torch.arange(n) % 4
+    split = Split(imgs, labels, ["a", "b", "c", "d"], "k")
+    cfg = DataConfig(source="x")
+    return Data(split, split, None, cfg.mean, cfg.std, "none", 32, 64)
+
+
+def prune_to(model, target: float) -> tuple[float, list]:
+    m0 = count_macs(model, 32)
+    pruner = make_pruner(model, 32, "l2", 0.95, 50, False, 8, resolve_ignored(model, [], 4))
+    while count_macs(model, 32) > m0 * target:
+        pruner.step()
+    return count_macs(model, 32) / m0, pruning_history(pruner)
+
+
+@pytest.mark.parametrize("target", [0.5, 0.7])
+def test_pruning_reaches_target_macs_and_really_shrinks(target):
+    model = build(SPEC)
+    p0 = count_params(model)
+    kept, history = prune_to(model, target)
+    assert target - 0.06 <= kept <= target
+    assert count_params(model) < p0
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == 1]
+    assert all(c.out_channels % 8 == 0 or c.out_channels == 4 for c in convs)  # round_to=8
+    assert model.classifier[-1].out_features == 4  # classifier kept whole
+    assert history
+
+
+def test_pruned_model_reloads_from_history_in_a_fresh_build(tmp_path):
+    model = build(SPEC)
+    _, history = prune_to(model, 0.5)
+    save_checkpoint(tmp_path / "m.pt", model, SPEC, history, [], {"image_size": 32})
+    ckpt = torch.load(tmp_path / "m.pt", weights_only=True)  # no pickled code
+    again = rebuild(ckpt)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval(), again.eval()
+    assert torch.allclose(model(x), again(x), atol=1e-6)
+    assert count_params(again) == count_params(model)
+
+
+def test_prune_ignore_names_unknown_module():
+    model = build(SPEC)
+    with pytest.raises(EdgekdError, match="prune.ignore: no module named 'features.99'"):
+        resolve_ignored(model, ["features.99"], 4)
+
+
+def test_prune_config_errors_name_the_key(tmp_path):
+    from edgekd.config import validate
+
+    base = {"name": "t", "data": {"source": "x"}, "student": {"arch": "mobilenet_v2"}}
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.prune\.target_macs: must be in \(0, 1\]"):
+        validate({**base, "stages": [{"prune": {"target_macs": 1.5, "finetune": {"loss": "ce"}}}]})
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.prune: set exactly one of target_macs or ratio"):
+        validate({**base, "stages": [{"prune": {"target_macs": 0.5, "ratio": 0.3, "finetune": {"loss": "ce"}}}]})
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.prune\.importance"):
+        validate({**base, "stages": [{"prune": {"ratio": 0.3, "importance": "magic", "finetune": {"loss": "ce"}}}]})
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.quantize\.calibration\.method"):
+        validate({**base, "stages": [{"quantize": {"method": "ptq", "calibration": {"method": "median"}}}]})
+    with pytest.raises(ConfigError, match="teacher: required key is missing"):
+        validate({**base, "stages": [{"quantize": {"method": "qat"}}]})
+
+
+def _ort_optimized_ops(path, tmp_path) -> dict[str, int]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    counts: dict[str, int] = {}
+    for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+def test_ptq_produces_int8_graph_that_onnxruntime_runs_with_int8_kernels(tmp_path):
+    model = build(SPEC).eval()
+    data = tiny_data()
+    fp32 = export_onnx(copy.deepcopy(model), tmp_path / "fp32.onnx", 32)
+    calib = data.normalize(data.train.images[:32]).numpy()
+    q = quantize_onnx(fp32, tmp_path / "int8.onnx", calib)
+    ops = {n.op_type for n in onnx.load(str(q)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    run_ops = _ort_optimized_ops(q, tmp_path)
+    assert run_ops.get("QLinearConv", 0) >= 10, run_ops  # int8 conv kernels, not fp32 Conv
+    assert q.stat().st_size < fp32.stat().st_size / 2.5
+
+
+def test_qat_model_trains_and_exports_to_int8_that_agrees_with_fake_quant(tmp_path):
+    from edgekd.train import TrainConfig, fit
+
+    data = tiny_data()
+    model = build(SPEC).eval()
+    q = apply_transform(apply_transform(copy.deepcopy(model), "fold_bn"), "qat")
+    hist = fit(q, data, TrainConfig(epochs=1, loss="ce", lr=0.01, eval_every=0), torch.device("cpu"), seed=0)
+    assert len(hist) == 1 and np.isfinite(hist[0]["loss"])
+    q.eval()
+    snapped = export_onnx(snap_weights(copy.deepcopy(q)), tmp_path / "snap.onnx", 32)
+    int8 = quantize_onnx(snapped, tmp_path / "qat_int8.onnx", data.normalize(data.train.images[:32]).numpy())
+    assert _ort_optimized_ops(int8, tmp_path).get("QLinearConv", 0) >= 10
+    res = verify(int8, q, data, n=64, max_abs=None, min_agreement=0.5)
+    assert res["top1_agreement"] >= 0.5
+    # the QAT checkpoint rebuilds from its transforms
+    save_checkpoint(tmp_path / "q.pt", q, SPEC, [], ["fold_bn", "qat"], {"image_size": 32})
+    again = rebuild(torch.load(tmp_path / "q.pt", weights_only=True)).eval()
+    x = data.normalize(data.test.images[:4])
+    assert torch.allclose(again(x), q(x), atol=1e-5)
+
+
+def test_export_verification_catches_a_broken_export(tmp_path):
+    data = tiny_data(16)
+    model = build(SPEC).eval()
+    path = export_onnx(copy.deepcopy(model), tmp_path / "m.onnx", 32)
+    assert verify(path, model, data, n=16)["max_abs_diff"] < 1e-3
+    m = onnx.load(str(path))  # break it: perturb the classifier weights
+    init = next(i for i in m.graph.initializer if i.dims == [4, 640] or (len(i.dims) == 2 and i.dims[0] == 4))
+    arr = onnx.numpy_helper.to_array(init).copy() * -3.0
+    init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+    onnx.save(m, str(path))
+    with pytest.raises(EdgekdError, match="ONNX output differs from PyTorch"):
+        verify(path, model, data, n=16)
+
+
+def test_metadata_is_written_for_the_device_runner(tmp_path):
+    data = tiny_data(4)
+    path = export_onnx(build(SPEC).eval(), tmp_path / "m.onnx", 32)
+    set_metadata(path, metadata(data, "student_fp32"))
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert props["edgekd.classes"] == '["a", "b", "c", "d"]'
+    assert props["edgekd.input_size"] == "[3, 32, 32]"
+
+
+def test_broken_onnx_file_is_a_clear_error(tmp_path):
+    from edgekd.onnx_export import session
+
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx file at all")
+    with pytest.raises(EdgekdError, match="onnxruntime cannot load it"):
+        session(bad)

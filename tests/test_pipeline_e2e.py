@@ -1,0 +1,126 @@
+"""End-to-end `edgekd run` on a tiny subset of the shared CIFAR-10 with the shared models:
+every stage, the reports, resume after an interruption, and the regression gate."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edgekd.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("EDGEKD_SHARED", REPO.parent / "shared"))
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not (SHARED / "data" / "cifar10-jpg.tar.gz").exists(),
+                                                  reason=f"shared data not found under {SHARED}")]
+
+
+def pipeline(target_macs: float = 0.7) -> dict:
+    return {
+        "name": "e2e", "seed": 0, "device": "cpu",
+        "data": {"source": str(SHARED / "data/cifar10-jpg.tar.gz"), "num_classes": 10, "subset": 200,
+                 "test_subset": 200, "augment": "flip", "batch_size": 50},
+        "teacher": {"arch": "resnet50", "cifar_stem": True, "checkpoint": str(SHARED / "models/resnet50_cifar10.pt")},
+        "student": {"arch": "mobilenet_v2", "cifar_stem": True, "checkpoint": str(SHARED / "models/mobilenet_v2_cifar10.pt")},
+        "stages": [
+            {"distill": {"epochs": 1, "loss": "kd", "lr": 0.001, "schedule": "constant"}},
+            {"prune": {"target_macs": target_macs, "finetune": {"epochs": 1, "loss": "kd", "lr": 0.001}}},
+            {"quantize": {"method": "both", "calibration": {"samples": 100}, "qat": {"epochs": 1, "lr": 0.0005}}},
+            {"export": {"include_teacher": False, "verify_images": 100}},
+            {"benchmark": {"runtimes": ["onnxruntime", "openvino"], "runs": 10, "warmup": 2, "throughput_batch": 8}},
+        ],
+    }
+
+
+def write(tmp: Path, cfg: dict, name: str = "p.yaml") -> Path:
+    p = tmp / name
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("e2e")
+    out = tmp / "run"
+    assert main(["run", str(write(tmp, pipeline())), "--out", str(out)]) == 0
+    return out
+
+
+def test_run_leaves_manifest_reports_and_artifacts(run_dir):
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    assert [s["name"] for s in manifest["stages"]] == ["distill", "prune", "quantize", "export", "benchmark"]
+    assert all(s["status"] == "completed" for s in manifest["stages"])
+    assert manifest["versions"]["torch"].startswith("2.14")
+    for s in manifest["stages"]:
+        for art in s.get("artifacts", {}).values():
+            assert (run_dir / art["path"]).stat().st_size == art["bytes"]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["schema_version"] == 1
+    models = report["models"]
+    assert models["teacher"]["top1"] > 85  # the shared teacher on 200 test images
+    assert models["student_input"]["top1"] > 80
+    prune = next(s for s in report["stages"] if s["name"] == "prune")
+    assert 0.6 <= prune["info"]["macs_kept"] <= 0.7 + 0.03
+    assert prune["info"]["params_after"] < prune["info"]["params_before"]
+    for k in ("student_fp32", "int8_ptq", "int8_qat"):
+        assert models[k]["top1"] > 60, (k, models[k]["top1"])  # measured by onnxruntime
+        assert "onnxruntime/1t" in models[k]["latency"]
+        assert models[k]["latency"]["onnxruntime/1t"]["p50_ms"] > 0
+    assert models["int8_qat"]["size_bytes"] < models["student_fp32"]["size_bytes"] / 2.5
+    assert "openvino" in report["stages"][-1]["info"]["skipped"] or "openvino/1t" in models["int8_qat"]["latency"]
+    assert report["headline"].startswith("int8")
+    assert any(k.startswith("stage.benchmark.speedup.student_fp32/int8_") for k in report["metrics"])
+    md = (run_dir / "report.md").read_text()
+    assert report["headline"] in md and "| model | top-1 %" in md
+    for png in ("accuracy.png", "training.png", "pareto.png", "size.png"):
+        assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
+        assert f"]({png})" in md
+
+
+def test_check_passes_on_itself_and_fails_on_a_degraded_run(run_dir, tmp_path, capsys):
+    baseline = tmp_path / "baseline.json"
+    assert main(["check", str(run_dir / "report.json"), "--baseline", str(baseline), "--update-baseline"]) == 0
+    assert main(["check", str(run_dir / "report.json"), "--baseline", str(baseline)]) == 0
+    assert "PASS" in capsys.readouterr().out
+    # a real degraded run: prune far harder (15 % of MACs) with the same tiny fine-tune
+    out = tmp_path / "degraded"
+    assert main(["run", str(write(tmp_path, pipeline(target_macs=0.15))), "--out", str(out)]) == 0
+    assert main(["check", str(out / "report.json"), "--baseline", str(baseline)]) == 1
+    table = capsys.readouterr().out
+    assert "REGRESSION" in table and "model.int8_qat.top1" in table and "FAIL" in table
+    header = next(line for line in table.splitlines() if line.startswith("metric"))
+    assert header.split() == ["metric", "baseline", "now", "delta", "tolerance", "verdict"]
+
+
+def test_resume_after_an_interrupted_stage(tmp_path, monkeypatch, capsys):
+    from edgekd.stages.quantize import Quantize
+
+    cfg = pipeline()
+    cfg["stages"] = cfg["stages"][:3]
+    cfg["stages"][2]["quantize"] = {"method": "ptq", "calibration": {"samples": 50}}
+    path, out = write(tmp_path, cfg), tmp_path / "run"
+
+    def interrupted(self, ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Quantize, "run", interrupted)
+    assert main(["run", str(path), "--out", str(out)]) == 130
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["status"] for s in manifest["stages"]] == ["completed", "completed", "failed"]
+    digest = hashlib.sha256((out / "01_prune" / "model.pt").read_bytes()).hexdigest()
+    monkeypatch.undo()
+    assert main(["run", str(path), "--resume", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["status"] for s in manifest["stages"]] == ["completed"] * 3
+    assert [s.get("resumed", False) for s in manifest["stages"]] == [True, True, False]
+    assert hashlib.sha256((out / "01_prune" / "model.pt").read_bytes()).hexdigest() == digest
+    assert (out / "report.json").exists()
+    # a changed stage config re-runs that stage and everything after it
+    assert main(["run", str(path), "--resume", str(out), "--set", "prune.target_macs=0.8"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s.get("resumed", False) for s in manifest["stages"]] == [True, False, False]
