@@ -128,7 +128,10 @@ def apply_override(raw: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment}: expected KEY=VALUE")
     key, value_text = assignment.split("=", 1)
-    value = yaml.safe_load(value_text) if value_text != "" else ""
+    try:
+        value = yaml.safe_load(value_text) if value_text != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {assignment}: value is not valid YAML ({getattr(e, 'problem', None) or e})") from None
     parts = _parse_key(key.strip())
     stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
     stage_names = [next(iter(s)) for s in stages if isinstance(s, dict) and len(s) == 1]
@@ -214,7 +217,9 @@ def load_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) -
     if not path.is_file():
         raise ConfigError(f"{path}: pipeline file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""

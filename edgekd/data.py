@@ -150,7 +150,7 @@ def _decode(args: tuple[str, int]) -> np.ndarray | str:
 
 def _load_image_folder(folder: Path, cfg: DataConfig, cache: Path) -> Split:
     files, labels, classes = _list_image_folder(folder)
-    h = hashlib.sha256(f"size={cfg.image_size}".encode())
+    h = hashlib.sha256(f"size={cfg.image_size} skip_bad={cfg.skip_bad_images}".encode())
     for f in files:
         h.update(str(f.relative_to(folder)).encode())
         h.update(f.read_bytes())

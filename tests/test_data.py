@@ -190,8 +190,6 @@ def test_skip_bad_images_warns_and_skips(image_folder, tmp_path, caplog):
     assert len(warnings) == 1 and "skipping unreadable image" in warnings[0].getMessage()
 
 
-@pytest.mark.xfail(raises=AssertionError, reason="BUG data._load_image_folder: the tensor-cache key ignores "
-                   "skip_bad_images, so after one skip_bad_images: true run a corrupt image no longer raises")
 def test_cached_skip_does_not_hide_corrupt_image_later(image_folder, tmp_path):
     (image_folder / "train" / "moose" / "broken.jpg").write_bytes(b"this is not a jpeg")
     cache = tmp_path / "cache"
