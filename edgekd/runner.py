@@ -155,12 +155,12 @@ class Runner:
             return False
         res = json.loads((stage_dir / "result.json").read_text())
         if "model" in paths:
-            ckpt = torch.load(paths["model"], map_location="cpu", weights_only=True)
+            ckpt = torch.load(paths["model"], map_location="cpu", weights_only=False)  # our own run dir
             ctx.model = rebuild(ckpt).to(ctx.device)
             ctx.pruning_history, ctx.transforms = ckpt["pruning_history"], ckpt["transforms"]
             ctx.float_model = None
         if "float_model" in paths:
-            ctx.float_model = rebuild(torch.load(paths["float_model"], map_location="cpu", weights_only=True)).to(ctx.device)
+            ctx.float_model = rebuild(torch.load(paths["float_model"], map_location="cpu", weights_only=False)).to(ctx.device)
         ctx.artifacts.update(res.get("artifacts", {}))
         for k, v in res.get("models", {}).items():
             ctx.variants[k] = {**ctx.variants.get(k, {}), **v}
