@@ -31,7 +31,7 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes: list
         if m.any():
             ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
     return {
-        "top1": round(100.0 * correct.mean(), 3),
+        "top1": round(100.0 * float(correct.mean()), 3),
         "ece": round(float(ece), 4),
         "macro_f1": round(float(np.mean([v["f1"] for v in per_class.values()])), 4),
         "n": int(len(labels)),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shutil
 import random
 import time
 from datetime import datetime
@@ -114,6 +115,8 @@ class Runner:
                 results.append(json.loads((stage_dir / "result.json").read_text()))
                 self._save_manifest()
                 continue
+            if old and old.get("chain_hash") != chain:
+                shutil.rmtree(stage_dir, ignore_errors=True)  # outputs of another config must not be resumed from
             entry["status"] = "running"
             self._save_manifest()
             ctx.stage_dir = stage_dir
@@ -155,12 +158,12 @@ class Runner:
             return False
         res = json.loads((stage_dir / "result.json").read_text())
         if "model" in paths:
-            ckpt = torch.load(paths["model"], map_location="cpu", weights_only=False)  # our own run dir
+            ckpt = torch.load(paths["model"], map_location="cpu", weights_only=True)
             ctx.model = rebuild(ckpt).to(ctx.device)
             ctx.pruning_history, ctx.transforms = ckpt["pruning_history"], ckpt["transforms"]
             ctx.float_model = None
         if "float_model" in paths:
-            ctx.float_model = rebuild(torch.load(paths["float_model"], map_location="cpu", weights_only=False)).to(ctx.device)
+            ctx.float_model = rebuild(torch.load(paths["float_model"], map_location="cpu", weights_only=True)).to(ctx.device)
         ctx.artifacts.update(res.get("artifacts", {}))
         for k, v in res.get("models", {}).items():
             ctx.variants[k] = {**ctx.variants.get(k, {}), **v}
