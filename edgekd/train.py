@@ -153,6 +153,7 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, *,
     for epoch in range(start, cfg.epochs):
         model.train()
         gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        torch.manual_seed(seed * 100_003 + epoch)  # dropout etc.: an epoch replays identically after resume
         sums: dict[str, float] = {}
         n_seen, t0 = 0, time.perf_counter()
         warm = min(1.0, (epoch + 1) / cfg.dkd_warmup_epochs) if cfg.dkd_warmup_epochs else 1.0
