@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -144,7 +145,7 @@ def load_model(cfg: ModelConfig, num_classes: int, role: str, allow_onnx: bool =
     where = f"{role}.checkpoint {path}"
     if not path.is_file():
         raise EdgekdError(f"{where}: file not found")
-    if path.suffix == ".onnx":
+    if path.suffix.lower() == ".onnx":
         if not allow_onnx:
             raise EdgekdError(f"{where}: an ONNX file can only serve as a teacher (a student needs gradients)")
         return OnnxModule(path), {**spec, "onnx": str(path)}
@@ -191,11 +192,17 @@ class OnnxModule(nn.Module):
             self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as e:
             raise EdgekdError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
-        self.input_name = self.session.get_inputs()[0].name
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.batch = inp.shape[0] if isinstance(inp.shape[0], int) else None  # fixed batch (export without dynamic_axes)
         self.path = str(path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input_name: x.detach().cpu().float().numpy()})[0]
+        arr = x.detach().cpu().float().numpy()
+        step = self.batch or len(arr)
+        if len(arr) % step:
+            raise EdgekdError(f"{self.path}: its input batch is fixed to {step}; re-export with a dynamic batch axis")
+        out = np.concatenate([self.session.run(None, {self.input_name: arr[i : i + step]})[0] for i in range(0, len(arr), step)])
         return torch.from_numpy(out).to(x.device)
 
 

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
 
 from edgekd import models
 from edgekd.config import ModelConfig
@@ -256,9 +255,6 @@ def test_load_onnx_teacher(tmp_path):
         check_classes(model, "teacher", 5, 8)
 
 
-@pytest.mark.xfail(raises=OrtInvalidArgument, reason="BUG models.OnnxModule: an ONNX teacher exported without dynamic_axes (fixed batch 1, "
-                   "torch.onnx.export's default) passes check_classes but fails on every real batch with a raw "
-                   "onnxruntime InvalidArgument traceback instead of working or raising EdgekdError")
 def test_onnx_teacher_with_fixed_batch(tmp_path):
     net = tiny_net()
     path = tmp_path / "fixed.onnx"
