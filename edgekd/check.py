@@ -45,7 +45,7 @@ def baseline_from_report(report: dict, old: dict | None = None) -> dict:
     old_metrics = (old or {}).get("metrics", {})
     metrics = {}
     for key, value in report["metrics"].items():
-        if key in old_metrics or (key.startswith(TRACK) and _rule(key) and "latency." not in key and "_fake_quant" not in key):
+        if key in old_metrics or (key.startswith(TRACK) and _rule(key) and "_fake_quant" not in key):
             rule = _rule(key) or ("higher", {"abs": 0.0})
             prev = old_metrics.get(key, {})
             metrics[key] = {"value": value, "tolerance": prev.get("tolerance", rule[1]),
