@@ -42,13 +42,34 @@ def _cmd_validate(args) -> int:
     return 0
 
 
+def _type_name(ann) -> str:
+    """Readable type: Literal values spelled out, Optional as `X | None`, models by name."""
+    import typing
+
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Literal:
+        return "|".join(repr(a) for a in args)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(_type_name(a) for a in args)}]"
+    return "None" if ann is type(None) else getattr(ann, "__name__", str(ann).replace("typing.", ""))
+
+
 def _describe(model_cls, indent: str = "    ") -> list[str]:
+    from pydantic import BaseModel
+
     lines = []
     for name, f in model_cls.model_fields.items():
-        default = "required" if f.is_required() else f"default {f.default!r}"
-        ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
         desc = f" - {f.description}" if f.description else ""
-        lines.append(f"{indent}{name}: {ann} ({default}){desc}")
+        if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+            lines.append(f"{indent}{name}:{desc}")
+            lines += _describe(f.annotation, indent + "    ")
+            continue
+        default = "required" if f.is_required() else f"default {f.get_default(call_default_factory=True)!r}"
+        lines.append(f"{indent}{name}: {_type_name(f.annotation)} ({default}){desc}")
     return lines
 
 
@@ -57,7 +78,8 @@ def _cmd_stages(args) -> int:
 
     for name, cls in STAGES.items():
         doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-        print(f"{name}: {doc[0] if doc else ''}")
+        summary = doc[0].removeprefix(f"{name}:").strip() if doc else ""
+        print(f"{name}: {summary}")
         print("\n".join(_describe(cls.Config)))
     return 0
 

@@ -106,7 +106,9 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
     head = ["model", "top-1 %", "ECE", "params", "MACs", "size"] + [f"{r} ms" for r in runtimes]
     L += ["## Models", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in models.items():
-        row = [m.get("label", name), f"{m['top1']:.2f}" if "top1" in m else "–", f"{m['ece']:.3f}" if "ece" in m else "–",
+        # models first measured by the benchmark stage carry their accuracy per runtime
+        top1 = m.get("top1", next((v["top1"] for v in (m.get("latency") or {}).values() if "top1" in v), None))
+        row = [m.get("label", name), f"{top1:.2f}" if top1 is not None else "–", f"{m['ece']:.3f}" if "ece" in m else "–",
                _fmt_int(m.get("params")), _fmt_int(m.get("macs")), _fmt_bytes(m.get("size_bytes"))]
         row += [lat.get((name, r), "–") for r in runtimes]
         L.append("| " + " | ".join(row) + " |")
@@ -119,10 +121,28 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
         info = {k: v for k, v in (s.get("info") or {}).items() if not isinstance(v, (list, dict))}
         if info:
             L += ["", f"**{s['name']}**: " + ", ".join(f"{k} = {v}" for k, v in info.items())]
+        L += _steps_table((s.get("info") or {}).get("steps"))
     for title, fname in plots.items():
         L += ["", f"## {title}", "", f"![{title}]({fname})"]
     L += ["", "Figures are machine-readable in `report.json` (`metrics` holds the flat keys `edgekd check` compares).", ""]
     return "\n".join(L)
+
+
+def _steps_table(steps) -> list[str]:
+    """Per prune step: what pruning cost, what BN recalibration and the fine-tune won back."""
+    if not isinstance(steps, list) or not steps:
+        return []
+    cols = [("step", "step"), ("macs_kept", "MACs kept"), ("params", "params"), ("top1_after_prune", "top-1 pruned"),
+            ("top1_after_bn_recalibration", "after BN recal."), ("top1_after_finetune", "after fine-tune"),
+            ("recovered_points", "fine-tune gain")]
+    L = ["", "| " + " | ".join(c for _, c in cols) + " |", "|" + "---|" * len(cols)]
+    for st in steps:
+        cells = []
+        for k, _ in cols:
+            v = st.get(k)
+            cells.append("–" if v is None else f"{v:.1%}" if k == "macs_kept" else _fmt_int(v) if k == "params" else str(v))
+        L.append("| " + " | ".join(cells) + " |")
+    return L
 
 
 # ----------------------------------------------------------------------------- plots

@@ -112,22 +112,39 @@ def test_ptq_produces_int8_graph_that_onnxruntime_runs_with_int8_kernels(tmp_pat
     assert q.stat().st_size < fp32.stat().st_size / 2.5
 
 
-def test_qat_model_trains_and_exports_to_int8_that_agrees_with_fake_quant(tmp_path):
+def test_ptq_can_keep_the_stem_conv_fp32_and_only_it(tmp_path):
+    model = build(SPEC).eval()
+    data = tiny_data()
+    fp32 = export_onnx(copy.deepcopy(model), tmp_path / "fp32.onnx", 32)
+    calib = data.normalize(data.train.images[:32]).numpy()
+    all_int8 = _ort_optimized_ops(quantize_onnx(fp32, tmp_path / "a.onnx", calib), tmp_path)
+    stem_fp32 = _ort_optimized_ops(quantize_onnx(fp32, tmp_path / "b.onnx", calib, keep_first_conv_fp32=True), tmp_path)
+    assert stem_fp32.get("QLinearConv", 0) == all_int8.get("QLinearConv", 0) - 1
+    float_convs = sum(v for k, v in stem_fp32.items() if k in ("Conv", "FusedConv"))
+    assert float_convs == 1, stem_fp32
+
+
+@pytest.mark.parametrize("transform", ["qat", "qat_fp32_stem"])
+def test_qat_model_trains_and_exports_to_int8_that_agrees_with_fake_quant(tmp_path, transform):
+    from edgekd.quant.qat import QConv2d
     from edgekd.train import TrainConfig, fit
 
     data = tiny_data()
     model = build(SPEC).eval()
-    q = apply_transform(apply_transform(copy.deepcopy(model), "fold_bn"), "qat")
+    q = apply_transform(apply_transform(copy.deepcopy(model), "fold_bn"), transform)
+    stem = next(m for m in q.modules() if isinstance(m, torch.nn.Conv2d))
+    assert isinstance(stem, QConv2d) == (transform == "qat")
     hist = fit(q, data, TrainConfig(epochs=1, loss="ce", lr=0.01, eval_every=0), torch.device("cpu"), seed=0)
     assert len(hist) == 1 and np.isfinite(hist[0]["loss"])
     q.eval()
     snapped = export_onnx(snap_weights(copy.deepcopy(q)), tmp_path / "snap.onnx", 32)
-    int8 = quantize_onnx(snapped, tmp_path / "qat_int8.onnx", data.normalize(data.train.images[:32]).numpy())
+    int8 = quantize_onnx(snapped, tmp_path / "qat_int8.onnx", data.normalize(data.train.images[:32]).numpy(),
+                         keep_first_conv_fp32=transform == "qat_fp32_stem")
     assert _ort_optimized_ops(int8, tmp_path).get("QLinearConv", 0) >= 10
     res = verify(int8, q, data, n=64, max_abs=None, min_agreement=0.5)
     assert res["top1_agreement"] >= 0.5
     # the QAT checkpoint rebuilds from its transforms
-    save_checkpoint(tmp_path / "q.pt", q, SPEC, [], ["fold_bn", "qat"], {"image_size": 32})
+    save_checkpoint(tmp_path / "q.pt", q, SPEC, [], ["fold_bn", transform], {"image_size": 32})
     again = rebuild(torch.load(tmp_path / "q.pt", weights_only=True)).eval()
     x = data.normalize(data.test.images[:4])
     assert torch.allclose(again(x), q(x), atol=1e-5)

@@ -90,3 +90,15 @@ def test_stage_result_to_json():
     j = r.to_json()
     assert j["metrics"] == {"top1": 50.0} and j["model_changed"] is True
     assert set(j) == {"metrics", "models", "artifacts", "history", "info", "model_changed"}
+
+
+def test_stages_command_lists_every_stage_with_readable_options(capsys):
+    from edgekd.cli import main
+
+    assert main(["stages"]) == 0
+    out = capsys.readouterr().out
+    assert {line.split(":")[0] for line in out.splitlines() if not line.startswith(" ")} == set(STAGES.names())
+    assert "loss: 'kd'|'dkd'|'mse_logits'|'ce' (default 'kd')" in out  # Literal values spelled out
+    assert "target_macs: float | None (default None)" in out
+    assert "    finetune:\n        epochs: int (default 2)" in out  # nested options expanded
+    assert "PydanticUndefined" not in out and "Literal" not in out

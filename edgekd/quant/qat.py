@@ -94,11 +94,14 @@ class QLinear(nn.Linear):
         return F.linear(self.act_fq(x), fake_quant_weight(self.weight), self.bias)
 
 
-def wrap_qat(model: nn.Module) -> nn.Module:
-    """Swap Conv2d/Linear for fake-quant versions (weights shared, an activation quantizer added)."""
+def wrap_qat(model: nn.Module, skip_first_conv: bool = False) -> nn.Module:
+    """Swap Conv2d/Linear for fake-quant versions (weights shared, an activation quantizer added).
+
+    `skip_first_conv` leaves the stem conv in fp32, matching PTQ's `keep_first_conv_fp32`."""
+    first = next((m for m in model.modules() if type(m) is nn.Conv2d), None) if skip_first_conv else None
     for parent in list(model.modules()):
         for name, m in list(parent.named_children()):
-            if type(m) in (nn.Conv2d, nn.Linear):
+            if type(m) in (nn.Conv2d, nn.Linear) and m is not first:
                 _ensure_bias(m)
                 m.__class__ = QConv2d if isinstance(m, nn.Conv2d) else QLinear
                 m.act_fq = ActFakeQuant().to(m.weight.device)
@@ -131,6 +134,6 @@ def apply_transform(model: nn.Module, name: str) -> nn.Module:
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 _ensure_bias(m)
         return model
-    if name == "qat":
-        return wrap_qat(model)
+    if name in ("qat", "qat_fp32_stem"):
+        return wrap_qat(model, skip_first_conv=name == "qat_fp32_stem")
     raise ValueError(f"unknown model transform '{name}'")

@@ -23,6 +23,9 @@ class ExportConfig(Strict):
     include_teacher: bool = Field(True, description="also export the teacher (the benchmark's reference)")
 
 
+LABELS = {"student_unpruned_fp32": "unpruned student fp32", "teacher_fp32": "teacher fp32"}
+
+
 @register("export")
 class Export(Stage):
     Config = ExportConfig
@@ -38,6 +41,8 @@ class Export(Stage):
             info[name] = {"verify": verify(path, reference, data, cfg.verify_images, **tol), "ops": op_counts(path)}
             artifacts[f"onnx.{name}"] = ctx.rel(path)
             models[name] = {"size_bytes": path.stat().st_size, "onnx": ctx.rel(path)}
+            if name in LABELS:
+                models[name]["label"] = LABELS[name]
 
         fp32 = export_onnx(copy.deepcopy(float_model), d / "student_fp32.onnx", data.image_size, cfg.opset)
         finish("student_fp32", fp32, float_model, max_abs=cfg.fp32_max_abs_diff, min_agreement=cfg.fp32_min_agreement)

@@ -17,7 +17,7 @@ from ..data import iterate
 from ..errors import EdgekdError
 from ..models import rebuild
 from ..pruning import IMPORTANCE, accumulate_taylor_grads, make_pruner, pruning_history, resolve_ignored
-from ..train import TrainConfig, fit
+from ..train import TrainConfig, fit, recalibrate_bn
 from .base import Stage, StageResult, register
 
 log = logging.getLogger("edgekd")
@@ -36,6 +36,8 @@ class PruneConfig(Strict):
     iterative_steps: int = Field(1, ge=1, le=20)
     round_to: int | None = Field(8, ge=1, description="keep channel counts multiples of this (mobile kernels like 8/16)")
     ignore: list[str] = Field(default_factory=list, description="module names to keep whole")
+    bn_recalibration_images: int = Field(1024, ge=0, description="re-estimate BatchNorm statistics on this many "
+                                         "training images after each prune step (0: off)")
     macs_tolerance: float = Field(0.03, ge=0, le=0.5, description="accepted overshoot of target_macs")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
@@ -103,7 +105,8 @@ class Prune(Stage):
                 for r in ft_hist:
                     r["step"] = step
             after = ctx.measure(model)
-            info.update({"top1_after_finetune": after["top1"], "recovered_points": round(after["top1"] - info["top1_after_prune"], 3)})
+            start = info.get("top1_after_bn_recalibration", info["top1_after_prune"])
+            info.update({"top1_after_finetune": after["top1"], "recovered_points": round(after["top1"] - start, 3)})
             steps_info.append(info)
             history += ft_hist
             from ..models import save_checkpoint
@@ -153,6 +156,12 @@ class Prune(Stage):
                 n += 1
         model.zero_grad(set_to_none=True)
         figs = ctx.measure(model)
-        log.info("prune step %d: MACs %.1f%% of input, top-1 %.2f before fine-tune", step, 100 * figs["macs"] / macs0, figs["top1"])
-        return {"step": step, "macs": figs["macs"], "params": figs["params"], "macs_kept": round(figs["macs"] / macs0, 4),
+        info = {"step": step, "macs": figs["macs"], "params": figs["params"], "macs_kept": round(figs["macs"] / macs0, 4),
                 "top1_after_prune": figs["top1"]}
+        if cfg.bn_recalibration_images:
+            recalibrate_bn(model, data, ctx.device, cfg.bn_recalibration_images, ctx.cfg.seed + step)
+            info["top1_after_bn_recalibration"] = ctx.measure(model)["top1"]
+        log.info("prune step %d: MACs %.1f%% of input, top-1 %.2f after pruning%s", step, 100 * figs["macs"] / macs0,
+                 figs["top1"], f", {info['top1_after_bn_recalibration']:.2f} after BN recalibration"
+                 if cfg.bn_recalibration_images else "")
+        return info

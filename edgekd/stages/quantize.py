@@ -39,7 +39,8 @@ class QuantizeConfig(Strict):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     per_channel: bool = True
     activation_type: Literal["uint8", "int8"] = "uint8"
-    exclude_depthwise: bool = Field(False, description="keep depthwise convs in fp32")
+    exclude_depthwise: bool = Field(False, description="keep depthwise convs in fp32 (slower on ORT; for debugging accuracy)")
+    keep_first_conv_fp32: bool = Field(True, description="keep the stem conv (raw pixels in) in fp32, in PTQ and QAT alike")
     qat: QATConfig = Field(default_factory=QATConfig)
 
     def uses_teacher(self) -> bool:
@@ -57,7 +58,8 @@ class Quantize(Stage):
         idx = stratified_indices(data.train.labels.numpy(), cfg.calibration.samples, ctx.cfg.seed)
         calib = data.normalize(data.train.images[torch.as_tensor(idx)]).numpy()
         qopts = dict(method=cfg.calibration.method, per_channel=cfg.per_channel, activation_type=cfg.activation_type,
-                     percentile=cfg.calibration.percentile, exclude_depthwise=cfg.exclude_depthwise)
+                     percentile=cfg.calibration.percentile, exclude_depthwise=cfg.exclude_depthwise,
+                     keep_first_conv_fp32=cfg.keep_first_conv_fp32)
         labels = data.test.labels.numpy()
 
         def ort_figs(path, label):
@@ -65,17 +67,18 @@ class Quantize(Stage):
             return {**m, "size_bytes": path.stat().st_size, "label": label, "runtime_measured": "onnxruntime"}
 
         fp32 = export_onnx(copy.deepcopy(float_model), d / "student_fp32.onnx", data.image_size)
-        models = {"student_fp32": {**ctx.measure(float_model), **ort_figs(fp32, "student fp32")}}
+        models = {"student_fp32": {**ctx.measure(float_model), **ort_figs(fp32, "student fp32 (quantize input)")}}
         artifacts = {"onnx.student_fp32": ctx.rel(fp32)}
         info: dict = {"calibration": cfg.calibration.model_dump(), "per_channel": cfg.per_channel,
-                      "activation_type": cfg.activation_type}
+                      "activation_type": cfg.activation_type, "keep_first_conv_fp32": cfg.keep_first_conv_fp32}
         history: list = []
         if cfg.method in ("ptq", "both"):
             ptq = quantize_onnx(fp32, d / "int8_ptq.onnx", calib, **qopts)
             models["int8_ptq"] = ort_figs(ptq, "int8 PTQ")
             artifacts["onnx.int8_ptq"] = ctx.rel(ptq)
         if cfg.method in ("qat", "both"):
-            qmodel = apply_transform(apply_transform(copy.deepcopy(float_model).cpu(), "fold_bn"), "qat").to(ctx.device)
+            qat_transform = "qat_fp32_stem" if cfg.keep_first_conv_fp32 else "qat"
+            qmodel = apply_transform(apply_transform(copy.deepcopy(float_model).cpu(), "fold_bn"), qat_transform).to(ctx.device)
             teacher = ctx.teacher_logits(cfg.qat.cache_teacher) if cfg.uses_teacher() else None
             with torch.no_grad():  # initialise activation ranges on calibration images
                 qmodel.train()
@@ -92,7 +95,7 @@ class Quantize(Stage):
                                   "params": sim.get("params"), "macs": sim.get("macs")}
             artifacts["onnx.int8_qat"] = ctx.rel(qat)
             ctx.float_model, ctx.model = float_model, qmodel
-            ctx.transforms = ["fold_bn", "qat"]
+            ctx.transforms = ["fold_bn", qat_transform]
         for k in ("int8_ptq", "int8_qat"):
             if k in models:
                 models[k].update({"params": models["student_fp32"].get("params"), "macs": models["student_fp32"].get("macs")})

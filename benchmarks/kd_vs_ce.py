@@ -1,0 +1,80 @@
+"""What the teacher buys in the loop: the same compression pipeline run twice, once with the
+distillation loss in the prune fine-tune and QAT (as configured) and once with plain CE,
+same epochs, same seed, same data. Prints and writes a markdown table of accuracy at every
+step (onnxruntime-measured for the int8 files).
+
+    python benchmarks/kd_vs_ce.py [--pipeline pipelines/compress_shared_student.yaml]
+        [--out runs/kd_vs_ce] [--set data.subset=10000 ...]
+
+Both runs resume if their folders exist, so an interrupted benchmark continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+CE = ["prune.finetune.loss=ce", "quantize.qat.loss=ce"]
+
+
+def run(pipeline: str, out: Path, sets: list[str]) -> dict:
+    cmd = ["edgekd", "run", pipeline, "--out", str(out)]
+    if (out / "manifest.json").exists():
+        cmd = ["edgekd", "run", pipeline, "--resume", str(out)]
+    for s in sets:
+        cmd += ["--set", s]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    return json.loads((out / "report.json").read_text())
+
+
+def rows(report: dict) -> dict[str, float]:
+    """Accuracy at every step: the input, each prune step after fine-tune, fp32 export, PTQ, QAT."""
+    out: dict[str, float] = {}
+    models = report["models"]
+    if "student_input" in models:
+        out["input student (fp32)"] = models["student_input"]["top1"]
+    for st in report["stages"]:
+        if st["name"] == "prune":
+            for s in st["info"].get("steps", []):
+                out[f"prune step {s['step']} ({s['macs_kept']:.0%} MACs), after fine-tune"] = s["top1_after_finetune"]
+    for key, label in (("student_fp32", "pruned fp32 (onnxruntime)"), ("int8_ptq", "int8 PTQ (onnxruntime)"),
+                       ("int8_qat", "int8 QAT (onnxruntime)")):
+        if key in models:
+            out[label] = models[key]["top1"]
+    return out
+
+
+def table(kd: dict[str, float], ce: dict[str, float], teacher: float | None) -> str:
+    lines = ["| step | KD in the loop | CE only | KD - CE |", "|---|---|---|---|"]
+    for k, v in kd.items():
+        c = ce.get(k)
+        d = f"{v - c:+.2f}" if c is not None else "–"
+        lines.append(f"| {k} | {v:.2f} | {c:.2f} | {d} |" if c is not None else f"| {k} | {v:.2f} | – | – |")
+    if teacher is not None:
+        lines.append(f"\nteacher: {teacher:.2f} %")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pipeline", default="pipelines/compress_shared_student.yaml")
+    ap.add_argument("--out", default="runs/kd_vs_ce", type=Path)
+    ap.add_argument("--set", action="append", default=[], dest="sets", help="override for both runs")
+    args = ap.parse_args()
+    kd = run(args.pipeline, args.out / "kd", args.sets)
+    ce = run(args.pipeline, args.out / "ce", args.sets + CE)
+    teacher = kd["models"].get("teacher", {}).get("top1")
+    md = (f"# KD vs CE in the loop: {kd['pipeline']}\n\n"
+          f"overrides: {' '.join(args.sets) or '(none)'}; seed {kd['seed']}; {kd['machine'].get('cpu', '')}\n\n"
+          + table(rows(kd), rows(ce), teacher) + "\n")
+    (args.out / "kd_vs_ce.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
