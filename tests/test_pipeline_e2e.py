@@ -67,6 +67,8 @@ def test_run_leaves_manifest_reports_and_artifacts(run_dir):
     prune = next(s for s in report["stages"] if s["name"] == "prune")
     assert 0.6 <= prune["info"]["macs_kept"] <= 0.7 + 0.03
     assert prune["info"]["params_after"] < prune["info"]["params_before"]
+    step = prune["info"]["steps"][0]  # BN recalibration wins back what removing channels cost
+    assert step["top1_after_bn_recalibration"] >= step["top1_after_prune"]
     for k in ("student_fp32", "int8_ptq", "int8_qat"):
         assert models[k]["top1"] > 25, (k, models[k]["top1"])  # measured by onnxruntime; chance is 10
         assert "onnxruntime/1t" in models[k]["latency"]
@@ -77,6 +79,7 @@ def test_run_leaves_manifest_reports_and_artifacts(run_dir):
     assert any(k.startswith("stage.benchmark.speedup.student_fp32/int8_") for k in report["metrics"])
     md = (run_dir / "report.md").read_text()
     assert report["headline"] in md and "| model | top-1 %" in md
+    assert "| step | MACs kept | params | top-1 pruned | after BN recal. | after fine-tune |" in md
     for png in ("accuracy.png", "training.png", "pareto.png", "size.png"):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
         assert f"]({png})" in md

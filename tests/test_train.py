@@ -43,3 +43,17 @@ def test_kd_loss_requires_a_teacher():
     with pytest.raises(ValueError, match="needs a teacher"):
         fit(build({"arch": "mobilenet_v2", "num_classes": 4, "cifar_stem": True, "width_mult": 0.25}),
             tiny_data(8), TrainConfig(epochs=1, loss="kd"), torch.device("cpu"), seed=0)
+
+
+def test_recalibrate_bn_replaces_stale_statistics_with_the_data_mean():
+    from edgekd.train import recalibrate_bn
+
+    data = tiny_data(n=64)
+    conv, bn = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4, momentum=0.1)
+    model = torch.nn.Sequential(conv, bn).eval()
+    bn.running_mean.fill_(100.0)  # stale, as after channels were removed upstream
+    recalibrate_bn(model, data, torch.device("cpu"), images=64, seed=0)
+    with torch.no_grad():
+        feats = conv(data.normalize(data.train.images))
+    assert torch.allclose(bn.running_mean, feats.mean((0, 2, 3)), atol=1e-4)
+    assert bn.momentum == 0.1 and not model.training  # restored
