@@ -52,8 +52,7 @@ def table(kd: dict[str, float], ce: dict[str, float], teacher: float | None) -> 
     lines = ["| step | KD in the loop | CE only | KD - CE |", "|---|---|---|---|"]
     for k, v in kd.items():
         c = ce.get(k)
-        d = f"{v - c:+.2f}" if c is not None else "–"
-        lines.append(f"| {k} | {v:.2f} | {c:.2f} | {d} |" if c is not None else f"| {k} | {v:.2f} | – | – |")
+        lines.append(f"| {k} | {v:.2f} | {c:.2f} | {v - c:+.2f} |" if c is not None else f"| {k} | {v:.2f} | – | – |")
     if teacher is not None:
         lines.append(f"\nteacher: {teacher:.2f} %")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +70,20 @@ def test_headline_says_when_int8_is_not_faster():
 
 def test_pareto_front():
     assert pareto([(1.0, 80.0), (2.0, 90.0), (3.0, 85.0), (0.5, 70.0)]) == [0, 1, 3]
+
+
+def test_kd_vs_ce_benchmark_tabulates_every_step():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kd_vs_ce", Path(__file__).resolve().parents[1] / "benchmarks/kd_vs_ce.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def report(step1, qat):
+        return {"models": {"student_input": {"top1": 90.0}, "int8_qat": {"top1": qat}},
+                "stages": [{"name": "prune", "info": {"steps": [{"step": 1, "macs_kept": 0.5, "top1_after_finetune": step1}]}}]}
+
+    md = mod.table(mod.rows(report(88.0, 87.5)), mod.rows(report(87.0, 86.0)), 92.0)
+    assert "| prune step 1 (50% MACs), after fine-tune | 88.00 | 87.00 | +1.00 |" in md
+    assert "| int8 QAT (onnxruntime) | 87.50 | 86.00 | +1.50 |" in md
+    assert mod.CE == ["prune.finetune.loss=ce", "quantize.qat.loss=ce"]
