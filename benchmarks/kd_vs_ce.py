@@ -21,9 +21,8 @@ CE = ["prune.finetune.loss=ce", "quantize.qat.loss=ce"]
 
 
 def run(pipeline: str, out: Path, sets: list[str]) -> dict:
-    cmd = ["edgekd", "run", pipeline, "--out", str(out)]
-    if (out / "manifest.json").exists():
-        cmd = ["edgekd", "run", pipeline, "--resume", str(out)]
+    resume = (out / "manifest.json").exists()
+    cmd = ["edgekd", "run", pipeline, "--resume" if resume else "--out", str(out)]
     for s in sets:
         cmd += ["--set", s]
     print("+", " ".join(cmd), flush=True)

@@ -44,6 +44,7 @@ def _cmd_validate(args) -> int:
 
 def _type_name(ann) -> str:
     """Readable type: Literal values spelled out, Optional as `X | None`, models by name."""
+    import types
     import typing
 
     origin, args = typing.get_origin(ann), typing.get_args(ann)
@@ -51,7 +52,7 @@ def _type_name(ann) -> str:
         return "|".join(repr(a) for a in args)
     if origin is typing.Annotated:
         return _type_name(args[0])
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return " | ".join(_type_name(a) for a in args)
     if origin is not None:
         return f"{getattr(origin, '__name__', origin)}[{', '.join(_type_name(a) for a in args)}]"

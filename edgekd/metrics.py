@@ -49,11 +49,10 @@ def predict(model: nn.Module, data, split, device: torch.device) -> np.ndarray:
 
     model.eval()
     outs = []
-    bar = tqdm(total=len(split), desc=f"evaluate {type(model).__name__}", unit="img", leave=False, delay=3)
-    for x, _, _, _ in iterate(split, data.eval_batch_size):
-        outs.append(model(data.normalize(x.to(device))).float().cpu())
-        bar.update(len(x))
-    bar.close()
+    with tqdm(total=len(split), desc=f"evaluate {type(model).__name__}", unit="img", leave=False, delay=3) as bar:
+        for x, _, _, _ in iterate(split, data.eval_batch_size):
+            outs.append(model(data.normalize(x.to(device))).float().cpu())
+            bar.update(len(x))
     return torch.cat(outs).numpy()
 
 
