@@ -118,9 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--baseline", required=True)
     c.add_argument("--update-baseline", action="store_true", help="write the report's figures into the baseline")
     c.set_defaults(fn=_cmd_check)
-    b = sub.add_parser("bench", help="benchmark an ONNX model on the available runtimes")
-    b.add_argument("models", nargs="+", help="ONNX file(s)")
-    b.add_argument("--runtime", default="onnxruntime", help="comma list: onnxruntime,openvino,... or 'all'")
+    b = sub.add_parser("bench", help="benchmark ONNX (or ExecuTorch .pte) models on the available runtimes")
+    b.add_argument("models", nargs="+", help="ONNX or .pte file(s); each runs on the listed runtimes of its format")
+    b.add_argument("--runtime", default="onnxruntime", help="comma list: onnxruntime,openvino,executorch or 'all'")
     b.add_argument("--threads", default="1", help="comma list of thread counts, e.g. 1,2")
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--throughput-batch", type=int, default=32)
@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, default=30)
     b.add_argument("--data", help="ImageFolder dir or .tar.gz for accuracy (its test split)")
     b.add_argument("--json", help="write results to this JSON file")
+    b.add_argument("--image-size", type=int, help="input size where the file has no edgekd metadata")
+    b.add_argument("--no-peak-memory", dest="peak_memory", action="store_false",
+                   help="skip the peak-memory child process (about a second per model and runtime)")
     b.set_defaults(fn=_cmd_bench)
     return p
 

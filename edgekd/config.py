@@ -30,7 +30,7 @@ class Strict(BaseModel):
 
 
 class DataConfig(Strict):
-    source: str = Field(description="cifar10 | cifar100 | path to an ImageFolder dir | path to a .tar.gz of one")
+    source: str = Field(description="cifar10 | cifar100 | path to an ImageFolder dir | path to a tar archive of one (.tar.gz, .tar.xz, ...)")
     root: str = Field("~/.cache/edgekd/datasets", description="download folder for torchvision datasets")
     download: bool = False
     train_dir: str | None = Field(None, description="train sub-folder inside the folder/archive (auto: 'train')")

@@ -26,6 +26,7 @@ from .errors import EdgekdError
 from .fileio import atomic_path, sha256_file
 
 log = logging.getLogger("edgekd")
+ARCHIVES = (".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tar")  # what tarfile reads ("r:*")
 
 IMG_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 
@@ -85,7 +86,7 @@ def cache_root(cfg_dir: str | None = None) -> Path:
 
 
 def _extract_archive(archive: Path, cache: Path) -> Path:
-    """Extract a .tar.gz once into the cache, keyed on the archive's bytes."""
+    """Extract a tar archive (any of ARCHIVES) once into the cache, keyed on the archive's bytes."""
     digest = sha256_file(archive)[:20]
     dest = cache / "extracted" / digest
     if (dest / ".complete").exists():
@@ -231,8 +232,8 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
         if not path.exists():
             raise EdgekdError(f"data.source: {path} does not exist")
         if path.is_file():
-            if not (path.name.endswith((".tar.gz", ".tgz", ".tar"))):
-                raise EdgekdError(f"data.source: {path} is a file but not a .tar.gz/.tgz/.tar archive")
+            if not path.name.endswith(ARCHIVES):
+                raise EdgekdError(f"data.source: {path} is a file but not a {'/'.join(ARCHIVES)} archive")
             path = _extract_archive(path, cache)
         train_dir = _find_split_dir(path, cfg.train_dir, ("train",))
         test_dir = _find_split_dir(path, cfg.test_dir, ("test", "val", "validation"))

@@ -61,21 +61,10 @@ def set_metadata(path: Path, props: dict[str, str]) -> None:
         onnx.save(m, str(tmp))
 
 
-def session(path: Path, threads: int = 1):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    try:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise EdgekdError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:300]})") from None
-
-
 def run_onnx(path: Path, x: np.ndarray, batch: int = 256, threads: int = 0) -> np.ndarray:
-    sess = session(path, threads)
+    from .bench.runtimes import ort_session
+
+    sess = ort_session(path, threads)
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
 
@@ -88,17 +77,18 @@ def onnx_logits(path: Path, data, split=None) -> np.ndarray:
 
 
 def verify(path: Path, reference: nn.Module, data, n: int = 256, max_abs: float | None = 1e-3,
-           min_agreement: float = 0.99) -> dict:
-    """Compare an ONNX file with a PyTorch reference on `n` real test images."""
+           min_agreement: float = 0.99, run=None, what: str = "ONNX") -> dict:
+    """Compare an exported file with its PyTorch reference on `n` real test images; `run` maps a
+    batch to logits (default: onnxruntime on `path`)."""
     x = data.normalize(data.test.images[:n])
     with torch.no_grad():
         ref = reference.eval().cpu()(x).numpy()
-    got = run_onnx(path, x.numpy())
+    got = run(x.numpy()) if run is not None else run_onnx(path, x.numpy())
     diff = float(np.abs(ref - got).max())
     agree = float((ref.argmax(1) == got.argmax(1)).mean())
     out = {"images": int(len(x)), "max_abs_diff": round(diff, 6), "top1_agreement": round(agree, 4)}
     if (max_abs is not None and diff > max_abs) or agree < min_agreement:
-        raise EdgekdError(f"{path.name}: ONNX output differs from PyTorch (max |diff| {diff:.3g}"
+        raise EdgekdError(f"{path.name}: {what} output differs from PyTorch (max |diff| {diff:.3g}"
                           f"{f' > {max_abs:g}' if max_abs is not None and diff > max_abs else ''}, top-1 agreement "
                           f"{agree:.2%}{f' < {min_agreement:.0%}' if agree < min_agreement else ''})")
     return out

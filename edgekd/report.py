@@ -105,13 +105,21 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
     runtimes, lat = latency_columns(models)
     head = ["model", "top-1 %", "ECE", "params", "MACs", "size"] + [f"{r} ms" for r in runtimes]
     L += ["## Models", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    bench_only = set()
     for name, m in models.items():
-        # models first measured by the benchmark stage carry their accuracy per runtime
-        top1 = m.get("top1", next((v["top1"] for v in (m.get("latency") or {}).values() if "top1" in v), None))
-        row = [m.get("label", name), f"{top1:.2f}" if top1 is not None else "–", f"{m['ece']:.3f}" if "ece" in m else "–",
+        # models first measured by the benchmark stage carry their accuracy per runtime (on its eval images)
+        top1, mark = m.get("top1"), ""
+        measured = [v for v in (m.get("latency") or {}).values() if "top1" in v]
+        if top1 is None and measured:
+            top1, mark = measured[0]["top1"], "†"
+            bench_only |= {v.get("eval_images") for v in measured}
+        row = [m.get("label", name), "–" if top1 is None else f"{top1:.2f}{mark}", f"{m['ece']:.3f}" if "ece" in m else "–",
                _fmt_int(m.get("params")), _fmt_int(m.get("macs")), _fmt_bytes(m.get("size_bytes"))]
         row += [lat.get((name, r), "–") for r in runtimes]
         L.append("| " + " | ".join(row) + " |")
+    if bench_only:
+        L += ["", f"† measured by the benchmark stage on {', '.join(str(n) for n in sorted(bench_only, key=str))} test "
+                  "images (`benchmark.eval_images`); a runtime's own top-1 is in brackets where it differs."]
     L += ["", "## Stages", "", "| # | stage | seconds | top-1 % | ECE | params | MACs |", "|---|---|---|---|---|---|---|"]
     for s in report["stages"]:
         m = s.get("metrics") or {}

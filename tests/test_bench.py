@@ -28,8 +28,30 @@ def test_bench_measures_latency_and_writes_json(tiny_onnx, tmp_path, capsys):
     assert r["runtime"] == "onnxruntime" and r["threads"] == 1 and r["batch"] == 1
     assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
     assert r["throughput_ips"] > 0
+    assert r["size_bytes"] == tiny_onnx.stat().st_size and r["format"] == "onnx"
+    # peak memory comes from a child process that resets its high-water mark after the import
+    assert r["peak_rss_mb"] >= r["runtime_rss_mb"] > 10 and r["model_peak_mb"] >= 0
+    assert r["peak_rss_mb"] < 500  # the ONNX path imports no torch (which alone is ~700 MB)
     assert res["machine"]["cores"] >= 1 and isinstance(res["machine"]["isa"], list)
     assert "tiny.onnx" in capsys.readouterr().out
+
+
+def test_peak_memory_grows_with_the_model(tmp_path):
+    from edgekd.bench.peak import measure_peak
+
+    small = export_onnx(build({"arch": "mobilenet_v2", "num_classes": 4, "cifar_stem": True, "width_mult": 0.25}),
+                        tmp_path / "s.onnx", 32)
+    big = export_onnx(build({"arch": "resnet50", "num_classes": 4, "cifar_stem": True}), tmp_path / "b.onnx", 32)
+    a, b = (measure_peak("onnxruntime", p, 1, 32, 1, 8) for p in (small, big))
+    assert b["model_peak_mb"] > a["model_peak_mb"] + 50  # ResNet-50 weights alone are ~90 MB
+    assert "error" in next(iter(measure_peak("onnxruntime", tmp_path / "missing.onnx", 1, 32, 1, 8)))
+
+
+def test_runtime_of_another_format_is_skipped(tiny_onnx, capsys):
+    assert main(["bench", str(tiny_onnx), "--runtime", "onnxruntime,executorch", "--runs", "5", "--warmup", "1",
+                 "--no-peak-memory"]) == 0
+    out = capsys.readouterr().out
+    assert "skip executorch:" in out and "Traceback" not in out
 
 
 def test_missing_runtime_is_a_one_line_notice(tiny_onnx, monkeypatch, capsys):
@@ -66,6 +88,17 @@ def test_headline_says_when_int8_is_not_faster():
     assert "NOTE: int8 is not faster than the fp32 student here (0.95x)" in h
     models["int8_qat"]["latency"] = lat(0.4)
     assert "int8 is 2.50x the speed of the fp32 student" in headline_sentence(models)
+    # several runtimes: the headline speaks for the fastest one, with its own accuracy and file size,
+    # and still names a runtime where int8 does not pay
+    for name, ms, top1, size in (("teacher_fp32", 30.0, None, 90_000_000), ("student_fp32", 1.0, None, 8_000_000),
+                                 ("int8_qat", 0.3, 89.0, 2_000_000)):
+        models[name]["latency"]["executorch/1t"] = {"p50_ms": ms, "size_bytes": size, **({"top1": top1} if top1 else {})}
+    models["student_fp32"]["latency"]["openvino/1t"] = {"p50_ms": 0.5}
+    models["int8_qat"]["latency"]["openvino/1t"] = {"p50_ms": 0.55}
+    h = headline_sentence(models)
+    assert h.startswith("int8 QAT: 100.0x faster than teacher, 45x smaller, -3.0 points (executorch/1t)")
+    assert "int8 is 3.33x the speed of the fp32 student on executorch/1t, 2.50x on onnxruntime/1t" in h
+    assert h.endswith("NOTE: int8 is not faster than the fp32 student on openvino/1t (0.91x)")
 
 
 def test_pareto_front():

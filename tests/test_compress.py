@@ -150,6 +150,19 @@ def test_qat_model_trains_and_exports_to_int8_that_agrees_with_fake_quant(tmp_pa
     assert torch.allclose(again(x), q(x), atol=1e-5)
 
 
+def test_qat_observers_run_under_bf16_autocast():
+    """fit() trains with autocast (bf16) on a GPU: activation ranges must stay fp32 buffers."""
+    m = apply_transform(apply_transform(build({"arch": "mobilenet_v2", "num_classes": 4, "cifar_stem": True,
+                                               "width_mult": 0.25}), "fold_bn"), "qat").train()
+    x = torch.randn(4, 3, 32, 32)
+    m(x)  # initialise the ranges in fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    fqs = [b for n, b in m.named_buffers() if n.endswith(".lo")]
+    assert fqs and all(b.dtype == torch.float32 for b in fqs)
+
+
 def test_export_verification_catches_a_broken_export(tmp_path):
     data = tiny_data(16)
     model = build(SPEC).eval()
@@ -174,9 +187,9 @@ def test_metadata_is_written_for_the_device_runner(tmp_path):
 
 
 def test_broken_onnx_file_is_a_clear_error(tmp_path):
-    from edgekd.onnx_export import session
+    from edgekd.bench.runtimes import ort_session
 
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not an onnx file at all")
     with pytest.raises(EdgekdError, match="onnxruntime cannot load it"):
-        session(bad)
+        ort_session(bad)

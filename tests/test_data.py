@@ -130,7 +130,7 @@ def test_missing_source_path(tmp_path):
 def test_source_file_that_is_not_an_archive(tmp_path):
     f = tmp_path / "data.zip"
     f.write_bytes(b"PK\x03\x04")
-    with pytest.raises(EdgekdError, match=r"is a file but not a \.tar\.gz/\.tgz/\.tar archive"):
+    with pytest.raises(EdgekdError, match=r"is a file but not a \.tar\.gz/\.tgz/\.tar\.xz/.*archive"):
         load_data(cfg_for(f, tmp_path / "cache"), seed=0)
 
 
@@ -277,8 +277,8 @@ def test_unreadable_cache_file_is_decoded_again(image_folder, tmp_path, caplog):
 # ----------------------------------------------------------------------------- archives
 
 
-def _make_tar(folder: Path, dest: Path, top: str | None) -> Path:
-    with tarfile.open(dest, "w:gz") as tar:
+def _make_tar(folder: Path, dest: Path, top: str | None, mode: str = "w:gz") -> Path:
+    with tarfile.open(dest, mode) as tar:
         if top:
             tar.add(folder, arcname=top)
         else:
@@ -287,10 +287,11 @@ def _make_tar(folder: Path, dest: Path, top: str | None) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("top", ["mini-set", None], ids=["top-folder", "flat"])
-def test_tar_gz_matches_folder(image_folder, tmp_path, top):
+@pytest.mark.parametrize("top,name,mode", [("mini-set", "mini.tar.gz", "w:gz"), (None, "mini.tar.gz", "w:gz"),
+                                           (None, "mini.tar.xz", "w:xz")], ids=["top-folder", "flat", "xz"])
+def test_tar_gz_matches_folder(image_folder, tmp_path, top, name, mode):
     cache = tmp_path / "cache"
-    archive = _make_tar(image_folder, tmp_path / "mini.tar.gz", top)
+    archive = _make_tar(image_folder, tmp_path / name, top, mode)
     from_folder = load_data(cfg_for(image_folder, cache, image_size=8), seed=0)
     from_tar = load_data(cfg_for(archive, cache, image_size=8), seed=0)
     assert from_tar.classes == CLASSES

@@ -4,6 +4,7 @@ every stage, the reports, resume after an interruption, and the regression gate.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -31,7 +32,8 @@ def pipeline(target_macs: float = 0.7) -> dict:
             {"prune": {"target_macs": target_macs, "finetune": {"epochs": 1, "loss": "kd", "lr": 0.001}}},
             {"quantize": {"method": "both", "calibration": {"samples": 100}, "qat": {"epochs": 1, "lr": 0.0005}}},
             {"export": {"include_teacher": False, "verify_images": 100}},
-            {"benchmark": {"runtimes": ["onnxruntime", "openvino"], "runs": 10, "warmup": 2, "throughput_batch": 8}},
+            {"benchmark": {"runtimes": ["onnxruntime", "openvino", "executorch"], "runs": 10, "warmup": 2,
+                           "throughput_batch": 8}},
         ],
     }
 
@@ -75,6 +77,19 @@ def test_run_leaves_manifest_reports_and_artifacts(run_dir):
         assert models[k]["latency"]["onnxruntime/1t"]["p50_ms"] > 0
     assert models["int8_qat"]["size_bytes"] < models["student_fp32"]["size_bytes"] / 2.5
     assert "openvino" in report["stages"][-1]["info"]["skipped"] or "openvino/1t" in models["int8_qat"]["latency"]
+    for k in ("student_fp32", "int8_qat", "student_unpruned_fp32"):  # peak memory from a child process
+        assert models[k]["latency"]["onnxruntime/1t"]["model_peak_mb"] > 0
+    export = next(s for s in report["stages"] if s["name"] == "export")
+    if importlib.util.find_spec("executorch"):
+        for k in ("student_fp32", "int8_ptq", "int8_qat", "student_unpruned_fp32"):
+            assert export["info"][k]["pte_verify"]["top1_agreement"] >= 0.9
+            et = models[k]["latency"]["executorch/1t"]
+            assert et["format"] == "pte" and et["top1"] > 25 and et["batched_inference"] is False
+        assert models["int8_qat"]["pte_size_bytes"] < models["student_fp32"]["pte_size_bytes"] / 2.5
+        assert any(k.startswith("stage.benchmark.speedup.student_fp32/int8_qat@executorch") for k in report["metrics"])
+    else:
+        assert export["info"]["executorch"].startswith("skipped: not installed")
+        assert report["stages"][-1]["info"]["skipped"]["executorch"].startswith("not installed")
     assert report["headline"].startswith("int8")
     assert any(k.startswith("stage.benchmark.speedup.student_fp32/int8_") for k in report["metrics"])
     md = (run_dir / "report.md").read_text()
@@ -94,7 +109,7 @@ def test_check_passes_on_itself_and_fails_on_a_degraded_run(run_dir, tmp_path, c
     out = tmp_path / "degraded"
     degraded = pipeline(target_macs=0.15)
     # near chance, int8 and fp32 logits tie often: let export pass so the gate is what fails
-    degraded["stages"][3]["export"].update(int8_min_agreement=0.5, ptq_min_agreement=0.5)
+    degraded["stages"][3]["export"].update(int8_min_agreement=0.5, ptq_min_agreement=0.5, executorch="off")
     assert main(["run", str(write(tmp_path, degraded)), "--out", str(out)]) == 0
     assert main(["check", str(out / "report.json"), "--baseline", str(baseline)]) == 1
     table = capsys.readouterr().out

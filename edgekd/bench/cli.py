@@ -1,4 +1,4 @@
-"""`edgekd bench MODEL.onnx ...`: the benchmark stage's measurements for any ONNX file."""
+"""`edgekd bench MODEL.onnx|MODEL.pte ...`: the benchmark stage's measurements for any file."""
 
 from __future__ import annotations
 
@@ -17,17 +17,26 @@ from .runtimes import RUNTIMES, resolve
 log = logging.getLogger("edgekd")
 
 
-def _meta(path: Path) -> dict:
-    import onnx
+def _meta(path: Path, image_size: int | None) -> dict:
+    """Preprocessing metadata (ONNX metadata_props, or the .pte's JSON sidecar) and input size."""
+    if path.suffix.lower() == ".pte":
+        from ..pte_export import read_sidecar
 
-    try:
-        m = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise EdgekdError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
-    props = {p.key: p.value for p in m.metadata_props}
-    shape = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
-    size = json.loads(props["edgekd.input_size"])[-1] if "edgekd.input_size" in props else (shape[-1] or 224)
-    return {"image_size": int(size), "props": props}
+        props, shape = read_sidecar(path), []
+    else:
+        import onnx
+
+        try:
+            m = onnx.load(str(path), load_external_data=False)
+        except Exception as e:
+            raise EdgekdError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
+        props = {p.key: p.value for p in m.metadata_props}
+        shape = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
+    size = image_size or (json.loads(props["edgekd.input_size"])[-1] if "edgekd.input_size" in props else
+                          shape[-1] if shape and shape[-1] else None)
+    if size is None:
+        raise EdgekdError(f"{path}: no input size in the file's metadata; pass --image-size")
+    return {"image_size": int(size), "props": props, "fmt": "pte" if path.suffix.lower() == ".pte" else "onnx"}
 
 
 def _eval_data(source: str, props: dict, image_size: int):
@@ -49,30 +58,34 @@ def run_bench(args) -> int:
         path = Path(model)
         if not path.is_file():
             raise EdgekdError(f"{path}: file not found")
-        meta = _meta(path)
+        meta = _meta(path, args.image_size)
         x = y = None
         if args.data:
             x, y = _eval_data(args.data, meta["props"], meta["image_size"])
         for rt in runtimes:
             why = RUNTIMES.get(rt).available()
+            if not why and RUNTIMES.get(rt).fmt != meta["fmt"]:
+                why = f"runs .{RUNTIMES.get(rt).fmt} files, not {path.name}"
             if why:
                 print(f"skip {rt}: {why}")
                 continue
             for t in threads:
                 try:
-                    res = bench_model(path, rt, t, meta["image_size"], args.batch, args.throughput_batch, args.warmup, args.runs, x, y)
+                    res = bench_model(path, rt, t, meta["image_size"], args.batch, args.throughput_batch, args.warmup,
+                                      args.runs, x, y, peak_memory=args.peak_memory)
                 except EdgekdError:
                     raise
                 except Exception as e:
                     raise EdgekdError(f"{path} on {rt}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-                results.append({"model": str(path), "size_bytes": path.stat().st_size, **res})
+                results.append({"model": str(path), **res})
     mi = machine_info()
     print(f"# {mi['cpu']} ({', '.join(mi['isa'])}), {mi['cores']} cores")
-    print(f"{'model':40s} {'runtime':12s} {'thr':>3s} {'p50 ms':>9s} {'p90 ms':>9s} {'p99 ms':>9s} {'img/s@b':>10s} {'top-1':>7s}")
+    print(f"{'model':40s} {'runtime':12s} {'thr':>3s} {'p50 ms':>9s} {'p90 ms':>9s} {'p99 ms':>9s} {'img/s@b':>10s} {'peak MB':>8s} {'top-1':>7s}")
     for r in results:
         top1 = f"{r['top1']:.2f}" if "top1" in r else "–"
+        peak = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "–"
         print(f"{Path(r['model']).name[:40]:40s} {r['runtime']:12s} {r['threads']:>3d} {r['p50_ms']:9.3f} {r['p90_ms']:9.3f} "
-              f"{r['p99_ms']:9.3f} {r['throughput_ips']:10.1f} {top1:>7s}")
+              f"{r['p99_ms']:9.3f} {r['throughput_ips']:10.1f} {peak:>8s} {top1:>7s}")
     if len(results) > 1:
         base = results[0]
         for r in results[1:]:

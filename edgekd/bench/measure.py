@@ -1,24 +1,18 @@
-"""Latency (p50/p90/p99 after warm-up, threads pinned), throughput, memory and accuracy."""
+"""Latency (p50/p90/p99 after warm-up, threads pinned), throughput, peak memory and accuracy."""
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .machine import machine_info
+from .peak import measure_peak
 from .runtimes import RUNTIMES
 
 log = logging.getLogger("edgekd")
-
-
-def _rss_mb() -> float:
-    import psutil
-
-    return psutil.Process(os.getpid()).memory_info().rss / 2**20
 
 
 def time_runner(run, x: np.ndarray, warmup: int, runs: int) -> dict:
@@ -36,19 +30,22 @@ def time_runner(run, x: np.ndarray, warmup: int, runs: int) -> dict:
 
 def bench_model(path: Path, runtime: str, threads: int, image_size: int, batch: int = 1, throughput_batch: int = 32,
                 warmup: int = 30, runs: int = 200, eval_x: np.ndarray | None = None, eval_y: np.ndarray | None = None,
-                macs: int | None = None) -> dict:
-    """All figures for one model file on one runtime at one thread count."""
+                macs: int | None = None, peak_memory: bool = True) -> dict:
+    """All figures for one model file on one runtime at one thread count (peak memory in a
+    child process, see bench.peak)."""
     rt = RUNTIMES.get(runtime)()
     rng = np.random.default_rng(0)
-    rss0 = _rss_mb()
     run = rt.load(path, threads)
     x = rng.standard_normal((batch, 3, image_size, image_size), dtype=np.float32)
-    res = {"runtime": runtime, "version": rt.version(), "threads": threads, "batch": batch, **time_runner(run, x, warmup, runs)}
+    res = {"runtime": runtime, "version": rt.version(), "format": rt.fmt, "file": path.name,
+           "size_bytes": path.stat().st_size, "threads": threads, "batch": batch, **time_runner(run, x, warmup, runs)}
     xb = rng.standard_normal((throughput_batch, 3, image_size, image_size), dtype=np.float32)
     tb = time_runner(run, xb, max(2, warmup // 10), max(5, runs // 20))
     res["throughput_batch"] = throughput_batch
     res["throughput_ips"] = round(throughput_batch / (tb["p50_ms"] / 1e3), 1)
-    res["mem_delta_mb"] = round(_rss_mb() - rss0, 1)
+    res["batched_inference"] = rt.batched  # False: the program takes one image at a time
+    if peak_memory:
+        res.update(measure_peak(runtime, path, threads, image_size, batch, throughput_batch))
     if macs:
         gmacs = macs * batch / (res["p50_ms"] / 1e3) / 1e9
         res["gmacs_per_s"] = round(gmacs, 2)

@@ -1,6 +1,7 @@
-"""Inference runtimes the benchmark can drive. Each loads an ONNX file with a pinned thread
-count and returns a function from a float32 NCHW batch to logits. A runtime that is not
-installed is reported as unavailable (one line), never as a traceback."""
+"""Inference runtimes the benchmark can drive. Each loads a model file of its format (ONNX, or
+an ExecuTorch .pte) with a pinned thread count and returns a function from a float32 NCHW
+batch to logits. A runtime that is not installed is reported as unavailable (one line),
+never as a traceback."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..errors import EdgekdError
 from ..registry import Registry
 
 RUNTIMES: Registry = Registry("runtime")
@@ -19,6 +21,8 @@ Runner = Callable[[np.ndarray], np.ndarray]
 class Runtime:
     module: str = ""
     install_hint: str = ""
+    fmt: str = "onnx"  # the file format it runs: the artifact prefix and the file suffix
+    batched: bool = True  # whether one call runs a whole batch
 
     @classmethod
     def available(cls) -> str | None:
@@ -31,8 +35,26 @@ class Runtime:
     def version(cls) -> str:
         return getattr(__import__(cls.module), "__version__", "?")
 
+    def preload(self) -> None:
+        """Import what `load` needs, so that memory measured after this is the model's."""
+        __import__(self.module)
+
     def load(self, path: Path, threads: int) -> Runner:
         raise NotImplementedError
+
+
+def ort_session(path: Path, threads: int = 1):
+    """A CPU session with pinned intra-op threads (0 = onnxruntime's default); imports no torch."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise EdgekdError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0][:300]})") from None
 
 
 @RUNTIMES.register("onnxruntime")
@@ -40,9 +62,7 @@ class OnnxRuntime(Runtime):
     module, install_hint = "onnxruntime", "pip install onnxruntime"
 
     def load(self, path: Path, threads: int) -> Runner:
-        from ..onnx_export import session
-
-        sess = session(path, threads)
+        sess = ort_session(path, threads)
         name = sess.get_inputs()[0].name
         return lambda x: sess.run(None, {name: x})[0]
 
@@ -73,6 +93,28 @@ class OpenVINO(Runtime):
         return run
 
 
+@RUNTIMES.register("executorch")
+class ExecuTorch(Runtime):
+    """ExecuTorch with the XNNPACK delegate (what PyTorch ships to Android/iOS), on .pte programs
+    written by the export stage; batch-1 programs, so larger batches run image by image."""
+
+    module, install_hint, fmt, batched = "executorch", "pip install 'edgekd[mobile]'", "pte", False
+
+    @classmethod
+    def version(cls) -> str:
+        from importlib.metadata import version
+
+        return version("executorch")
+
+    def preload(self) -> None:
+        import executorch.runtime  # noqa: F401  (pulls in torch)
+
+    def load(self, path: Path, threads: int) -> Runner:
+        from ..pte_export import pte_runner
+
+        return pte_runner(path, threads)
+
+
 def resolve(names: str | list[str]) -> list[str]:
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
@@ -80,7 +122,5 @@ def resolve(names: str | list[str]) -> list[str]:
         return RUNTIMES.names()
     unknown = [n for n in names if n not in RUNTIMES]
     if unknown:
-        from ..errors import EdgekdError
-
         raise EdgekdError(f"unknown runtime '{unknown[0]}'; known: {', '.join(RUNTIMES.names())}")
     return names

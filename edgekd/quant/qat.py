@@ -56,7 +56,7 @@ class ActFakeQuant(nn.Module):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        lo, hi = x.min().clamp(max=0.0), x.max().clamp(min=0.0)
+        lo, hi = x.min().float().clamp(max=0.0), x.max().float().clamp(min=0.0)  # bf16 under autocast
         if not bool(self.initialized):
             self.lo.copy_(lo), self.hi.copy_(hi), self.initialized.fill_(True)
         else:

@@ -20,14 +20,21 @@ RATIOS = [("int8_qat", "student_fp32"), ("int8_ptq", "student_fp32"), ("student_
 
 
 class BenchmarkConfig(Strict):
-    runtimes: list[str] = Field(default_factory=lambda: ["onnxruntime", "openvino"],
-                                description="runtimes to try; those not installed are skipped with a notice")
+    runtimes: list[str] = Field(default_factory=lambda: ["onnxruntime", "openvino", "executorch"],
+                                description="runtimes to try ('all' for every known one); those not installed are "
+                                            "skipped with a notice")
     threads: list[int] = Field(default_factory=lambda: [1], min_length=1)
     batch: int = Field(1, gt=0)
     throughput_batch: int = Field(32, gt=0)
     warmup: int = Field(30, ge=0)
     runs: int = Field(200, gt=4)
     eval_images: int | None = Field(None, gt=0, description="test images for per-runtime accuracy (default: all)")
+
+
+def _files(ctx, fmt: str) -> dict:
+    """variant -> file of format `fmt`; the export stage's files (metadata, verified) win."""
+    found = {k.split(".", 1)[1]: ctx.run_dir / v for k, v in ctx.artifacts.items() if k.startswith(f"{fmt}.")}
+    return {k: p for k, p in found.items() if p.parent.name.endswith("export")} or found
 
 
 @register("benchmark")
@@ -37,32 +44,37 @@ class Benchmark(Stage):
     def run(self, ctx) -> StageResult:
         cfg: BenchmarkConfig = self.config
         data = ctx.data
-        onnx = {k.split(".", 1)[1]: ctx.run_dir / v for k, v in ctx.artifacts.items() if k.startswith("onnx.")}
-        # the export stage's files carry metadata and are verified; prefer them
-        onnx = {k: p for k, p in onnx.items() if p.parent.name.endswith("export")} or onnx
         n = cfg.eval_images or len(data.test)
         x = data.normalize(data.test.images[:n]).numpy()
         y = data.test.labels[:n].numpy()
         skipped, models = {}, {}
         for rt in resolve(cfg.runtimes):
-            why = RUNTIMES.get(rt).available()
+            runtime = RUNTIMES.get(rt)
+            why = runtime.available()
+            files = _files(ctx, runtime.fmt)
+            if not why and not files:
+                why = f"no .{runtime.fmt} files in this run (see the export stage's info)"
             if why:
                 log.warning("benchmark: runtime %s skipped: %s", rt, why)
                 skipped[rt] = why
                 continue
             for threads in cfg.threads:
                 key = f"{rt}/{threads}t"
-                for name, path in onnx.items():
+                for name, path in files.items():
                     try:
                         res = bench_model(path, rt, threads, data.image_size, cfg.batch, cfg.throughput_batch, cfg.warmup,
-                                          cfg.runs, x, y, ctx.variants.get(name, {}).get("macs"))
+                                          cfg.runs, x, y, ctx.variants.get(name, {}).get("macs"),
+                                          peak_memory=threads == cfg.threads[0])
                     except Exception as e:  # a runtime that cannot run one model must not sink the others
                         msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                         log.warning("benchmark: %s on %s failed: %s", name, key, msg)
                         skipped[f"{key}:{name}"] = msg
                         continue
                     log.info("benchmark %-24s %-18s p50 %.3f ms  top-1 %.2f", name, key, res["p50_ms"], res.get("top1", float("nan")))
-                    models.setdefault(name, {"size_bytes": path.stat().st_size, "latency": {}})["latency"][key] = res
+                    entry = models.setdefault(name, {"latency": {}})
+                    if runtime.fmt == "onnx":
+                        entry["size_bytes"] = res["size_bytes"]
+                    entry["latency"][key] = res
         ratios = {}
         for fast, slow in RATIOS:
             for key in (models.get(fast) or {}).get("latency", {}):

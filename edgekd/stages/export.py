@@ -1,16 +1,22 @@
 """export: ONNX fp32 (and the int8 files of the quantize stage) with runner metadata,
-each verified in onnxruntime against its PyTorch counterpart on real test images."""
+each verified in onnxruntime against its PyTorch counterpart on real test images; and, when
+ExecuTorch is installed, the same variants as XNNPACK .pte programs, verified likewise."""
 
 from __future__ import annotations
 
 import copy
+import logging
 import shutil
+from typing import Literal
 
 from pydantic import Field
 
 from ..config import Strict
+from ..errors import EdgekdError
 from ..onnx_export import export_onnx, metadata, op_counts, set_metadata, verify
 from .base import Stage, StageResult, register
+
+log = logging.getLogger("edgekd")
 
 
 class ExportConfig(Strict):
@@ -21,6 +27,9 @@ class ExportConfig(Strict):
     int8_min_agreement: float = Field(0.95, gt=0, le=1, description="int8 ORT vs PyTorch fake-quant top-1 agreement")
     ptq_min_agreement: float = Field(0.90, gt=0, le=1, description="int8 PTQ vs fp32 top-1 agreement")
     include_teacher: bool = Field(True, description="also export the teacher (the benchmark's reference)")
+    executorch: Literal["auto", "on", "off"] = Field(
+        "auto", description="also write ExecuTorch/XNNPACK .pte programs (int8 by ExecuTorch's own PT2E PTQ); "
+                            "auto = when executorch is installed")
 
 
 LABELS = {"student_unpruned_fp32": "unpruned student fp32", "teacher_fp32": "teacher fp32"}
@@ -35,14 +44,34 @@ class Export(Stage):
         data, d = ctx.data, ctx.stage_dir
         float_model = ctx.float_model if ctx.float_model is not None else ctx.model
         artifacts, info, models = {}, {}, {}
+        pte = self._pte_enabled(cfg, info)
+        calib = None
 
-        def finish(name: str, path, reference, **tol):
+        def finish(name: str, path, reference, pte_model=None, int8=False, **tol):
+            """Stamp metadata on the ONNX file, verify it, and (if enabled) write and verify the .pte."""
+            nonlocal calib
             set_metadata(path, metadata(data, name))
             info[name] = {"verify": verify(path, reference, data, cfg.verify_images, **tol), "ops": op_counts(path)}
             artifacts[f"onnx.{name}"] = ctx.rel(path)
             models[name] = {"size_bytes": path.stat().st_size, "onnx": ctx.rel(path)}
             if name in LABELS:
                 models[name]["label"] = LABELS[name]
+            if not pte:
+                return
+            from ..pte_export import export_pte, pte_runner, write_sidecar
+            from .quantize import calibration_images
+
+            if int8 and calib is None:
+                q = next((c for n, c in ctx.cfg.stage_entries() if n == "quantize"), None)
+                calib = calibration_images(data, q.calibration.samples if q else 500, ctx.cfg.seed)
+            src = pte_model if pte_model is not None else reference
+            p = export_pte(copy.deepcopy(src), d / f"{name}.pte", data.image_size, calib if int8 else None)
+            write_sidecar(p, metadata(data, name))
+            info[name]["pte_verify"] = verify(p, src, data, cfg.verify_images, run=pte_runner(p, 1), what="ExecuTorch",
+                                              max_abs=None if int8 else tol.get("max_abs"),
+                                              min_agreement=cfg.ptq_min_agreement if int8 else tol["min_agreement"])
+            artifacts[f"pte.{name}"] = ctx.rel(p)
+            models[name]["pte_size_bytes"] = p.stat().st_size
 
         fp32 = export_onnx(copy.deepcopy(float_model), d / "student_fp32.onnx", data.image_size, cfg.opset)
         finish("student_fp32", fp32, float_model, max_abs=cfg.fp32_max_abs_diff, min_agreement=cfg.fp32_min_agreement)
@@ -53,9 +82,13 @@ class Export(Stage):
             dst = d / f"{name}.onnx"
             shutil.copyfile(ctx.run_dir / src, dst)
             if name == "int8_qat":
-                finish(name, dst, ctx.model, max_abs=None, min_agreement=cfg.int8_min_agreement)
+                from ..quant.qat import snap_weights
+
+                # ExecuTorch quantizes the QAT-trained weights itself, as the int8 ONNX file was made
+                snapped = snap_weights(copy.deepcopy(ctx.model).cpu()) if pte else None
+                finish(name, dst, ctx.model, snapped, int8=True, max_abs=None, min_agreement=cfg.int8_min_agreement)
             else:
-                finish(name, dst, float_model, max_abs=None, min_agreement=cfg.ptq_min_agreement)
+                finish(name, dst, float_model, int8=True, max_abs=None, min_agreement=cfg.ptq_min_agreement)
         unpruned = ctx.artifacts.get("model.unpruned")
         if unpruned:
             import torch
@@ -72,3 +105,17 @@ class Export(Stage):
         fp = info["student_fp32"]["verify"]
         return StageResult(metrics={"fp32_max_abs_diff": fp["max_abs_diff"], "fp32_top1_agreement": fp["top1_agreement"]},
                            models=models, artifacts=artifacts, info=info)
+
+    @staticmethod
+    def _pte_enabled(cfg: ExportConfig, info: dict) -> bool:
+        if cfg.executorch == "off":
+            return False
+        from ..pte_export import available
+
+        why = available()
+        if why and cfg.executorch == "on":
+            raise EdgekdError(f"export.executorch: on, but ExecuTorch is {why}")
+        if why:
+            log.info("export: no ExecuTorch .pte files: ExecuTorch %s", why)
+            info["executorch"] = f"skipped: {why}"
+        return why is None

@@ -47,6 +47,12 @@ class QuantizeConfig(Strict):
         return self.method != "ptq" and self.qat.epochs > 0 and self.qat.uses_teacher()
 
 
+def calibration_images(data, samples: int, seed: int) -> np.ndarray:
+    """The normalised, class-stratified training images every int8 conversion calibrates on."""
+    idx = stratified_indices(data.train.labels.numpy(), samples, seed)
+    return data.normalize(data.train.images[torch.as_tensor(idx)]).numpy()
+
+
 @register("quantize")
 class Quantize(Stage):
     Config = QuantizeConfig
@@ -55,8 +61,7 @@ class Quantize(Stage):
         cfg: QuantizeConfig = self.config
         data, d = ctx.data, ctx.stage_dir
         float_model = ctx.model.eval()
-        idx = stratified_indices(data.train.labels.numpy(), cfg.calibration.samples, ctx.cfg.seed)
-        calib = data.normalize(data.train.images[torch.as_tensor(idx)]).numpy()
+        calib = calibration_images(data, cfg.calibration.samples, ctx.cfg.seed)
         qopts = dict(method=cfg.calibration.method, per_channel=cfg.per_channel, activation_type=cfg.activation_type,
                      percentile=cfg.calibration.percentile, exclude_depthwise=cfg.exclude_depthwise,
                      keep_first_conv_fp32=cfg.keep_first_conv_fp32)

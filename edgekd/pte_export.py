@@ -1,0 +1,115 @@
+"""ExecuTorch export (.pte, XNNPACK delegate) for phones and boards, fp32 and int8.
+
+int8 uses ExecuTorch's own PT2E flow (XNNPACKQuantizer: per-channel symmetric int8 weights,
+int8 activations calibrated on training images), because XNNPACK cannot run onnxruntime's QDQ
+files. Programs have a static batch of 1, which is what an app runs; ExecuTorch 1.5's memory
+planner sized dynamic-batch programs below their declared bound here ("Attempted to resize a
+bounded tensor"), so batches are fed image by image. Each .pte gets a `.pte.json` sidecar with
+the same preprocessing metadata the ONNX files carry."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import logging
+import os
+import sys
+from contextlib import contextmanager, redirect_stderr
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .errors import EdgekdError
+from .fileio import atomic_path, write_json
+
+log = logging.getLogger("edgekd")
+INSTALL_HINT = "pip install 'edgekd[mobile]'"
+
+
+def available() -> str | None:
+    """None when ExecuTorch can be used, otherwise why not."""
+    return None if importlib.util.find_spec("executorch") is not None else f"not installed ({INSTALL_HINT})"
+
+
+def export_pte(model: nn.Module, path: Path, image_size: int, calib: np.ndarray | None = None) -> Path:
+    """Lower `model` to an XNNPACK-delegated .pte; int8 (PT2E) when calibration images are given."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    model = model.eval().cpu()
+    example = (torch.zeros(1, 3, image_size, image_size),)
+    with torch.no_grad():
+        if calib is not None:
+            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
+                                                                                 get_symmetric_quantization_config)
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+            quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+            prepared = prepare_pt2e(torch.export.export(model, example).module(), quantizer)
+            for img in torch.from_numpy(calib).split(1):  # the program's batch is 1
+                prepared(img)
+            model = convert_pt2e(prepared)
+        program = to_edge_transform_and_lower(torch.export.export(model, example),
+                                              partitioner=[XnnpackPartitioner()]).to_executorch()
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(program.buffer)
+    return path
+
+
+def write_sidecar(path: Path, props: dict[str, str]) -> None:
+    write_json(Path(f"{path}.json"), props)
+
+
+def read_sidecar(path: Path) -> dict[str, str]:
+    side = Path(f"{path}.json")
+    if not side.is_file():
+        return {}
+    try:
+        return json.loads(side.read_text())
+    except (OSError, ValueError) as e:
+        raise EdgekdError(f"{side}: unreadable metadata sidecar ({type(e).__name__})") from None
+
+
+@contextmanager
+def _quiet_native_stderr():
+    """ExecuTorch's runtime logs every thread-pool reset and load (to fd 2 or through Python's
+    sys.stderr); keep the CLI's one-line errors clean."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null, redirect_stderr(io.StringIO()):
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def pte_runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """float32 NCHW batch -> logits, one image at a time through the program's `forward`."""
+    with open(path, "rb") as f:
+        if f.read(8)[4:6] != b"ET":  # flatbuffer file identifier "ETxx"
+            raise EdgekdError(f"{path}: not an ExecuTorch program (no ET file identifier)")
+    with _quiet_native_stderr():
+        from executorch.extension.pybindings import portable_lib
+        from executorch.runtime import Runtime
+
+        portable_lib._unsafe_reset_threadpool(threads)  # process-wide XNNPACK pool
+        try:
+            method = Runtime.get().load_program(str(path)).load_method("forward")
+        except Exception as e:
+            method = None
+            why = type(e).__name__
+    if method is None:
+        raise EdgekdError(f"{path}: not a loadable ExecuTorch program ({why})")
+
+    def run(x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        return np.concatenate([method.execute([t[i : i + 1]])[0].numpy() for i in range(len(t))])
+
+    return run
+
