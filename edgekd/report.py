@@ -94,7 +94,7 @@ def _fmt_bytes(n) -> str:
 
 
 def render_markdown(report: dict, plots: dict[str, str]) -> str:
-    from .bench.summary import latency_columns
+    from .bench.summary import latency_columns, shown_top1
 
     L = [f"# edgekd report: {report['pipeline']}", "", f"**{report['headline']}**", ""]
     mach = report["machine"]
@@ -109,9 +109,9 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
     for name, m in models.items():
         # models first measured by the benchmark stage carry their accuracy per runtime (on its eval images)
         top1, mark = m.get("top1"), ""
-        measured = [v for v in (m.get("latency") or {}).values() if "top1" in v]
-        if top1 is None and measured:
-            top1, mark = measured[0]["top1"], "†"
+        if top1 is None:
+            measured = [v for v in (m.get("latency") or {}).values() if "top1" in v]
+            top1, mark = shown_top1(m), "†" if measured else ""
             bench_only |= {v.get("eval_images") for v in measured}
         row = [m.get("label", name), "–" if top1 is None else f"{top1:.2f}{mark}", f"{m['ece']:.3f}" if "ece" in m else "–",
                _fmt_int(m.get("params")), _fmt_int(m.get("macs")), _fmt_bytes(m.get("size_bytes"))]

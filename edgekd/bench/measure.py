@@ -51,8 +51,8 @@ def bench_model(path: Path, runtime: str, threads: int, image_size: int, batch: 
         res["gmacs_per_s"] = round(gmacs, 2)
         peak = fp32_peak_gmacs(threads)
         if peak:
-            res["fp32_peak_gmacs_est"] = round(peak, 1)
-            res["fraction_of_fp32_peak"] = round(gmacs / peak, 4)
+            res["fp32_peak_gmacs_est"], res["fp32_peak_basis"] = round(peak[0], 1), peak[1]
+            res["fraction_of_fp32_peak"] = round(gmacs / peak[0], 4)
     if eval_x is not None:
         logits = np.concatenate([run(eval_x[i : i + 250]) for i in range(0, len(eval_x), 250)])
         res["top1"] = round(100.0 * float((logits.argmax(1) == eval_y).mean()), 3)
@@ -60,8 +60,11 @@ def bench_model(path: Path, runtime: str, threads: int, image_size: int, batch: 
     return res
 
 
-def fp32_peak_gmacs(threads: int) -> float | None:
-    """Rough fp32 peak: cores x GHz x (2 FMA units x 8 lanes with AVX2, x16 with AVX-512)."""
+def fp32_peak_gmacs(threads: int) -> tuple[float, str] | None:
+    """Rough fp32 peak and how it was estimated: cores x nominal GHz x FMA units x SIMD lanes.
+
+    The clock is /proc/cpuinfo's nominal one: a core boosting above it (and int8 kernels, which
+    do 4 MACs per fp32 lane) can show a fraction above 1."""
     mhz = None
     try:
         with open("/proc/cpuinfo") as f:
@@ -71,4 +74,4 @@ def fp32_peak_gmacs(threads: int) -> float | None:
     isa = machine_info()["isa"]
     lanes = 16 if "avx512f" in isa else 8 if "avx2" in isa else 4
     units = 2 if "fma" in isa else 1
-    return threads * mhz / 1e3 * lanes * units
+    return threads * mhz / 1e3 * lanes * units, f"{threads} thread(s) x {mhz:.0f} MHz (nominal) x {units} FMA x {lanes} fp32 lanes"

@@ -17,10 +17,17 @@ def latency_columns(models: dict[str, dict]) -> tuple[list[str], dict]:
             if rt not in runtimes:
                 runtimes.append(rt)
             if "p50_ms" in lat:  # with that runtime's accuracy where it differs from the model's
-                own = lat.get("top1")
-                differs = own is not None and (m.get("top1") is None or abs(own - m["top1"]) >= 0.005)
+                own, shown = lat.get("top1"), shown_top1(m)
+                differs = own is not None and shown is not None and abs(own - shown) >= 0.005
                 cells[(name, rt)] = f"{lat['p50_ms']:.2f}" + (f" ({own:.2f} %)" if differs else "")
     return runtimes, cells
+
+
+def shown_top1(m: dict) -> float | None:
+    """The model's top-1, or for models only the benchmark measured, the first runtime's."""
+    if m.get("top1") is not None:
+        return m["top1"]
+    return next((v["top1"] for v in (m.get("latency") or {}).values() if "top1" in v), None)
 
 
 def _pick(models: dict[str, dict], prefix: str) -> str | None:
@@ -48,8 +55,9 @@ def headline_sentence(models: dict[str, dict]) -> str:
     if t_size and (lat.get("size_bytes") or m.get("size_bytes")):
         parts.append(f"{t_size / (lat.get('size_bytes') or m['size_bytes']):.0f}x smaller")
     top1 = lat.get("top1", m["top1"])  # as that runtime measured it
-    if teacher and "top1" in teacher:
-        parts.append(f"{top1 - teacher['top1']:+.1f} points")
+    t_top1 = (((teacher or {}).get("latency") or {}).get(rt) or {}).get("top1") or shown_top1(teacher or {})
+    if t_top1 is not None:
+        parts.append(f"{top1 - t_top1:+.1f} points")
     text = f"{m.get('label', final)}: " + ", ".join(parts) + f" ({rt})"
     fp32 = models.get("student_fp32")
     if final.startswith("int8") and fp32:
@@ -82,18 +90,26 @@ def extra_plots(run_dir: Path, models: dict[str, dict], save) -> dict[str, str]:
     pts = [(name, rt, lat["p50_ms"], lat.get("top1", m.get("top1"))) for name, m in models.items()
            for rt, lat in (m.get("latency") or {}).items() if "p50_ms" in lat and lat.get("top1", m.get("top1")) is not None]
     if pts:
-        fig, ax = plt.subplots(figsize=(7.5, 4.5))
+        # colour = model, marker = runtime; each model is labelled once, at its fastest point
+        from matplotlib.lines import Line2D
+
+        fig, ax = plt.subplots(figsize=(8, 4.8))
+        names = list(dict.fromkeys(p[0] for p in pts))
         runtimes = sorted({p[1] for p in pts})
-        for rt, marker in zip(runtimes, "osD^v<>"):
-            sel = [p for p in pts if p[1] == rt]
-            ax.scatter([p[2] for p in sel], [p[3] for p in sel], marker=marker, s=50, label=rt)
-            for p in sel:
-                ax.annotate(models[p[0]].get("label", p[0]), (p[2], p[3]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        colour = {n: plt.cm.tab10(i % 10) for i, n in enumerate(names)}
+        marker = dict(zip(runtimes, "osD^v<>"))
+        for name, rt, ms, top1 in pts:
+            ax.scatter(ms, top1, marker=marker[rt], s=55, color=colour[name], edgecolors="k", linewidths=0.4, zorder=3)
+        for n in names:
+            _, _, ms, top1 = min((p for p in pts if p[0] == n), key=lambda p: p[2])
+            ax.annotate(models[n].get("label", n), (ms, top1), fontsize=7, xytext=(5, 4), textcoords="offset points")
         front = sorted((pts[i] for i in pareto([(p[2], p[3]) for p in pts])), key=lambda p: p[2])
-        ax.plot([p[2] for p in front], [p[3] for p in front], "k--", lw=1, label="Pareto front")
+        ax.plot([p[2] for p in front], [p[3] for p in front], "k--", lw=1, zorder=2)
+        handles = [Line2D([], [], ls="", marker=marker[r], color="0.5", label=r) for r in runtimes]
+        handles.append(Line2D([], [], color="k", ls="--", lw=1, label="Pareto front"))
+        ax.legend(handles=handles, fontsize=8, loc="lower right")
         ax.set_xscale("log")
-        ax.set(xlabel="latency p50 (ms, log scale)", ylabel="top-1 %", title="Accuracy vs latency")
-        ax.legend(fontsize=8)
+        ax.set(xlabel="latency p50 (ms, log scale)", ylabel="top-1 % (as each runtime ran it)", title="Accuracy vs latency")
         save(fig, run_dir / "pareto.png")
         out["Accuracy vs latency"] = "pareto.png"
     sizes = [(f"{m.get('label', k)}{suffix}", m[key]) for k, m in models.items()
@@ -101,7 +117,8 @@ def extra_plots(run_dir: Path, models: dict[str, dict], save) -> dict[str, str]:
     if sizes:
         fig, ax = plt.subplots(figsize=(7, 0.45 * len(sizes) + 1))
         names, vals = zip(*sizes)
-        bars = ax.barh(range(len(vals)), [v / 2**20 for v in vals], color="#dd8452")
+        bars = ax.barh(range(len(vals)), [v / 2**20 for v in vals],
+                       color=["#8c6bb1" if n.endswith("(.pte)") else "#dd8452" for n in names])  # ONNX / .pte
         ax.set_yticks(range(len(vals)), names)
         ax.invert_yaxis()
         ax.bar_label(bars, fmt="%.2f MB", padding=3)

@@ -52,28 +52,19 @@ class ActFakeQuant(nn.Module):
         self.register_buffer("lo", torch.tensor(0.0))
         self.register_buffer("hi", torch.tensor(0.0))
         self.register_buffer("initialized", torch.tensor(False))
-        self.register_buffer("enabled", torch.tensor(True))
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        lo, hi = x.min().float().clamp(max=0.0), x.max().float().clamp(min=0.0)  # bf16 under autocast
-        if not bool(self.initialized):
-            self.lo.copy_(lo), self.hi.copy_(hi), self.initialized.fill_(True)
-        else:
-            self.lo.lerp_(lo, self.momentum), self.hi.lerp_(hi, self.momentum)
-
-    def qparams(self) -> tuple[float, int]:
-        lo, hi = float(self.lo), float(self.hi)
-        scale = max((hi - lo) / 255.0, 1e-8)
-        zp = int(min(255, max(0, round(-lo / scale))))
-        return scale, zp
+        # tensor ops only: no host sync per layer per step on a GPU; bf16 under autocast
+        lo, hi = x.min().float().clamp(max=0.0), x.max().float().clamp(min=0.0)
+        weight = torch.where(self.initialized, self.momentum, 1.0)  # the first batch sets the range
+        self.lo.lerp_(lo, weight), self.hi.lerp_(hi, weight), self.initialized.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or not bool(self.initialized):
             self.observe(x)
-        if not bool(self.enabled):
-            return x
-        scale, zp = self.qparams()
+        scale = ((self.hi - self.lo) / 255.0).clamp_min(1e-8)
+        zp = (-self.lo / scale).round().clamp(0, 255).to(torch.int32)
         return torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255)
 
 
@@ -106,12 +97,6 @@ def wrap_qat(model: nn.Module, skip_first_conv: bool = False) -> nn.Module:
                 m.__class__ = QConv2d if isinstance(m, nn.Conv2d) else QLinear
                 m.act_fq = ActFakeQuant().to(m.weight.device)
     return model
-
-
-def set_quant_enabled(model: nn.Module, enabled: bool) -> None:
-    for m in model.modules():
-        if isinstance(m, ActFakeQuant):
-            m.enabled.fill_(enabled)
 
 
 def snap_weights(model: nn.Module) -> nn.Module:

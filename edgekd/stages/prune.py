@@ -65,7 +65,7 @@ class Prune(Stage):
         steps_info, history = [], []
         base_history = list(ctx.pruning_history)
         internal = 1 if cfg.ratio is not None else 200
-        pruner = None
+        pruner, after = None, None
         for step in range(1, cfg.iterative_steps + 1):
             done_path = ctx.stage_dir / f"step{step}_done.pt"
             pruned_path = ctx.stage_dir / f"step{step}_pruned.pt"
@@ -75,7 +75,7 @@ class Prune(Stage):
                 ctx.pruning_history = ckpt["pruning_history"]
                 steps_info.append(ckpt["extra"]["step_info"])
                 history += ckpt["extra"]["history"]
-                pruner = None
+                pruner, after = None, None
                 continue
             if pruned_path.exists():
                 ckpt = torch.load(pruned_path, map_location="cpu", weights_only=True)
@@ -114,7 +114,8 @@ class Prune(Stage):
             save_checkpoint(done_path, model, ctx.spec, ctx.pruning_history, ctx.transforms,
                             {"image_size": size, "step_info": info, "history": ft_hist})
         ctx.model = model
-        after = ctx.measure(model)
+        if after is None:  # the last step was resumed, not measured in this run
+            after = ctx.measure(model)
         summary = {
             "macs_before": before["macs"], "macs_after": after["macs"], "macs_kept": round(after["macs"] / before["macs"], 4),
             "params_before": before["params"], "params_after": after["params"],
