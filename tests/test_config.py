@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -331,6 +332,23 @@ def test_cli_validate_ok(write_pipeline, minimal_pipeline, capsys):
     out, err = capsys.readouterr()
     assert out.strip() == f"{path}: OK (1 stages: distill)"
     assert "error" not in err
+
+
+PIPELINES = sorted((Path(__file__).parents[1] / "pipelines").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=[p.stem for p in PIPELINES])
+def test_shipped_pipelines_validate(path, capsys):
+    """Every pipeline users are told to run must pass validation as written (YAML 1.1 quirks included)."""
+    assert cli.main(["validate", str(path)]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,expected", [("off", "off"), ("on", "on"), ("false", "off"), ("auto", "auto")])
+def test_yaml_on_off_switch(text, expected):
+    """YAML reads a bare `off` as False; the export switch takes it as "off"."""
+    import yaml
+    from edgekd.stages.export import ExportConfig
+    assert ExportConfig(**yaml.safe_load(f"executorch: {text}")).executorch == expected
 
 
 def test_cli_validate_bad_file(write_pipeline, minimal_pipeline, capsys):

@@ -9,7 +9,7 @@ import logging
 import shutil
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..config import Strict
 from ..errors import EdgekdError
@@ -30,6 +30,12 @@ class ExportConfig(Strict):
     executorch: Literal["auto", "on", "off"] = Field(
         "auto", description="also write ExecuTorch/XNNPACK .pte programs (int8 by ExecuTorch's own PT2E PTQ); "
                             "auto = when executorch is installed")
+
+    @field_validator("executorch", mode="before")
+    @classmethod
+    def _yaml_switch(cls, v):
+        """YAML 1.1 reads a bare on/off as true/false; take either spelling."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 LABELS = {"student_unpruned_fp32": "unpruned student fp32", "teacher_fp32": "teacher fp32"}
