@@ -76,21 +76,47 @@ def onnx_logits(path: Path, data, split=None) -> np.ndarray:
     return run_onnx(path, x)
 
 
+DECISIVE_MARGIN = 0.25  # a reference top-1 margin below this fraction of its logit spread is a near-tie
+
+
 def verify(path: Path, reference: nn.Module, data, n: int = 256, max_abs: float | None = 1e-3,
            min_agreement: float = 0.99, run=None, what: str = "ONNX") -> dict:
     """Compare an exported file with its PyTorch reference on `n` real test images; `run` maps a
-    batch to logits (default: onnxruntime on `path`)."""
+    batch to logits (default: onnxruntime on `path`).
+
+    Top-1 agreement counts only images the reference decides clearly (top-1 margin at least
+    DECISIVE_MARGIN of its median per-image logit std): int8 rounding may flip near-ties, and a
+    barely trained model is nothing but near-ties. Where the reference decides too few images
+    to judge, an int8 file (no `max_abs`) must instead keep its mean |diff| under half the
+    logit spread."""
     x = data.normalize(data.test.images[:n])
     with torch.no_grad():
         ref = reference.eval().cpu()(x).numpy()
     got = run(x.numpy()) if run is not None else run_onnx(path, x.numpy())
-    diff = float(np.abs(ref - got).max())
-    agree = float((ref.argmax(1) == got.argmax(1)).mean())
-    out = {"images": int(len(x)), "max_abs_diff": round(diff, 6), "top1_agreement": round(agree, 4)}
-    if (max_abs is not None and diff > max_abs) or agree < min_agreement:
-        raise EdgekdError(f"{path.name}: {what} output differs from PyTorch (max |diff| {diff:.3g}"
-                          f"{f' > {max_abs:g}' if max_abs is not None and diff > max_abs else ''}, top-1 agreement "
-                          f"{agree:.2%}{f' < {min_agreement:.0%}' if agree < min_agreement else ''})")
+    diff = np.abs(ref - got)
+    agree = ref.argmax(1) == got.argmax(1)
+    top2 = np.sort(ref, 1)[:, -2:]
+    spread = float(np.median(ref.std(1)))
+    decisive = (top2[:, 1] - top2[:, 0]) > DECISIVE_MARGIN * spread
+    rel = float(diff.mean() / spread) if spread > 0 else 0.0 if diff.mean() == 0 else float("inf")
+    k = int(decisive.sum())
+    out = {"images": int(len(x)), "max_abs_diff": round(float(diff.max()), 6), "top1_agreement": round(float(agree.mean()), 4),
+           "decisive_images": k, "decisive_agreement": round(float(agree[decisive].mean()), 4) if k else None,
+           "mean_abs_diff_vs_spread": round(rel, 4)}
+    problems = []
+    if max_abs is not None and diff.max() > max_abs:
+        problems.append(f"max |diff| {diff.max():.3g} > {max_abs:g}")
+    if k >= max(10, 0.05 * len(x)):
+        if out["decisive_agreement"] < min_agreement:
+            problems.append(f"top-1 agreement {out['decisive_agreement']:.2%} < {min_agreement:.0%} on the {k} images "
+                            "the reference decides clearly")
+    elif max_abs is None:  # (an fp32 file is held to max_abs anyway)
+        log.warning("verify %s: the reference decides only %d of %d images clearly (near-uniform logits); "
+                    "checking the logit error instead of top-1", path.name, k, len(x))
+        if rel > 0.5:
+            problems.append(f"mean |diff| is {rel:.2f}x the logits' spread (> 0.5)")
+    if problems:
+        raise EdgekdError(f"{path.name}: {what} output differs from PyTorch ({'; '.join(problems)})")
     return out
 
 

@@ -27,6 +27,8 @@ from .errors import EdgekdError
 from .fileio import atomic_path, write_json
 
 log = logging.getLogger("edgekd")
+# ExecuTorch 1.5 registers an Enum with torch's pytree on import; torch 2.14 warns about it on every run
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 INSTALL_HINT = "pip install 'edgekd[mobile]'"
 
 

@@ -39,12 +39,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def versions() -> dict:
+    """Installed distribution versions (torch_pruning's own __version__ lags its release)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     out = {"edgekd": __version__, "python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("torchvision", "onnx", "onnxruntime", "torch_pruning"):
+    for dist in ("torchvision", "onnx", "onnxruntime", "torch-pruning", "openvino", "executorch"):
         try:
-            out[mod] = __import__(mod).__version__
-        except Exception:
-            out[mod] = None
+            out[dist.replace("-", "_")] = version(dist)
+        except PackageNotFoundError:
+            out[dist.replace("-", "_")] = None
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -175,6 +176,35 @@ def test_export_verification_catches_a_broken_export(tmp_path):
     onnx.save(m, str(path))
     with pytest.raises(EdgekdError, match="ONNX output differs from PyTorch"):
         verify(path, model, data, n=16)
+
+
+class _FixedLogits(torch.nn.Module):
+    """Logits = a fixed class pattern plus a small input-dependent part."""
+
+    def __init__(self, pattern, wiggle: float):
+        super().__init__()
+        self.pattern, self.wiggle = torch.tensor(pattern), wiggle
+
+    def forward(self, x):
+        return self.pattern + self.wiggle * x.mean((1, 2, 3))[:, None] * torch.arange(len(self.pattern))
+
+
+def test_verify_tolerates_int8_noise_on_near_ties_but_catches_a_broken_file():
+    """A barely trained model's logits are near-ties: rounding flips its top-1 on many images,
+    which is no export bug; a negated classifier on the same model must still fail."""
+    data, rng = tiny_data(64), np.random.default_rng(0)
+    near_tie = _FixedLogits([2.0, 2.0, 0.0, -1.0], wiggle=1e-3)
+    ref = lambda x: near_tie(torch.from_numpy(x)).numpy()  # noqa: E731
+    noisy = lambda x: ref(x) + rng.uniform(-0.05, 0.05, (len(x), 4)).astype(np.float32)  # noqa: E731
+    res = verify(Path("m.onnx"), near_tie, data, n=64, max_abs=None, min_agreement=0.95, run=noisy)
+    assert res["top1_agreement"] < 0.95 and res["decisive_images"] == 0 and res["mean_abs_diff_vs_spread"] < 0.1
+    with pytest.raises(EdgekdError, match=r"mean \|diff\| is .*x the logits' spread"):
+        verify(Path("m.onnx"), near_tie, data, n=64, max_abs=None, run=lambda x: -3 * ref(x))
+    # a model that decides clearly: every top-1 flip counts
+    clear = _FixedLogits([3.0, 0.0, -1.0, -2.0], wiggle=1e-3)
+    flip = lambda x: clear(torch.from_numpy(x)).numpy()[:, ::-1].copy()  # noqa: E731
+    with pytest.raises(EdgekdError, match="top-1 agreement 0.00% < 95% on the 64 images"):
+        verify(Path("m.onnx"), clear, data, n=64, max_abs=None, min_agreement=0.95, run=flip)
 
 
 def test_metadata_is_written_for_the_device_runner(tmp_path):

@@ -108,8 +108,8 @@ def test_check_passes_on_itself_and_fails_on_a_degraded_run(run_dir, tmp_path, c
     # a real degraded run: prune far harder (15 % of MACs) with the same tiny fine-tune
     out = tmp_path / "degraded"
     degraded = pipeline(target_macs=0.15)
-    # near chance, int8 and fp32 logits tie often: let export pass so the gate is what fails
-    degraded["stages"][3]["export"].update(int8_min_agreement=0.5, ptq_min_agreement=0.5, executorch="off")
+    # near chance, so int8 rounding flips many near-ties: export's own checks must still pass it
+    degraded["stages"][3]["export"]["executorch"] = "off"
     assert main(["run", str(write(tmp_path, degraded)), "--out", str(out)]) == 0
     assert main(["check", str(out / "report.json"), "--baseline", str(baseline)]) == 1
     table = capsys.readouterr().out

@@ -23,9 +23,10 @@ class ExportConfig(Strict):
     opset: int = Field(17, ge=13, le=21)
     verify_images: int = Field(256, gt=0)
     fp32_max_abs_diff: float = Field(1e-3, gt=0, description="max |logit| difference ORT vs PyTorch (fp32)")
+    # top-1 agreements count the images the reference decides clearly (onnx_export.verify)
     fp32_min_agreement: float = Field(0.99, gt=0, le=1)
-    int8_min_agreement: float = Field(0.95, gt=0, le=1, description="int8 ORT vs PyTorch fake-quant top-1 agreement")
-    ptq_min_agreement: float = Field(0.90, gt=0, le=1, description="int8 PTQ vs fp32 top-1 agreement")
+    int8_min_agreement: float = Field(0.95, gt=0, le=1, description="int8 QAT file vs PyTorch fake-quant top-1 agreement")
+    ptq_min_agreement: float = Field(0.90, gt=0, le=1, description="int8 PTQ vs fp32 top-1 agreement (also ExecuTorch int8)")
     include_teacher: bool = Field(True, description="also export the teacher (the benchmark's reference)")
     executorch: Literal["auto", "on", "off"] = Field(
         "auto", description="also write ExecuTorch/XNNPACK .pte programs (int8 by ExecuTorch's own PT2E PTQ); "
