@@ -1,13 +1,7 @@
 """report.json (stable, machine-readable; the CI gate reads it) and report.md with plots.
 
-report.json schema (version 1):
-  schema_version, pipeline, created, run_dir, seed, device, threads, versions, machine
-  teacher:   figures of the teacher (top1, ece, macro_f1, params, macs) or null
-  stages:    [{index, name, seconds, metrics, models, artifacts, info, history}]
-  models:    {variant: {label, top1, ece, params, macs, size_bytes, latency: {runtime: {...}}}}
-  headline:  one sentence a user wants first
-  metrics:   flat {"<group>.<name>.<figure>": number} - what `edgekd check` compares
-"""
+The report.json schema (version SCHEMA_VERSION) is documented in README.md, "report.json";
+an end-to-end test holds the latency entries to that list."""
 
 from __future__ import annotations
 

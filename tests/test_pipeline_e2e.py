@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,10 @@ def test_run_leaves_manifest_reports_and_artifacts(run_dir):
     assert "openvino" in report["stages"][-1]["info"]["skipped"] or "openvino/1t" in models["int8_qat"]["latency"]
     for k in ("student_fp32", "int8_qat", "student_unpruned_fp32"):  # peak memory from a child process
         assert models[k]["latency"]["onnxruntime/1t"]["model_peak_mb"] > 0
+    # report.json's latency entries hold exactly the keys the README documents
+    readme = (REPO / "README.md").read_text()
+    documented = set(re.search(r"`latency\.<runtime>/<threads>t`: `([^.]+)`\.", readme).group(1).replace("\n", " ").split(", "))
+    assert set(models["int8_qat"]["latency"]["onnxruntime/1t"]) == {k.strip() for k in documented}
     export = next(s for s in report["stages"] if s["name"] == "export")
     if importlib.util.find_spec("executorch"):
         for k in ("student_fp32", "int8_ptq", "int8_qat", "student_unpruned_fp32"):
