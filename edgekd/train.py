@@ -24,6 +24,7 @@ from .fileio import save_torch, sha256_json
 from .losses import LOSSES, uses_teacher
 
 log = logging.getLogger("edgekd")
+POSTFIX_EVERY = 20  # steps between progress-bar loss readouts (each is a host-device sync)
 
 
 class TrainConfig(Strict):
@@ -196,11 +197,13 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, *,
             parts["loss"].backward()
             opt.step()
             sched.step()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(y)
+            for k, v in parts.items():  # summed on the device: reading a loss each step stalls a GPU
+                sums[k] = sums.get(k, 0.0) + v.detach().float() * len(y)
             n_seen += len(y)
             bar.update(1)
-            bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{sums['loss'] / n_seen:.3f}")
+            if bar.n % POSTFIX_EVERY == 0:
+                bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{float(sums['loss']) / n_seen:.3f}", refresh=False)
+        sums = {k: float(v) for k, v in sums.items()}
         secs = time.perf_counter() - t0
         rec = {"epoch": epoch + 1, **{k: round(v / n_seen, 5) for k, v in sums.items()},
                "lr": round(sched.get_last_lr()[0], 6), "seconds": round(secs, 2), "images_per_s": round(n_seen / secs, 1)}
