@@ -84,7 +84,7 @@ def verify(path: Path, reference: nn.Module, data, n: int = 256, max_abs: float 
     """Compare an exported file with its PyTorch reference on `n` real test images; `run` maps a
     batch to logits (default: onnxruntime on `path`).
 
-    Top-1 agreement counts only images the reference decides clearly (top-1 margin at least
+    Top-1 agreement counts only images the reference decides clearly (top-1 margin above
     DECISIVE_MARGIN of its median per-image logit std): int8 rounding may flip near-ties, and a
     barely trained model is nothing but near-ties. Where the reference decides too few images
     to judge, an int8 file (no `max_abs`) must instead keep its mean |diff| under half the
