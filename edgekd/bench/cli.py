@@ -63,9 +63,10 @@ def run_bench(args) -> int:
         if args.data:
             x, y = _eval_data(args.data, meta["props"], meta["image_size"])
         for rt in runtimes:
-            why = RUNTIMES.get(rt).available()
-            if not why and RUNTIMES.get(rt).fmt != meta["fmt"]:
-                why = f"runs .{RUNTIMES.get(rt).fmt} files, not {path.name}"
+            runtime = RUNTIMES.get(rt)
+            why = runtime.available()
+            if not why and runtime.fmt != meta["fmt"]:
+                why = f"runs .{runtime.fmt} files, not {path.name}"
             if why:
                 print(f"skip {rt}: {why}")
                 continue

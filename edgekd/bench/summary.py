@@ -5,8 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def _lat(m: dict, runtime: str) -> dict:
+    """A model's figures on one runtime ({} where it was not measured there)."""
+    return (m.get("latency") or {}).get(runtime) or {}
+
+
 def _p50(m: dict, runtime: str) -> float | None:
-    return ((m.get("latency") or {}).get(runtime) or {}).get("p50_ms")
+    return _lat(m, runtime).get("p50_ms")
 
 
 def latency_columns(models: dict[str, dict]) -> tuple[list[str], dict]:
@@ -51,11 +56,12 @@ def headline_sentence(models: dict[str, dict]) -> str:
     parts = []
     if teacher and _p50(teacher, rt):
         parts.append(f"{_p50(teacher, rt) / _p50(m, rt):.1f}x faster than teacher")
-    t_size = ((teacher or {}).get("latency", {}).get(rt) or {}).get("size_bytes") or (teacher or {}).get("size_bytes")
+    t, t_lat = teacher or {}, _lat(teacher or {}, rt)  # size and top-1 as that runtime ran them
+    t_size = t_lat.get("size_bytes") or t.get("size_bytes")
     if t_size and (lat.get("size_bytes") or m.get("size_bytes")):
         parts.append(f"{t_size / (lat.get('size_bytes') or m['size_bytes']):.0f}x smaller")
-    top1 = lat.get("top1", m["top1"])  # as that runtime measured it
-    t_top1 = (((teacher or {}).get("latency") or {}).get(rt) or {}).get("top1") or shown_top1(teacher or {})
+    top1 = lat.get("top1", m["top1"])
+    t_top1 = t_lat.get("top1") or shown_top1(t)
     if t_top1 is not None:
         parts.append(f"{top1 - t_top1:+.1f} points")
     text = f"{m.get('label', final)}: " + ", ".join(parts) + f" ({rt})"

@@ -66,11 +66,11 @@ class Export(Stage):
             if not pte:
                 return
             from ..pte_export import export_pte, pte_runner, write_sidecar
-            from .quantize import calibration_images
+            from .quantize import CalibrationConfig, calibration_images
 
-            if int8 and calib is None:
+            if int8 and calib is None:  # the quantize stage's calibration set (its default if it has none)
                 q = next((c for n, c in ctx.cfg.stage_entries() if n == "quantize"), None)
-                calib = calibration_images(data, q.calibration.samples if q else 500, ctx.cfg.seed)
+                calib = calibration_images(data, (q.calibration if q else CalibrationConfig()).samples, ctx.cfg.seed)
             src = pte_model if pte_model is not None else reference
             p = export_pte(copy.deepcopy(src), d / f"{name}.pte", data.image_size, calib if int8 else None)
             write_sidecar(p, metadata(data, name))
