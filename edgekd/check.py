@@ -2,11 +2,19 @@
 
 A baseline holds, per tracked metric, the accepted value, a tolerance (`abs` points or
 `rel` fraction) and a direction. Latency is gated as a same-run ratio (e.g. fp32 / int8
-p50 on one runtime), so a slower or busier CI machine does not flap the gate."""
+p50 on one runtime, taken round by round while the models are timed interleaved), so a
+slower or busier CI machine does not flap the gate.
+
+Accuracy is compared image by image where both the run and the baseline stored their
+predictions on the same test images (predictions.json): an exact one-sided McNemar test
+on the images where exactly one of the two is right. A drop is a regression when it is
+both unlikely under "same model quality" (p < ALPHA) and at least MIN_DROP points; a fixed
+tolerance alone either flaps on small test splits or misses real drops on large ones."""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -23,6 +31,26 @@ RULES = [
     (".params", "lower", {"rel": 0.02}),
 ]
 TRACK = ("model.", "stage.benchmark.speedup.")
+ALPHA = 0.01  # McNemar significance for an accuracy regression
+MIN_DROP = 0.5  # points: a significant drop smaller than this is not worth failing CI for
+
+
+def mcnemar_p(worse: int, better: int) -> float:
+    """Exact one-sided McNemar p-value: P(at least `worse` of the worse+better discordant images
+    go against the new run | either direction is equally likely)."""
+    n = worse + better
+    if n == 0:
+        return 1.0
+    return min(1.0, sum(math.comb(n, k) for k in range(worse, n + 1)) / 2**n)
+
+
+def paired(base: list[int], now: list[int], labels: list[int]) -> dict:
+    """Discordant counts and p-values of `now` against `base` on the same labelled images."""
+    b_ok = [p == y for p, y in zip(base, labels)]
+    n_ok = [p == y for p, y in zip(now, labels)]
+    worse = sum(b and not n for b, n in zip(b_ok, n_ok))
+    better = sum(n and not b for b, n in zip(b_ok, n_ok))
+    return {"worse": worse, "better": better, "p_worse": mcnemar_p(worse, better), "p_better": mcnemar_p(better, worse)}
 
 
 def _rule(key: str) -> tuple[str, dict] | None:
@@ -41,7 +69,12 @@ def _load(path: Path, what: str) -> dict:
         raise EdgekdError(f"{what} {path}: not valid JSON ({e})") from None
 
 
-def baseline_from_report(report: dict, old: dict | None = None) -> dict:
+def _predictions(report_path: Path) -> dict | None:
+    p = report_path.parent / "predictions.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def baseline_from_report(report: dict, old: dict | None = None, predictions: dict | None = None) -> dict:
     old_metrics = (old or {}).get("metrics", {})
     metrics = {}
     for key, value in report["metrics"].items():
@@ -50,11 +83,33 @@ def baseline_from_report(report: dict, old: dict | None = None) -> dict:
             prev = old_metrics.get(key, {})
             metrics[key] = {"value": value, "tolerance": prev.get("tolerance", rule[1]),
                             "direction": prev.get("direction", rule[0])}
-    return {"pipeline": report.get("pipeline"), "machine": report.get("machine"), "versions": report.get("versions"),
-            "created": report.get("created"), "metrics": metrics}
+    out = {"pipeline": report.get("pipeline"), "machine": report.get("machine"), "versions": report.get("versions"),
+           "created": report.get("created"), "metrics": metrics}
+    if predictions:
+        tracked = {k.split(".")[1] for k in metrics if k.startswith("model.") and k.endswith(".top1")}
+        out["predictions"] = {"split": predictions.get("split"), "labels": predictions["labels"],
+                              "models": {k: v for k, v in predictions["models"].items() if k in tracked}}
+    return out
 
 
-def compare(report: dict, baseline: dict) -> tuple[list[dict], bool]:
+def _paired_verdict(key: str, delta: float, baseline: dict, predictions: dict | None) -> tuple[str, str] | None:
+    """(verdict, tolerance text) by the paired test, or None where it cannot be applied."""
+    base = baseline.get("predictions")
+    if not (base and predictions and key.startswith("model.") and key.endswith(".top1")):
+        return None
+    variant = key.split(".")[1]
+    b, n = base["models"].get(variant), predictions["models"].get(variant)
+    if b is None or n is None or base["labels"] != predictions["labels"] or len(b) != len(n):
+        return None  # not the same images: fall back to the fixed tolerance
+    t = paired(b, n, base["labels"])
+    if t["p_worse"] < ALPHA and delta <= -MIN_DROP:
+        return "REGRESSION", f"McNemar p={t['p_worse']:.2g} ({t['worse']} worse, {t['better']} better)"
+    if t["p_better"] < ALPHA and delta >= MIN_DROP:
+        return "improved", f"McNemar p={t['p_better']:.2g} ({t['better']} better, {t['worse']} worse)"
+    return "ok", f"McNemar p={t['p_worse']:.2g} ({t['worse']} worse, {t['better']} better)"
+
+
+def compare(report: dict, baseline: dict, predictions: dict | None = None) -> tuple[list[dict], bool]:
     rows, failed = [], False
     now = report.get("metrics", {})
     for key, spec in baseline.get("metrics", {}).items():
@@ -69,6 +124,9 @@ def compare(report: dict, baseline: dict) -> tuple[list[dict], bool]:
         delta = value - base
         worse = -delta if direction == "higher" else delta
         verdict = "REGRESSION" if worse > allowed else "improved" if -worse > allowed else "ok"
+        by_images = _paired_verdict(key, delta, baseline, predictions)
+        if by_images:
+            verdict, tol_text = by_images
         failed |= verdict == "REGRESSION"
         rows.append({"metric": key, "baseline": base, "now": value, "delta": delta, "tolerance": tol_text, "verdict": verdict})
     return rows, failed
@@ -100,12 +158,12 @@ def run_check(report_path: Path, baseline_path: Path, update: bool = False) -> i
         raise EdgekdError(f"report {report_path}: no 'metrics' section (not an edgekd report.json?)")
     if update:
         old = _load(baseline_path, "baseline") if baseline_path.exists() else None
-        new = baseline_from_report(report, old)
+        new = baseline_from_report(report, old, _predictions(report_path))
         write_json(baseline_path, new)
         print(f"baseline {baseline_path}: {len(new['metrics'])} metrics written")
         return 0
     baseline = _load(baseline_path, "baseline")
-    rows, failed = compare(report, baseline)
+    rows, failed = compare(report, baseline, _predictions(report_path))
     print(format_table(rows))
     n_reg = sum(r["verdict"] in ("REGRESSION", "MISSING") for r in rows)
     n_imp = sum(r["verdict"] == "improved" for r in rows)

@@ -162,13 +162,35 @@ def apply_override(raw: dict, assignment: str) -> None:
     node[last] = value
 
 
-def format_validation_error(err: ValidationError, prefix: tuple = ()) -> str:
+def did_you_mean(word: str, options) -> str:
+    """' (did you mean 'x'?)' for the closest option, or ''."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=2, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _keys_at(model: type[BaseModel] | None, loc: tuple) -> list[str]:
+    """The field names of the config block at `loc` (the parent of an unknown key)."""
+    for part in loc:
+        if model is None:
+            return []
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        ann = field.annotation if field else None
+        ann = next((a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return list(model.model_fields) if model else []
+
+
+def format_validation_error(err: ValidationError, prefix: tuple = (), model: type[BaseModel] | None = None) -> str:
     lines = []
     for e in err.errors():
         loc = prefix + tuple(e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + did_you_mean(e["loc"][-1], _keys_at(model, tuple(e["loc"])[:-1]))
         elif e["type"] == "missing":
             msg = "required key is missing"
         elif msg.startswith("Value error, "):
@@ -188,14 +210,15 @@ def validate(raw: Any) -> PipelineConfig:
     try:
         cfg = PipelineConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e)) from None
+        raise ConfigError(format_validation_error(e, (), PipelineConfig)) from None
     validated: dict[int, tuple[str, BaseModel]] = {}
     for i, entry in enumerate(cfg.stages):
         if len(entry) != 1:
             raise ConfigError(f"stages[{i}]: expected one stage name mapping to its options, got keys {sorted(entry)}")
         (name, opts), = entry.items()
         if name not in STAGES:
-            raise ConfigError(f"stages[{i}]: unknown stage '{name}'; known: {', '.join(STAGES.names())}")
+            raise ConfigError(f"stages[{i}]: unknown stage '{name}'{did_you_mean(name, STAGES.names())}; "
+                              f"known: {', '.join(STAGES.names())}")
         if opts is None:
             opts = {}
         if not isinstance(opts, dict):
@@ -203,12 +226,46 @@ def validate(raw: Any) -> PipelineConfig:
         try:
             validated[i] = (name, STAGES.get(name).Config.model_validate(opts))
         except ValidationError as e:
-            raise ConfigError(format_validation_error(e, ("stages", i, name))) from None
+            raise ConfigError(format_validation_error(e, ("stages", i, name), STAGES.get(name).Config)) from None
     needs_teacher = [n for n, c in validated.values() if getattr(c, "uses_teacher", lambda: False)()]
     if needs_teacher and cfg.teacher is None:
         raise ConfigError(f"teacher: required key is missing (stages {', '.join(needs_teacher)} use a distillation loss)")
     cfg._validated = validated
+    check_inputs(cfg)
     return cfg
+
+
+def check_inputs(cfg: PipelineConfig) -> None:
+    """What can be known wrong before anything runs: an architecture that does not exist, a
+    data source or checkpoint file that is not there (so a typo fails in a second with exit 2,
+    not after the data has been decoded)."""
+    src = cfg.data.source
+    if src.lower() not in ("cifar10", "cifar100") and not Path(src).expanduser().exists():
+        parent = Path(src).expanduser().parent
+        near = did_you_mean(Path(src).name, [p.name for p in parent.iterdir()]) if parent.is_dir() else ""
+        raise ConfigError(f"data.source: {src} does not exist{near} (expected cifar10, cifar100, an ImageFolder "
+                          "directory or a tar archive of one)")
+    for role in ("student", "teacher"):
+        m: ModelConfig | None = getattr(cfg, role)
+        if m is None:
+            continue
+        onnx = bool(m.checkpoint) and m.checkpoint.lower().endswith(".onnx")
+        if not onnx:
+            known = _architectures()
+            if m.arch not in known:
+                raise ConfigError(f"{role}.arch: unknown architecture {m.arch!r}{did_you_mean(m.arch, known)} "
+                                  "(expected a torchvision classification model, see torchvision.models.list_models())")
+        if m.checkpoint:
+            path = Path(m.checkpoint).expanduser()
+            if not path.is_file():
+                near = did_you_mean(path.name, [p.name for p in path.parent.iterdir()]) if path.parent.is_dir() else ""
+                raise ConfigError(f"{role}.checkpoint: {m.checkpoint} does not exist{near}")
+
+
+def _architectures() -> list[str]:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
 
 
 def load_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) -> tuple[PipelineConfig, dict]:

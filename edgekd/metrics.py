@@ -36,6 +36,8 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes: list
         "macro_f1": round(float(np.mean([v["f1"] for v in per_class.values()])), 4),
         "n": int(len(labels)),
         "per_class": per_class,
+        # per-image top-1, kept out of report.json (report.py writes predictions.json) for edgekd check's paired test
+        "predictions": pred.astype(int).tolist(),
     }
 
 

@@ -47,6 +47,12 @@ def metadata(data, variant: str) -> dict[str, str]:
     }
 
 
+def read_metadata(path: Path) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
 def set_metadata(path: Path, props: dict[str, str]) -> None:
     import onnx
 
@@ -61,10 +67,10 @@ def set_metadata(path: Path, props: dict[str, str]) -> None:
         onnx.save(m, str(tmp))
 
 
-def run_onnx(path: Path, x: np.ndarray, batch: int = 256, threads: int = 0) -> np.ndarray:
+def run_onnx(path: Path, x: np.ndarray, batch: int = 256, threads: int = 0, int8_kernels: bool = True) -> np.ndarray:
     from .bench.runtimes import ort_session
 
-    sess = ort_session(path, threads)
+    sess = ort_session(path, threads, int8_kernels)
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
 
@@ -118,6 +124,39 @@ def verify(path: Path, reference: nn.Module, data, n: int = 256, max_abs: float 
     if problems:
         raise EdgekdError(f"{path.name}: {what} output differs from PyTorch ({'; '.join(problems)})")
     return out
+
+
+def verify_int8(path: Path, reference: nn.Module, data, n: int, min_agreement: float) -> dict:
+    """`verify` for an int8 QDQ file, on the arithmetic its target's CPUs compute.
+
+    Where this CPU's int8 kernels compute the target's Q/DQ math exactly (quant.targets), the
+    file is verified as onnxruntime runs it here. Where they do not (an 8-bit-weight target on
+    an AVX2-only x86, whose kernels saturate), failing would blame the file for this machine:
+    it is verified on the reference Q/DQ math instead, and what this CPU's kernels give is
+    recorded beside it."""
+    from .bench.machine import int8_class, machine_info
+    from .quant.targets import resolve_target, saturating_cpu
+
+    m = machine_info()
+    target = resolve_target(read_metadata(path).get("edgekd.int8_target", "x86_vnni"))  # files before targets: 8-bit
+    here = {"verified_on": int8_class(m["isa"], m["arch"]), "isa": m["isa"], "target": target.name}
+    if target.exact_on(m["isa"], m["arch"]):
+        return {**verify(path, reference, data, n, max_abs=None, min_agreement=min_agreement), **here,
+                "arithmetic": "this CPU's int8 kernels"}
+    out = verify(path, reference, data, n, max_abs=None, min_agreement=min_agreement, what="reference Q/DQ math",
+                 run=lambda x: run_onnx(path, x, int8_kernels=False))
+    try:
+        native = verify(path, reference, data, n, max_abs=None, min_agreement=0.0)
+    except EdgekdError as e:  # the logit-error fallback can still fail: record it, it is this CPU's problem
+        native = {"error": str(e)}
+    why = ("its int16 pair sums saturate 8-bit weights" if saturating_cpu(m["isa"], m["arch"])
+           else "its int8 kernels differ from the target's")
+    note = (f"target {target.name} runs on {target.runs_on}; this CPU ({here['verified_on']}) is not one of them "
+            f"({why}), so {path.name} was verified on the reference Q/DQ math; with this CPU's kernels top-1 agreement "
+            f"is {native.get('decisive_agreement', native.get('top1_agreement'))}")
+    log.warning("verify %s: %s", path.name, note)
+    return {**out, **here, "arithmetic": "reference Q/DQ math (graph optimizations off)", "this_cpu_kernels": native,
+            "note": note}
 
 
 def op_counts(path: Path) -> dict[str, int]:

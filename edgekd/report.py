@@ -44,7 +44,27 @@ def machine_info() -> dict:
     return mi()
 
 
-def write_reports(run_dir: Path, cfg, manifest: dict, stages: list[dict], models: dict[str, dict], teacher: dict | None) -> None:
+def _without_predictions(obj):
+    if isinstance(obj, dict):
+        return {k: _without_predictions(v) for k, v in obj.items() if k != "predictions"}
+    if isinstance(obj, list):
+        return [_without_predictions(v) for v in obj]
+    return obj
+
+
+def write_predictions(run_dir: Path, models: dict[str, dict], labels: list[int] | None, split_key: str | None) -> None:
+    """predictions.json: every variant's per-image top-1 on the test split, with the labels, so
+    `edgekd check` can compare a run with its baseline image by image (check.mcnemar)."""
+    preds = {k: m["predictions"] for k, m in models.items() if isinstance(m.get("predictions"), list)}
+    if labels is not None and preds:
+        write_json(run_dir / "predictions.json", {"split": split_key, "labels": labels, "models": preds})
+
+
+def write_reports(run_dir: Path, cfg, manifest: dict, stages: list[dict], models: dict[str, dict], teacher: dict | None,
+                  labels: list[int] | None = None, split_key: str | None = None) -> None:
+    write_predictions(run_dir, models, labels, split_key)
+    stages, models = _without_predictions(stages), _without_predictions(models)
+    teacher = _without_predictions(teacher)
     report = {
         "schema_version": SCHEMA_VERSION,
         "pipeline": cfg.name,

@@ -151,7 +151,8 @@ class Runner:
         self._save_manifest()
         from .report import write_reports
 
-        write_reports(self.run_dir, cfg, self.manifest, results, ctx.variants, teacher_figs)
+        write_reports(self.run_dir, cfg, self.manifest, results, ctx.variants, teacher_figs,
+                      ctx.data.test.labels.tolist(), ctx.data.test.key)
         return self.run_dir
 
     def _restore(self, ctx: Context, stage_dir: Path, old: dict) -> bool:

@@ -19,12 +19,15 @@ from pydantic import Field
 from tqdm import tqdm
 
 from .config import Strict
+from .bn import bn_gap, recalibrate_bn
 from .data import Data, iterate
 from .fileio import save_torch, sha256_json
 from .losses import LOSSES, uses_teacher
 
 log = logging.getLogger("edgekd")
 POSTFIX_EVERY = 20  # steps between progress-bar loss readouts (each is a host-device sync)
+BN_GAP_WARN = 5.0  # points of eval-mode top-1 below batch-statistics top-1 that earn a warning
+BN_CHECK_IMAGES = 512
 
 
 class TrainConfig(Strict):
@@ -48,6 +51,8 @@ class TrainConfig(Strict):
     cache_teacher: bool = Field(True, description="cache teacher logits on disk when augment is 'flip' or 'none'")
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     eval_every: int = Field(1, ge=0, description="evaluate every N epochs (0: only at the end)")
+    bn_recalibration_images: int = Field(1024, ge=0, description="re-estimate BatchNorm statistics on this many "
+                                         "training images when the run ends (0: keep the running averages)")
 
     def uses_teacher(self) -> bool:
         return uses_teacher(self.loss)
@@ -98,34 +103,6 @@ class TeacherLogits:
             return self._forward(x)
         view = flip.long() if self.table.shape[0] == 2 else torch.zeros_like(idx)
         return self.table[view, idx].to(x.device)
-
-
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, data: Data, device: torch.device, images: int, seed: int) -> None:
-    """Re-estimate BatchNorm running statistics on `images` training images (cumulative mean).
-
-    Removing channels shifts the input of every BN downstream, so its stored mean/var no
-    longer fit: the shared student drops from 90 % to 17 % at 50 % MACs, and back to 77 %
-    after this, before any fine-tune (see benchmarks/README.md)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns or images <= 0:
-        return
-    momenta = [m.momentum for m in bns]
-    was_training = model.training
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches below
-    model.train()
-    gen = torch.Generator().manual_seed(seed)
-    seen = 0
-    for x, _, _, _ in iterate(data.train, data.batch_size, True, "none", gen):
-        model(data.normalize(x.to(device)))
-        seen += len(x)
-        if seen >= images:
-            break
-    for m, mom in zip(bns, momenta):
-        m.momentum = mom
-    model.train(was_training)
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -208,6 +185,8 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, *,
         rec = {"epoch": epoch + 1, **{k: round(v / n_seen, 5) for k, v in sums.items()},
                "lr": round(sched.get_last_lr()[0], 6), "seconds": round(secs, 2), "images_per_s": round(n_seen / secs, 1)}
         last = epoch + 1 == cfg.epochs
+        if last:
+            _settle_bn(model, data, cfg, device, seed, rec, desc)
         if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last:
             m = classification_metrics(predict(model, data, eval_split, device), eval_split.labels.numpy(), data.classes)
             rec[f"{eval_name}_top1"] = m["top1"]
@@ -219,3 +198,19 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, *,
             on_epoch(rec)
     bar.close()
     return history
+
+
+def _settle_bn(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, seed: int, rec: dict,
+               desc: str) -> None:
+    """End of a run: BN statistics re-estimated for the final weights (bn.py), then checked."""
+    if recalibrate_bn(model, data, device, cfg.bn_recalibration_images, seed):
+        rec["bn_recalibrated_images"] = min(cfg.bn_recalibration_images, len(data.train))
+    gap = bn_gap(model, data, device, BN_CHECK_IMAGES, seed + 1)
+    if gap is None:
+        return
+    rec.update({f"train_{k}": v for k, v in gap.items()})
+    if gap["eval_mode_top1"] < gap["batch_stats_top1"] - BN_GAP_WARN:
+        log.warning("%s: eval-mode top-1 %.1f %% is far below %.1f %% with batch statistics on the same training "
+                    "images: BatchNorm running statistics do not fit the weights%s", desc, gap["eval_mode_top1"],
+                    gap["batch_stats_top1"], "" if cfg.bn_recalibration_images else
+                    " (set bn_recalibration_images > 0 to re-estimate them)")

@@ -64,7 +64,17 @@ BAD_PIPELINES = [
     ("unknown key inside data", lambda p: p["data"].update(colour="red"), r"^data\.colour: unknown key$"),
     ("unknown key inside a stage", lambda p: stage_opts(p).update(lr_max=1), r"^stages\[0\]\.distill\.lr_max: unknown key$"),
     ("unknown stage name", lambda p: p.update(stages=[{"distil": {}}]),
-     r"^stages\[0\]: unknown stage 'distil'; known: .*\bdistill\b"),
+     r"^stages\[0\]: unknown stage 'distil' \(did you mean 'distill'\?\); known: .*\bdistill\b"),
+    ("unknown key close to a known one", lambda p: stage_opts(p).update(temprature=2),
+     r"^stages\[0\]\.distill\.temprature: unknown key \(did you mean 'temperature'\?\)$"),
+    ("unknown nested key close to a known one", lambda p: p["data"].update(val_splt=0.1),
+     r"^data\.val_splt: unknown key \(did you mean 'val_split'\?\)$"),
+    ("unknown architecture", lambda p: p["student"].update(arch="mobilenetv2"),
+     r"^student\.arch: unknown architecture 'mobilenetv2' \(did you mean 'mobilenet_v2'.*\) \(expected a torchvision"),
+    ("missing data source", lambda p: p["data"].update(source=p["data"]["source"] + "x"),
+     r"^data\.source: .*dsx does not exist \(did you mean 'ds'\?\)"),
+    ("missing checkpoint", lambda p: p["teacher"].update(checkpoint="/nonexistent/teacher.pt"),
+     r"^teacher\.checkpoint: /nonexistent/teacher\.pt does not exist$"),
     ("stage entry with two keys", lambda p: p.update(stages=[{"distill": {}, "extra": {}}]),
      r"^stages\[0\]: expected one stage name mapping to its options, got keys \['distill', 'extra'\]$"),
     ("stage options a list", lambda p: p.update(stages=[{"distill": [1, 2]}]),
@@ -179,6 +189,9 @@ def test_env_default_used_when_unset(write_pipeline, minimal_pipeline, monkeypat
 def test_env_var_from_environment_overrides_default(write_pipeline, minimal_pipeline, monkeypatch, tmp_path):
     monkeypatch.setenv("EDGEKD_TEST_ROOT", str(tmp_path / "shared"))
     monkeypatch.setenv("EDGEKD_TEST_EPOCHS", "5")
+    for f in ("data/set.tar.gz", "models/t.pt"):  # validation checks that the inputs exist
+        (tmp_path / "shared" / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "shared" / f).write_bytes(b"")
     minimal_pipeline["data"]["source"] = "${EDGEKD_TEST_ROOT:-/nowhere}/data/set.tar.gz"
     minimal_pipeline["teacher"]["checkpoint"] = "${EDGEKD_TEST_ROOT}/models/t.pt"
     stage_opts(minimal_pipeline)["epochs"] = "${EDGEKD_TEST_EPOCHS}"
@@ -259,7 +272,7 @@ def test_set_unknown_top_level_path(write_pipeline, minimal_pipeline):
 
 def test_set_unknown_nested_path(write_pipeline, minimal_pipeline):
     msg = load_error(write_pipeline(minimal_pipeline), ["data.subsett=10"])
-    assert msg == "data.subsett: unknown key"
+    assert msg == "data.subsett: unknown key (did you mean 'subset' or 'test_subset'?)"
 
 
 def test_set_stage_index_out_of_range(write_pipeline, minimal_pipeline):

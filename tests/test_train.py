@@ -46,7 +46,7 @@ def test_kd_loss_requires_a_teacher():
 
 
 def test_recalibrate_bn_replaces_stale_statistics_with_the_data_mean():
-    from edgekd.train import recalibrate_bn
+    from edgekd.bn import recalibrate_bn
 
     data = tiny_data(n=64)
     conv, bn = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4, momentum=0.1)
@@ -57,3 +57,46 @@ def test_recalibrate_bn_replaces_stale_statistics_with_the_data_mean():
         feats = conv(data.normalize(data.train.images))
     assert torch.allclose(bn.running_mean, feats.mean((0, 2, 3)), atol=1e-4)
     assert bn.momentum == 0.1 and not model.training  # restored
+
+
+def learnable_data(n_train: int = 256, n_test: int = 128, size: int = 32):
+    """Four classes told apart by colour under heavy pixel noise: learnable in a few steps."""
+    from edgekd.config import DataConfig
+    from edgekd.data import Data, Split
+
+    def split(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.arange(n) % 4
+        base = torch.tensor([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40]], dtype=torch.float)[labels]
+        imgs = (base[:, :, None, None] + 40 * torch.randn(n, 3, size, size, generator=g)).clamp(0, 255).to(torch.uint8)
+        return Split(imgs, labels, ["r", "g", "b", "y"], f"colours-{n}-{seed}")
+
+    cfg = DataConfig(source="x")
+    return Data(split(n_train, 0), split(n_test, 1), None, cfg.mean, cfg.std, "none", 64, 128)
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "mobilenet_v3_large"])
+def test_a_short_mobilenet_v3_run_ends_with_bn_statistics_that_fit_its_weights(arch, caplog):
+    """torchvision's MobileNetV3 uses BN momentum 0.01: after a short run its running statistics
+    are still near their initial values and the eval-mode model sits at chance. fit() ends by
+    re-estimating them, so eval mode scores what the weights learned (batch statistics)."""
+    from edgekd.bn import bn_gap
+    from edgekd.metrics import evaluate
+
+    data, cpu = learnable_data(), torch.device("cpu")
+    figs = {}
+    for images in (0, 1024):
+        torch.manual_seed(0)
+        model = build({"arch": arch, "num_classes": 4, "cifar_stem": True})
+        caplog.clear()
+        hist = fit(model, data, TrainConfig(epochs=3, loss="ce", lr=0.05, bn_recalibration_images=images), cpu, seed=0)
+        test_batch_stats = bn_gap(model, type(data)(data.test, data.test, None, data.mean, data.std, "none", 64, 128),
+                                  cpu, 128, 0)["batch_stats_top1"]
+        figs[images] = (evaluate(model, data, cpu)["top1"], test_batch_stats, hist[-1], caplog.text)
+    stale, fixed = figs[0], figs[1024]
+    assert stale[1] > 40 and stale[0] < stale[1] - 10  # the bug: the weights learned, eval mode did not
+    assert "BatchNorm running statistics do not fit" in stale[3] and "bn_recalibration_images" in stale[3]
+    assert abs(fixed[0] - fixed[1]) <= 3, fixed[:2]  # eval mode within a few points of batch statistics
+    assert fixed[2]["bn_recalibrated_images"] == 256
+    assert abs(fixed[2]["train_eval_mode_top1"] - fixed[2]["train_batch_stats_top1"]) <= 3
+    assert "do not fit" not in fixed[3]

@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import EdgekdError
 from ..fileio import write_json
 from .machine import machine_info
-from .measure import bench_model
+from .measure import bench_models, round_ratio
 from .runtimes import RUNTIMES, resolve
 
 log = logging.getLogger("edgekd")
@@ -53,32 +53,39 @@ def _eval_data(source: str, props: dict, image_size: int):
 def run_bench(args) -> int:
     runtimes = resolve(args.runtime)
     threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
-    results = []
+    files, metas, evals = {}, {}, {}
     for model in args.models:
         path = Path(model)
         if not path.is_file():
             raise EdgekdError(f"{path}: file not found")
-        meta = _meta(path, args.image_size)
-        x = y = None
+        name = path.stem if path.stem not in files else str(path)
+        files[name], metas[name] = path, _meta(path, args.image_size)
         if args.data:
-            x, y = _eval_data(args.data, meta["props"], meta["image_size"])
-        for rt in runtimes:
-            runtime = RUNTIMES.get(rt)
-            why = runtime.available()
-            if not why and runtime.fmt != meta["fmt"]:
-                why = f"runs .{runtime.fmt} files, not {path.name}"
-            if why:
-                print(f"skip {rt}: {why}")
-                continue
+            evals[name] = _eval_data(args.data, metas[name]["props"], metas[name]["image_size"])
+    results = []
+    for rt in runtimes:
+        runtime = RUNTIMES.get(rt)
+        why = runtime.available()
+        mine = {n: p for n, p in files.items() if metas[n]["fmt"] == runtime.fmt}
+        if not why and not mine:
+            why = f"runs .{runtime.fmt} files, none given"
+        if why:
+            print(f"skip {rt}: {why}")
+            continue
+        prep = lambda n: (metas[n]["image_size"], metas[n]["props"].get("edgekd.mean"), metas[n]["props"].get("edgekd.std"))  # noqa: E731
+        for key in dict.fromkeys(prep(n) for n in mine):  # models with the same input are timed together
+            group = {n: p for n, p in mine.items() if prep(n) == key}
+            size = key[0]
+            x, y = evals.get(next(iter(group)), (None, None))
             for t in threads:
-                try:
-                    res = bench_model(path, rt, t, meta["image_size"], args.batch, args.throughput_batch, args.warmup,
-                                      args.runs, x, y, peak_memory=args.peak_memory)
-                except EdgekdError:
-                    raise
-                except Exception as e:
-                    raise EdgekdError(f"{path} on {rt}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-                results.append({"model": str(path), **res})
+                def fail(name, e, rt=rt):
+                    if isinstance(e, EdgekdError):
+                        raise e
+                    raise EdgekdError(f"{files[name]} on {rt}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+                res = bench_models(group, rt, t, size, args.batch, args.throughput_batch, args.warmup, args.runs,
+                                   args.rounds, x, y, peak_memory=args.peak_memory, on_error=fail)
+                results += [{"model": str(files[n]), **r} for n, r in res.items()]
     mi = machine_info()
     print(f"# {mi['cpu']} ({', '.join(mi['isa'])}), {mi['cores']} cores")
     print(f"{'model':40s} {'runtime':12s} {'thr':>3s} {'p50 ms':>9s} {'p90 ms':>9s} {'p99 ms':>9s} {'img/s@b':>10s} {'peak MB':>8s} {'top-1':>7s}")
@@ -92,7 +99,7 @@ def run_bench(args) -> int:
         for r in results[1:]:
             if r["runtime"] == base["runtime"] and r["threads"] == base["threads"]:
                 print(f"ratio {Path(base['model']).name} / {Path(r['model']).name} on {r['runtime']}/{r['threads']}t: "
-                      f"{base['p50_ms'] / r['p50_ms']:.2f}x")
+                      f"{round_ratio(base, r):.2f}x (median of {r.get('rounds', 1)} interleaved rounds)")
     if args.json:
         write_json(args.json, {"machine": mi, "results": results})
     return 0

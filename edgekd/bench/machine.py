@@ -1,4 +1,8 @@
-"""CPU model and ISA flags, reported next to every speed figure."""
+"""CPU model and ISA flags, reported next to every speed figure and int8 verification.
+
+The flags come from the CPUID instruction as numpy's runtime dispatch reads it (what the
+kernels themselves dispatch on, also under an emulator or a masked virtual CPU), with
+/proc/cpuinfo for the flags numpy does not report (AMX, AVX-VNNI, ARM features)."""
 
 from __future__ import annotations
 
@@ -22,4 +26,34 @@ def machine_info() -> dict:
                     flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    flags = _with_cpuid(flags)
     return {"cpu": cpu, "arch": platform.machine(), "cores": os.cpu_count(), "isa": [f for f in _ISA if f in flags]}
+
+
+_CPUID = {"sse4_2": "SSE42", "avx": "AVX", "avx2": "AVX2", "fma": "FMA3", "f16c": "F16C", "avx512f": "AVX512F",
+          "avx512bw": "AVX512BW", "avx512_vnni": "AVX512VNNI", "avx512_bf16": "AVX512BF16"}
+
+
+def _with_cpuid(flags: set[str]) -> set[str]:
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as cpuid
+    except ImportError:
+        return flags
+    if "AVX2" not in cpuid:  # not x86
+        return flags
+    out = {f for f in flags if f not in _CPUID} | {f for f, k in _CPUID.items() if cpuid.get(k)}
+    if not cpuid.get("AVX512F"):
+        out -= {"amx_int8", "amx_bf16"}
+    if not cpuid.get("AVX2"):
+        out.discard("avx_vnni")
+    return out
+
+
+def int8_class(isa: list[str], arch: str) -> str:
+    """The CPU class that decides int8 kernels and their rounding, in words."""
+    if arch not in ("x86_64", "AMD64", "i686", "x86"):
+        return f"{arch} (ARM: {'dot-product' if 'asimddp' in isa else 'NEON'} int8)"
+    best = next((name for flag, name in (("amx_int8", "AMX-INT8"), ("avx512_vnni", "AVX-512 VNNI"),
+                                         ("avx_vnni", "AVX-VNNI"), ("avx512bw", "AVX-512 without VNNI"),
+                                         ("avx2", "AVX2 without VNNI")) if flag in isa), "pre-AVX2")
+    return f"x86-64 {best}"

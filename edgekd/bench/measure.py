@@ -16,48 +16,118 @@ log = logging.getLogger("edgekd")
 
 
 def time_runner(run, x: np.ndarray, warmup: int, runs: int) -> dict:
+    """One runner timed alone (throughput batches): p50/p90/p99 of `runs` calls after `warmup`."""
     for _ in range(warmup):
         run(x)
-    ts = np.empty(runs)
-    for i in range(runs):
-        t0 = time.perf_counter()
-        run(x)
-        ts[i] = time.perf_counter() - t0
-    ms = ts * 1e3
+    ms = np.array([_timed(run, x) for _ in range(runs)])
     return {"p50_ms": round(float(np.percentile(ms, 50)), 4), "p90_ms": round(float(np.percentile(ms, 90)), 4),
             "p99_ms": round(float(np.percentile(ms, 99)), 4), "runs": runs}
 
 
-def bench_model(path: Path, runtime: str, threads: int, image_size: int, batch: int = 1, throughput_batch: int = 32,
-                warmup: int = 30, runs: int = 200, eval_x: np.ndarray | None = None, eval_y: np.ndarray | None = None,
-                macs: int | None = None, peak_memory: bool = True) -> dict:
-    """All figures for one model file on one runtime at one thread count (peak memory in a
-    child process, see bench.peak)."""
+def _timed(run, x: np.ndarray) -> float:
+    t0 = time.perf_counter()
+    run(x)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(runners: dict, x: np.ndarray, warmup: int, runs: int, rounds: int) -> dict[str, dict]:
+    """Time several runners in rounds, rotating their order each round, so a burst of load from
+    another process lands on all of them alike instead of on whichever was timed in one block.
+
+    p50 is the median of the per-round medians; `round_p50_ms` keeps those, so speed ratios
+    are taken round by round (`round_ratio`), and `p50_iqr_ms` says how much rounds disagreed."""
+    names = list(runners)
+    for n in names:
+        for _ in range(warmup):
+            runners[n](x)
+    rounds = max(1, min(rounds, runs))
+    per_round = max(1, runs // rounds)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    medians: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            runners[n](x)  # one untimed call: the previous model may have evicted this one's caches
+            ts = [_timed(runners[n], x) for _ in range(per_round)]
+            samples[n] += ts
+            medians[n].append(float(np.median(ts)))
+    out = {}
+    for n in names:
+        ms, med = np.array(samples[n]), np.array(medians[n])
+        out[n] = {"p50_ms": round(float(np.median(med)), 4), "p90_ms": round(float(np.percentile(ms, 90)), 4),
+                  "p99_ms": round(float(np.percentile(ms, 99)), 4), "runs": int(len(ms)), "rounds": rounds,
+                  "round_p50_ms": [round(float(v), 4) for v in med],
+                  "p50_iqr_ms": [round(float(np.percentile(med, 25)), 4), round(float(np.percentile(med, 75)), 4)]}
+    return out
+
+
+def round_ratio(slow: dict, fast: dict) -> float:
+    """slow/fast speed ratio: the median of the per-round ratios when both were timed in the same
+    rounds (time_interleaved), else the ratio of their p50s."""
+    a, b = slow.get("round_p50_ms"), fast.get("round_p50_ms")
+    if a and b and len(a) == len(b):
+        return round(float(np.median(np.array(a) / np.array(b))), 3)
+    return round(slow["p50_ms"] / fast["p50_ms"], 3)
+
+
+def bench_models(paths: dict[str, Path], runtime: str, threads: int, image_size: int, batch: int = 1,
+                 throughput_batch: int = 32, warmup: int = 30, runs: int = 200, rounds: int = 10,
+                 eval_x: np.ndarray | None = None, eval_y: np.ndarray | None = None, macs: dict | None = None,
+                 peak_memory: bool = True, on_error=None) -> dict[str, dict]:
+    """All figures for several model files on one runtime at one thread count: latency timed
+    interleaved (time_interleaved), then throughput, peak memory (a child process, see
+    bench.peak) and accuracy per model. A model that fails to load or run is passed to
+    `on_error(name, exc)` and left out; without `on_error` the error propagates."""
     rt = RUNTIMES.get(runtime)()
     rng = np.random.default_rng(0)
-    run = rt.load(path, threads)
     x = rng.standard_normal((batch, 3, image_size, image_size), dtype=np.float32)
-    res = {"runtime": runtime, "version": rt.version(), "format": rt.fmt, "file": path.name,
-           "size_bytes": path.stat().st_size, "threads": threads, "batch": batch, **time_runner(run, x, warmup, runs)}
+    runners = {}
+    for name, path in paths.items():
+        try:
+            runners[name] = rt.load(path, threads)
+            runners[name](x)
+        except Exception as e:
+            if on_error is None:
+                raise
+            on_error(name, e)
+            runners.pop(name, None)
+    timed = time_interleaved(runners, x, warmup, runs, rounds)
     xb = rng.standard_normal((throughput_batch, 3, image_size, image_size), dtype=np.float32)
-    tb = time_runner(run, xb, max(2, warmup // 10), max(5, runs // 20))
-    res["throughput_batch"] = throughput_batch
-    res["throughput_ips"] = round(throughput_batch / (tb["p50_ms"] / 1e3), 1)
-    res["batched_inference"] = rt.batched  # False: the program takes one image at a time
-    if peak_memory:
-        res.update(measure_peak(runtime, path, threads, image_size, batch, throughput_batch))
-    if macs:
-        gmacs = macs * batch / (res["p50_ms"] / 1e3) / 1e9
-        res["gmacs_per_s"] = round(gmacs, 2)
-        peak = fp32_peak_gmacs(threads)
-        if peak:
-            res["fp32_peak_gmacs_est"], res["fp32_peak_basis"] = round(peak[0], 1), peak[1]
-            res["fraction_of_fp32_peak"] = round(gmacs / peak[0], 4)
-    if eval_x is not None:
-        logits = np.concatenate([run(eval_x[i : i + 250]) for i in range(0, len(eval_x), 250)])
-        res["top1"] = round(100.0 * float((logits.argmax(1) == eval_y).mean()), 3)
-        res["eval_images"] = int(len(eval_y))
-    return res
+    out = {}
+    for name, run in runners.items():
+        path = paths[name]
+        try:
+            res = {"runtime": runtime, "version": rt.version(), "format": rt.fmt, "file": path.name,
+                   "size_bytes": path.stat().st_size, "threads": threads, "batch": batch, **timed[name]}
+            tb = time_runner(run, xb, max(2, warmup // 10), max(5, runs // 20))
+            res["throughput_batch"] = throughput_batch
+            res["throughput_ips"] = round(throughput_batch / (tb["p50_ms"] / 1e3), 1)
+            res["batched_inference"] = rt.batched  # False: the program takes one image at a time
+            if peak_memory:
+                res.update(measure_peak(runtime, path, threads, image_size, batch, throughput_batch))
+            m = (macs or {}).get(name)
+            if m:
+                gmacs = m * batch / (res["p50_ms"] / 1e3) / 1e9
+                res["gmacs_per_s"] = round(gmacs, 2)
+                peak = fp32_peak_gmacs(threads)
+                if peak:
+                    res["fp32_peak_gmacs_est"], res["fp32_peak_basis"] = round(peak[0], 1), peak[1]
+                    res["fraction_of_fp32_peak"] = round(gmacs / peak[0], 4)
+            if eval_x is not None:
+                logits = np.concatenate([run(eval_x[i : i + 250]) for i in range(0, len(eval_x), 250)])
+                res["top1"] = round(100.0 * float((logits.argmax(1) == eval_y).mean()), 3)
+                res["eval_images"] = int(len(eval_y))
+        except Exception as e:
+            if on_error is None:
+                raise
+            on_error(name, e)
+            continue
+        out[name] = res
+    return out
+
+
+def bench_model(path: Path, runtime: str, threads: int, image_size: int, **kw) -> dict:
+    """bench_models for one file."""
+    return bench_models({path.stem: path}, runtime, threads, image_size, **kw)[path.stem]
 
 
 def fp32_peak_gmacs(threads: int) -> tuple[float, str] | None:

@@ -43,14 +43,19 @@ class Runtime:
         raise NotImplementedError
 
 
-def ort_session(path: Path, threads: int = 1):
-    """A CPU session with pinned intra-op threads (0 = onnxruntime's default); imports no torch."""
+def ort_session(path: Path, threads: int = 1, int8_kernels: bool = True):
+    """A CPU session with pinned intra-op threads (0 = onnxruntime's default); imports no torch.
+
+    `int8_kernels=False` turns graph optimizations off: Q/DQ pairs then run as plain float
+    math instead of being fused into int8 kernels, which is the reference arithmetic of a
+    QDQ file whatever this CPU's kernels do (quant.targets)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if int8_kernels
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import EdgekdError
 from ..fileio import atomic_path
+from .targets import TARGETS, Target
 
 log = logging.getLogger("edgekd")
 
@@ -33,9 +34,11 @@ class _Reader:
 
 
 def quantize_onnx(src: Path, dst: Path, calib: np.ndarray, method: str = "minmax", per_channel: bool = True,
-                  activation_type: str = "uint8", percentile: float = 99.999, reduce_range: bool = False,
+                  activation_type: str = "uint8", percentile: float = 99.999, target: Target = TARGETS["portable"],
                   exclude_depthwise: bool = False, keep_first_conv_fp32: bool = False) -> Path:
-    """QDQ int8: per-channel symmetric int8 weights, per-tensor activations calibrated on `calib`.
+    """QDQ int8: per-channel symmetric int8 weights on the target's grid (7-bit for `portable`,
+    see quant.targets), per-tensor activations calibrated on `calib`. The target is stamped
+    into the file's metadata, so verification and the device side know what it is for.
 
     `keep_first_conv_fp32` leaves the stem conv unquantized: with 3 input channels its int8
     kernel gains little, and quantizing raw pixels costs accuracy (measured on the shared
@@ -67,13 +70,16 @@ def quantize_onnx(src: Path, dst: Path, calib: np.ndarray, method: str = "minmax
             try:
                 quantize_static(
                     str(pre), str(tmp), _Reader(calib.astype(np.float32), input_name),
-                    quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range,
+                    quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=target.reduce_range,
                     activation_type=QuantType.QInt8 if activation_type == "int8" else QuantType.QUInt8,
                     weight_type=QuantType.QInt8, calibrate_method=methods[method],
                     nodes_to_exclude=nodes_to_exclude, extra_options=extra,
                 )
             except Exception as e:
                 raise EdgekdError(f"int8 quantization of {src.name} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    from ..onnx_export import set_metadata
+
+    set_metadata(dst, {"edgekd.int8_target": target.name, "edgekd.weight_qmax": str(target.weight_qmax)})
     return dst
 
 

@@ -1,8 +1,9 @@
 """Quantization-aware training with fake quantization that mirrors onnxruntime's int8 kernels.
 
 What ORT runs after static QDQ quantization (QDQ format, per-channel weights): int8
-symmetric per-output-channel weights, uint8 asymmetric per-tensor activations, BN folded
-into the conv. The modules here simulate exactly that in fp32 with straight-through
+symmetric per-output-channel weights (on the target's grid: |q| <= 127, or <= 64 for the
+7-bit weights of the `portable` target, see quant.targets), uint8 asymmetric per-tensor
+activations, BN folded into the conv. The modules here simulate exactly that in fp32 with straight-through
 gradients (torch.fake_quantize_* ops), so the KD fine-tune learns weights that survive it.
 
 Why not torch.ao / PT2E: in torch 2.14 the eager torch.ao.quantization flow is deprecated
@@ -68,33 +69,40 @@ class ActFakeQuant(nn.Module):
         return torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255)
 
 
-def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
-    """Per-output-channel symmetric int8 (ORT's QInt8 per-channel scheme: scale = max|w| / 127)."""
-    scale = (w.detach().abs().flatten(1).amax(1) / 127.0).clamp_min(1e-8)
+def fake_quant_weight(w: torch.Tensor, qmax: int = 127) -> torch.Tensor:
+    """Per-output-channel symmetric int8 on [-qmax, qmax] (ORT's QInt8 per-channel scheme:
+    scale = max|w| / 127, or max|w| / 64 with reduce_range)."""
+    scale = (w.detach().abs().flatten(1).amax(1) / qmax).clamp_min(1e-8)
     zp = torch.zeros_like(scale, dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, -128, 127)
+    return torch.fake_quantize_per_channel_affine(w, scale, zp, 0, -qmax, qmax)
 
 
 class QConv2d(nn.Conv2d):
+    weight_qmax: int = 127
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.act_fq(x), fake_quant_weight(self.weight), self.bias)
+        return self._conv_forward(self.act_fq(x), fake_quant_weight(self.weight, self.weight_qmax), self.bias)
 
 
 class QLinear(nn.Linear):
+    weight_qmax: int = 127
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.act_fq(x), fake_quant_weight(self.weight), self.bias)
+        return F.linear(self.act_fq(x), fake_quant_weight(self.weight, self.weight_qmax), self.bias)
 
 
-def wrap_qat(model: nn.Module, skip_first_conv: bool = False) -> nn.Module:
+def wrap_qat(model: nn.Module, skip_first_conv: bool = False, weight_qmax: int = 127) -> nn.Module:
     """Swap Conv2d/Linear for fake-quant versions (weights shared, an activation quantizer added).
 
-    `skip_first_conv` leaves the stem conv in fp32, matching PTQ's `keep_first_conv_fp32`."""
+    `skip_first_conv` leaves the stem conv in fp32, matching PTQ's `keep_first_conv_fp32`;
+    `weight_qmax` is the target's weight grid (quant.targets)."""
     first = next((m for m in model.modules() if type(m) is nn.Conv2d), None) if skip_first_conv else None
     for parent in list(model.modules()):
         for name, m in list(parent.named_children()):
             if type(m) in (nn.Conv2d, nn.Linear) and m is not first:
                 _ensure_bias(m)
                 m.__class__ = QConv2d if isinstance(m, nn.Conv2d) else QLinear
+                m.weight_qmax = weight_qmax
                 m.act_fq = ActFakeQuant().to(m.weight.device)
     return model
 
@@ -105,10 +113,18 @@ def snap_weights(model: nn.Module) -> nn.Module:
         for parent in list(model.modules()):
             for name, m in list(parent.named_children()):
                 if isinstance(m, (QConv2d, QLinear)):
-                    m.weight.copy_(fake_quant_weight(m.weight))
-                    del m.act_fq
+                    m.weight.copy_(fake_quant_weight(m.weight, m.weight_qmax))
+                    del m.act_fq, m.weight_qmax
                     m.__class__ = nn.Conv2d if isinstance(m, QConv2d) else nn.Linear
     return model
+
+
+W7 = "_w7"  # transform-name suffix: 7-bit weights (reduce_range targets)
+
+
+def qat_transform(keep_first_conv_fp32: bool, weight_qmax: int) -> str:
+    """The recorded name of a QAT wrapping, so a checkpoint rebuilds the same simulation."""
+    return ("qat_fp32_stem" if keep_first_conv_fp32 else "qat") + (W7 if weight_qmax < 127 else "")
 
 
 def apply_transform(model: nn.Module, name: str) -> nn.Module:
@@ -119,6 +135,7 @@ def apply_transform(model: nn.Module, name: str) -> nn.Module:
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 _ensure_bias(m)
         return model
-    if name in ("qat", "qat_fp32_stem"):
-        return wrap_qat(model, skip_first_conv=name == "qat_fp32_stem")
+    base, qmax = (name[: -len(W7)], 64) if name.endswith(W7) else (name, 127)
+    if base in ("qat", "qat_fp32_stem"):
+        return wrap_qat(model, skip_first_conv=base == "qat_fp32_stem", weight_qmax=qmax)
     raise ValueError(f"unknown model transform '{name}'")

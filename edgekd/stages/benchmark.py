@@ -1,5 +1,9 @@
 """benchmark: latency p50/p90/p99, throughput, memory, size and accuracy of every exported
-model on every available runtime, thread counts pinned; speed also as same-run ratios."""
+model on every available runtime, thread counts pinned; speed also as same-run ratios.
+
+The models of one runtime and thread count are timed interleaved in rounds
+(bench.measure.time_interleaved) and every ratio is the median of per-round ratios, so a
+noisy, shared machine moves all models alike and the ratios the CI gate compares hold."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import logging
 
 from pydantic import Field
 
-from ..bench.measure import bench_model
+from ..bench.measure import bench_models, round_ratio
 from ..bench.runtimes import RUNTIMES, resolve
 from ..config import Strict
 from .base import Stage, StageResult, register
@@ -27,7 +31,8 @@ class BenchmarkConfig(Strict):
     batch: int = Field(1, gt=0)
     throughput_batch: int = Field(32, gt=0)
     warmup: int = Field(30, ge=0)
-    runs: int = Field(200, gt=4)
+    runs: int = Field(200, gt=4, description="timed calls per model, spread over `rounds`")
+    rounds: int = Field(10, ge=1, description="interleaved timing rounds (model order rotates each round)")
     eval_images: int | None = Field(None, gt=0, description="test images for per-runtime accuracy (default: all)")
 
 
@@ -60,16 +65,16 @@ class Benchmark(Stage):
                 continue
             for threads in cfg.threads:
                 key = f"{rt}/{threads}t"
-                for name, path in files.items():
-                    try:
-                        res = bench_model(path, rt, threads, data.image_size, cfg.batch, cfg.throughput_batch, cfg.warmup,
-                                          cfg.runs, x, y, ctx.variants.get(name, {}).get("macs"),
-                                          peak_memory=threads == cfg.threads[0])
-                    except Exception as e:  # a runtime that cannot run one model must not sink the others
-                        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                        log.warning("benchmark: %s on %s failed: %s", name, key, msg)
-                        skipped[f"{key}:{name}"] = msg
-                        continue
+
+                def failed(name, e, key=key):  # a runtime that cannot run one model must not sink the others
+                    msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    log.warning("benchmark: %s on %s failed: %s", name, key, msg)
+                    skipped[f"{key}:{name}"] = msg
+
+                results = bench_models(files, rt, threads, data.image_size, cfg.batch, cfg.throughput_batch, cfg.warmup,
+                                       cfg.runs, cfg.rounds, x, y, {v: ctx.variants.get(v, {}).get("macs") for v in files},
+                                       peak_memory=threads == cfg.threads[0], on_error=failed)
+                for name, res in results.items():
                     log.info("benchmark %-24s %-18s p50 %.3f ms  top-1 %.2f", name, key, res["p50_ms"], res.get("top1", float("nan")))
                     entry = models.setdefault(name, {"latency": {}})
                     if runtime.fmt == "onnx":
@@ -80,7 +85,7 @@ class Benchmark(Stage):
             for key in (models.get(fast) or {}).get("latency", {}):
                 s = (models.get(slow) or {}).get("latency", {}).get(key)
                 if s:
-                    ratios[f"{slow}/{fast}@{key}"] = round(s["p50_ms"] / models[fast]["latency"][key]["p50_ms"], 3)
+                    ratios[f"{slow}/{fast}@{key}"] = round_ratio(s, models[fast]["latency"][key])
         for name, m in models.items():  # keep earlier figures (top1 by ORT etc.), add latency
             m["latency"] = {**(ctx.variants.get(name, {}).get("latency") or {}), **m["latency"]}
         metrics = {f"speedup.{k}": v for k, v in ratios.items()}

@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 
 from ..config import Strict
 from ..errors import EdgekdError
-from ..onnx_export import export_onnx, metadata, op_counts, set_metadata, verify
+from ..onnx_export import export_onnx, metadata, op_counts, set_metadata, verify, verify_int8
 from .base import Stage, StageResult, register
 
 log = logging.getLogger("edgekd")
@@ -58,7 +58,9 @@ class Export(Stage):
             """Stamp metadata on the ONNX file, verify it, and (if enabled) write and verify the .pte."""
             nonlocal calib
             set_metadata(path, metadata(data, name))
-            info[name] = {"verify": verify(path, reference, data, cfg.verify_images, **tol), "ops": op_counts(path)}
+            check = (verify_int8(path, reference, data, cfg.verify_images, tol["min_agreement"]) if int8
+                     else verify(path, reference, data, cfg.verify_images, **tol))
+            info[name] = {"verify": check, "ops": op_counts(path)}
             artifacts[f"onnx.{name}"] = ctx.rel(path)
             models[name] = {"size_bytes": path.stat().st_size, "onnx": ctx.rel(path)}
             if name in LABELS:
@@ -93,9 +95,9 @@ class Export(Stage):
 
                 # ExecuTorch quantizes the QAT-trained weights itself, as the int8 ONNX file was made
                 snapped = snap_weights(copy.deepcopy(ctx.model).cpu()) if pte else None
-                finish(name, dst, ctx.model, snapped, int8=True, max_abs=None, min_agreement=cfg.int8_min_agreement)
+                finish(name, dst, ctx.model, snapped, int8=True, min_agreement=cfg.int8_min_agreement)
             else:
-                finish(name, dst, float_model, int8=True, max_abs=None, min_agreement=cfg.ptq_min_agreement)
+                finish(name, dst, float_model, int8=True, min_agreement=cfg.ptq_min_agreement)
         unpruned = ctx.artifacts.get("model.unpruned")
         if unpruned:
             import torch

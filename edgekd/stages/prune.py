@@ -17,7 +17,8 @@ from ..data import iterate
 from ..errors import EdgekdError
 from ..models import rebuild
 from ..pruning import IMPORTANCE, accumulate_taylor_grads, make_pruner, pruning_history, resolve_ignored
-from ..train import TrainConfig, fit, recalibrate_bn
+from ..bn import recalibrate_bn
+from ..train import TrainConfig, fit
 from .base import Stage, StageResult, register
 
 log = logging.getLogger("edgekd")

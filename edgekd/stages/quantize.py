@@ -1,7 +1,8 @@
 """quantize: int8 by static PTQ (onnxruntime) and/or QAT with the teacher in the loop.
 
 Accuracy of every variant is measured by onnxruntime on the exported files, not by
-PyTorch's simulation."""
+PyTorch's simulation. `target` says which CPUs the files are for (quant.targets): the
+default, `portable`, gives the same numbers on every x86 and ARM CPU."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from ..data import stratified_indices
 from ..metrics import classification_metrics
 from ..onnx_export import export_onnx, onnx_logits
 from ..quant.ptq import quantize_onnx
-from ..quant.qat import apply_transform, snap_weights
+from ..quant.qat import apply_transform, qat_transform, snap_weights
+from ..quant.targets import TARGET_NAMES, resolve_target
 from ..train import TrainConfig, fit
 from .base import Stage, StageResult, register
 
@@ -36,6 +38,10 @@ class QATConfig(TrainConfig):
 
 class QuantizeConfig(Strict):
     method: Literal["ptq", "qat", "both"] = "both"
+    target: Literal[TARGET_NAMES] = Field(  # type: ignore[valid-type]
+        "portable", description="CPUs the int8 files are for: portable (7-bit weights, same numbers on every CPU) | "
+                                "x86_vnni | arm (8-bit weights; AVX2-only x86 saturates them) | x86_avx2 | native "
+                                "(this machine's)")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     per_channel: bool = True
     activation_type: Literal["uint8", "int8"] = "uint8"
@@ -62,9 +68,10 @@ class Quantize(Stage):
         data, d = ctx.data, ctx.stage_dir
         float_model = ctx.model.eval()
         calib = calibration_images(data, cfg.calibration.samples, ctx.cfg.seed)
+        target = resolve_target(cfg.target)
         qopts = dict(method=cfg.calibration.method, per_channel=cfg.per_channel, activation_type=cfg.activation_type,
                      percentile=cfg.calibration.percentile, exclude_depthwise=cfg.exclude_depthwise,
-                     keep_first_conv_fp32=cfg.keep_first_conv_fp32)
+                     keep_first_conv_fp32=cfg.keep_first_conv_fp32, target=target)
         labels = data.test.labels.numpy()
 
         def ort_figs(path, label):
@@ -75,15 +82,16 @@ class Quantize(Stage):
         models = {"student_fp32": {**ctx.measure(float_model), **ort_figs(fp32, "student fp32 (quantize input)")}}
         artifacts = {"onnx.student_fp32": ctx.rel(fp32)}
         info: dict = {"calibration": cfg.calibration.model_dump(), "per_channel": cfg.per_channel,
-                      "activation_type": cfg.activation_type, "keep_first_conv_fp32": cfg.keep_first_conv_fp32}
+                      "activation_type": cfg.activation_type, "keep_first_conv_fp32": cfg.keep_first_conv_fp32,
+                      "target": target.name, "weight_qmax": target.weight_qmax, "target_runs_on": target.runs_on}
         history: list = []
         if cfg.method in ("ptq", "both"):
             ptq = quantize_onnx(fp32, d / "int8_ptq.onnx", calib, **qopts)
             models["int8_ptq"] = ort_figs(ptq, "int8 PTQ")
             artifacts["onnx.int8_ptq"] = ctx.rel(ptq)
         if cfg.method in ("qat", "both"):
-            qat_transform = "qat_fp32_stem" if cfg.keep_first_conv_fp32 else "qat"
-            qmodel = apply_transform(apply_transform(copy.deepcopy(float_model).cpu(), "fold_bn"), qat_transform).to(ctx.device)
+            wrap = qat_transform(cfg.keep_first_conv_fp32, target.weight_qmax)
+            qmodel = apply_transform(apply_transform(copy.deepcopy(float_model).cpu(), "fold_bn"), wrap).to(ctx.device)
             teacher = ctx.teacher_logits(cfg.qat.cache_teacher) if cfg.uses_teacher() else None
             with torch.no_grad():  # initialise activation ranges on calibration images
                 qmodel.train()
@@ -100,7 +108,7 @@ class Quantize(Stage):
                                   "params": sim.get("params"), "macs": sim.get("macs")}
             artifacts["onnx.int8_qat"] = ctx.rel(qat)
             ctx.float_model, ctx.model = float_model, qmodel
-            ctx.transforms = ["fold_bn", qat_transform]
+            ctx.transforms = ["fold_bn", wrap]
         for k in ("int8_ptq", "int8_qat"):
             if k in models:
                 models[k].update({"params": models["student_fp32"].get("params"), "macs": models["student_fp32"].get("macs")})

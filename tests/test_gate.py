@@ -1,0 +1,90 @@
+"""The CI gate's statistics: speed timed interleaved in rounds (a burst of load hits every
+model alike, ratios are per round) and accuracy compared image by image (exact McNemar)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from edgekd.bench.measure import round_ratio, time_interleaved
+from edgekd.check import compare, mcnemar_p, paired, run_check
+
+
+def test_mcnemar_p_matches_the_binomial_tail():
+    assert mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(5, 0) == pytest.approx(1 / 32)
+    assert mcnemar_p(3, 3) == pytest.approx(sum(__import__("math").comb(6, k) for k in range(3, 7)) / 64)
+    assert mcnemar_p(12, 2) < 0.01 < mcnemar_p(8, 3)
+
+
+def _report(top1: float) -> dict:
+    return {"metrics": {"model.int8_qat.top1": top1}}
+
+
+def _preds(n: int, wrong: set[int]) -> list[int]:
+    return [1 if i in wrong else 0 for i in range(n)]  # label 0 everywhere: 1 is a miss
+
+
+def test_gate_fails_a_significant_drop_and_passes_noise_of_the_same_size_in_points():
+    labels = [0] * 500
+    base_wrong = set(range(0, 50))  # 90 % on 500 images
+    base = {"metrics": {"model.int8_qat.top1": {"value": 90.0, "tolerance": {"abs": 2.0}, "direction": "higher"}},
+            "predictions": {"labels": labels, "models": {"int8_qat": _preds(500, base_wrong)}}}
+    # 1.6 points down, but 20 images flipped each way and 8 more against: chance
+    noisy = base_wrong - set(range(20)) | set(range(100, 128))
+    rows, failed = compare(_report(100 - len(noisy) / 5), base, {"labels": labels, "models": {"int8_qat": _preds(500, noisy)}})
+    assert not failed and rows[0]["verdict"] == "ok" and "McNemar" in rows[0]["tolerance"]
+    # 1.6 points down, every flipped image against the new run: a real regression a 2-point tolerance misses
+    drop = base_wrong | set(range(100, 108))
+    rows, failed = compare(_report(100 - len(drop) / 5), base, {"labels": labels, "models": {"int8_qat": _preds(500, drop)}})
+    assert failed and rows[0]["verdict"] == "REGRESSION" and "8 worse, 0 better" in rows[0]["tolerance"]
+    # other images (another labels list): back to the fixed tolerance
+    rows, failed = compare(_report(88.4), base, {"labels": [0] * 400, "models": {"int8_qat": _preds(400, set())}})
+    assert not failed and rows[0]["tolerance"] == "±2"
+
+
+def test_check_reads_predictions_beside_the_report_and_baselines_keep_them(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.json").write_text(json.dumps({"metrics": {"model.int8_qat.top1": 90.0, "model.int8_qat.n": 10}}))
+    (run / "predictions.json").write_text(json.dumps({"split": "k", "labels": [0] * 10,
+                                                      "models": {"int8_qat": [0] * 9 + [1], "teacher": [0] * 10}}))
+    baseline = tmp_path / "b.json"
+    assert run_check(run, baseline, update=True) == 0
+    stored = json.loads(baseline.read_text())
+    assert set(stored["predictions"]["models"]) == {"int8_qat"}  # only the tracked variants
+    assert run_check(run, baseline) == 0 and "McNemar p=1" in capsys.readouterr().out
+    assert paired([0, 1, 0], [1, 0, 0], [0, 0, 0]) == {"worse": 1, "better": 1, "p_worse": 0.75, "p_better": 0.75}
+
+
+class _Clock:
+    """Runners whose cost is a fixed number of milliseconds, with a load burst between two
+    wall-clock instants that doubles whatever runs then."""
+
+    def __init__(self, burst_start: float, burst_len: float):
+        self.t0 = time.perf_counter()
+        self.burst = (burst_start, burst_start + burst_len)
+
+    def runner(self, ms: float):
+        def run(_x):
+            now = time.perf_counter() - self.t0
+            busy = self.burst[0] <= now < self.burst[1]
+            time.sleep(ms / 1e3 * (3.0 if busy else 1.0))
+        return run
+
+
+def test_interleaved_rounds_keep_the_ratio_when_a_burst_of_load_hits_one_block():
+    """Timed in blocks, a burst that lands on one model triples its figure; timed interleaved,
+    the per-round ratio's median stays at the true 4x."""
+    x = np.zeros(1, np.float32)
+    clock = _Clock(burst_start=0.05, burst_len=0.25)
+    blocked = {n: time_interleaved({n: clock.runner(ms)}, x, 0, 40, 1)[n] for n, ms in (("slow", 4.0), ("fast", 1.0))}
+    clock = _Clock(burst_start=0.05, burst_len=0.25)
+    rounds = time_interleaved({"slow": clock.runner(4.0), "fast": clock.runner(1.0)}, x, 0, 40, 10)
+    assert rounds["slow"]["rounds"] == 10 and len(rounds["fast"]["round_p50_ms"]) == 10
+    assert rounds["fast"]["p50_iqr_ms"][0] <= rounds["fast"]["p50_ms"] <= rounds["fast"]["p50_iqr_ms"][1]
+    assert round_ratio(rounds["slow"], rounds["fast"]) == pytest.approx(4.0, rel=0.25)
+    assert abs(round_ratio(blocked["slow"], blocked["fast"]) - 4.0) > 2.0  # the block timing's error
