@@ -24,6 +24,8 @@ from .fileio import write_json
 # (substring of the flat key, direction, default tolerance); first match wins
 RULES = [
     (".top1", "higher", {"abs": 2.0}),
+    (".corruption_top1", "higher", {"abs": 2.0}),
+    (".corruption_drop_points", "lower", {"abs": 2.0}),
     (".ece", "lower", {"abs": 0.05}),
     ("speedup.", "higher", {"rel": 0.30}),
     (".size_bytes", "lower", {"rel": 0.05}),

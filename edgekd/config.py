@@ -227,6 +227,9 @@ def validate(raw: Any) -> PipelineConfig:
             validated[i] = (name, STAGES.get(name).Config.model_validate(opts))
         except ValidationError as e:
             raise ConfigError(format_validation_error(e, ("stages", i, name), STAGES.get(name).Config)) from None
+    for i, (name, scfg) in validated.items():  # a stage option that depends on the rest of the pipeline
+        for key, why in getattr(scfg, "pipeline_problems", lambda _: [])(cfg):
+            raise ConfigError(f"stages[{i}].{name}.{key}: {why}")
     needs_teacher = [n for n, c in validated.values() if getattr(c, "uses_teacher", lambda: False)()]
     if needs_teacher and cfg.teacher is None:
         raise ConfigError(f"teacher: required key is missing (stages {', '.join(needs_teacher)} use a distillation loss)")

@@ -144,6 +144,9 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
         if info:
             L += ["", f"**{s['name']}**: " + ", ".join(f"{k} = {v}" for k, v in info.items())]
         L += _steps_table((s.get("info") or {}).get("steps"))
+    from .bench.quality import quality_markdown
+
+    L += quality_markdown(models)
     for title, fname in plots.items():
         L += ["", f"## {title}", "", f"![{title}]({fname})"]
     L += ["", "Figures are machine-readable in `report.json` (`metrics` holds the flat keys `edgekd check` compares).", ""]
@@ -219,7 +222,9 @@ def _plots(run_dir: Path, stages: list[dict], models: dict[str, dict]) -> dict[s
         a2.legend(fontsize=8)
         _save(fig, run_dir / "training.png")
         out["Training curves"] = "training.png"
+    from .bench.quality import quality_plots
     from .bench.summary import extra_plots
 
     out.update(extra_plots(run_dir, models, _save))
+    out.update(quality_plots(run_dir, models, _save))
     return out

@@ -27,6 +27,7 @@ from .losses import LOSSES, uses_teacher
 log = logging.getLogger("edgekd")
 POSTFIX_EVERY = 20  # steps between progress-bar loss readouts (each is a host-device sync)
 BN_GAP_WARN = 5.0  # points of eval-mode top-1 below batch-statistics top-1 that earn a warning
+BN_GAP_RECALIBRATE = 2.0  # ... and that make bn_recalibration "auto" re-estimate the statistics
 BN_CHECK_IMAGES = 512
 
 
@@ -51,8 +52,10 @@ class TrainConfig(Strict):
     cache_teacher: bool = Field(True, description="cache teacher logits on disk when augment is 'flip' or 'none'")
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     eval_every: int = Field(1, ge=0, description="evaluate every N epochs (0: only at the end)")
-    bn_recalibration_images: int = Field(1024, ge=0, description="re-estimate BatchNorm statistics on this many "
-                                         "training images when the run ends (0: keep the running averages)")
+    bn_recalibration: Literal["auto", "on", "off"] = Field(
+        "auto", description="re-estimate BatchNorm statistics when the run ends; auto = when eval-mode top-1 on training "
+                            "images is below batch-statistics top-1 (the running averages lag the weights)")
+    bn_recalibration_images: int = Field(1024, gt=0, description="training images BatchNorm statistics are re-estimated on")
 
     def uses_teacher(self) -> bool:
         return uses_teacher(self.loss)
@@ -202,15 +205,23 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, *,
 
 def _settle_bn(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, seed: int, rec: dict,
                desc: str) -> None:
-    """End of a run: BN statistics re-estimated for the final weights (bn.py), then checked."""
-    if recalibrate_bn(model, data, device, cfg.bn_recalibration_images, seed):
-        rec["bn_recalibrated_images"] = min(cfg.bn_recalibration_images, len(data.train))
+    """End of a run: are the BN running statistics those of the final weights (bn.py)? Where they
+    lag (or always, with "on"), re-estimate them; warn if eval mode is still far off.
+
+    "auto" leaves statistics that fit alone: averaged over a long run they are better estimates
+    than a re-estimate on a thousand images, and a well-converged model keeps its figures."""
     gap = bn_gap(model, data, device, BN_CHECK_IMAGES, seed + 1)
     if gap is None:
         return
+    lag = gap["batch_stats_top1"] - gap["eval_mode_top1"]
+    if cfg.bn_recalibration == "on" or (cfg.bn_recalibration == "auto" and lag > BN_GAP_RECALIBRATE):
+        recalibrate_bn(model, data, device, cfg.bn_recalibration_images, seed)
+        rec["bn_recalibrated_images"] = min(cfg.bn_recalibration_images, len(data.train))
+        rec["train_eval_mode_top1_before_recalibration"] = gap["eval_mode_top1"]
+        gap = bn_gap(model, data, device, BN_CHECK_IMAGES, seed + 1)
     rec.update({f"train_{k}": v for k, v in gap.items()})
     if gap["eval_mode_top1"] < gap["batch_stats_top1"] - BN_GAP_WARN:
         log.warning("%s: eval-mode top-1 %.1f %% is far below %.1f %% with batch statistics on the same training "
                     "images: BatchNorm running statistics do not fit the weights%s", desc, gap["eval_mode_top1"],
-                    gap["batch_stats_top1"], "" if cfg.bn_recalibration_images else
-                    " (set bn_recalibration_images > 0 to re-estimate them)")
+                    gap["batch_stats_top1"], " (set bn_recalibration: auto or on to re-estimate them)"
+                    if cfg.bn_recalibration == "off" else "")

@@ -400,3 +400,22 @@ def test_cli_validate_missing_file(tmp_path, capsys):
 def test_cli_set_with_unparsable_yaml_value(write_pipeline, minimal_pipeline, capsys):
     assert cli.main(["validate", str(write_pipeline(minimal_pipeline)), "--set", "data.mean=[1,"]) == 2
     assert _one_error_line(capsys).startswith("edgekd: error: --set data.mean=[1,: value is not valid YAML")
+
+
+def test_temperature_scaling_without_a_validation_split_names_what_to_fix(write_pipeline, minimal_pipeline):
+    minimal_pipeline["stages"].append({"export": {"temperature_scaling": "on"}})
+    msg = load_error(write_pipeline(minimal_pipeline))
+    assert msg.startswith("stages[1].export.temperature_scaling: needs a validation split: set data.val_split"), msg
+    minimal_pipeline["data"]["val_split"] = 0.2
+    load_pipeline(write_pipeline(minimal_pipeline))
+
+
+@pytest.mark.parametrize("opts,pattern", [
+    ({"corruptions": ["fog"]}, r"^stages\[1\]\.benchmark\.robustness\.corruptions\[0\]: Input should be 'gaussian_noise'"),
+    ({"severities": [6]}, r"^stages\[1\]\.benchmark\.robustness\.severities\[0\]: Input should be 1, 2, 3, 4 or 5 \(got 6\)"),
+    ({"corruption": ["jpeg"]}, r"^stages\[1\]\.benchmark\.robustness\.corruption: unknown key \(did you mean 'corruptions'\?\)"),
+])
+def test_bad_robustness_options_name_their_key(write_pipeline, minimal_pipeline, opts, pattern):
+    minimal_pipeline["stages"].append({"benchmark": {"robustness": opts}})
+    msg = load_error(write_pipeline(minimal_pipeline))
+    assert re.search(pattern, msg), msg

@@ -256,3 +256,27 @@ def test_source_has_no_torch_import():
     src = CLASSIFY.read_text()
     for bad in ("import torch", "from torch", "import edgekd", "from edgekd", "torchvision"):
         assert bad not in src
+
+
+@pytest.mark.parametrize("temperature", ["2.5", "0.5"])
+def test_temperature_from_the_metadata_scales_the_probabilities(work, temperature):
+    m = onnx.load(str(work["model"]))
+    onnx.helper.set_model_props(m, {**META, "edgekd.temperature": temperature})
+    hot = work["dir"] / f"t{temperature}.onnx"
+    onnx.save(m, str(hot))
+    plain = {t["class"]: t["prob"] for t in json.loads(_run(work["model"], work["png"], "--json").stdout)[0]["top"]}
+    scaled = {t["class"]: t["prob"] for t in json.loads(_run(hot, work["png"], "--json").stdout)[0]["top"]}
+    # softmax(z / T) = softmax(z)^(1/T), renormalised: same ranking, flatter for T > 1
+    powered = {c: p ** (1 / float(temperature)) for c, p in plain.items()}
+    total = sum(powered.values())
+    for c in CLASSES:
+        assert scaled[c] == pytest.approx(powered[c] / total, rel=1e-4)
+    assert max(scaled, key=scaled.get) == max(plain, key=plain.get)
+
+
+def test_bad_temperature_metadata_is_one_line(work):
+    m = onnx.load(str(work["model"]))
+    onnx.helper.set_model_props(m, {**META, "edgekd.temperature": "-1"})
+    bad = work["dir"] / "badt.onnx"
+    onnx.save(m, str(bad))
+    assert "edgekd.temperature' must be > 0" in _one_error_line(_run(bad, work["png"]))

@@ -24,8 +24,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not (SHARED / "data" / "cifar1
 def pipeline(target_macs: float = 0.7) -> dict:
     return {
         "name": "e2e", "seed": 0, "device": "cpu",
-        "data": {"source": str(SHARED / "data/cifar10-jpg.tar.gz"), "num_classes": 10, "subset": 200,
-                 "test_subset": 200, "augment": "flip", "batch_size": 50},
+        "data": {"source": str(SHARED / "data/cifar10-jpg.tar.gz"), "num_classes": 10, "subset": 250,
+                 "test_subset": 200, "val_split": 0.2, "augment": "flip", "batch_size": 50},
         "teacher": {"arch": "resnet50", "cifar_stem": True, "checkpoint": str(SHARED / "models/resnet50_cifar10.pt")},
         "student": {"arch": "mobilenet_v2", "cifar_stem": True, "checkpoint": str(SHARED / "models/mobilenet_v2_cifar10.pt")},
         "stages": [
@@ -34,7 +34,9 @@ def pipeline(target_macs: float = 0.7) -> dict:
             {"quantize": {"method": "both", "calibration": {"samples": 100}, "qat": {"epochs": 1, "lr": 0.0005}}},
             {"export": {"include_teacher": False, "verify_images": 100}},
             {"benchmark": {"runtimes": ["onnxruntime", "openvino", "executorch"], "runs": 10, "warmup": 2,
-                           "throughput_batch": 8}},
+                           "throughput_batch": 8, "rounds": 5,
+                           "robustness": {"corruptions": ["gaussian_noise", "jpeg", "occlusion"], "severities": [1, 4],
+                                          "images": 100}}},
         ],
     }
 
@@ -100,16 +102,39 @@ def test_run_leaves_manifest_reports_and_artifacts(run_dir):
     md = (run_dir / "report.md").read_text()
     assert report["headline"] in md and "| model | top-1 %" in md
     assert "| step | MACs kept | params | top-1 pruned | after BN recal. | after fine-tune |" in md
-    for png in ("accuracy.png", "training.png", "pareto.png", "size.png"):
+    for png in ("accuracy.png", "training.png", "pareto.png", "size.png", "robustness.png", "reliability.png"):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
         assert f"]({png})" in md
+    # int8 files verified on this CPU's kernels (the default target runs exactly everywhere)
+    for k in ("int8_ptq", "int8_qat"):
+        v = export["info"][k]["verify"]
+        assert v["target"] == "portable" and v["arithmetic"] == "this CPU's int8 kernels" and v["verified_on"].startswith(("x86", "aarch", "arm"))
+    # robustness of every ONNX variant on the same corrupted images, and in the gate's metrics
+    for k in ("student_fp32", "int8_ptq", "int8_qat", "student_unpruned_fp32"):
+        r = models[k]["robustness"]
+        assert r["images"] == 100 and set(r["by_corruption"]) == {"gaussian_noise", "jpeg", "occlusion"}
+        assert r["corruption_top1"] <= r["clean_top1"] + 3 and f"model.{k}.corruption_top1" in report["metrics"]
+    assert "## Robustness" in md and "## Calibration" in md
+    # a temperature per student file, fit on the validation split, in the file and in the report
+    import onnx
+
+    for k in ("student_fp32", "int8_qat"):
+        c = models[k]["calibration"]
+        assert c["val_images"] == 50 and c["top1"] == c["top1_after"] and c["temperature"] > 0
+        props = {p.key: p.value for p in onnx.load(str(run_dir / models[k]["onnx"])).metadata_props}
+        assert float(props["edgekd.temperature"]) == pytest.approx(c["temperature"])
+    # predictions for the paired accuracy test, kept out of report.json
+    preds = json.loads((run_dir / "predictions.json").read_text())
+    assert len(preds["labels"]) == 200 and len(preds["models"]["int8_qat"]) == 200
+    assert "predictions" not in json.dumps(report["models"])
 
 
 def test_check_passes_on_itself_and_fails_on_a_degraded_run(run_dir, tmp_path, capsys):
     baseline = tmp_path / "baseline.json"
     assert main(["check", str(run_dir / "report.json"), "--baseline", str(baseline), "--update-baseline"]) == 0
     assert main(["check", str(run_dir / "report.json"), "--baseline", str(baseline)]) == 0
-    assert "PASS" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "PASS" in out and "McNemar p=1 (0 worse, 0 better)" in out
     # a real degraded run: prune far harder (15 % of MACs) with the same tiny fine-tune
     out = tmp_path / "degraded"
     degraded = pipeline(target_macs=0.15)
@@ -119,6 +144,7 @@ def test_check_passes_on_itself_and_fails_on_a_degraded_run(run_dir, tmp_path, c
     assert main(["check", str(out / "report.json"), "--baseline", str(baseline)]) == 1
     table = capsys.readouterr().out
     assert "REGRESSION" in table and "model.int8_qat.top1" in table and "FAIL" in table
+    assert next(line for line in table.splitlines() if line.startswith("model.int8_qat.top1 ")).split()[-1] == "REGRESSION"
     header = next(line for line in table.splitlines() if line.startswith("metric"))
     assert header.split() == ["metric", "baseline", "now", "delta", "tolerance", "verdict"]
 

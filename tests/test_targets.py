@@ -22,7 +22,7 @@ from edgekd.bench.machine import int8_class, machine_info
 from edgekd.errors import EdgekdError
 from edgekd.onnx_export import export_onnx, read_metadata, run_onnx, verify, verify_int8
 from edgekd.quant.ptq import quantize_onnx
-from edgekd.quant.qat import apply_transform, qat_transform, snap_weights
+from edgekd.quant.qat import activation_ranges, apply_transform, qat_transform, snap_weights
 from edgekd.quant.targets import TARGETS, resolve_target, saturating_cpu
 
 from test_compress import SPEC, tiny_data
@@ -149,8 +149,16 @@ def test_qat_simulates_the_targets_grid_so_model_and_file_agree(tmp_path, target
     q.eval()
     snapped = snap_weights(copy.deepcopy(q))
     onnx_path = export_onnx(snapped, tmp_path / "snap.onnx", 32)
+    ranges = activation_ranges(q)
     int8 = quantize_onnx(onnx_path, tmp_path / "q.onnx", data.normalize(data.train.images[:32]).numpy(), target=t,
-                         keep_first_conv_fp32=True)
+                         keep_first_conv_fp32=True, activation_ranges=ranges)
+    # the file quantizes each layer's input on the range QAT learned, not a re-calibrated one
+    m = onnx.load(str(int8))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
+    feeding = {n.input[1]: n.input[0] for n in onnx.load(str(onnx_path)).graph.node if n.op_type in ("Conv", "Gemm")}
+    for weight, (lo, hi) in ranges.items():
+        q_node = next(n for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == feeding[weight])
+        assert float(inits[q_node.input[1]]) == pytest.approx((hi - lo) / 255, rel=1e-5)
     # re-quantizing the snapped weights reproduces them: the file holds the trained int8 weights
     snapped_convs = [m.weight.detach() for m in snapped.modules() if isinstance(m, (nn.Conv2d, nn.Linear))][1:]
     in_file = int8_weights(int8)

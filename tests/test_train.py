@@ -85,18 +85,26 @@ def test_a_short_mobilenet_v3_run_ends_with_bn_statistics_that_fit_its_weights(a
 
     data, cpu = learnable_data(), torch.device("cpu")
     figs = {}
-    for images in (0, 1024):
+    for mode in ("off", "auto"):
         torch.manual_seed(0)
         model = build({"arch": arch, "num_classes": 4, "cifar_stem": True})
         caplog.clear()
-        hist = fit(model, data, TrainConfig(epochs=3, loss="ce", lr=0.05, bn_recalibration_images=images), cpu, seed=0)
+        hist = fit(model, data, TrainConfig(epochs=3, loss="ce", lr=0.05, bn_recalibration=mode), cpu, seed=0)
         test_batch_stats = bn_gap(model, type(data)(data.test, data.test, None, data.mean, data.std, "none", 64, 128),
                                   cpu, 128, 0)["batch_stats_top1"]
-        figs[images] = (evaluate(model, data, cpu)["top1"], test_batch_stats, hist[-1], caplog.text)
-    stale, fixed = figs[0], figs[1024]
+        figs[mode] = (evaluate(model, data, cpu)["top1"], test_batch_stats, hist[-1], caplog.text, model)
+    stale, fixed = figs["off"], figs["auto"]
     assert stale[1] > 40 and stale[0] < stale[1] - 10  # the bug: the weights learned, eval mode did not
-    assert "BatchNorm running statistics do not fit" in stale[3] and "bn_recalibration_images" in stale[3]
+    assert "BatchNorm running statistics do not fit" in stale[3] and "bn_recalibration: auto or on" in stale[3]
     assert abs(fixed[0] - fixed[1]) <= 3, fixed[:2]  # eval mode within a few points of batch statistics
     assert fixed[2]["bn_recalibrated_images"] == 256
+    assert fixed[2]["train_eval_mode_top1_before_recalibration"] < fixed[2]["train_eval_mode_top1"] - 10
     assert abs(fixed[2]["train_eval_mode_top1"] - fixed[2]["train_batch_stats_top1"]) <= 3
     assert "do not fit" not in fixed[3]
+    # statistics that fit are left alone by "auto" (a long run's averages beat a re-estimate)
+    from edgekd.train import _settle_bn
+
+    rec, before = {}, {k: v.clone() for k, v in fixed[4].state_dict().items() if "running" in k}
+    _settle_bn(fixed[4], data, TrainConfig(), cpu, 0, rec, "again")
+    assert "bn_recalibrated_images" not in rec and "train_eval_mode_top1" in rec
+    assert all(torch.equal(v, fixed[4].state_dict()[k]) for k, v in before.items())

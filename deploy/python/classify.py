@@ -15,6 +15,9 @@ edgekd's exporter:
     edgekd.std         JSON list of 3 floats
     edgekd.layout      "NCHW"
     edgekd.resize      "resize" (whole image to H x W, bilinear)
+    edgekd.temperature softmax temperature fit on held-out images (optional, default 1):
+                       probabilities are softmax(logits / T), so a threshold on them
+                       means what it says
 
 Works the same for fp32 and int8 QDQ models: the input is always float32.
 Exit status: 0 ok, 1 runtime/model/image error, 2 usage error.
@@ -89,7 +92,15 @@ def parse_metadata(meta: dict) -> dict:
         raise ClassifyError(f"unsupported layout {layout!r} (supported: {', '.join(SUPPORTED_LAYOUTS)})")
     if resize not in SUPPORTED_RESIZE:
         raise ClassifyError(f"unsupported resize mode {resize!r} (supported: {', '.join(SUPPORTED_RESIZE)})")
+    temperature = meta.get(META_PREFIX + "temperature", "1")
+    try:
+        temperature = float(temperature)
+    except ValueError:
+        raise ClassifyError(f"model metadata 'edgekd.temperature' is not a number: {temperature!r}") from None
+    if not 0 < temperature < float("inf"):
+        raise ClassifyError(f"model metadata 'edgekd.temperature' must be > 0, got {temperature!r}")
     return {
+        "temperature": temperature,
         "classes": [str(c) for c in classes],
         "input_size": tuple(size),
         "mean": [float(v) for v in mean],
@@ -173,7 +184,7 @@ def classify(model_path: str, images: list[str], top_k: int = 5, threads: int | 
     classes = spec["classes"]
     if logits.shape[1] != len(classes):
         raise ClassifyError(f"model outputs {logits.shape[1]} scores but metadata lists {len(classes)} classes")
-    probs = softmax(logits)
+    probs = softmax(logits / spec["temperature"])
     k = max(1, min(top_k, len(classes)))
     results = []
     for path, p in zip(images, probs):

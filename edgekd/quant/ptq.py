@@ -35,10 +35,16 @@ class _Reader:
 
 def quantize_onnx(src: Path, dst: Path, calib: np.ndarray, method: str = "minmax", per_channel: bool = True,
                   activation_type: str = "uint8", percentile: float = 99.999, target: Target = TARGETS["portable"],
-                  exclude_depthwise: bool = False, keep_first_conv_fp32: bool = False) -> Path:
+                  exclude_depthwise: bool = False, keep_first_conv_fp32: bool = False,
+                  activation_ranges: dict[str, tuple[float, float]] | None = None) -> Path:
     """QDQ int8: per-channel symmetric int8 weights on the target's grid (7-bit for `portable`,
     see quant.targets), per-tensor activations calibrated on `calib`. The target is stamped
     into the file's metadata, so verification and the device side know what it is for.
+
+    `activation_ranges` maps a Conv/Gemm weight's initializer name to the (min, max) its input
+    should be quantized with: QAT's learned ranges, so the file runs the activation grid the
+    weights were trained under instead of re-calibrating it (calibration then only sets the
+    tensors QAT does not simulate, such as residual-add outputs).
 
     `keep_first_conv_fp32` leaves the stem conv unquantized: with 3 input channels its int8
     kernel gains little, and quantizing raw pixels costs accuracy (measured on the shared
@@ -66,6 +72,8 @@ def quantize_onnx(src: Path, dst: Path, calib: np.ndarray, method: str = "minmax
         if keep_first_conv_fp32 and convs:
             nodes_to_exclude.append(convs[0].name)
         input_name = graph.input[0].name
+        if activation_ranges:
+            extra["TensorQuantOverrides"] = _range_overrides(graph, activation_ranges)
         with atomic_path(dst) as tmp:
             try:
                 quantize_static(
@@ -81,6 +89,27 @@ def quantize_onnx(src: Path, dst: Path, calib: np.ndarray, method: str = "minmax
 
     set_metadata(dst, {"edgekd.int8_target": target.name, "edgekd.weight_qmax": str(target.weight_qmax)})
     return dst
+
+
+def _range_overrides(graph, ranges: dict[str, tuple[float, float]]) -> dict:
+    """onnxruntime TensorQuantOverrides (rmin/rmax) for the input tensor of each Conv/Gemm whose
+    weight has a range; a tensor feeding several of them gets the union. Shape-only ops
+    (Flatten before the classifier) pass their input's quantization through in onnxruntime,
+    so their input gets the range too."""
+    producer = {o: n for n in graph.node for o in n.output}
+    by_tensor: dict[str, tuple[float, float]] = {}
+    for n in graph.node:
+        if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in ranges:
+            lo, hi = ranges[n.input[1]]
+            tensor = n.input[0]
+            while True:
+                old = by_tensor.get(tensor, (lo, hi))
+                by_tensor[tensor] = (min(lo, old[0], 0.0), max(hi, old[1], 0.0))
+                p = producer.get(tensor)
+                if p is None or p.op_type not in ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose"):
+                    break
+                tensor = p.input[0]
+    return {t: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for t, (lo, hi) in by_tensor.items()}
 
 
 def _group(node) -> int:

@@ -107,6 +107,13 @@ def wrap_qat(model: nn.Module, skip_first_conv: bool = False, weight_qmax: int =
     return model
 
 
+def activation_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
+    """Each fake-quant layer's learned input range, keyed by its weight's name (the ONNX
+    initializer name of the exported layer), for quant.ptq.quantize_onnx."""
+    return {f"{name}.weight": (float(m.act_fq.lo), float(m.act_fq.hi)) for name, m in model.named_modules()
+            if isinstance(m, (QConv2d, QLinear)) and bool(m.act_fq.initialized)}
+
+
 def snap_weights(model: nn.Module) -> nn.Module:
     """Replace each fake-quant module by a plain one whose weights sit on the int8 grid (for export)."""
     with torch.no_grad():

@@ -3,17 +3,22 @@ model on every available runtime, thread counts pinned; speed also as same-run r
 
 The models of one runtime and thread count are timed interleaved in rounds
 (bench.measure.time_interleaved) and every ratio is the median of per-round ratios, so a
-noisy, shared machine moves all models alike and the ratios the CI gate compares hold."""
+noisy, shared machine moves all models alike and the ratios the CI gate compares hold.
+
+With `robustness` on, every ONNX variant (the int8 files as onnxruntime runs them) is also
+scored on corrupted test images (edgekd.robustness)."""
 
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..bench.measure import bench_models, round_ratio
 from ..bench.runtimes import RUNTIMES, resolve
 from ..config import Strict
+from ..robustness import CORRUPTIONS
 from .base import Stage, StageResult, register
 
 log = logging.getLogger("edgekd")
@@ -21,6 +26,14 @@ log = logging.getLogger("edgekd")
 RATIOS = [("int8_qat", "student_fp32"), ("int8_ptq", "student_fp32"), ("student_fp32", "student_unpruned_fp32"),
           ("int8_qat", "student_unpruned_fp32"), ("int8_qat", "teacher_fp32"), ("int8_ptq", "teacher_fp32"),
           ("student_fp32", "teacher_fp32")]
+
+
+class RobustnessConfig(Strict):
+    enabled: bool = True
+    corruptions: list[Literal[tuple(CORRUPTIONS)]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(CORRUPTIONS), min_length=1, description="CIFAR-10-C style corruptions")
+    severities: list[Literal[1, 2, 3, 4, 5]] = Field(default_factory=lambda: [1, 2, 3, 4, 5], min_length=1)
+    images: int | None = Field(1000, gt=0, description="test images corrupted (default 1000; null: all)")
 
 
 class BenchmarkConfig(Strict):
@@ -34,6 +47,13 @@ class BenchmarkConfig(Strict):
     runs: int = Field(200, gt=4, description="timed calls per model, spread over `rounds`")
     rounds: int = Field(10, ge=1, description="interleaved timing rounds (model order rotates each round)")
     eval_images: int | None = Field(None, gt=0, description="test images for per-runtime accuracy (default: all)")
+    robustness: RobustnessConfig = Field(default_factory=lambda: RobustnessConfig(enabled=False),
+                                         description="accuracy on corrupted test images (true | false | options)")
+
+    @field_validator("robustness", mode="before")
+    @classmethod
+    def _switch(cls, v):
+        return {"enabled": v} if isinstance(v, bool) else v
 
 
 def _files(ctx, fmt: str) -> dict:
@@ -89,5 +109,34 @@ class Benchmark(Stage):
         for name, m in models.items():  # keep earlier figures (top1 by ORT etc.), add latency
             m["latency"] = {**(ctx.variants.get(name, {}).get("latency") or {}), **m["latency"]}
         metrics = {f"speedup.{k}": v for k, v in ratios.items()}
-        return StageResult(metrics=metrics, models=models, info={"ratios": ratios, "skipped": skipped,
-                                                                  "eval_images": int(n), "threads": cfg.threads})
+        info = {"ratios": ratios, "skipped": skipped, "eval_images": int(n), "threads": cfg.threads}
+        if cfg.robustness.enabled:
+            info["robustness"] = self._robustness(ctx, models)
+        return StageResult(metrics=metrics, models=models, info=info)
+
+    def _robustness(self, ctx, models: dict) -> dict:
+        """Every ONNX variant on the same corrupted test images; drops relative to the teacher's."""
+        from tqdm import tqdm
+
+        from ..onnx_export import run_onnx
+        from ..robustness import evaluate_robustness
+
+        rc: RobustnessConfig = self.config.robustness
+        data = ctx.data
+        n = min(rc.images or len(data.test), len(data.test))
+        files = _files(ctx, "onnx")
+        runners = {v: (lambda x, p=p: run_onnx(p, x, batch=250)) for v, p in files.items()}
+        with tqdm(total=len(rc.corruptions) * len(rc.severities), desc="robustness", unit="corruption") as bar:
+            res = evaluate_robustness(runners, data.test.images[:n], data.test.labels[:n].numpy(), data.normalize,
+                                      rc.corruptions, rc.severities, ctx.cfg.seed, bar.update)
+        teacher = res.get("teacher_fp32")
+        for v, r in res.items():
+            r["drop_points"] = round(r["clean_top1"] - r["corruption_top1"], 3)
+            if teacher is not None:
+                r["drop_vs_teacher_points"] = round(r["drop_points"] - (teacher["clean_top1"] - teacher["corruption_top1"]), 3)
+            entry = models.setdefault(v, {"latency": {}})
+            entry["robustness"] = r
+            entry["corruption_top1"], entry["corruption_drop_points"] = r["corruption_top1"], r["drop_points"]
+            log.info("robustness %-24s clean %.2f  corrupted %.2f  (drop %.2f points)", v, r["clean_top1"],
+                     r["corruption_top1"], r["drop_points"])
+        return {"corruptions": rc.corruptions, "severities": rc.severities, "images": n, "runtime": "onnxruntime"}

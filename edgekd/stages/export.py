@@ -1,6 +1,9 @@
 """export: ONNX fp32 (and the int8 files of the quantize stage) with runner metadata,
 each verified in onnxruntime against its PyTorch counterpart on real test images; and, when
-ExecuTorch is installed, the same variants as XNNPACK .pte programs, verified likewise."""
+ExecuTorch is installed, the same variants as XNNPACK .pte programs, verified likewise.
+
+With a validation split, each student file also gets a softmax temperature fit on it (as its
+runtime runs it) and stored in its metadata (edgekd.calibration)."""
 
 from __future__ import annotations
 
@@ -32,11 +35,21 @@ class ExportConfig(Strict):
         "auto", description="also write ExecuTorch/XNNPACK .pte programs (int8 by ExecuTorch's own PT2E PTQ); "
                             "auto = when executorch is installed")
 
-    @field_validator("executorch", mode="before")
+    temperature_scaling: Literal["auto", "on", "off"] = Field(
+        "auto", description="fit a softmax temperature per student file on the validation split and store it in the "
+                            "file's metadata; auto = when data.val_split > 0")
+
+    @field_validator("executorch", "temperature_scaling", mode="before")
     @classmethod
     def _yaml_switch(cls, v):
         """YAML 1.1 reads a bare on/off as true/false; take either spelling."""
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+    def pipeline_problems(self, pipeline) -> list[tuple[str, str]]:
+        if self.temperature_scaling == "on" and not pipeline.data.val_split:
+            return [("temperature_scaling", "needs a validation split: set data.val_split (e.g. 0.1); the temperature "
+                                            "is fit on images held out from training, never on the test split")]
+        return []
 
 
 LABELS = {"student_unpruned_fp32": "unpruned student fp32", "teacher_fp32": "teacher fp32"}
@@ -111,9 +124,39 @@ class Export(Stage):
             t = copy.deepcopy(ctx.teacher).cpu()
             p = export_onnx(t, d / "teacher_fp32.onnx", data.image_size, cfg.opset)
             finish("teacher_fp32", p, t, max_abs=cfg.fp32_max_abs_diff * 10, min_agreement=cfg.fp32_min_agreement)
+        if cfg.temperature_scaling == "on" or (cfg.temperature_scaling == "auto" and data.val is not None):
+            self._calibrate(ctx, models, info)
         fp = info["student_fp32"]["verify"]
         return StageResult(metrics={"fp32_max_abs_diff": fp["max_abs_diff"], "fp32_top1_agreement": fp["top1_agreement"]},
                            models=models, artifacts=artifacts, info=info)
+
+    @staticmethod
+    def _calibrate(ctx, models: dict, info: dict) -> None:
+        """A temperature per student file, fit on that file's own validation logits."""
+        from ..calibration import calibrate
+        from ..onnx_export import run_onnx
+
+        data = ctx.data
+        if data.val is None:
+            raise EdgekdError("export.temperature_scaling: on, but the data has no validation split (set data.val_split)")
+        xv, yv = data.normalize(data.val.images).numpy(), data.val.labels.numpy()
+        xt, yt = data.normalize(data.test.images).numpy(), data.test.labels.numpy()
+        for name in [n for n in ("student_fp32", "int8_ptq", "int8_qat", "student_unpruned_fp32") if n in models]:
+            path = ctx.run_dir / models[name]["onnx"]
+            res = calibrate(run_onnx(path, xv), yv, run_onnx(path, xt), yt, data.classes)
+            set_metadata(path, {"edgekd.temperature": repr(res["temperature"])})
+            info[name]["calibration"] = {k: v for k, v in res.items() if not k.startswith("reliability")}
+            models[name].update({"calibration": res, "temperature": res["temperature"], "ece_calibrated": res["ece_after"]})
+            if "pte_verify" in info[name]:  # the .pte program is its own quantization: its own temperature
+                from ..pte_export import pte_runner, read_sidecar, write_sidecar
+
+                pte = path.with_suffix(".pte")
+                run = pte_runner(pte, 1)
+                pres = calibrate(run(xv), yv, run(xt), yt, data.classes)
+                write_sidecar(pte, {**read_sidecar(pte), "edgekd.temperature": repr(pres["temperature"])})
+                info[name]["pte_calibration"] = {k: v for k, v in pres.items() if not k.startswith("reliability")}
+            log.info("export: %s temperature %.3f, test ECE %.4f -> %.4f", name, res["temperature"], res["ece_before"],
+                     res["ece_after"])
 
     @staticmethod
     def _pte_enabled(cfg: ExportConfig, info: dict) -> bool:

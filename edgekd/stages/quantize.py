@@ -18,7 +18,7 @@ from ..data import stratified_indices
 from ..metrics import classification_metrics
 from ..onnx_export import export_onnx, onnx_logits
 from ..quant.ptq import quantize_onnx
-from ..quant.qat import apply_transform, qat_transform, snap_weights
+from ..quant.qat import activation_ranges, apply_transform, qat_transform, snap_weights
 from ..quant.targets import TARGET_NAMES, resolve_target
 from ..train import TrainConfig, fit
 from .base import Stage, StageResult, register
@@ -102,7 +102,7 @@ class Quantize(Stage):
             qmodel.eval()
             sim = ctx.measure(qmodel)
             snapped = export_onnx(snap_weights(copy.deepcopy(qmodel).cpu()), d / "qat_float.onnx", data.image_size)
-            qat = quantize_onnx(snapped, d / "int8_qat.onnx", calib, **qopts)
+            qat = quantize_onnx(snapped, d / "int8_qat.onnx", calib, activation_ranges=activation_ranges(qmodel), **qopts)
             snapped.unlink()
             models["int8_qat"] = {**ort_figs(qat, "int8 QAT"), "torch_fake_quant_top1": sim["top1"],
                                   "params": sim.get("params"), "macs": sim.get("macs")}

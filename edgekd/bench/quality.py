@@ -1,0 +1,79 @@
+"""The report's robustness and calibration sections: what the compressed models do on
+corrupted images (edgekd.robustness) and how far their softmax can be trusted
+(edgekd.calibration), as tables and plots for report.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _label(models: dict, name: str) -> str:
+    return models[name].get("label", name)
+
+
+def quality_markdown(models: dict[str, dict]) -> list[str]:
+    L: list[str] = []
+    robust = {k: m["robustness"] for k, m in models.items() if isinstance(m.get("robustness"), dict)}
+    if robust:
+        first = next(iter(robust.values()))
+        corr = list(first["by_corruption"])
+        sev = list(first["by_severity"])
+        L += ["", "## Robustness", "",
+              f"Top-1 % on {first['images']} test images with each corruption (CIFAR-10-C style, severities "
+              f"{', '.join(map(str, sev))}, averaged), as onnxruntime runs each file; drop = clean - mean corrupted"
+              + (", vs teacher = the drop beyond the teacher's" if any("drop_vs_teacher_points" in r for r in robust.values()) else "")
+              + ".", "",
+              "| model | clean | corrupted | drop | vs teacher | " + " | ".join(c.replace("_", " ") for c in corr) + " |",
+              "|" + "---|" * (5 + len(corr))]
+        for k, r in robust.items():
+            per = [f"{sum(r['by_corruption'][c].values()) / len(sev):.1f}" for c in corr]
+            vs = r.get("drop_vs_teacher_points")
+            L.append(f"| {_label(models, k)} | {r['clean_top1']:.2f} | {r['corruption_top1']:.2f} | {r['drop_points']:.2f} | "
+                     f"{'–' if vs is None else f'{vs:+.2f}'} | " + " | ".join(per) + " |")
+    cal = {k: m["calibration"] for k, m in models.items() if isinstance(m.get("calibration"), dict)}
+    if cal:
+        L += ["", "## Calibration", "",
+              "Softmax temperature fit per file on the validation split (held out from training), stored in the file's "
+              "metadata as `edgekd.temperature`; ECE on the test split (15 bins). Top-1 is unchanged by construction.", "",
+              "| model | temperature | ECE before | ECE after | validation images |", "|---|---|---|---|---|"]
+        for k, c in cal.items():
+            L.append(f"| {_label(models, k)} | {c['temperature']:.3f} | {c['ece_before']:.4f} | {c['ece_after']:.4f} | "
+                     f"{c['val_images']} |")
+    return L
+
+
+def final_student(models: dict[str, dict]) -> str | None:
+    return next((k for k in ("int8_qat", "int8_ptq", "student_fp32") if isinstance(models.get(k, {}).get("calibration"), dict)), None)
+
+
+def quality_plots(run_dir: Path, models: dict[str, dict], save) -> dict[str, str]:
+    import matplotlib.pyplot as plt
+
+    out = {}
+    robust = {k: m["robustness"] for k, m in models.items() if isinstance(m.get("robustness"), dict)}
+    if robust:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for k, r in robust.items():
+            sev = [int(s) for s in r["by_severity"]]
+            ax.plot([0] + sev, [r["clean_top1"]] + list(r["by_severity"].values()), marker="o", label=_label(models, k))
+        ax.set(xlabel="corruption severity (0 = clean)", ylabel="top-1 % (mean over corruptions)",
+               title="Accuracy under corruption")
+        ax.legend(fontsize=8)
+        save(fig, run_dir / "robustness.png")
+        out["Accuracy under corruption"] = "robustness.png"
+    final = final_student(models)
+    if final:
+        c = models[final]["calibration"]
+        fig, ax = plt.subplots(figsize=(5, 4.6))
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+        for key, label, colour in (("reliability_before", f"T = 1, ECE {c['ece_before']:.3f}", "#c44e52"),
+                                   ("reliability_after", f"T = {c['temperature']:.2f}, ECE {c['ece_after']:.3f}", "#4c72b0")):
+            pts = [(x, y) for x, y in zip(c[key]["confidence"], c[key]["accuracy"]) if x is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", color=colour, label=label)
+        ax.set(xlabel="confidence (max softmax)", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+               title=f"Reliability: {_label(models, final)}")
+        ax.legend(fontsize=8, loc="upper left")
+        save(fig, run_dir / "reliability.png")
+        out["Reliability diagram"] = "reliability.png"
+    return out
