@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 CE = ["prune.finetune.loss=ce", "quantize.qat.loss=ce"]
+CE_ONLY = ["export.include_teacher=false"]  # the teacher's own figures come from the KD run
 
 
 def run(pipeline: str, out: Path, sets: list[str]) -> dict:
@@ -44,6 +45,16 @@ def rows(report: dict) -> dict[str, float]:
                        ("int8_qat", "int8 QAT (onnxruntime)")):
         if key in models:
             out[label] = models[key]["top1"]
+    # with benchmark.robustness / a validation split: corrupted-image accuracy and calibrated ECE (x100)
+    for key, label in (("student_unpruned_fp32", "unpruned fp32"), ("student_fp32", "pruned fp32"),
+                       ("int8_ptq", "int8 PTQ"), ("int8_qat", "int8 QAT")):
+        m = models.get(key, {})
+        if "corruption_top1" in m:
+            out[f"{label}: mean top-1 on corrupted images"] = m["corruption_top1"]
+            out[f"{label}: drop on corrupted images (points, lower is better)"] = m["corruption_drop_points"]
+        if "calibration" in m:
+            out[f"{label}: ECE x100 before / after temperature"] = (100 * m["calibration"]["ece_before"],
+                                                                    100 * m["calibration"]["ece_after"])
     return out
 
 
@@ -51,6 +62,10 @@ def table(kd: dict[str, float], ce: dict[str, float], teacher: float | None) -> 
     lines = ["| step | KD in the loop | CE only | KD - CE |", "|---|---|---|---|"]
     for k, v in kd.items():
         c = ce.get(k)
+        if isinstance(v, tuple):  # (before, after) pairs: no difference column
+            fmt = lambda t: " / ".join(f"{x:.2f}" for x in t)  # noqa: E731
+            lines.append(f"| {k} | {fmt(v)} | {fmt(c) if c else '–'} | |")
+            continue
         lines.append(f"| {k} | {v:.2f} | {c:.2f} | {v - c:+.2f} |" if c is not None else f"| {k} | {v:.2f} | – | – |")
     if teacher is not None:
         lines.append(f"\nteacher: {teacher:.2f} %")
@@ -64,7 +79,7 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], dest="sets", help="override for both runs")
     args = ap.parse_args()
     kd = run(args.pipeline, args.out / "kd", args.sets)
-    ce = run(args.pipeline, args.out / "ce", args.sets + CE)
+    ce = run(args.pipeline, args.out / "ce", args.sets + CE + CE_ONLY)
     teacher = kd["models"].get("teacher", {}).get("top1")
     md = (f"# KD vs CE in the loop: {kd['pipeline']}\n\n"
           f"overrides: {' '.join(args.sets) or '(none)'}; seed {kd['seed']}; {kd['machine'].get('cpu', '')}\n\n"

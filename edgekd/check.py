@@ -9,7 +9,11 @@ Accuracy is compared image by image where both the run and the baseline stored t
 predictions on the same test images (predictions.json): an exact one-sided McNemar test
 on the images where exactly one of the two is right. A drop is a regression when it is
 both unlikely under "same model quality" (p < ALPHA) and at least MIN_DROP points; a fixed
-tolerance alone either flaps on small test splits or misses real drops on large ones."""
+tolerance alone either flaps on small test splits or misses real drops on large ones.
+
+Speed ratios depend on the CPU class (int8 gains far more with VNNI than on AVX2-only x86),
+so a baseline keeps them per class (`by_cpu`, written by --update-baseline on each class); on
+a class it has no figure for, a speedup must only stay above 1x."""
 
 from __future__ import annotations
 
@@ -76,15 +80,25 @@ def _predictions(report_path: Path) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
+def cpu_class(report: dict) -> str:
+    from .bench.machine import int8_class
+
+    m = report.get("machine") or {}
+    return int8_class(m.get("isa", []), m.get("arch", ""))
+
+
 def baseline_from_report(report: dict, old: dict | None = None, predictions: dict | None = None) -> dict:
     old_metrics = (old or {}).get("metrics", {})
     metrics = {}
+    cpu = cpu_class(report)
     for key, value in report["metrics"].items():
         if key in old_metrics or (key.startswith(TRACK) and _rule(key) and "_fake_quant" not in key):
             rule = _rule(key) or ("higher", {"abs": 0.0})
             prev = old_metrics.get(key, {})
             metrics[key] = {"value": value, "tolerance": prev.get("tolerance", rule[1]),
                             "direction": prev.get("direction", rule[0])}
+            if "speedup." in key:
+                metrics[key]["by_cpu"] = {**prev.get("by_cpu", {}), cpu: value}
     out = {"pipeline": report.get("pipeline"), "machine": report.get("machine"), "versions": report.get("versions"),
            "created": report.get("created"), "metrics": metrics}
     if predictions:
@@ -114,10 +128,16 @@ def _paired_verdict(key: str, delta: float, baseline: dict, predictions: dict | 
 def compare(report: dict, baseline: dict, predictions: dict | None = None) -> tuple[list[dict], bool]:
     rows, failed = [], False
     now = report.get("metrics", {})
+    cpu = cpu_class(report)
     for key, spec in baseline.get("metrics", {}).items():
         base, tol, direction = spec["value"], spec.get("tolerance", {}), spec.get("direction", "higher")
-        allowed = tol.get("abs", 0.0) + abs(base) * tol.get("rel", 0.0)
         tol_text = " + ".join([f"±{tol['abs']:g}" if "abs" in tol else "", f"±{tol['rel']:.0%}" if "rel" in tol else ""]).strip(" +")
+        if "by_cpu" in spec:
+            if cpu in spec["by_cpu"]:
+                base = spec["by_cpu"][cpu]
+            else:  # no figure for this CPU class: the faster model must still be faster
+                base, tol, tol_text = 1.0, {}, f"> 1x (no {cpu} figure)"
+        allowed = tol.get("abs", 0.0) + abs(base) * tol.get("rel", 0.0)
         if key not in now:
             rows.append({"metric": key, "baseline": base, "now": None, "delta": None, "tolerance": tol_text, "verdict": "MISSING"})
             failed = True

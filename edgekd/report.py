@@ -112,7 +112,10 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
 
     L = [f"# edgekd report: {report['pipeline']}", "", f"**{report['headline']}**", ""]
     mach = report["machine"]
-    L.append(f"Run {report['created']} on {mach.get('cpu')} ({', '.join(mach.get('isa', [])) or 'no SIMD flags found'}), "
+    from .bench.machine import int8_class
+
+    L.append(f"Run {report['created']} on {mach.get('cpu')}, {int8_class(mach.get('isa', []), mach.get('arch', ''))} "
+             f"({', '.join(mach.get('isa', [])) or 'no SIMD flags found'}), "
              f"{mach.get('cores')} cores, device `{report['device']}`, torch threads {report['threads']}, seed {report['seed']}.")
     L.append("")
     models = report["models"]

@@ -114,11 +114,15 @@ def test_kd_vs_ce_benchmark_tabulates_every_step():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
 
-    def report(step1, qat):
-        return {"models": {"student_input": {"top1": 90.0}, "int8_qat": {"top1": qat}},
+    def report(step1, qat, corrupted):
+        return {"models": {"student_input": {"top1": 90.0},
+                           "int8_qat": {"top1": qat, "corruption_top1": corrupted, "corruption_drop_points": qat - corrupted,
+                                        "calibration": {"ece_before": 0.08, "ece_after": 0.02}}},
                 "stages": [{"name": "prune", "info": {"steps": [{"step": 1, "macs_kept": 0.5, "top1_after_finetune": step1}]}}]}
 
-    md = mod.table(mod.rows(report(88.0, 87.5)), mod.rows(report(87.0, 86.0)), 92.0)
+    md = mod.table(mod.rows(report(88.0, 87.5, 70.0)), mod.rows(report(87.0, 86.0, 67.0)), 92.0)
     assert "| prune step 1 (50% MACs), after fine-tune | 88.00 | 87.00 | +1.00 |" in md
     assert "| int8 QAT (onnxruntime) | 87.50 | 86.00 | +1.50 |" in md
+    assert "| int8 QAT: mean top-1 on corrupted images | 70.00 | 67.00 | +3.00 |" in md
+    assert "| int8 QAT: ECE x100 before / after temperature | 8.00 / 2.00 | 8.00 / 2.00 | |" in md
     assert mod.CE == ["prune.finetune.loss=ce", "quantize.qat.loss=ce"]

@@ -88,3 +88,23 @@ def test_interleaved_rounds_keep_the_ratio_when_a_burst_of_load_hits_one_block()
     assert rounds["fast"]["p50_iqr_ms"][0] <= rounds["fast"]["p50_ms"] <= rounds["fast"]["p50_iqr_ms"][1]
     assert round_ratio(rounds["slow"], rounds["fast"]) == pytest.approx(4.0, rel=0.25)
     assert abs(round_ratio(blocked["slow"], blocked["fast"]) - 4.0) > 2.0  # the block timing's error
+
+
+def test_speed_ratios_are_gated_per_cpu_class():
+    from edgekd.check import baseline_from_report
+
+    vnni = {"isa": ["avx2", "avx512f", "avx512bw", "avx512_vnni"], "arch": "x86_64"}
+    avx2 = {"isa": ["avx2", "fma"], "arch": "x86_64"}
+    key = "stage.benchmark.speedup.student_fp32/int8_qat@onnxruntime/1t"
+    base = baseline_from_report({"machine": vnni, "metrics": {key: 1.7}})
+    assert base["metrics"][key]["by_cpu"] == {"x86-64 AVX-512 VNNI": 1.7}
+    base = baseline_from_report({"machine": avx2, "metrics": {key: 1.25}}, base)  # a second class joins
+    assert base["metrics"][key]["by_cpu"] == {"x86-64 AVX-512 VNNI": 1.7, "x86-64 AVX2 without VNNI": 1.25}
+    rows, failed = compare({"machine": avx2, "metrics": {key: 1.2}}, base)
+    assert not failed and rows[0]["baseline"] == 1.25  # AVX2 is held to its own figure, not VNNI's
+    rows, failed = compare({"machine": vnni, "metrics": {key: 1.1}}, base)
+    assert failed and rows[0]["verdict"] == "REGRESSION"
+    arm = {"isa": ["asimd"], "arch": "aarch64"}
+    rows, failed = compare({"machine": arm, "metrics": {key: 1.05}}, base)
+    assert not failed and "no aarch64" in rows[0]["tolerance"]
+    assert compare({"machine": arm, "metrics": {key: 0.9}}, base)[1]  # slower than fp32 fails anywhere

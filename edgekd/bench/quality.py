@@ -56,6 +56,7 @@ def quality_plots(run_dir: Path, models: dict[str, dict], save) -> dict[str, str
         for k, r in robust.items():
             sev = [int(s) for s in r["by_severity"]]
             ax.plot([0] + sev, [r["clean_top1"]] + list(r["by_severity"].values()), marker="o", label=_label(models, k))
+        ax.set_xticks([0] + [int(s) for s in next(iter(robust.values()))["by_severity"]])
         ax.set(xlabel="corruption severity (0 = clean)", ylabel="top-1 % (mean over corruptions)",
                title="Accuracy under corruption")
         ax.legend(fontsize=8)

@@ -129,11 +129,12 @@ class Benchmark(Stage):
         with tqdm(total=len(rc.corruptions) * len(rc.severities), desc="robustness", unit="corruption") as bar:
             res = evaluate_robustness(runners, data.test.images[:n], data.test.labels[:n].numpy(), data.normalize,
                                       rc.corruptions, rc.severities, ctx.cfg.seed, bar.update)
+        for r in res.values():
+            r["drop_points"] = round(r["clean_top1"] - r["corruption_top1"], 3)
         teacher = res.get("teacher_fp32")
         for v, r in res.items():
-            r["drop_points"] = round(r["clean_top1"] - r["corruption_top1"], 3)
             if teacher is not None:
-                r["drop_vs_teacher_points"] = round(r["drop_points"] - (teacher["clean_top1"] - teacher["corruption_top1"]), 3)
+                r["drop_vs_teacher_points"] = round(r["drop_points"] - teacher["drop_points"], 3) + 0.0  # no -0.0
             entry = models.setdefault(v, {"latency": {}})
             entry["robustness"] = r
             entry["corruption_top1"], entry["corruption_drop_points"] = r["corruption_top1"], r["drop_points"]
