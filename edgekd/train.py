@@ -15,7 +15,7 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn as nn
-from pydantic import Field
+from pydantic import Field, field_validator
 from tqdm import tqdm
 
 from .config import Strict
@@ -56,6 +56,12 @@ class TrainConfig(Strict):
         "auto", description="re-estimate BatchNorm statistics when the run ends; auto = when eval-mode top-1 on training "
                             "images is below batch-statistics top-1 (the running averages lag the weights)")
     bn_recalibration_images: int = Field(1024, gt=0, description="training images BatchNorm statistics are re-estimated on")
+
+    @field_validator("bn_recalibration", mode="before")
+    @classmethod
+    def _yaml_switch(cls, v):
+        """YAML 1.1 reads a bare on/off as true/false; take either spelling."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     def uses_teacher(self) -> bool:
         return uses_teacher(self.loss)

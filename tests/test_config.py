@@ -362,6 +362,10 @@ def test_yaml_on_off_switch(text, expected):
     import yaml
     from edgekd.stages.export import ExportConfig
     assert ExportConfig(**yaml.safe_load(f"executorch: {text}")).executorch == expected
+    assert ExportConfig(**yaml.safe_load(f"temperature_scaling: {text}")).temperature_scaling == expected
+    if expected != "auto":
+        from edgekd.train import TrainConfig
+        assert TrainConfig(**yaml.safe_load(f"bn_recalibration: {text}")).bn_recalibration == expected
 
 
 def test_cli_validate_bad_file(write_pipeline, minimal_pipeline, capsys):
