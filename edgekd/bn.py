@@ -5,8 +5,9 @@ lag behind the weights. With torchvision's default momentum 0.1 the lag is a few
 steps; MobileNetV3 and EfficientNet use 0.01, so after a short run (a few hundred steps)
 the running statistics are still mostly their initial values and the eval-mode model is
 at chance while the same weights score well with batch statistics. Removing channels
-(prune) shifts them too. Every training run therefore ends by re-estimating them on
-training images (`recalibrate_bn`), and `bn_gap` measures what is left of the mismatch."""
+(prune) shifts them too. `bn_gap` measures the mismatch (eval mode vs batch statistics on
+the same training images); every training run ends with it and re-estimates the statistics
+(`recalibrate_bn`) where they lag (train._settle_bn), and the prune stage after each cut."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError
 
@@ -21,6 +21,14 @@ def _fraction(v: float) -> float:
 
 
 Fraction = Annotated[float, AfterValidator(_fraction)]
+
+
+def _yaml_switch(v: Any) -> Any:
+    """YAML 1.1 reads a bare on/off as true/false; take either spelling."""
+    return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+
+Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_switch)]  # an auto/on/off option
 
 
 class Strict(BaseModel):

@@ -24,6 +24,7 @@ import torchvision.transforms.v2.functional as TF
 Corruption = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]  # float [0,1] -> float [0,1]
 CORRUPTIONS: dict[str, Corruption] = {}
 SEVERITIES = (1, 2, 3, 4, 5)
+CHUNK = 500  # images corrupted and run at a time: bounds memory at phone resolutions
 
 
 def corruption(name: str):
@@ -156,7 +157,7 @@ def corrupt(images: torch.Tensor, name: str, severity: int, seed: int = 0) -> to
 
 
 def corrupted_chunks(images: torch.Tensor, name: str, severity: int, seed: int = 0,
-                     chunk: int = 500) -> Iterator[torch.Tensor]:
+                     chunk: int = CHUNK) -> Iterator[torch.Tensor]:
     """`corrupt` over a large split chunk by chunk (each chunk seeded apart), bounding memory."""
     for i, s in enumerate(range(0, len(images), chunk)):
         yield corrupt(images[s : s + chunk], name, severity, seed * 100_003 + i)
@@ -171,10 +172,10 @@ def evaluate_robustness(runners: dict[str, Callable[[np.ndarray], np.ndarray]], 
 
     hits = {v: {c: {s: 0 for s in severities} for c in corruptions} for v in runners}
     clean = {v: 0 for v in runners}
-    for s0 in range(0, len(images), 500):
-        x = normalize(images[s0 : s0 + 500]).numpy()
+    for s0 in range(0, len(images), CHUNK):
+        x = normalize(images[s0 : s0 + CHUNK]).numpy()
         for v, run in runners.items():
-            clean[v] += int((run(x).argmax(1) == labels[s0 : s0 + 500]).sum())
+            clean[v] += int((run(x).argmax(1) == labels[s0 : s0 + CHUNK]).sum())
     for c in corruptions:
         for s in severities:
             start = 0

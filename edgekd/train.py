@@ -15,10 +15,10 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn as nn
-from pydantic import Field, field_validator
+from pydantic import Field
 from tqdm import tqdm
 
-from .config import Strict
+from .config import Strict, Switch
 from .bn import bn_gap, recalibrate_bn
 from .data import Data, iterate
 from .fileio import save_torch, sha256_json
@@ -52,16 +52,10 @@ class TrainConfig(Strict):
     cache_teacher: bool = Field(True, description="cache teacher logits on disk when augment is 'flip' or 'none'")
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     eval_every: int = Field(1, ge=0, description="evaluate every N epochs (0: only at the end)")
-    bn_recalibration: Literal["auto", "on", "off"] = Field(
+    bn_recalibration: Switch = Field(
         "auto", description="re-estimate BatchNorm statistics when the run ends; auto = when eval-mode top-1 on training "
                             "images is below batch-statistics top-1 (the running averages lag the weights)")
     bn_recalibration_images: int = Field(1024, gt=0, description="training images BatchNorm statistics are re-estimated on")
-
-    @field_validator("bn_recalibration", mode="before")
-    @classmethod
-    def _yaml_switch(cls, v):
-        """YAML 1.1 reads a bare on/off as true/false; take either spelling."""
-        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     def uses_teacher(self) -> bool:
         return uses_teacher(self.loss)

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("executorch")
 
-from edgekd.bench.measure import bench_model  # noqa: E402
+from edgekd.bench.measure import bench_models  # noqa: E402
 from edgekd.cli import main  # noqa: E402
 from edgekd.errors import EdgekdError  # noqa: E402
 from edgekd.models import build  # noqa: E402
@@ -57,7 +57,7 @@ def test_fp32_program_matches_pytorch_and_int8_is_smaller(tiny, programs):
 
 def test_bench_runs_pte_with_peak_memory(programs, tmp_path):
     fp32, _ = programs
-    r = bench_model(fp32, "executorch", 1, 32, batch=1, throughput_batch=4, warmup=2, runs=10)
+    r = bench_models({"m": fp32}, "executorch", 1, 32, batch=1, throughput_batch=4, warmup=2, runs=10)["m"]
     assert r["format"] == "pte" and r["batched_inference"] is False and r["p50_ms"] > 0
     assert r["model_peak_mb"] >= 0 and r["peak_rss_mb"] >= r["runtime_rss_mb"]
     out = tmp_path / "b.json"  # the CLI reads the input size from the sidecar and skips ONNX-only runtimes

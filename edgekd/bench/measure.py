@@ -125,11 +125,6 @@ def bench_models(paths: dict[str, Path], runtime: str, threads: int, image_size:
     return out
 
 
-def bench_model(path: Path, runtime: str, threads: int, image_size: int, **kw) -> dict:
-    """bench_models for one file."""
-    return bench_models({path.stem: path}, runtime, threads, image_size, **kw)[path.stem]
-
-
 def fp32_peak_gmacs(threads: int) -> tuple[float, str] | None:
     """Rough fp32 peak and how it was estimated: cores x nominal GHz x FMA units x SIMD lanes.
 

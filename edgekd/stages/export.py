@@ -10,11 +10,10 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
-from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from ..config import Strict
+from ..config import Strict, Switch
 from ..errors import EdgekdError
 from ..onnx_export import export_onnx, metadata, op_counts, set_metadata, verify, verify_int8
 from .base import Stage, StageResult, register
@@ -31,19 +30,13 @@ class ExportConfig(Strict):
     int8_min_agreement: float = Field(0.95, gt=0, le=1, description="int8 QAT file vs PyTorch fake-quant top-1 agreement")
     ptq_min_agreement: float = Field(0.90, gt=0, le=1, description="int8 PTQ vs fp32 top-1 agreement (also ExecuTorch int8)")
     include_teacher: bool = Field(True, description="also export the teacher (the benchmark's reference)")
-    executorch: Literal["auto", "on", "off"] = Field(
+    executorch: Switch = Field(
         "auto", description="also write ExecuTorch/XNNPACK .pte programs (int8 by ExecuTorch's own PT2E PTQ); "
                             "auto = when executorch is installed")
 
-    temperature_scaling: Literal["auto", "on", "off"] = Field(
+    temperature_scaling: Switch = Field(
         "auto", description="fit a softmax temperature per student file on the validation split and store it in the "
                             "file's metadata; auto = when data.val_split > 0")
-
-    @field_validator("executorch", "temperature_scaling", mode="before")
-    @classmethod
-    def _yaml_switch(cls, v):
-        """YAML 1.1 reads a bare on/off as true/false; take either spelling."""
-        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     def pipeline_problems(self, pipeline) -> list[tuple[str, str]]:
         if self.temperature_scaling == "on" and not pipeline.data.val_split:
