@@ -143,11 +143,27 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.fn(args)
-    except EdgekdError as e:
+    except Exception as e:  # every failure is one line; -v shows the traceback
         if args.verbose:
             raise
-        print(f"edgekd: error: {e}", file=sys.stderr)
-        return e.exit_code
+        code, msg = _one_line(e)
+        print(f"edgekd: error: {msg}", file=sys.stderr)
+        return code
+
+
+def _one_line(e: Exception) -> tuple[int, str]:
+    """(exit code, message) for any failure: 2 for bad input, 1 for a failed run."""
+    if isinstance(e, EdgekdError):
+        return e.exit_code, str(e)
+    if isinstance(e, RecursionError):
+        return 2, "input nested too deeply to process (a pipeline, checkpoint or run file)"
+    if isinstance(e, MemoryError):
+        return 1, "out of memory"
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if e.filename else ""
+        return 1, f"{where}{e.strerror or e}"
+    first = (str(e).splitlines() or [""])[0][:300]
+    return 1, f"internal error: {type(e).__name__}: {first} (run with -v for the traceback, and please report it)"
 
 
 if __name__ == "__main__":

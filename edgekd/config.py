@@ -37,6 +37,15 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+class ArchiveLimits(Strict):
+    """Checked member by member as a tar archive is read, so a bomb stops before it fills the disk."""
+
+    max_bytes: int | None = Field(None, gt=0, description="total unpacked bytes (default: no limit beyond max_ratio and free disk)")
+    max_ratio: float = Field(100.0, gt=0, description="unpacked bytes per archive byte, beyond a 64 MiB allowance "
+                                                      "(images do not compress; a bomb does, up to ~1000x)")
+    max_files: int = Field(2_000_000, gt=0)
+
+
 class DataConfig(Strict):
     source: str = Field(description="cifar10 | cifar100 | path to an ImageFolder dir | path to a tar archive of one (.tar.gz, .tar.xz, ...)")
     root: str = Field("~/.cache/edgekd/datasets", description="download folder for torchvision datasets")
@@ -54,6 +63,8 @@ class DataConfig(Strict):
     eval_batch_size: int = Field(256, gt=0)
     augment: Literal["crop_flip", "flip", "none"] = "crop_flip"
     skip_bad_images: bool = False
+    max_image_pixels: int = Field(64_000_000, gt=0, description="an image with more pixels is a bad image (decompression bombs)")
+    archive: ArchiveLimits = Field(default_factory=ArchiveLimits, description="what an archive may unpack to")
     cache_dir: str | None = Field(None, description="decoded-tensor cache (default $EDGEKD_CACHE or ~/.cache/edgekd)")
 
 
@@ -62,8 +73,10 @@ class ModelConfig(Strict):
     num_classes: int | None = Field(None, gt=1, description="defaults to the data's class count")
     cifar_stem: bool = Field(False, description="adapt the stem to 32x32 inputs (see docs)")
     width_mult: float | None = Field(None, gt=0)
-    checkpoint: str | None = Field(None, description="state_dict / pickled model / TorchScript / edgekd checkpoint / .onnx")
+    checkpoint: str | None = Field(None, description="state_dict / edgekd checkpoint / TorchScript / .onnx (teachers) / pickled model (with trust_pickle)")
     pretrained: bool = Field(False, description="torchvision ImageNet weights (needs internet)")
+    trust_pickle: bool = Field(False, description="allow a checkpoint that needs full unpickling: this runs code from "
+                                                  "the file, so only for files whose source you trust")
 
 
 class PipelineConfig(Strict):
@@ -82,6 +95,57 @@ class PipelineConfig(Strict):
         return [self._validated[i] for i in range(len(self.stages))]
 
     _validated: dict[int, tuple[str, BaseModel]] = {}
+
+
+# --------------------------------------------------------------------------- YAML budgets
+
+MAX_YAML_BYTES = 1 << 20  # a pipeline is a few KB; anything near this is not one
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 100_000  # counted with every alias expanded: a "billion laughs" file stops here
+
+
+def _yaml_budget(text: str, what: str) -> None:
+    """Refuse a document nested too deep or that expands (through anchors and aliases) to too
+    many nodes, by walking PyYAML's event stream (flat, and nothing is built or expanded), so
+    neither the recursive composer nor interpolate() ever sees it."""
+    sizes: dict[str, int] = {}  # anchor -> expanded node count
+    stack: list[list] = []  # open collections: [node count so far, anchor]
+    total = 0
+
+    def add(n: int) -> None:
+        nonlocal total
+        if stack:
+            stack[-1][0] += n
+        total += n if not stack else 0
+        if total > MAX_YAML_NODES or (stack and stack[-1][0] > MAX_YAML_NODES):
+            raise ConfigError(f"{what}: expands to more than {MAX_YAML_NODES:,} values (through anchors and aliases); "
+                              "refused as a YAML bomb")
+
+    for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(ev, yaml.ScalarEvent):
+            if ev.anchor:
+                sizes[ev.anchor] = 1
+            add(1)
+        elif isinstance(ev, yaml.AliasEvent):
+            add(sizes.get(ev.anchor, 1))
+        elif isinstance(ev, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            stack.append([1, ev.anchor])
+            if len(stack) > MAX_YAML_DEPTH:
+                mark = ev.start_mark
+                raise ConfigError(f"{what}: line {mark.line + 1}: nested more than {MAX_YAML_DEPTH} levels deep")
+        elif isinstance(ev, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            n, anchor = stack.pop()
+            if anchor:
+                sizes[anchor] = n
+            add(n)
+
+
+def load_yaml(text: str, what: str) -> Any:
+    """yaml.safe_load within the budgets above; YAML syntax errors propagate as yaml.YAMLError."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{what}: {len(text):,} characters, more than a pipeline file may hold ({MAX_YAML_BYTES:,})")
+    _yaml_budget(text, what)
+    return yaml.safe_load(text)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -137,7 +201,7 @@ def apply_override(raw: dict, assignment: str) -> None:
         raise ConfigError(f"--set {assignment}: expected KEY=VALUE")
     key, value_text = assignment.split("=", 1)
     try:
-        value = yaml.safe_load(value_text) if value_text != "" else ""
+        value = load_yaml(value_text, f"--set {key}") if value_text != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {assignment}: value is not valid YAML ({getattr(e, 'problem', None) or e})") from None
     parts = _parse_key(key.strip())
@@ -251,9 +315,9 @@ def check_inputs(cfg: PipelineConfig) -> None:
     data source or checkpoint file that is not there (so a typo fails in a second with exit 2,
     not after the data has been decoded)."""
     src = cfg.data.source
-    if src.lower() not in ("cifar10", "cifar100") and not Path(src).expanduser().exists():
+    if src.lower() not in ("cifar10", "cifar100") and not _exists(Path(src).expanduser()):
         parent = Path(src).expanduser().parent
-        near = did_you_mean(Path(src).name, [p.name for p in parent.iterdir()]) if parent.is_dir() else ""
+        near = did_you_mean(Path(src).name, [p.name for p in parent.iterdir()]) if _is_dir(parent) else ""
         raise ConfigError(f"data.source: {src} does not exist{near} (expected cifar10, cifar100, an ImageFolder "
                           "directory or a tar archive of one)")
     for role in ("student", "teacher"):
@@ -268,9 +332,29 @@ def check_inputs(cfg: PipelineConfig) -> None:
                                   "(expected a torchvision classification model, see torchvision.models.list_models())")
         if m.checkpoint:
             path = Path(m.checkpoint).expanduser()
-            if not path.is_file():
-                near = did_you_mean(path.name, [p.name for p in path.parent.iterdir()]) if path.parent.is_dir() else ""
+            if not _is_file(path):
+                near = did_you_mean(path.name, [p.name for p in path.parent.iterdir()]) if _is_dir(path.parent) else ""
                 raise ConfigError(f"{role}.checkpoint: {m.checkpoint} does not exist{near}")
+            if not onnx and not m.trust_pickle:  # opened as the run will open it: weights only, nothing executed
+                from .safeload import open_checkpoint
+
+                open_checkpoint(path, f"{role}.checkpoint {path}", False, f"{role}.trust_pickle", mmap=True)
+
+
+def _exists(p: Path) -> bool:
+    """Path.exists without its exceptions: a name too long or holding a NUL byte is not there."""
+    try:
+        return p.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _is_file(p: Path) -> bool:
+    return _exists(p) and p.is_file()
+
+
+def _is_dir(p: Path) -> bool:
+    return _exists(p) and p.is_dir()
 
 
 def _architectures() -> list[str]:
@@ -282,10 +366,14 @@ def _architectures() -> list[str]:
 def load_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) -> tuple[PipelineConfig, dict]:
     """Read, interpolate, override and validate a pipeline file; returns (config, resolved raw tree)."""
     path = Path(path)
-    if not path.is_file():
+    if not _is_file(path):
         raise ConfigError(f"{path}: pipeline file not found")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size:,} bytes, more than a pipeline file may hold ({MAX_YAML_BYTES:,})")
     try:
-        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        raw = load_yaml(path.read_bytes().decode("utf-8"), str(path))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:

@@ -13,6 +13,8 @@ import logging
 import os
 import shutil
 import tarfile
+import tempfile
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import DataConfig
-from .errors import EdgekdError
+from .config import ArchiveLimits, DataConfig
+from .errors import EdgekdError, InputError
 from .fileio import atomic_path, sha256_file
 
 log = logging.getLogger("edgekd")
@@ -37,6 +39,7 @@ class Split:
     labels: torch.Tensor  # int64, N
     classes: list[str]
     key: str = ""  # content hash: changes whenever the bytes (or the selection) change
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) left out by data.skip_bad_images
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -44,7 +47,7 @@ class Split:
     def select(self, idx: np.ndarray, tag: str) -> "Split":
         idx_t = torch.as_tensor(np.sort(idx), dtype=torch.long)
         key = hashlib.sha256(f"{self.key}/{tag}/{idx_t.numpy().tobytes().hex()}".encode()).hexdigest()
-        return Split(self.images[idx_t], self.labels[idx_t], self.classes, key)
+        return Split(self.images[idx_t], self.labels[idx_t], self.classes, key, self.skipped)
 
 
 @dataclass
@@ -58,6 +61,11 @@ class Data:
     batch_size: int = 128
     eval_batch_size: int = 256
     extra: dict = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> list[dict[str, str]]:
+        """Images left out of the train and test folders (data.skip_bad_images), for the manifest and report."""
+        return [{"file": f, "reason": why} for split in (self.train, self.test) for f, why in split.skipped]
 
     @property
     def classes(self) -> list[str]:
@@ -85,45 +93,108 @@ def cache_root(cfg_dir: str | None = None) -> Path:
 # ----------------------------------------------------------------------------- sources
 
 
-def _extract_archive(archive: Path, cache: Path) -> Path:
-    """Extract a tar archive (any of ARCHIVES) once into the cache, keyed on the archive's bytes."""
+class _Budget:
+    """tarfile extraction filter: tarfile's "data" filter (no traversal, links or devices) plus
+    limits on the total unpacked size and member count, checked on each member's header before
+    its bytes are written."""
+
+    SLACK = 64 << 20
+
+    def __init__(self, archive: Path, limits: ArchiveLimits, dest: Path):
+        self.archive, self.files, self.bytes = archive, 0, 0
+        by_ratio = int(limits.max_ratio * archive.stat().st_size) + self.SLACK
+        self.max_bytes = min(by_ratio, limits.max_bytes or by_ratio)
+        self.free = shutil.disk_usage(dest).free
+        self.max_files = limits.max_files
+
+    def __call__(self, member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+        member = tarfile.data_filter(member, path)
+        self.files += 1
+        self.bytes += member.size
+        if self.files > self.max_files:
+            raise InputError(f"{self.archive}: more than data.archive.max_files ({self.max_files:,}) members; "
+                             "raise it if the archive is trusted")
+        if self.bytes > self.max_bytes:
+            raise InputError(f"{self.archive}: unpacks to more than {self.max_bytes:,} bytes (at {member.name}), over "
+                             "data.archive.max_ratio / max_bytes; refused as an archive bomb (raise them if it is trusted)")
+        if self.bytes > self.free:
+            raise EdgekdError(f"{self.archive}: unpacks to more than the {self.free:,} bytes free in the cache "
+                              f"({member.name}); free space or set data.cache_dir")
+        return member
+
+
+def _extract_archive(archive: Path, cache: Path, limits: ArchiveLimits) -> Path:
+    """Extract a tar archive (any of ARCHIVES) once into the cache, keyed on the archive's bytes.
+
+    Several processes may extract the same archive at once: each unpacks into its own temporary
+    folder and publishes it with one rename; the first rename wins and the others drop their
+    copy. A published folder is never deleted, since another process may be reading it."""
     digest = sha256_file(archive)[:20]
-    dest = cache / "extracted" / digest
+    parent = cache / "extracted"
+    dest = parent / digest
     if (dest / ".complete").exists():
         return dest
-    tmp = cache / "extracted" / f".{digest}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(parent, digest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.{os.getpid()}.", suffix=".tmp", dir=parent))
     try:
         with tarfile.open(archive, "r:*") as tar:
-            tar.extractall(tmp, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as e:
+            tar.extractall(tmp, filter=_Budget(archive, limits, parent))
+        (tmp / ".complete").write_text(str(archive))
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise EdgekdError(f"{archive}: cannot extract archive ({e})") from None
-    (tmp / ".complete").write_text(str(archive))
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+        raise InputError(f"{archive}: cannot extract archive ({e})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for _ in range(2):
+        try:
+            os.rename(tmp, dest)
+            break
+        except OSError:
+            if (dest / ".complete").exists():  # another process published the same bytes first
+                shutil.rmtree(tmp, ignore_errors=True)
+                break
+            try:  # an unfinished folder left by an edgekd that did not publish by rename
+                aside = Path(tempfile.mkdtemp(prefix=f".{digest}.{os.getpid()}.", suffix=".tmp", dir=parent))
+                os.replace(dest, aside)
+                shutil.rmtree(aside, ignore_errors=True)
+            except OSError:
+                pass
     return dest
+
+
+def _remove_orphans(parent: Path, digest: str) -> None:
+    """Temporary folders of extractions whose process is gone (killed mid-way)."""
+    for p in parent.glob(f".{digest}.*.tmp"):
+        try:
+            pid = int(p.name.split(".")[2])
+            os.kill(pid, 0)
+        except (ValueError, IndexError):
+            continue
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            continue
 
 
 def _find_split_dir(root: Path, wanted: str | None, candidates: tuple[str, ...]) -> Path:
     if wanted:
         p = root / wanted
         if not p.is_dir():
-            raise EdgekdError(f"{p}: split folder not found")
+            raise InputError(f"{p}: split folder not found")
         return p
     for depth_root in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
         for name in candidates:
             if (depth_root / name).is_dir():
                 return depth_root / name
-    raise EdgekdError(f"{root}: no '{candidates[0]}' folder found (ImageFolder layout: {candidates[0]}/<class>/<image>)")
+    raise InputError(f"{root}: no '{candidates[0]}' folder found (ImageFolder layout: {candidates[0]}/<class>/<image>)")
 
 
 def _list_image_folder(folder: Path) -> tuple[list[Path], list[int], list[str]]:
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        raise EdgekdError(f"{folder}: no class folders found (ImageFolder layout: <class>/<image>)")
+        raise InputError(f"{folder}: no class folders found (ImageFolder layout: <class>/<image>)")
     files, labels = [], []
     for ci, c in enumerate(classes):
         for f in sorted((folder / c).rglob("*")):
@@ -131,16 +202,19 @@ def _list_image_folder(folder: Path) -> tuple[list[Path], list[int], list[str]]:
                 files.append(f)
                 labels.append(ci)
     if not files:
-        raise EdgekdError(f"{folder}: no image files found")
+        raise InputError(f"{folder}: no image files found")
     return files, labels, classes
 
 
-def _decode(args: tuple[str, int]) -> np.ndarray | str:
+def _decode(args: tuple[str, int, int]) -> np.ndarray | str:
     from PIL import Image
 
-    path, size = args
+    path, size, max_pixels = args
+    Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's own bomb check then agrees with ours
     try:
         with Image.open(path) as im:
+            if im.size[0] * im.size[1] > max_pixels:  # the header alone: nothing decoded yet
+                return f"{im.size[0]}x{im.size[1]} pixels, over data.max_image_pixels ({max_pixels:,})"
             im = im.convert("RGB")
             if im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)
@@ -149,9 +223,21 @@ def _decode(args: tuple[str, int]) -> np.ndarray | str:
         return f"{type(e).__name__}: {e}"
 
 
+def _check_classes(folder: Path, labels: torch.Tensor, classes: list[str]) -> None:
+    """A split a classifier cannot be trained or judged on is refused, not run to 100 %."""
+    counts = torch.bincount(labels, minlength=len(classes)).tolist()
+    filled = [c for c, n in zip(classes, counts) if n]
+    if len(filled) < 2:
+        held = f"only {filled[0]!r} holds" if filled else "no class folder holds"
+        raise InputError(f"{folder}: {held} readable images; a classifier needs at least two classes with images")
+    for c, n in zip(classes, counts):
+        if not n:
+            log.warning("%s: class folder %r holds no readable images", folder, c)
+
+
 def _load_image_folder(folder: Path, cfg: DataConfig, cache: Path) -> Split:
     files, labels, classes = _list_image_folder(folder)
-    h = hashlib.sha256(f"size={cfg.image_size} skip_bad={cfg.skip_bad_images}".encode())
+    h = hashlib.sha256(f"size={cfg.image_size} skip_bad={cfg.skip_bad_images} max_pixels={cfg.max_image_pixels}".encode())
     for f in files:
         h.update(str(f.relative_to(folder)).encode())
         h.update(f.read_bytes())
@@ -160,33 +246,44 @@ def _load_image_folder(folder: Path, cfg: DataConfig, cache: Path) -> Split:
     if cached.exists():
         try:
             blob = torch.load(cached, weights_only=True)
-            return Split(blob["images"], blob["labels"], list(blob["classes"]), key)
+            split = Split(blob["images"], blob["labels"], list(blob["classes"]), key, [tuple(b) for b in blob["skipped"]])
         except Exception:
             log.warning("decoded-image cache %s is unreadable; decoding again", cached)
+        else:
+            _warn_skipped(split.skipped)
+            _check_classes(folder, split.labels, split.classes)
+            return split
     from tqdm import tqdm
 
-    jobs = [(str(f), cfg.image_size) for f in files]
+    jobs = [(str(f), cfg.image_size, cfg.max_image_pixels) for f in files]
     workers = min(4, os.cpu_count() or 1)
     with ProcessPoolExecutor(workers) as ex:
         results = list(tqdm(ex.map(_decode, jobs, chunksize=256), total=len(jobs), desc=f"decode {folder.name}", unit="img", leave=False))
     keep, bad = [], []
     for i, r in enumerate(results):
         if isinstance(r, str):
-            bad.append((files[i], r))
+            bad.append((str(files[i]), r))
         else:
             keep.append(i)
-    if bad:
-        if not cfg.skip_bad_images:
-            f, why = bad[0]
-            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-            raise EdgekdError(f"{f}: unreadable image ({why}){more}; fix it or set data.skip_bad_images: true")
-        for f, why in bad:
-            log.warning("skipping unreadable image %s (%s)", f, why)
+    if bad and not cfg.skip_bad_images:
+        f, why = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise InputError(f"{f}: unreadable image ({why}){more}; fix it or set data.skip_bad_images: true")
+    _warn_skipped(bad)
+    if not keep:
+        raise InputError(f"{folder}: none of its {len(files)} images is readable")
     images = torch.from_numpy(np.stack([results[i] for i in keep]))
     labels_t = torch.tensor([labels[i] for i in keep], dtype=torch.long)
+    _check_classes(folder, labels_t, classes)
     with atomic_path(cached) as tmp:
-        torch.save({"images": images, "labels": labels_t, "classes": classes}, tmp)
-    return Split(images, labels_t, classes, key)
+        torch.save({"images": images, "labels": labels_t, "classes": classes, "skipped": [list(b) for b in bad]}, tmp)
+    return Split(images, labels_t, classes, key, bad)
+
+
+def _warn_skipped(bad: list[tuple[str, str]]) -> None:
+    """Every run says what it skipped, whether it decoded the images or read them from the cache."""
+    for f, why in bad:
+        log.warning("skipping unreadable image %s (%s)", f, why)
 
 
 def _load_torchvision(name: str, cfg: DataConfig, train: bool) -> Split:
@@ -198,12 +295,13 @@ def _load_torchvision(name: str, cfg: DataConfig, train: bool) -> Split:
         ds = cls(str(root), train=train, download=cfg.download)
     except RuntimeError as e:
         hint = "" if cfg.download else " (set data.download: true to fetch it)"
-        raise EdgekdError(f"data.source {name}: {e}{hint}") from None
+        raise InputError(f"data.source {name}: {e}{hint}") from None
     images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
     if images.shape[-1] != cfg.image_size:
         images = F.interpolate(images.float(), size=cfg.image_size, mode="bilinear").round().clamp(0, 255).to(torch.uint8)
-    key = hashlib.sha256(images.numpy().tobytes()).hexdigest()
-    return Split(images, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes), key)
+    labels = torch.tensor(ds.targets, dtype=torch.long)
+    key = hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()  # every byte it stands for
+    return Split(images, labels, list(ds.classes), key)
 
 
 # ----------------------------------------------------------------------------- selection
@@ -230,18 +328,18 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
     else:
         path = Path(src).expanduser()
         if not path.exists():
-            raise EdgekdError(f"data.source: {path} does not exist")
+            raise InputError(f"data.source: {path} does not exist")
         if path.is_file():
             if not path.name.endswith(ARCHIVES):
-                raise EdgekdError(f"data.source: {path} is a file but not a {'/'.join(ARCHIVES)} archive")
-            path = _extract_archive(path, cache)
+                raise InputError(f"data.source: {path} is a file but not a {'/'.join(ARCHIVES)} archive")
+            path = _extract_archive(path, cache, cfg.archive)
         train_dir = _find_split_dir(path, cfg.train_dir, ("train",))
         test_dir = _find_split_dir(path, cfg.test_dir, ("test", "val", "validation"))
         train, test = _load_image_folder(train_dir, cfg, cache), _load_image_folder(test_dir, cfg, cache)
         if train.classes != test.classes:
-            raise EdgekdError(f"{train_dir} and {test_dir} have different class folders")
+            raise InputError(f"{train_dir} and {test_dir} have different class folders")
     if cfg.num_classes is not None and cfg.num_classes != len(train.classes):
-        raise EdgekdError(f"data.num_classes is {cfg.num_classes} but {src} has {len(train.classes)} classes")
+        raise InputError(f"data.num_classes is {cfg.num_classes} but {src} has {len(train.classes)} classes")
     if cfg.subset:
         train = train.select(stratified_indices(train.labels.numpy(), cfg.subset, seed), f"subset{cfg.subset}s{seed}")
     if cfg.test_subset:

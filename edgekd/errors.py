@@ -1,13 +1,25 @@
-"""User-facing errors: the CLI prints these as one line and exits non-zero, never a traceback."""
+"""User-facing errors: the CLI prints these as one line and exits non-zero, never a traceback.
+
+Exit 2 means "fix your input" (a pipeline key, a file or folder given to edgekd); exit 1 means
+the run itself failed (out of disk, a training loss that diverged, a file that failed its checks)."""
 
 
 class EdgekdError(Exception):
-    """A problem with the user's input (config, data, checkpoint); exit code 1."""
+    """A run that failed for a reason the message names; exit code 1.
+
+    The message is one line whatever it quotes: a newline from the user's input shows as \\n."""
 
     exit_code = 1
 
+    def __init__(self, message: object = ""):
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
-class ConfigError(EdgekdError):
-    """An invalid pipeline file or override; exit code 2, message names the key path."""
+
+class InputError(EdgekdError):
+    """Bad input: a file, folder or dataset edgekd was pointed at; exit code 2, message names it."""
 
     exit_code = 2
+
+
+class ConfigError(InputError):
+    """An invalid pipeline file or override; exit code 2, message names the key path."""

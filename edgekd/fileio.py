@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,17 +30,35 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     name it gets the mode a plain open() would have given it (0666 less the umask), so an
     artifact is as readable by a web server or a teammate as the user's other files."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_failed(path, e.strerror or str(e)) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError from its zip writer
+        if isinstance(e, RuntimeError) and "write" not in str(e) and "inline_container" not in str(e):
+            raise
+        tmp_path.unlink(missing_ok=True)  # before the free space is measured
+        raise _write_failed(path, getattr(e, "strerror", None) or str(e).splitlines()[0][:200]) from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _write_failed(path: Path, why: str):
+    from .errors import EdgekdError
+
+    try:
+        free = f"{shutil.disk_usage(path.parent).free:,} bytes free there"
+    except OSError:
+        free = "free space unknown"
+    return EdgekdError(f"{path}: cannot write it ({why}; {free}); free space and run again (--resume continues a run where it stopped)")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -54,8 +73,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def save_torch(path: str | os.PathLike, obj: Any) -> None:
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # our handle: closed (its space freed) even when a write fails
+        torch.save(obj, f)
 
 
 def _json_default(o: Any) -> Any:

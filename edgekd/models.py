@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
-from .errors import EdgekdError
+from .errors import InputError
+from .safeload import open_checkpoint
 
 log = logging.getLogger("edgekd")
 FORMAT_VERSION = 1
@@ -40,7 +40,7 @@ def _apply_cifar_stem(model: nn.Module, arch: str) -> None:
         first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
         first.stride = (1, 1)
     else:
-        raise EdgekdError(f"cifar_stem is not supported for arch '{arch}' (supported: resnet*, mobilenet_v2/v3, efficientnet*, mnasnet*, regnet*)")
+        raise InputError(f"cifar_stem is not supported for arch '{arch}' (supported: resnet*, mobilenet_v2/v3, efficientnet*, mnasnet*, regnet*)")
 
 
 def build(spec: dict[str, Any], pretrained: bool = False) -> nn.Module:
@@ -48,7 +48,7 @@ def build(spec: dict[str, Any], pretrained: bool = False) -> nn.Module:
 
     arch = spec["arch"]
     if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise EdgekdError(f"unknown arch '{arch}': not a torchvision classification model")
+        raise InputError(f"unknown arch '{arch}': not a torchvision classification model")
     kwargs: dict[str, Any] = {}
     if spec.get("width_mult") is not None:
         kwargs["width_mult"] = spec["width_mult"]
@@ -59,7 +59,7 @@ def build(spec: dict[str, Any], pretrained: bool = False) -> nn.Module:
         else:
             model = torchvision.models.get_model(arch, num_classes=spec["num_classes"], **kwargs)
     except TypeError as e:
-        raise EdgekdError(f"arch '{arch}' does not accept {kwargs}: {e}") from None
+        raise InputError(f"arch '{arch}' does not accept {kwargs}: {e}") from None
     if spec.get("cifar_stem"):
         _apply_cifar_stem(model, arch)
     return model
@@ -118,7 +118,7 @@ def _load_state(model: nn.Module, sd: dict, what: str) -> None:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
         if shape:
             parts.append(f"{len(shape)} shape mismatches (e.g. {shape[0]})")
-        raise EdgekdError(f"{what} does not fit the architecture: " + "; ".join(parts))
+        raise InputError(f"{what} does not fit the architecture: " + "; ".join(parts))
     model.load_state_dict(sd)
 
 
@@ -137,48 +137,35 @@ def load_model(cfg: ModelConfig, num_classes: int, role: str, allow_onnx: bool =
     """Build `cfg.arch` and load `cfg.checkpoint` if any. Returns (model, spec).
 
     Accepts: edgekd checkpoints, state_dicts (optionally nested / fp16 / DataParallel),
-    TorchScript archives, fully pickled models and (teachers only) ONNX files."""
+    TorchScript archives, (teachers only) ONNX files, and fully pickled models where the
+    user allows unpickling (`trust_pickle`, see safeload.py)."""
     spec = arch_spec(cfg, cfg.num_classes or num_classes)
     if not cfg.checkpoint:
         return build(spec, cfg.pretrained), spec
     path = Path(cfg.checkpoint).expanduser()
     where = f"{role}.checkpoint {path}"
     if not path.is_file():
-        raise EdgekdError(f"{where}: file not found")
+        raise InputError(f"{where}: file not found")
     if path.suffix.lower() == ".onnx":
         if not allow_onnx:
-            raise EdgekdError(f"{where}: an ONNX file can only serve as a teacher (a student needs gradients)")
+            raise InputError(f"{where}: an ONNX file can only serve as a teacher (a student needs gradients)")
         return OnnxModule(path), {**spec, "onnx": str(path)}
-    is_zip = zipfile.is_zipfile(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as first:
-        obj = None
-        if is_zip and _is_torchscript(path):
-            try:
-                return torch.jit.load(str(path), map_location="cpu"), {**spec, "torchscript": str(path)}
-            except Exception as e:
-                raise EdgekdError(f"{where}: corrupt TorchScript archive ({e})") from None
+    kind, obj = open_checkpoint(path, where, cfg.trust_pickle, f"{role}.trust_pickle")
+    if kind == "torchscript":
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-            log.warning("%s is a pickled object; loading it executed code from the file", where)
-        except Exception:
-            raise EdgekdError(f"{where}: cannot read checkpoint (corrupt or not a PyTorch file: {type(first).__name__})") from None
+            return torch.jit.load(str(path), map_location="cpu"), {**spec, "torchscript": str(path)}
+        except Exception as e:
+            raise InputError(f"{where}: corrupt TorchScript archive ({str(e).splitlines()[0][:200]})") from None
     if isinstance(obj, dict) and obj.get("edgekd_format"):
         return rebuild(obj), obj["spec"]
     if isinstance(obj, nn.Module):
         return obj, {**spec, "pickled": str(path)}
     sd = _unwrap_state_dict(obj)
     if sd is None:
-        raise EdgekdError(f"{where}: not a state_dict, edgekd checkpoint, TorchScript or pickled model")
+        raise InputError(f"{where}: not a state_dict, edgekd checkpoint, TorchScript or pickled model")
     model = build(spec)
     _load_state(model, sd, where + f" (arch {cfg.arch}, cifar_stem={cfg.cifar_stem})")
     return model, spec
-
-
-def _is_torchscript(path: Path) -> bool:
-    with zipfile.ZipFile(path) as z:
-        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
 
 
 class OnnxModule(nn.Module):
@@ -191,7 +178,7 @@ class OnnxModule(nn.Module):
         try:
             self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as e:
-            raise EdgekdError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
+            raise InputError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.batch = inp.shape[0] if isinstance(inp.shape[0], int) else None  # fixed batch (export without dynamic_axes)
@@ -201,7 +188,7 @@ class OnnxModule(nn.Module):
         arr = x.detach().cpu().float().numpy()
         step = self.batch or len(arr)
         if len(arr) % step:
-            raise EdgekdError(f"{self.path}: its input batch is fixed to {step}; re-export with a dynamic batch axis")
+            raise InputError(f"{self.path}: its input batch is fixed to {step}; re-export with a dynamic batch axis")
         out = np.concatenate([self.session.run(None, {self.input_name: arr[i : i + step]})[0] for i in range(0, len(arr), step)])
         return torch.from_numpy(out).to(x.device)
 
@@ -216,9 +203,9 @@ def check_classes(model: nn.Module, role: str, num_classes: int, image_size: int
     try:
         n = output_classes(model, image_size)
     except Exception as e:
-        raise EdgekdError(f"{role}: forward pass on a 3x{image_size}x{image_size} input failed ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{role}: forward pass on a 3x{image_size}x{image_size} input failed ({str(e).splitlines()[0]})") from None
     if n != num_classes:
-        raise EdgekdError(f"{role} outputs {n} classes but the data has {num_classes}")
+        raise InputError(f"{role} outputs {n} classes but the data has {num_classes}")
 
 
 def clone(model: nn.Module) -> nn.Module:

@@ -79,6 +79,7 @@ def write_reports(run_dir: Path, cfg, manifest: dict, stages: list[dict], models
         "stages": [{k: s.get(k) for k in ("index", "name", "seconds", "metrics", "models", "artifacts", "info", "history")} for s in stages],
         "models": models,
         "headline": headline(models),
+        "skipped_images": manifest.get("skipped_images") or {"count": 0, "files": []},
         "metrics": flat_metrics(stages, models),
     }
     write_json(run_dir / "report.json", report)
@@ -118,6 +119,12 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
              f"({', '.join(mach.get('isa', [])) or 'no SIMD flags found'}), "
              f"{mach.get('cores')} cores, device `{report['device']}`, torch threads {report['threads']}, seed {report['seed']}.")
     L.append("")
+    skipped = report.get("skipped_images") or {}
+    if skipped.get("count"):
+        files = skipped["files"]
+        shown = "; ".join(f"`{f['file']}` ({f['reason']})" for f in files[:5]) + (f"; and {len(files) - 5} more" if len(files) > 5 else "")
+        L += [f"**{skipped['count']} unreadable images were left out** (`data.skip_bad_images`, all listed in "
+              f"report.json): {shown}", ""]
     models = report["models"]
     runtimes, lat = latency_columns(models)
     head = ["model", "top-1 %", "ECE", "params", "MACs", "size"] + [f"{r} ms" for r in runtimes]

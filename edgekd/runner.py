@@ -6,10 +6,8 @@ an interrupted stage continues from its last epoch checkpoint (see train.fit).""
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
-import shutil
 import random
 import time
 from datetime import datetime
@@ -22,9 +20,10 @@ import yaml
 from . import __version__
 from .config import PipelineConfig
 from .context import Context
-from .errors import EdgekdError
+from .errors import EdgekdError, InputError
 from .fileio import file_size, sha256_json, write_json, write_text
 from .models import rebuild
+from .rundir import RunDirLock, read_json, read_manifest, set_aside
 from .stages import STAGES, StageResult
 
 log = logging.getLogger("edgekd")
@@ -60,17 +59,18 @@ def seed_everything(seed: int) -> None:
 class Runner:
     def __init__(self, cfg: PipelineConfig, raw: dict, run_dir: Path | None = None, resume: bool = False):
         self.cfg, self.raw = cfg, raw
-        if resume:
-            if run_dir is None or not (run_dir / "manifest.json").exists():
-                raise EdgekdError(f"--resume {run_dir}: not a run directory (no manifest.json)")
-        else:
-            if run_dir is None:
-                run_dir = Path(cfg.output_dir) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
-            if (run_dir / "manifest.json").exists():
-                raise EdgekdError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+        if run_dir is None:
+            if resume:
+                raise InputError("--resume needs the run directory to continue")
+            run_dir = Path(cfg.output_dir) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+        self.lock = RunDirLock(run_dir, resume)  # refuses user folders and a second writer, exit 2
         self.run_dir = run_dir
         self.manifest_path = run_dir / "manifest.json"
-        self.manifest = json.loads(self.manifest_path.read_text()) if resume else {}
+        try:
+            self.manifest = read_manifest(run_dir) if resume else {}
+        except InputError:
+            self.lock.release()
+            raise
 
     def _global_hash(self) -> str:
         c = self.cfg
@@ -81,8 +81,22 @@ class Runner:
         write_json(self.manifest_path, self.manifest)
 
     def run(self) -> Path:
+        """Run every stage not already done; the manifest records the failure of any step."""
+        try:
+            return self._run()
+        except BaseException as e:
+            self.manifest["status"] = "failed"
+            self.manifest.setdefault("error", f"{type(e).__name__}: {e}"[:2000])
+            try:
+                self._save_manifest()
+            except Exception:  # out of disk: the error itself still reaches the user
+                log.debug("could not record the failure in %s", self.manifest_path, exc_info=True)
+            raise
+        finally:
+            self.lock.release()
+
+    def _run(self) -> Path:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         device = resolve_device(cfg.device)
@@ -93,9 +107,11 @@ class Runner:
             "pipeline": cfg.name, "created": self.manifest.get("created", datetime.now().isoformat(timespec="seconds")),
             "seed": cfg.seed, "device": str(device), "threads": torch.get_num_threads(),
             "config_hash": sha256_json(self.raw), "versions": versions(), "status": "running",
-            "stages": [],
+            "stages": list(old_stages.values()),  # the previous run's records stay until each stage is replaced
         }
+        self._save_manifest()
         ctx = Context(cfg, self.run_dir, device)
+        self.manifest["skipped_images"] = {"count": len(ctx.data.skipped), "files": ctx.data.skipped}
         ctx.load_student()
         input_figs = ctx.measure(ctx.model)
         ctx.variants["student_input"] = {**input_figs, "label": "student (input)"}
@@ -105,21 +121,32 @@ class Runner:
             ctx.variants["teacher"] = {**teacher_figs, "label": "teacher"}
         chain = self._global_hash()
         results: list[dict] = []
+        redone = False
         for i, (name, scfg) in enumerate(cfg.stage_entries()):
             chain = sha256_json([chain, name, scfg.model_dump()])
             stage_dir = self.run_dir / f"{i:02d}_{name}"
             entry = {"index": i, "name": name, "chain_hash": chain, "status": "pending", "dir": stage_dir.name}
-            self.manifest["stages"].append(entry)
+            stages = self.manifest["stages"]
+            stages[i:i + 1] = [entry]
             old = old_stages.get(i)
-            if old and old.get("status") == "completed" and old.get("chain_hash") == chain and self._restore(ctx, stage_dir, old):
-                log.info("stage %d %s: already completed with the same config; skipped", i, name)
-                entry.update({k: old[k] for k in ("status", "seconds", "artifacts") if k in old})
-                entry["resumed"] = True
-                results.append(json.loads((stage_dir / "result.json").read_text()))
-                self._save_manifest()
-                continue
-            if old and old.get("chain_hash") != chain:
-                shutil.rmtree(stage_dir, ignore_errors=True)  # outputs of another config must not be resumed from
+            same = bool(old) and old.get("chain_hash") == chain and not redone
+            if same and old.get("status") == "completed":
+                rec = self._restore(ctx, stage_dir, old)
+                if rec is not None:
+                    log.info("stage %d %s: already completed with the same config; skipped", i, name)
+                    entry.update({k: old[k] for k in ("status", "seconds", "artifacts") if k in old})
+                    entry["resumed"] = True
+                    results.append(rec)
+                    self._save_manifest()
+                    continue
+            if stage_dir.exists() and not (same and old.get("status") in ("running", "failed")):
+                # outputs of another config (or unreadable ones) must not be resumed from; nothing is deleted
+                why = ("its saved outputs are unreadable" if same else "an earlier stage was redone" if redone
+                       else "its config (or an earlier stage's) changed")
+                moved = set_aside(self.run_dir, stage_dir)
+                log.warning("stage %d %s: %s; redoing it (previous folder moved to %s)", i, name, why, ctx.rel(moved))
+                entry["replaced"] = ctx.rel(moved)
+            redone = True  # later stages were built on this one's old outputs
             entry["status"] = "running"
             self._save_manifest()
             ctx.stage_dir = stage_dir
@@ -127,26 +154,15 @@ class Runner:
             t0 = time.perf_counter()
             log.info("stage %d/%d: %s", i + 1, len(cfg.stages), name)
             try:
-                result: StageResult = STAGES.get(name)(scfg).run(ctx)
+                rec = self._run_stage(ctx, i, name, scfg, stage_dir, t0)
             except BaseException as e:
-                entry.update({"status": "failed", "error": f"{type(e).__name__}: {e}"})
-                self.manifest["status"] = "failed"
-                self._save_manifest()
+                entry.update({"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]})
                 raise
-            if result.model_changed:
-                result.artifacts["model"] = ctx.rel(ctx.save_model(stage_dir / "model.pt"))
-                if ctx.float_model is not None:
-                    result.artifacts["float_model"] = ctx.rel(ctx.save_model(stage_dir / "float_model.pt", ctx.float_model, []))
-            ctx.artifacts.update(result.artifacts)
-            for k, v in result.models.items():
-                ctx.variants[k] = {**ctx.variants.get(k, {}), **v}
-            seconds = round(time.perf_counter() - t0, 2)
-            rec = {"index": i, "name": name, "seconds": seconds, **result.to_json()}
-            write_json(stage_dir / "result.json", rec)
-            entry.update({"status": "completed", "seconds": seconds,
-                          "artifacts": {k: {"path": v, "bytes": file_size(self.run_dir / v)} for k, v in result.artifacts.items()}})
+            entry.update({"status": "completed", "seconds": rec["seconds"],
+                          "artifacts": {k: {"path": v, "bytes": file_size(self.run_dir / v)} for k, v in rec["artifacts"].items()}})
             self._save_manifest()
             results.append(rec)
+        del self.manifest["stages"][len(cfg.stages):]
         self.manifest["status"] = "completed"
         self._save_manifest()
         from .report import write_reports
@@ -155,20 +171,43 @@ class Runner:
                       ctx.data.test.labels.tolist(), ctx.data.test.key)
         return self.run_dir
 
-    def _restore(self, ctx: Context, stage_dir: Path, old: dict) -> bool:
-        """Bring ctx to the state after a completed stage; False if its outputs are gone."""
+    def _run_stage(self, ctx: Context, i: int, name: str, scfg, stage_dir: Path, t0: float) -> dict:
+        """One stage, its model saved and its result.json written (all inside the failure record)."""
+        result: StageResult = STAGES.get(name)(scfg).run(ctx)
+        if result.model_changed:
+            result.artifacts["model"] = ctx.rel(ctx.save_model(stage_dir / "model.pt"))
+            if ctx.float_model is not None:
+                result.artifacts["float_model"] = ctx.rel(ctx.save_model(stage_dir / "float_model.pt", ctx.float_model, []))
+        ctx.artifacts.update(result.artifacts)
+        for k, v in result.models.items():
+            ctx.variants[k] = {**ctx.variants.get(k, {}), **v}
+        rec = {"index": i, "name": name, "seconds": round(time.perf_counter() - t0, 2), **result.to_json()}
+        write_json(stage_dir / "result.json", rec)
+        return rec
+
+    def _restore(self, ctx: Context, stage_dir: Path, old: dict) -> dict | None:
+        """Bring ctx to the state after a completed stage and return its result record; None
+        (ctx untouched) where its outputs are gone, truncated or not edgekd's."""
         paths = {k: self.run_dir / v["path"] for k, v in old.get("artifacts", {}).items()}
         if not (stage_dir / "result.json").exists() or not all(p.exists() for p in paths.values()):
-            return False
-        res = json.loads((stage_dir / "result.json").read_text())
-        if "model" in paths:
-            ckpt = torch.load(paths["model"], map_location="cpu", weights_only=True)
-            ctx.model = rebuild(ckpt).to(ctx.device)
+            return None
+        try:
+            res = read_json(stage_dir / "result.json", "stage result")
+            if not all(isinstance(res.get(k, {}), dict) for k in ("artifacts", "models")):
+                raise InputError(f"{stage_dir / 'result.json'}: not an edgekd stage result")
+            ckpt = torch.load(paths["model"], map_location="cpu", weights_only=True) if "model" in paths else None
+            model = rebuild(ckpt).to(ctx.device) if ckpt else None
+            float_model = (rebuild(torch.load(paths["float_model"], map_location="cpu", weights_only=True)).to(ctx.device)
+                           if "float_model" in paths else None)
+        except Exception as e:
+            log.warning("%s: cannot resume from it (%s)", stage_dir.name, str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+            return None
+        if ckpt:
+            ctx.model, ctx.float_model = model, None
             ctx.pruning_history, ctx.transforms = ckpt["pruning_history"], ckpt["transforms"]
-            ctx.float_model = None
-        if "float_model" in paths:
-            ctx.float_model = rebuild(torch.load(paths["float_model"], map_location="cpu", weights_only=True)).to(ctx.device)
+        if float_model is not None:
+            ctx.float_model = float_model
         ctx.artifacts.update(res.get("artifacts", {}))
         for k, v in res.get("models", {}).items():
             ctx.variants[k] = {**ctx.variants.get(k, {}), **v}
-        return True
+        return res

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from .config import Strict, Switch
 from .bn import bn_gap, recalibrate_bn
 from .data import Data, iterate
+from .errors import EdgekdError
 from .fileio import save_torch, sha256_json
 from .losses import LOSSES, uses_teacher
 
@@ -158,49 +159,68 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, *,
     use_amp = cfg.amp and device.type == "cuda"
     eval_split = data.val if data.val is not None else data.test
     eval_name = "val" if data.val is not None else "test"
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step whose loss was not finite
     bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=start * steps_per_epoch, desc=desc, unit="step", dynamic_ncols=True)
-    for epoch in range(start, cfg.epochs):
-        model.train()
-        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        torch.manual_seed(seed * 100_003 + epoch)  # dropout etc.: an epoch replays identically after resume
-        sums: dict[str, float] = {}
-        n_seen, t0 = 0, time.perf_counter()
-        warm = min(1.0, (epoch + 1) / cfg.dkd_warmup_epochs) if cfg.dkd_warmup_epochs else 1.0
-        for x, y, idx, flip in iterate(data.train, bs, shuffle=True, augment=data.augment, gen=gen):
-            x, y = data.normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-            t_logits = teacher(x, idx, flip) if teacher is not None and cfg.uses_teacher() else None
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                s_logits = model(x)
-            parts = loss_fn(s_logits.float(), y, t_logits, temperature=cfg.temperature, alpha=cfg.alpha,
-                            dkd_alpha=cfg.dkd_alpha, dkd_beta=cfg.dkd_beta, warmup=warm, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            opt.step()
-            sched.step()
-            for k, v in parts.items():  # summed on the device: no host sync per step
-                sums[k] = sums.get(k, 0.0) + v.detach().float() * len(y)
-            n_seen += len(y)
-            bar.update(1)
-            if bar.n % POSTFIX_EVERY == 0:
-                bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{float(sums['loss']) / n_seen:.3f}", refresh=False)
-        sums = {k: float(v) for k, v in sums.items()}
-        secs = time.perf_counter() - t0
-        rec = {"epoch": epoch + 1, **{k: round(v / n_seen, 5) for k, v in sums.items()},
-               "lr": round(sched.get_last_lr()[0], 6), "seconds": round(secs, 2), "images_per_s": round(n_seen / secs, 1)}
-        last = epoch + 1 == cfg.epochs
-        if last:
-            _settle_bn(model, data, cfg, device, seed, rec, desc)
-        if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last:
-            m = classification_metrics(predict(model, data, eval_split, device), eval_split.labels.numpy(), data.classes)
-            rec[f"{eval_name}_top1"] = m["top1"]
-        history.append(rec)
-        if state_path:
-            save_torch(state_path, {"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
-                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history})
-        if on_epoch:
-            on_epoch(rec)
-    bar.close()
+    try:  # the bar is closed on any exit, so an error message starts its own line
+        for epoch in range(start, cfg.epochs):
+            model.train()
+            gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            torch.manual_seed(seed * 100_003 + epoch)  # dropout etc.: an epoch replays identically after resume
+            sums: dict[str, float] = {}
+            n_seen, t0 = 0, time.perf_counter()
+            warm = min(1.0, (epoch + 1) / cfg.dkd_warmup_epochs) if cfg.dkd_warmup_epochs else 1.0
+            for x, y, idx, flip in iterate(data.train, bs, shuffle=True, augment=data.augment, gen=gen):
+                x, y = data.normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+                t_logits = teacher(x, idx, flip) if teacher is not None and cfg.uses_teacher() else None
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    s_logits = model(x)
+                parts = loss_fn(s_logits.float(), y, t_logits, temperature=cfg.temperature, alpha=cfg.alpha,
+                                dkd_alpha=cfg.dkd_alpha, dkd_beta=cfg.dkd_beta, warmup=warm, label_smoothing=cfg.label_smoothing)
+                bad_step = _first_nonfinite(parts["loss"], bar.n, bad_step)
+                if device.type == "cpu" or bar.n % POSTFIX_EVERY == 0:  # a GPU checks where it syncs anyway
+                    _stop_if_diverged(bad_step, desc, steps_per_epoch, cfg.epochs)
+                opt.zero_grad(set_to_none=True)
+                parts["loss"].backward()
+                opt.step()
+                sched.step()
+                for k, v in parts.items():  # summed on the device: no host sync per step
+                    sums[k] = sums.get(k, 0.0) + v.detach().float() * len(y)
+                n_seen += len(y)
+                bar.update(1)
+                if bar.n % POSTFIX_EVERY == 0:
+                    bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{float(sums['loss']) / n_seen:.3f}", refresh=False)
+            _stop_if_diverged(bad_step, desc, steps_per_epoch, cfg.epochs)
+            sums = {k: float(v) for k, v in sums.items()}
+            secs = time.perf_counter() - t0
+            rec = {"epoch": epoch + 1, **{k: round(v / n_seen, 5) for k, v in sums.items()},
+                   "lr": round(sched.get_last_lr()[0], 6), "seconds": round(secs, 2), "images_per_s": round(n_seen / secs, 1)}
+            last = epoch + 1 == cfg.epochs
+            if last:
+                _settle_bn(model, data, cfg, device, seed, rec, desc)
+            if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last:
+                m = classification_metrics(predict(model, data, eval_split, device), eval_split.labels.numpy(), data.classes)
+                rec[f"{eval_name}_top1"] = m["top1"]
+            history.append(rec)
+            if state_path:
+                save_torch(state_path, {"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
+                                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history})
+            if on_epoch:
+                on_epoch(rec)
+    finally:
+        bar.close()
     return history
+
+
+def _first_nonfinite(loss: torch.Tensor, step: int, bad_step: torch.Tensor) -> torch.Tensor:
+    """Record the first non-finite loss on the device (no host sync)."""
+    return torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
+
+
+def _stop_if_diverged(bad_step: torch.Tensor, desc: str, steps_per_epoch: int, epochs: int) -> None:
+    if (step := int(bad_step)) >= 0:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        raise EdgekdError(f"{desc}: the training loss became NaN or infinite at epoch {epoch + 1}/{epochs}, step "
+                          f"{in_epoch + 1}/{steps_per_epoch}; lower the learning rate (or check the data and teacher)")
 
 
 def _settle_bn(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, seed: int, rec: dict,

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from edgekd import cli
 from edgekd.config import apply_override, interpolate, load_pipeline, validate
@@ -189,9 +190,10 @@ def test_env_default_used_when_unset(write_pipeline, minimal_pipeline, monkeypat
 def test_env_var_from_environment_overrides_default(write_pipeline, minimal_pipeline, monkeypatch, tmp_path):
     monkeypatch.setenv("EDGEKD_TEST_ROOT", str(tmp_path / "shared"))
     monkeypatch.setenv("EDGEKD_TEST_EPOCHS", "5")
-    for f in ("data/set.tar.gz", "models/t.pt"):  # validation checks that the inputs exist
+    for f in ("data/set.tar.gz", "models/t.pt"):  # validation checks that the inputs exist (and opens checkpoints)
         (tmp_path / "shared" / f).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "shared" / f).write_bytes(b"")
+    torch.save({}, tmp_path / "shared" / "models" / "t.pt")
     minimal_pipeline["data"]["source"] = "${EDGEKD_TEST_ROOT:-/nowhere}/data/set.tar.gz"
     minimal_pipeline["teacher"]["checkpoint"] = "${EDGEKD_TEST_ROOT}/models/t.pt"
     stage_opts(minimal_pipeline)["epochs"] = "${EDGEKD_TEST_EPOCHS}"

@@ -210,12 +210,15 @@ def test_load_fully_pickled_model(tmp_path, caplog):
     x = torch.randn(2, 3, 8, 8)
     path = tmp_path / "pickled.pt"
     torch.save(net, path)
+    with pytest.raises(EdgekdError, match=r"pickled\.pt: refused: loading it would unpickle torch\.nn\.modules\..* "
+                                          r"or set teacher\.trust_pickle: true"):
+        load_model(mnv2_cfg(checkpoint=str(path)), 3, "teacher")
     with caplog.at_level(logging.WARNING, logger="edgekd"):
-        model, spec = load_model(mnv2_cfg(checkpoint=str(path)), 3, "teacher")
+        model, spec = load_model(mnv2_cfg(checkpoint=str(path), trust_pickle=True), 3, "teacher")
     assert isinstance(model, nn.Sequential) and model is not net
     assert spec["pickled"] == str(path)
     assert torch.equal(outputs(model, x), outputs(net, x))
-    assert any("pickled object" in r.getMessage() for r in caplog.records)
+    assert any("trust_pickle: true (this ran code from the file)" in r.getMessage() for r in caplog.records)
 
 
 def test_load_edgekd_checkpoint(tmp_path, mnv2, x32):

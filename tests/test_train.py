@@ -96,7 +96,9 @@ def test_a_short_mobilenet_v3_run_ends_with_bn_statistics_that_fit_its_weights(a
     stale, fixed = figs["off"], figs["auto"]
     assert stale[1] > 40 and stale[0] < stale[1] - 10  # the bug: the weights learned, eval mode did not
     assert "BatchNorm running statistics do not fit" in stale[3] and "bn_recalibration: auto or on" in stale[3]
-    assert abs(fixed[0] - fixed[1]) <= 3, fixed[:2]  # eval mode within a few points of batch statistics
+    # eval mode within a few points of batch statistics (128 test images: 5 points is 6 images, a margin
+    # that holds across the float kernels of AVX2, AVX-512 and ARM; the stale gap above is over 10)
+    assert abs(fixed[0] - fixed[1]) <= 5, fixed[:2]
     assert fixed[2]["bn_recalibrated_images"] == 256
     assert fixed[2]["train_eval_mode_top1_before_recalibration"] < fixed[2]["train_eval_mode_top1"] - 10
     assert abs(fixed[2]["train_eval_mode_top1"] - fixed[2]["train_batch_stats_top1"]) <= 3
