@@ -9,7 +9,6 @@ the same preprocessing metadata the ONNX files carry."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import logging
@@ -29,12 +28,6 @@ from .fileio import atomic_path, write_json
 log = logging.getLogger("edgekd")
 # ExecuTorch 1.5 registers an Enum with torch's pytree on import; torch 2.14 warns about it on every run
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-INSTALL_HINT = "pip install 'edgekd[mobile]'"
-
-
-def available() -> str | None:
-    """None when ExecuTorch can be used, otherwise why not."""
-    return None if importlib.util.find_spec("executorch") is not None else f"not installed ({INSTALL_HINT})"
 
 
 def export_pte(model: nn.Module, path: Path, image_size: int, calib: np.ndarray | None = None) -> Path:

@@ -1,6 +1,7 @@
-"""export: ONNX fp32 (and the int8 files of the quantize stage) with runner metadata,
-each verified in onnxruntime against its PyTorch counterpart on real test images; and, when
-ExecuTorch is installed, the same variants as XNNPACK .pte programs, verified likewise.
+"""export: every model variant (student fp32, the quantize stage's int8 files, the unpruned
+student, the teacher) in every enabled file format (edgekd.formats: ONNX with onnxruntime's
+int8, ExecuTorch/XNNPACK .pte with its own int8), each with runner metadata and verified
+against its PyTorch counterpart on real test images.
 
 With a validation split, each student file also gets a softmax temperature fit on it (as its
 runtime runs it) and stored in its metadata (edgekd.calibration)."""
@@ -9,13 +10,15 @@ from __future__ import annotations
 
 import copy
 import logging
-import shutil
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from ..config import Strict, Switch
+from ..config import Strict, Switch, did_you_mean
 from ..errors import EdgekdError
-from ..onnx_export import export_onnx, metadata, op_counts, set_metadata, verify, verify_int8
+from ..formats import FORMATS, Variant, enabled_formats
+from ..formats.base import ExportJob
+from ..onnx_export import metadata
 from .base import Stage, StageResult, register
 
 log = logging.getLogger("edgekd")
@@ -30,9 +33,23 @@ class ExportConfig(Strict):
     int8_min_agreement: float = Field(0.95, gt=0, le=1, description="int8 QAT file vs PyTorch fake-quant top-1 agreement")
     ptq_min_agreement: float = Field(0.90, gt=0, le=1, description="int8 PTQ vs fp32 top-1 agreement (also ExecuTorch int8)")
     include_teacher: bool = Field(True, description="also export the teacher (the benchmark's reference)")
+    formats: Literal["auto"] | list[str] = Field(
+        "auto", description="file formats to write: auto = every installed one, or a list (onnx, the reference format, "
+                            "always included)")
     executorch: Switch = Field(
         "auto", description="also write ExecuTorch/XNNPACK .pte programs (int8 by ExecuTorch's own PT2E PTQ); "
                             "auto = when executorch is installed")
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, v):
+        if v == "auto":
+            return v
+        unknown = [f for f in v if f not in FORMATS]
+        if unknown:
+            raise ValueError(f"unknown format {unknown[0]!r}{did_you_mean(unknown[0], FORMATS.names())}; "
+                             f"known: {', '.join(FORMATS.names())}")
+        return v if "onnx" in v else ["onnx", *v]
 
     temperature_scaling: Switch = Field(
         "auto", description="fit a softmax temperature per student file on the validation split and store it in the "
@@ -46,6 +63,7 @@ class ExportConfig(Strict):
 
 
 LABELS = {"student_unpruned_fp32": "unpruned student fp32", "teacher_fp32": "teacher fp32"}
+STUDENT_FILES = ("student_fp32", "int8_ptq", "int8_qat", "student_unpruned_fp32")  # calibrated per file
 
 
 @register("export")
@@ -55,112 +73,85 @@ class Export(Stage):
     def run(self, ctx) -> StageResult:
         cfg: ExportConfig = self.config
         data, d = ctx.data, ctx.stage_dir
-        float_model = ctx.float_model if ctx.float_model is not None else ctx.model
-        artifacts, info, models = {}, {}, {}
-        pte = self._pte_enabled(cfg, info)
-        calib = None
-
-        def finish(name: str, path, reference, pte_model=None, int8=False, **tol):
-            """Stamp metadata on the ONNX file, verify it, and (if enabled) write and verify the .pte."""
-            nonlocal calib
-            set_metadata(path, metadata(data, name))
-            check = (verify_int8(path, reference, data, cfg.verify_images, tol["min_agreement"]) if int8
-                     else verify(path, reference, data, cfg.verify_images, **tol))
-            info[name] = {"verify": check, "ops": op_counts(path)}
-            artifacts[f"onnx.{name}"] = ctx.rel(path)
-            models[name] = {"size_bytes": path.stat().st_size, "onnx": ctx.rel(path)}
-            if name in LABELS:
-                models[name]["label"] = LABELS[name]
-            if not pte:
-                return
-            from ..pte_export import export_pte, pte_runner, write_sidecar
-            from .quantize import CalibrationConfig, calibration_images
-
-            if int8 and calib is None:  # the quantize stage's calibration set (its default if it has none)
-                q = next((c for n, c in ctx.cfg.stage_entries() if n == "quantize"), None)
-                calib = calibration_images(data, (q.calibration if q else CalibrationConfig()).samples, ctx.cfg.seed)
-            src = pte_model if pte_model is not None else reference
-            p = export_pte(copy.deepcopy(src), d / f"{name}.pte", data.image_size, calib if int8 else None)
-            write_sidecar(p, metadata(data, name))
-            info[name]["pte_verify"] = verify(p, src, data, cfg.verify_images, run=pte_runner(p, 1), what="ExecuTorch",
-                                              max_abs=None if int8 else tol.get("max_abs"),
-                                              min_agreement=cfg.ptq_min_agreement if int8 else tol["min_agreement"])
-            artifacts[f"pte.{name}"] = ctx.rel(p)
-            models[name]["pte_size_bytes"] = p.stat().st_size
-
-        fp32 = export_onnx(copy.deepcopy(float_model), d / "student_fp32.onnx", data.image_size, cfg.opset)
-        finish("student_fp32", fp32, float_model, max_abs=cfg.fp32_max_abs_diff, min_agreement=cfg.fp32_min_agreement)
-        for name in ("int8_qat", "int8_ptq"):
-            src = ctx.artifacts.get(f"onnx.{name}")
-            if not src:
-                continue
-            dst = d / f"{name}.onnx"
-            shutil.copyfile(ctx.run_dir / src, dst)
-            if name == "int8_qat":
-                from ..quant.qat import snap_weights
-
-                # ExecuTorch quantizes the QAT-trained weights itself, as the int8 ONNX file was made
-                snapped = snap_weights(copy.deepcopy(ctx.model).cpu()) if pte else None
-                finish(name, dst, ctx.model, snapped, int8=True, min_agreement=cfg.int8_min_agreement)
-            else:
-                finish(name, dst, float_model, int8=True, min_agreement=cfg.ptq_min_agreement)
-        unpruned = ctx.artifacts.get("model.unpruned")
-        if unpruned:
-            import torch
-
-            from ..models import rebuild
-
-            m = rebuild(torch.load(ctx.run_dir / unpruned, map_location="cpu", weights_only=True))
-            p = export_onnx(copy.deepcopy(m), d / "student_unpruned_fp32.onnx", data.image_size, cfg.opset)
-            finish("student_unpruned_fp32", p, m, max_abs=cfg.fp32_max_abs_diff, min_agreement=cfg.fp32_min_agreement)
-        if cfg.include_teacher and ctx.cfg.teacher is not None and not hasattr(ctx.teacher, "session"):
-            t = copy.deepcopy(ctx.teacher).cpu()
-            p = export_onnx(t, d / "teacher_fp32.onnx", data.image_size, cfg.opset)
-            finish("teacher_fp32", p, t, max_abs=cfg.fp32_max_abs_diff * 10, min_agreement=cfg.fp32_min_agreement)
+        formats, skipped = enabled_formats(cfg.formats, cfg.executorch)
+        info: dict = {fmt: f"skipped: {why}" for fmt, why in skipped.items()}
+        for fmt, why in skipped.items():
+            log.info("export: no %s files: %s %s", FORMATS.get(fmt).suffix, fmt, why)
+        artifacts, models = {}, {}
+        job = ExportJob(data, cfg.opset, cfg.verify_images, cfg.ptq_min_agreement, _calibration_set(ctx))
+        for v in self._variants(ctx, cfg):
+            rec, models[v.name] = info.setdefault(v.name, {}), {}
+            if v.name in LABELS:
+                models[v.name]["label"] = LABELS[v.name]
+            for fmt in formats:
+                path = fmt.export(v, d / f"{v.name}{fmt.suffix}", job)
+                fmt.write_metadata(path, metadata(data, v.name))
+                rec[fmt.figure("verify")] = fmt.verify(path, v, job)
+                rec.update(fmt.details(path))
+                artifacts[f"{fmt.key}.{v.name}"] = models[v.name][fmt.key] = ctx.rel(path)
+                models[v.name][fmt.figure("size_bytes")] = path.stat().st_size
         if cfg.temperature_scaling == "on" or (cfg.temperature_scaling == "auto" and data.val is not None):
-            self._calibrate(ctx, models, info)
+            self._calibrate(ctx, formats, models, info)
         fp = info["student_fp32"]["verify"]
         return StageResult(metrics={"fp32_max_abs_diff": fp["max_abs_diff"], "fp32_top1_agreement": fp["top1_agreement"]},
                            models=models, artifacts=artifacts, info=info)
 
     @staticmethod
-    def _calibrate(ctx, models: dict, info: dict) -> None:
-        """A temperature per student file, fit on that file's own validation logits."""
+    def _variants(ctx, cfg: ExportConfig):
+        """The variants of this run, in the order the report lists them."""
+        float_model = ctx.float_model if ctx.float_model is not None else ctx.model
+        fp32 = {"max_abs": cfg.fp32_max_abs_diff, "min_agreement": cfg.fp32_min_agreement}
+        yield Variant("student_fp32", float_model, **fp32)
+        if src := ctx.artifacts.get("onnx.int8_qat"):
+            yield Variant("int8_qat", ctx.model, int8=True, min_agreement=cfg.int8_min_agreement, qat_model=ctx.model,
+                          onnx_int8=ctx.run_dir / src)
+        if src := ctx.artifacts.get("onnx.int8_ptq"):
+            yield Variant("int8_ptq", float_model, int8=True, min_agreement=cfg.ptq_min_agreement, onnx_int8=ctx.run_dir / src)
+        if unpruned := ctx.artifacts.get("model.unpruned"):
+            import torch
+
+            from ..models import rebuild
+
+            yield Variant("student_unpruned_fp32", rebuild(torch.load(ctx.run_dir / unpruned, map_location="cpu",
+                                                                      weights_only=True)), **fp32)
+        if cfg.include_teacher and ctx.cfg.teacher is not None and not hasattr(ctx.teacher, "session"):
+            yield Variant("teacher_fp32", copy.deepcopy(ctx.teacher).cpu(), **{**fp32, "max_abs": cfg.fp32_max_abs_diff * 10})
+
+    @staticmethod
+    def _calibrate(ctx, formats, models: dict, info: dict) -> None:
+        """A temperature per student file, fit on that file's own validation logits (each format's
+        int8 is its own quantization, so each file gets its own temperature)."""
         from ..calibration import calibrate
-        from ..onnx_export import run_onnx
 
         data = ctx.data
         if data.val is None:
             raise EdgekdError("export.temperature_scaling: on, but the data has no validation split (set data.val_split)")
         xv, yv = data.normalize(data.val.images).numpy(), data.val.labels.numpy()
         xt, yt = data.normalize(data.test.images).numpy(), data.test.labels.numpy()
-        for name in [n for n in ("student_fp32", "int8_ptq", "int8_qat", "student_unpruned_fp32") if n in models]:
-            path = ctx.run_dir / models[name]["onnx"]
-            res = calibrate(run_onnx(path, xv), yv, run_onnx(path, xt), yt, data.classes)
-            set_metadata(path, {"edgekd.temperature": repr(res["temperature"])})
-            info[name]["calibration"] = {k: v for k, v in res.items() if not k.startswith("reliability")}
-            models[name].update({"calibration": res, "temperature": res["temperature"], "ece_calibrated": res["ece_after"]})
-            if "pte_verify" in info[name]:  # the .pte program is its own quantization: its own temperature
-                from ..pte_export import pte_runner, read_sidecar, write_sidecar
+        for name in [n for n in STUDENT_FILES if n in models]:
+            for fmt in formats:
+                path = ctx.run_dir / models[name][fmt.key]
+                run = fmt.runner(path)
+                res = calibrate(run(xv), yv, run(xt), yt, data.classes)
+                fmt.write_metadata(path, {"edgekd.temperature": repr(res["temperature"])})
+                info[name][fmt.figure("calibration")] = {k: v for k, v in res.items() if not k.startswith("reliability")}
+                if fmt.primary:
+                    models[name].update({"calibration": res, "temperature": res["temperature"],
+                                         "ece_calibrated": res["ece_after"]})
+                    log.info("export: %s temperature %.3f, test ECE %.4f -> %.4f", name, res["temperature"],
+                             res["ece_before"], res["ece_after"])
 
-                pte = path.with_suffix(".pte")
-                run = pte_runner(pte, 1)
-                pres = calibrate(run(xv), yv, run(xt), yt, data.classes)
-                write_sidecar(pte, {**read_sidecar(pte), "edgekd.temperature": repr(pres["temperature"])})
-                info[name]["pte_calibration"] = {k: v for k, v in pres.items() if not k.startswith("reliability")}
-            log.info("export: %s temperature %.3f, test ECE %.4f -> %.4f", name, res["temperature"], res["ece_before"],
-                     res["ece_after"])
 
-    @staticmethod
-    def _pte_enabled(cfg: ExportConfig, info: dict) -> bool:
-        if cfg.executorch == "off":
-            return False
-        from ..pte_export import available
+def _calibration_set(ctx):
+    """The quantize stage's calibration images (its default if it has none), made once on demand."""
+    cache: list = []
 
-        why = available()
-        if why and cfg.executorch == "on":
-            raise EdgekdError(f"export.executorch: on, but ExecuTorch is {why}")
-        if why:
-            log.info("export: no ExecuTorch .pte files: ExecuTorch %s", why)
-            info["executorch"] = f"skipped: {why}"
-        return why is None
+    def get():
+        if not cache:
+            from .quantize import CalibrationConfig, calibration_images
+
+            q = next((c for n, c in ctx.cfg.stage_entries() if n == "quantize"), None)
+            cache.append(calibration_images(ctx.data, (q.calibration if q else CalibrationConfig()).samples, ctx.cfg.seed))
+        return cache[0]
+
+    return get

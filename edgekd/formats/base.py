@@ -1,0 +1,125 @@
+"""The format interface and the variant a format writes (see the package docstring)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch.nn as nn
+
+from ..errors import EdgekdError
+from ..registry import Registry
+
+FORMATS: Registry = Registry("format")
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class Variant:
+    """One model variant to write in every format: its PyTorch reference and tolerances.
+
+    `qat_model` is the QAT-trained (fake-quantized) student: formats that quantize themselves
+    start from its weights snapped to the int8 grid, as the int8 ONNX file was made from them.
+    `onnx_int8` is the quantize stage's int8 ONNX file, which the ONNX format ships as is."""
+
+    name: str
+    reference: nn.Module
+    int8: bool = False
+    max_abs: float | None = None
+    min_agreement: float = 0.99
+    qat_model: nn.Module | None = None
+    onnx_int8: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def int8_source(self) -> nn.Module:
+        """The float model a format's own int8 quantizer calibrates."""
+        if self.qat_model is None:
+            return self.reference
+        from ..quant.qat import snap_weights
+
+        return snap_weights(copy.deepcopy(self.qat_model).cpu())
+
+
+class Format:
+    """A file format. `key` prefixes its artifacts (`<key>.<variant>`) and its figures in the
+    report (`<key>_verify`, `<key>_size_bytes`); the primary format (ONNX) has no prefix."""
+
+    key: str = ""
+    suffix: str = ""
+    module: str = ""  # the package whose presence makes it available
+    install_hint: str = ""
+    what: str = ""  # how verification messages name it
+    primary: bool = False
+
+    @classmethod
+    def available(cls) -> str | None:
+        """None when usable, otherwise why not."""
+        if importlib.util.find_spec(cls.module) is None:
+            return f"not installed ({cls.install_hint})"
+        return None
+
+    def figure(self, name: str) -> str:
+        return name if self.primary else f"{self.key}_{name}"
+
+    def export(self, v: Variant, path: Path, job: "ExportJob") -> Path:
+        raise NotImplementedError
+
+    def write_metadata(self, path: Path, props: dict[str, str]) -> None:
+        raise NotImplementedError
+
+    def read_metadata(self, path: Path) -> dict[str, str]:
+        raise NotImplementedError
+
+    def runner(self, path: Path, threads: int = 1) -> Runner:
+        raise NotImplementedError
+
+    def verify(self, path: Path, v: Variant, job: "ExportJob") -> dict:
+        """Outputs of the file vs its PyTorch reference on test images (onnx_export.verify)."""
+        from ..onnx_export import verify
+
+        src = v.int8_source if v.int8 else v.reference
+        return verify(path, src, job.data, job.verify_images, run=self.runner(path, 1), what=self.what,
+                      max_abs=None if v.int8 else v.max_abs,
+                      min_agreement=job.int8_min_agreement if v.int8 else v.min_agreement)
+
+    def details(self, path: Path) -> dict:
+        """Extra per-file facts for the report (e.g. ONNX op counts)."""
+        return {}
+
+
+@dataclass
+class ExportJob:
+    """What every format's export and verification of one run share."""
+
+    data: Any
+    opset: int
+    verify_images: int
+    int8_min_agreement: float  # a format's own int8 vs its float source
+    calibration: Callable[[], np.ndarray]  # the quantize stage's calibration images (computed once, on demand)
+
+
+def enabled_formats(formats: str | list[str], executorch: str) -> tuple[list[Format], dict[str, str]]:
+    """(the formats to write, primary first; {format: why skipped}). `formats: auto` = every
+    installed one (ExecuTorch per `export.executorch`), or the listed ones, each of which must
+    be installed."""
+    names = FORMATS.names() if formats == "auto" else list(formats)
+    if executorch == "off":
+        names = [n for n in names if n != "executorch"]
+    elif executorch == "on" and "executorch" not in names:
+        names.append("executorch")
+    out, skipped = [], {}
+    for n in names:
+        why = FORMATS.get(n).available()
+        if why and (formats != "auto" or (n == "executorch" and executorch == "on")):
+            raise EdgekdError(f"export.formats: {n} is {why}")
+        if why:
+            skipped[n] = why
+        else:
+            out.append(FORMATS.get(n)())
+    return sorted(out, key=lambda f: (not f.primary, f.key)), skipped
