@@ -112,12 +112,15 @@ def _yaml_budget(text: str, what: str) -> None:
     stack: list[list] = []  # open collections: [node count so far, anchor]
     total = 0
 
-    def add(n: int) -> None:
+    def add(n: int) -> None:  # a finished node (n values once expanded) joins its parent
         nonlocal total
         if stack:
             stack[-1][0] += n
-        total += n if not stack else 0
-        if total > MAX_YAML_NODES or (stack and stack[-1][0] > MAX_YAML_NODES):
+            count = stack[-1][0]
+        else:
+            total += n
+            count = total
+        if count > MAX_YAML_NODES:
             raise ConfigError(f"{what}: expands to more than {MAX_YAML_NODES:,} values (through anchors and aliases); "
                               "refused as a YAML bomb")
 
