@@ -23,3 +23,8 @@ class InputError(EdgekdError):
 
 class ConfigError(InputError):
     """An invalid pipeline file or override; exit code 2, message names the key path."""
+
+
+def first_few(names: list[str], n: int = 3) -> str:
+    """'a, b, c and 4 more': the names a one-line message can hold."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")

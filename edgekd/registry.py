@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
@@ -34,3 +35,8 @@ class Registry(Generic[T]):
 
     def items(self) -> list[tuple[str, T]]:
         return sorted(self._items.items())
+
+
+def why_missing(module: str, install_hint: str) -> str | None:
+    """None when a plug-in's package is importable, otherwise why not (runtimes and formats)."""
+    return f"not installed ({install_hint})" if importlib.util.find_spec(module) is None else None

@@ -14,7 +14,7 @@ import os
 from datetime import datetime
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, first_few
 
 LOCK = ".edgekd.lock"
 REPLACED = "replaced"  # where a resume moves the outputs of stages it redoes
@@ -73,8 +73,7 @@ class RunDirLock:
             raise InputError(f"{run_dir}: already holds a run; use --resume {run_dir} or another --out")
         if (found := _entries(run_dir)):
             self.release()
-            shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-            raise InputError(f"{run_dir}: exists and holds files edgekd did not write ({shown}); --out must be a new "
+            raise InputError(f"{run_dir}: exists and holds files edgekd did not write ({first_few(found)}); --out must be a new "
                              "or empty folder")
 
     def release(self) -> None:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 import pickletools
+from collections import deque
 import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, first_few
 
 log = logging.getLogger("edgekd")
 MAX_PICKLES = 6  # a legacy torch.save stream is magic, protocol, sys info, object, storage keys
@@ -33,7 +34,7 @@ def _stream_globals(f) -> list[str] | None:
     """Globals imported by the consecutive pickles in `f`; None if `f` does not start with one."""
     found: list[str] = []
     for i in range(MAX_PICKLES):
-        strings: list[str] = []
+        strings: deque[str] = deque(maxlen=2)  # STACK_GLOBAL takes the last two pushed
         try:
             for op, arg, _ in pickletools.genops(f):
                 if op.name in ("GLOBAL", "INST"):
@@ -47,9 +48,9 @@ def _stream_globals(f) -> list[str] | None:
     return found
 
 
-def pickle_globals(path: Path) -> list[str] | None:
+def pickle_globals(path: Path, is_zip: bool) -> list[str] | None:
     """The Python globals a checkpoint's pickle would import, without importing any."""
-    if zipfile.is_zipfile(path):
+    if is_zip:
         with zipfile.ZipFile(path) as z:
             pkl = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
             if pkl is None:
@@ -60,13 +61,13 @@ def pickle_globals(path: Path) -> list[str] | None:
         return _stream_globals(f)
 
 
-def _unsafe(path: Path, names: list[str]) -> list[str]:
+def _unsafe(path: Path, is_zip: bool, names: list[str]) -> list[str]:
     """The globals torch's weights-only unpickler refuses (torch's own list where it has one),
     those outside torch and torchvision first: that is where a payload shows."""
     import torch
 
     unsafe = names
-    if zipfile.is_zipfile(path):
+    if is_zip:
         try:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path) or names
         except Exception:
@@ -95,15 +96,13 @@ def open_checkpoint(path: Path, where: str, trust_pickle: bool, trust_key: str, 
             return "object", torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
     except Exception as first:
         reason = f"{type(first).__name__}"
-    names = pickle_globals(path)
+    names = pickle_globals(path, is_zip)
     if not names:
         raise InputError(f"{where}: cannot read checkpoint (corrupt or not a PyTorch file: {reason})")
     if not trust_pickle:
-        needs = _unsafe(path, names)
-        shown = ", ".join(needs[:3]) + (f" and {len(needs) - 3} more" if len(needs) > 3 else "")
-        raise InputError(f"{where}: refused: loading it would unpickle {shown}, which runs code from the file; "
-                         f"re-save it as a state_dict (torch.save(model.state_dict(), path)) or set {trust_key}: true "
-                         "if you trust its source")
+        raise InputError(f"{where}: refused: loading it would unpickle {first_few(_unsafe(path, is_zip, names))}, "
+                         "which runs code from the file; re-save it as a state_dict (torch.save(model.state_dict(), "
+                         f"path)) or set {trust_key}: true if you trust its source")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:

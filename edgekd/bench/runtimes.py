@@ -5,14 +5,13 @@ never as a traceback."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from ..errors import EdgekdError
-from ..registry import Registry
+from ..registry import Registry, why_missing
 
 RUNTIMES: Registry = Registry("runtime")
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -27,9 +26,7 @@ class Runtime:
     @classmethod
     def available(cls) -> str | None:
         """None when usable, otherwise why not."""
-        if importlib.util.find_spec(cls.module) is None:
-            return f"not installed ({cls.install_hint})"
-        return None
+        return why_missing(cls.module, cls.install_hint)
 
     @classmethod
     def version(cls) -> str:

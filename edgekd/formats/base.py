@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
@@ -13,7 +12,7 @@ import numpy as np
 import torch.nn as nn
 
 from ..errors import EdgekdError
-from ..registry import Registry
+from ..registry import Registry, why_missing
 
 FORMATS: Registry = Registry("format")
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -34,7 +33,6 @@ class Variant:
     min_agreement: float = 0.99
     qat_model: nn.Module | None = None
     onnx_int8: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @cached_property
     def int8_source(self) -> nn.Module:
@@ -60,9 +58,7 @@ class Format:
     @classmethod
     def available(cls) -> str | None:
         """None when usable, otherwise why not."""
-        if importlib.util.find_spec(cls.module) is None:
-            return f"not installed ({cls.install_hint})"
-        return None
+        return why_missing(cls.module, cls.install_hint)
 
     def figure(self, name: str) -> str:
         return name if self.primary else f"{self.key}_{name}"

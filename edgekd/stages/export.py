@@ -9,6 +9,7 @@ runtime runs it) and stored in its metadata (edgekd.calibration)."""
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from typing import Literal
 
@@ -144,14 +145,12 @@ class Export(Stage):
 
 def _calibration_set(ctx):
     """The quantize stage's calibration images (its default if it has none), made once on demand."""
-    cache: list = []
 
+    @functools.cache
     def get():
-        if not cache:
-            from .quantize import CalibrationConfig, calibration_images
+        from .quantize import CalibrationConfig, calibration_images
 
-            q = next((c for n, c in ctx.cfg.stage_entries() if n == "quantize"), None)
-            cache.append(calibration_images(ctx.data, (q.calibration if q else CalibrationConfig()).samples, ctx.cfg.seed))
-        return cache[0]
+        q = next((c for n, c in ctx.cfg.stage_entries() if n == "quantize"), None)
+        return calibration_images(ctx.data, (q.calibration if q else CalibrationConfig()).samples, ctx.cfg.seed)
 
     return get
