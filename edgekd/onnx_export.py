@@ -50,7 +50,11 @@ def metadata(data, variant: str) -> dict[str, str]:
 def read_metadata(path: Path) -> dict[str, str]:
     import onnx
 
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise EdgekdError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
+    return {p.key: p.value for p in m.metadata_props}
 
 
 def set_metadata(path: Path, props: dict[str, str]) -> None:

@@ -9,12 +9,8 @@ the same preprocessing metadata the ONNX files carry."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import os
-import sys
-from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 from typing import Callable
 
@@ -24,10 +20,9 @@ import torch.nn as nn
 
 from .errors import EdgekdError
 from .fileio import atomic_path, write_json
+from .native_logs import quiet_native_output
 
 log = logging.getLogger("edgekd")
-# ExecuTorch 1.5 registers an Enum with torch's pytree on import; torch 2.14 warns about it on every run
-logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def export_pte(model: nn.Module, path: Path, image_size: int, calib: np.ndarray | None = None) -> Path:
@@ -69,27 +64,12 @@ def read_sidecar(path: Path) -> dict[str, str]:
         raise EdgekdError(f"{side}: unreadable metadata sidecar ({type(e).__name__})") from None
 
 
-@contextmanager
-def _quiet_native_stderr():
-    """ExecuTorch's runtime logs every thread-pool reset and load (to fd 2 or through Python's
-    sys.stderr); keep the CLI's one-line errors clean."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null, redirect_stderr(io.StringIO()):
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def pte_runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
     """float32 NCHW batch -> logits, one image at a time through the program's `forward`."""
     with open(path, "rb") as f:
         if f.read(8)[4:6] != b"ET":  # flatbuffer file identifier "ETxx"
             raise EdgekdError(f"{path}: not an ExecuTorch program (no ET file identifier)")
-    with _quiet_native_stderr():
+    with quiet_native_output():
         from executorch.extension.pybindings import portable_lib
         from executorch.runtime import Runtime
 

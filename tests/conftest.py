@@ -113,3 +113,52 @@ def minimal_pipeline(image_folder) -> dict:
         "teacher": {"arch": "resnet18", "cifar_stem": True},
         "stages": [{"distill": {"epochs": 1}}],
     })
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A MobileNetV2 x0.25 on 16 px, 4 classes, with BN statistics of its 48 random images and
+    decided logits: the model every format is exported from in the format tests."""
+    import torch
+
+    from edgekd.config import DataConfig
+    from edgekd.data import Data, Split
+    from edgekd.models import build
+
+    torch.manual_seed(0)
+    m = build({"arch": "mobilenet_v2", "num_classes": 4, "cifar_stem": True, "width_mult": 0.25})
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (48, 3, 16, 16), dtype=torch.uint8, generator=g)
+    split = Split(imgs, torch.arange(48) % 4, ["a", "b", "c", "d"], "k")
+    cfg = DataConfig(source="x")
+    data = Data(split, split, None, cfg.mean, cfg.std, "none", 16, 16)
+    with torch.no_grad():  # BN statistics of the data and O(1) logits, so top-1 is decided
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.momentum = None
+        m.train()(data.normalize(imgs))
+        torch.nn.init.normal_(m.classifier[-1].weight, std=1.0)
+    return m.eval(), data
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tiny):
+    """`tiny` fit to its 48 images' labels for a few steps: logits that decide most images by a
+    margin int8 rounding does not flip (a random network's barely do), for int8 verification."""
+    import copy
+
+    import torch
+
+    model, data = tiny
+    m = copy.deepcopy(model).train()
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.momentum = 0.1
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    x, y = data.normalize(data.train.images), data.train.labels
+    torch.manual_seed(0)
+    for _ in range(60):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+    return m.eval(), data

@@ -7,38 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from edgekd.config import DataConfig
-from edgekd.data import Data, Split
 from edgekd.errors import EdgekdError
 from edgekd.formats import FORMATS, Variant, enabled_formats
 from edgekd.formats.base import ExportJob
-from edgekd.models import build
 from edgekd.onnx_export import metadata
 from edgekd.stages.export import ExportConfig
 
 INSTALLED = [n for n in FORMATS.names() if FORMATS.get(n).available() is None]
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    m = build({"arch": "mobilenet_v2", "num_classes": 4, "cifar_stem": True, "width_mult": 0.25})
-    g = torch.Generator().manual_seed(0)
-    imgs = torch.randint(0, 256, (48, 3, 16, 16), dtype=torch.uint8, generator=g)
-    split = Split(imgs, torch.arange(48) % 4, ["a", "b", "c", "d"], "k")
-    cfg = DataConfig(source="x")
-    data = Data(split, split, None, cfg.mean, cfg.std, "none", 16, 16)
-    with torch.no_grad():  # BN statistics of the data and O(1) logits, so top-1 is decided
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.momentum = None
-        m.train()(data.normalize(imgs))
-        torch.nn.init.normal_(m.classifier[-1].weight, std=1.0)
-    return m.eval(), data
-
-
-def test_the_registry_lists_onnx_and_executorch_and_onnx_is_primary():
-    assert {"onnx", "executorch"} <= set(FORMATS.names())
+def test_the_registry_lists_onnx_executorch_and_litert_and_onnx_is_primary():
+    assert {"onnx", "executorch", "litert"} <= set(FORMATS.names())
     assert [n for n in FORMATS.names() if FORMATS.get(n).primary] == ["onnx"]
 
 
@@ -62,7 +41,7 @@ def test_a_tiny_model_through_every_installed_format(tiny, tmp_path, name):
 
 
 def test_unknown_format_is_a_one_line_error_listing_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown format 'tflit'.*known: executorch, onnx"):
+    with pytest.raises(ValueError, match=r"unknown format 'tflit'.*known: executorch, litert, onnx"):
         ExportConfig(formats=["tflit"])
 
 
@@ -73,10 +52,10 @@ def test_a_format_list_always_includes_onnx_the_reference_format():
 
 def test_executorch_switch_still_decides_under_auto():
     got, _ = enabled_formats("auto", "off")
-    assert [f.key for f in got] == ["onnx"]
+    assert [f.key for f in got][0] == "onnx" and "pte" not in [f.key for f in got]
     if FORMATS.get("executorch").available() is None:
         got, _ = enabled_formats("auto", "auto")
-        assert [f.key for f in got] == ["onnx", "pte"]  # the primary format first
+        assert [f.key for f in got][:2] == ["onnx", "pte"]  # the primary format first
 
 
 def test_a_listed_format_that_is_not_installed_is_an_error(monkeypatch):
@@ -84,4 +63,32 @@ def test_a_listed_format_that_is_not_installed_is_an_error(monkeypatch):
     with pytest.raises(EdgekdError, match=r"export.formats: executorch is not installed \(hint\)"):
         enabled_formats(["onnx", "executorch"], "auto")
     got, skipped = enabled_formats("auto", "auto")
-    assert [f.key for f in got] == ["onnx"] and skipped == {"executorch": "not installed (hint)"}
+    assert "pte" not in [f.key for f in got] and skipped["executorch"] == "not installed (hint)"
+
+
+def test_a_listed_format_that_is_not_installed_fails_validation_naming_the_extra(monkeypatch):
+    monkeypatch.setattr(FORMATS.get("litert"), "available", classmethod(lambda cls: "not installed (pip install 'edgekd[litert]')"))
+    with pytest.raises(ValueError, match=r"litert is not installed \(pip install 'edgekd\[litert\]'\)"):
+        ExportConfig(formats=["litert"])
+
+
+def test_format_options_are_validated_by_the_format():
+    assert ExportConfig(options={"litert": {"integer_io": True}}).options["litert"].integer_io is True
+    with pytest.raises(ValueError, match=r"litert.integer_iox: Extra inputs"):
+        ExportConfig(options={"litert": {"integer_iox": True}})
+    with pytest.raises(ValueError, match=r"onnx: this format takes no options"):
+        ExportConfig(options={"onnx": {}})
+    with pytest.raises(ValueError, match=r"unknown format 'litrt'.*did you mean 'litert'"):
+        ExportConfig(options={"litrt": {}})
+
+
+@pytest.mark.parametrize("name", [n for n in INSTALLED if not FORMATS.get(n).primary])
+def test_formats_that_quantize_themselves_write_a_verified_int8_file(tiny_trained, tmp_path, name):
+    """ExecuTorch and LiteRT quantize the float student on the calibration images themselves."""
+    model, data = tiny_trained
+    fmt = FORMATS.get(name)()
+    job = ExportJob(data, 17, 48, 0.8, lambda: data.normalize(data.train.images[:32]).numpy())
+    v = Variant("int8_ptq", model, int8=True, min_agreement=0.8)
+    path = fmt.export(v, tmp_path / f"int8{fmt.suffix}", job)
+    check = fmt.verify(path, v, job)
+    assert check["decisive_images"] >= 10 and check["decisive_agreement"] >= 0.8

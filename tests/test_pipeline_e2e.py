@@ -33,7 +33,7 @@ def pipeline(target_macs: float = 0.7) -> dict:
             {"prune": {"target_macs": target_macs, "finetune": {"epochs": 1, "loss": "kd", "lr": 0.001}}},
             {"quantize": {"method": "both", "calibration": {"samples": 100}, "qat": {"epochs": 1, "lr": 0.0005}}},
             {"export": {"include_teacher": False, "verify_images": 100}},
-            {"benchmark": {"runtimes": ["onnxruntime", "openvino", "executorch"], "runs": 10, "warmup": 2,
+            {"benchmark": {"runtimes": ["onnxruntime", "openvino", "executorch", "litert"], "runs": 10, "warmup": 2,
                            "throughput_batch": 8, "rounds": 5,
                            "robustness": {"corruptions": ["gaussian_noise", "jpeg", "occlusion"], "severities": [1, 4],
                                           "images": 100}}},
@@ -97,6 +97,20 @@ def test_run_leaves_manifest_reports_and_artifacts(run_dir):
     else:
         assert export["info"]["executorch"].startswith("skipped: not installed")
         assert report["stages"][-1]["info"]["skipped"]["executorch"].startswith("not installed")
+    if importlib.util.find_spec("litert_torch"):
+        from edgekd.litert_export import read_metadata
+
+        for k in ("student_fp32", "int8_ptq", "int8_qat", "student_unpruned_fp32"):
+            v = export["info"][k]["tflite_verify"]
+            assert v["top1_agreement"] >= 0.9 and v["runtime"] == "litert" and v["isa"]
+            lt = models[k]["latency"]["litert/1t"]
+            assert lt["format"] == "tflite" and lt["top1"] > 25 and lt["batched_inference"] is False
+            meta = read_metadata(run_dir / models[k]["tflite"])
+            assert meta["edgekd.variant"] == k and float(meta["edgekd.temperature"]) > 0
+        assert export["info"]["student_fp32"]["tflite_verify"]["max_abs_diff"] < 1e-3
+        assert models["int8_qat"]["tflite_size_bytes"] < models["student_fp32"]["tflite_size_bytes"] / 2.5
+    else:
+        assert export["info"]["litert"].startswith("skipped: not installed")
     assert report["headline"].startswith("int8")
     assert any(k.startswith("stage.benchmark.speedup.student_fp32/int8_") for k in report["metrics"])
     md = (run_dir / "report.md").read_text()
@@ -139,7 +153,7 @@ def test_check_passes_on_itself_and_fails_on_a_degraded_run(run_dir, tmp_path, c
     out = tmp_path / "degraded"
     degraded = pipeline(target_macs=0.15)
     # near chance, so int8 rounding flips many near-ties: export's own checks must still pass it
-    degraded["stages"][3]["export"]["executorch"] = "off"
+    degraded["stages"][3]["export"]["formats"] = ["onnx"]
     assert main(["run", str(write(tmp_path, degraded)), "--out", str(out)]) == 0
     assert main(["check", str(out / "report.json"), "--baseline", str(baseline)]) == 1
     table = capsys.readouterr().out

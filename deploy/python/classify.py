@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""Classify images with an ONNX model exported by edgekd.
+"""Classify images with an ONNX or LiteRT (.tflite) model exported by edgekd.
 
-Needs only onnxruntime, numpy and Pillow (no torch, no edgekd), so it runs on a
-Raspberry Pi or any other board that has a Python and an onnxruntime wheel.
+Needs only numpy, Pillow and the model's runtime: onnxruntime for .onnx/.ort, ai-edge-litert
+for .tflite (no torch, no edgekd), so it runs on a Raspberry Pi or any other board that has
+a Python and one of those wheels.
 
-    python classify.py model.onnx image.jpg [image2.png ...] [--top-k 5] [--threads N] [--json]
+    python classify.py model.onnx|model.tflite image.jpg [image2.png ...] [--top-k 5] [--threads N] [--json]
 
-Preprocessing and class names come from the model's metadata_props, written by
-edgekd's exporter:
+Preprocessing and class names come from the model's metadata, written by edgekd's exporter
+(ONNX metadata_props; in a .tflite, the flatbuffer's metadata table, one entry per key):
 
     edgekd.classes     JSON list of class names
     edgekd.input_size  JSON [C, H, W]
@@ -19,7 +20,9 @@ edgekd's exporter:
                        probabilities are softmax(logits / T), so a threshold on them
                        means what it says
 
-Works the same for fp32 and int8 QDQ models: the input is always float32.
+Works the same for fp32 and int8 models: the input is float32, except for a .tflite
+exported with integer I/O, whose int8 input is quantized here with the scale and zero
+point of its input tensor (also in edgekd.input_quantization).
 Exit status: 0 ok, 1 runtime/model/image error, 2 usage error.
 """
 
@@ -167,16 +170,66 @@ def load_session(model_path: str, threads: int | None):
     return sess, meta
 
 
+def load_tflite(model_path: str, threads: int | None):
+    """A LiteRT interpreter (XNNPACK CPU delegate) as a function of a float32 batch, and the
+    file's edgekd.* metadata read from its flatbuffer metadata table."""
+    import numpy as np
+    from ai_edge_litert import schema_py_generated as fb
+    from ai_edge_litert.interpreter import Interpreter
+
+    if not os.path.isfile(model_path):
+        raise ClassifyError(f"model not found: {model_path}")
+    with open(model_path, "rb") as f:
+        buf = f.read()
+    try:
+        model = fb.Model.GetRootAs(buf, 0)
+        meta = {}
+        for i in range(model.MetadataLength()):
+            md = model.Metadata(i)
+            b = model.Buffers(md.Buffer())
+            raw = buf[b.Offset():b.Offset() + b.Size()] if b.Offset() > 1 else b.DataAsNumpy().tobytes()
+            meta[(md.Name() or b"").decode()] = bytes(raw).decode("utf-8", "replace")
+        it = Interpreter(model_content=buf, num_threads=threads)
+        it.allocate_tensors()
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ClassifyError(f"cannot load model {model_path}: {msg}") from None
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+
+    def run(batch):
+        rows = []
+        n = int(inp["shape"][0])
+        for i in range(0, len(batch), n):  # edgekd's .tflite files take one image at a time
+            x = batch[i:i + n]
+            if np.dtype(inp["dtype"]).kind in "iu":
+                scale, zero = inp["quantization"]
+                info = np.iinfo(inp["dtype"])
+                x = np.clip(np.round(x / scale + zero), info.min, info.max).astype(inp["dtype"])
+            it.set_tensor(inp["index"], x)
+            it.invoke()
+            y = it.get_tensor(out["index"])
+            if np.dtype(out["dtype"]).kind in "iu":
+                scale, zero = out["quantization"]
+                y = (y.astype(np.float32) - zero) * scale
+            rows.append(np.array(y, dtype=np.float32))
+        return np.concatenate(rows)
+
+    return run, meta
+
+
 def classify(model_path: str, images: list[str], top_k: int = 5, threads: int | None = None) -> list[dict]:
     import numpy as np
 
-    sess, meta = load_session(model_path, threads)
+    if model_path.lower().endswith(".tflite"):
+        run, meta = load_tflite(model_path, threads)
+    else:
+        sess, meta = load_session(model_path, threads)
+        name = sess.get_inputs()[0].name
+        run = lambda batch: sess.run(None, {name: batch})[0]  # noqa: E731
     spec = parse_metadata(meta)
     batch = np.stack([preprocess(p, spec) for p in images], axis=0)
-
-    inp = sess.get_inputs()[0]
     try:
-        logits = sess.run(None, {inp.name: batch})[0]
+        logits = run(batch)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ClassifyError(f"inference failed: {msg}") from None
@@ -200,13 +253,13 @@ def classify(model_path: str, images: list[str], top_k: int = 5, threads: int | 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _ArgumentParser(prog=PROG, description="Classify images with an edgekd-exported ONNX model "
-                                               "(fp32 or int8 QDQ) using onnxruntime.")
-    p.add_argument("model", help="the .onnx file written by edgekd")
+    p = _ArgumentParser(prog=PROG, description="Classify images with an edgekd-exported model: ONNX "
+                                               "(fp32 or int8 QDQ) with onnxruntime, .tflite with LiteRT.")
+    p.add_argument("model", help="the .onnx, .ort or .tflite file written by edgekd")
     p.add_argument("images", nargs="+", help="image files (anything Pillow reads: JPEG, PNG, ...)")
     p.add_argument("--top-k", type=int, default=5, help="classes to print per image (default 5)")
     p.add_argument("--threads", type=int, default=None,
-                   help="onnxruntime intra-op threads (default: onnxruntime's choice)")
+                   help="inference threads (default: the runtime's choice)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of text")
     return p
 

@@ -1,4 +1,4 @@
-"""`edgekd bench MODEL.onnx|MODEL.pte ...`: the benchmark stage's measurements for any file."""
+"""`edgekd bench MODEL.onnx|MODEL.pte|MODEL.tflite ...`: the benchmark stage's measurements for any file."""
 
 from __future__ import annotations
 
@@ -17,25 +17,19 @@ log = logging.getLogger("edgekd")
 
 
 def _meta(path: Path, image_size: int | None) -> dict:
-    """Preprocessing metadata (ONNX metadata_props, or the .pte's JSON sidecar) and input size."""
-    if path.suffix.lower() == ".pte":
-        from ..pte_export import read_sidecar
+    """Preprocessing metadata (as the file's format stores it) and input size."""
+    from ..formats import format_for
 
-        props, shape = read_sidecar(path), []
-    else:
-        import onnx
-
-        try:
-            m = onnx.load(str(path), load_external_data=False)
-        except Exception as e:
-            raise EdgekdError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
-        props = {p.key: p.value for p in m.metadata_props}
-        shape = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
+    fmt = format_for(path)()
+    props = fmt.read_metadata(path)
+    shape = [] if image_size or "edgekd.input_size" in props else fmt.input_shape(path)
+    if len(shape) == 4 and shape[3] == 3 and shape[1] != 3:  # an NHWC file
+        shape = [shape[0], shape[3], shape[1], shape[2]]
     size = image_size or (json.loads(props["edgekd.input_size"])[-1] if "edgekd.input_size" in props else
-                          shape[-1] if shape and shape[-1] else None)
+                          shape[-1] if shape and shape[-1] > 0 else None)
     if size is None:
         raise EdgekdError(f"{path}: no input size in the file's metadata; pass --image-size")
-    return {"image_size": int(size), "props": props, "fmt": "pte" if path.suffix.lower() == ".pte" else "onnx"}
+    return {"image_size": int(size), "props": props, "fmt": fmt.key}
 
 
 def _eval_data(source: str, props: dict, image_size: int):

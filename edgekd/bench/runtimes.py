@@ -1,5 +1,5 @@
-"""Inference runtimes the benchmark can drive. Each loads a model file of its format (ONNX, or
-an ExecuTorch .pte) with a pinned thread count and returns a function from a float32 NCHW
+"""Inference runtimes the benchmark can drive. Each loads a model file of its format (ONNX, an
+ExecuTorch .pte or a LiteRT .tflite) with a pinned thread count and returns a function from a float32 NCHW
 batch to logits. A runtime that is not installed is reported as unavailable (one line),
 never as a traceback."""
 
@@ -115,6 +115,28 @@ class ExecuTorch(Runtime):
         from ..pte_export import pte_runner
 
         return pte_runner(path, threads)
+
+
+@RUNTIMES.register("litert")
+class LiteRT(Runtime):
+    """LiteRT (TensorFlow Lite) Interpreter with its default XNNPACK CPU delegate, on .tflite
+    files (what Android apps ship); our files have a batch of 1, so batches run image by image."""
+
+    module, install_hint, fmt, batched = "ai_edge_litert", "pip install 'edgekd[litert]'", "tflite", False
+
+    @classmethod
+    def version(cls) -> str:
+        from importlib.metadata import version
+
+        return version("ai-edge-litert")
+
+    def preload(self) -> None:
+        import ai_edge_litert.interpreter  # noqa: F401  (no torch)
+
+    def load(self, path: Path, threads: int) -> Runner:
+        from ..litert_export import tflite_runner
+
+        return tflite_runner(path, threads)
 
 
 def resolve(names: str | list[str]) -> list[str]:

@@ -118,13 +118,16 @@ def extra_plots(run_dir: Path, models: dict[str, dict], save) -> dict[str, str]:
         ax.set(xlabel="latency p50 (ms, log scale)", ylabel="top-1 % (as each runtime ran it)", title="Accuracy vs latency")
         save(fig, run_dir / "pareto.png")
         out["Accuracy vs latency"] = "pareto.png"
-    sizes = [(f"{m.get('label', k)}{suffix}", m[key]) for k, m in models.items()
-             for key, suffix in (("size_bytes", ""), ("pte_size_bytes", " (.pte)")) if m.get(key)]
+    from ..formats import FORMATS
+
+    kinds = [(f.primary, f().figure("size_bytes"), "" if f.primary else f" ({f.suffix})") for _, f in FORMATS.items()]
+    kinds.sort(key=lambda k: not k[0])
+    sizes = [(f"{m.get('label', k)}{suffix}", m[key], i) for k, m in models.items()
+             for i, (_, key, suffix) in enumerate(kinds) if m.get(key)]
     if sizes:
         fig, ax = plt.subplots(figsize=(7, 0.45 * len(sizes) + 1))
-        names, vals = zip(*sizes)
-        bars = ax.barh(range(len(vals)), [v / 2**20 for v in vals],
-                       color=["#8c6bb1" if n.endswith("(.pte)") else "#dd8452" for n in names])  # ONNX / .pte
+        names, vals, kind = zip(*sizes)
+        bars = ax.barh(range(len(vals)), [v / 2**20 for v in vals], color=[plt.cm.Set2(i % 8) for i in kind])  # per format
         ax.set_yticks(range(len(vals)), names)
         ax.invert_yaxis()
         ax.bar_label(bars, fmt="%.2f MB", padding=3)

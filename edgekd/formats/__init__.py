@@ -6,5 +6,5 @@ function verification and calibration call) and how to verify it against PyTorch
 stage loops over the enabled formats and the variants; adding a format is one new module
 here, imported below."""
 
-from .base import FORMATS, Format, Variant, enabled_formats  # noqa: F401
-from . import onnx, executorch  # noqa: F401,E402  (each registers itself)
+from .base import FORMATS, Format, Variant, enabled_formats, format_for  # noqa: F401
+from . import onnx, executorch, litert  # noqa: F401,E402  (each registers itself)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
@@ -54,6 +54,8 @@ class Format:
     install_hint: str = ""
     what: str = ""  # how verification messages name it
     primary: bool = False
+    runtime: str = ""  # the benchmark runtime (bench.runtimes) that runs its files
+    Options: type | None = None  # its `export.options.<name>` model, if it has options
 
     @classmethod
     def available(cls) -> str | None:
@@ -88,6 +90,27 @@ class Format:
         """Extra per-file facts for the report (e.g. ONNX op counts)."""
         return {}
 
+    def input_shape(self, path: Path) -> list[int]:
+        """The file's declared input shape (for files without edgekd metadata); [] if unknown."""
+        return []
+
+    def verified_by(self) -> dict:
+        """The runtime, its version and the ISA verification ran on, for the verify record."""
+        from ..bench.machine import machine_info
+        from ..bench.runtimes import RUNTIMES
+
+        return {"runtime": self.runtime, "runtime_version": RUNTIMES.get(self.runtime).version(),
+                "isa": machine_info()["isa"]}
+
+
+def format_for(path: Path) -> type[Format]:
+    """The format of a file, by its suffix."""
+    for _, fmt in FORMATS.items():
+        if path.suffix.lower() == fmt.suffix:
+            return fmt
+    raise EdgekdError(f"{path}: unknown model file type '{path.suffix}'; known: "
+                      f"{', '.join(f.suffix for _, f in FORMATS.items())}")
+
 
 @dataclass
 class ExportJob:
@@ -98,6 +121,10 @@ class ExportJob:
     verify_images: int
     int8_min_agreement: float  # a format's own int8 vs its float source
     calibration: Callable[[], np.ndarray]  # the quantize stage's calibration images (computed once, on demand)
+    options: dict = field(default_factory=dict)  # format name -> its validated Options
+
+    def options_for(self, name: str, model: type):
+        return self.options.get(name) or model()
 
 
 def enabled_formats(formats: str | list[str], executorch: str) -> tuple[list[Format], dict[str, str]]:

@@ -13,6 +13,7 @@ from .base import FORMATS, ExportJob, Format, Runner, Variant
 @FORMATS.register("executorch")
 class ExecuTorch(Format):
     key, suffix, module, install_hint, what = "pte", ".pte", "executorch", "pip install 'edgekd[mobile]'", "ExecuTorch"
+    runtime = "executorch"
 
     def export(self, v: Variant, path: Path, job: ExportJob) -> Path:
         from ..pte_export import export_pte

@@ -14,6 +14,7 @@ from .base import FORMATS, ExportJob, Format, Runner, Variant
 @FORMATS.register("onnx")
 class Onnx(Format):
     key, suffix, module, install_hint, what, primary = "onnx", ".onnx", "onnxruntime", "pip install onnxruntime", "ONNX", True
+    runtime = "onnxruntime"
 
     def export(self, v: Variant, path: Path, job: ExportJob) -> Path:
         if v.onnx_int8 is not None:
@@ -44,6 +45,12 @@ class Onnx(Format):
         if v.int8:
             return verify_int8(path, v.reference, job.data, job.verify_images, v.min_agreement)
         return verify(path, v.reference, job.data, job.verify_images, max_abs=v.max_abs, min_agreement=v.min_agreement)
+
+    def input_shape(self, path: Path) -> list[int]:
+        import onnx
+
+        m = onnx.load(str(path), load_external_data=False)  # readable: read_metadata came first
+        return [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
 
     def details(self, path: Path) -> dict:
         from ..onnx_export import op_counts

@@ -37,7 +37,7 @@ class RobustnessConfig(Strict):
 
 
 class BenchmarkConfig(Strict):
-    runtimes: list[str] = Field(default_factory=lambda: ["onnxruntime", "openvino", "executorch"],
+    runtimes: list[str] = Field(default_factory=lambda: ["onnxruntime", "openvino", "executorch", "litert"],
                                 description="runtimes to try ('all' for every known one); those not installed are "
                                             "skipped with a notice")
     threads: list[int] = Field(default_factory=lambda: [1], min_length=1)

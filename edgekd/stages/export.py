@@ -1,6 +1,6 @@
 """export: every model variant (student fp32, the quantize stage's int8 files, the unpruned
 student, the teacher) in every enabled file format (edgekd.formats: ONNX with onnxruntime's
-int8, ExecuTorch/XNNPACK .pte with its own int8), each with runner metadata and verified
+int8, ExecuTorch/XNNPACK .pte and LiteRT .tflite each with its own int8), each with runner metadata and verified
 against its PyTorch counterpart on real test images.
 
 With a validation split, each student file also gets a softmax temperature fit on it (as its
@@ -11,9 +11,9 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from ..config import Strict, Switch, did_you_mean
 from ..errors import EdgekdError
@@ -50,7 +50,31 @@ class ExportConfig(Strict):
         if unknown:
             raise ValueError(f"unknown format {unknown[0]!r}{did_you_mean(unknown[0], FORMATS.names())}; "
                              f"known: {', '.join(FORMATS.names())}")
+        missing = [(f, why) for f in v if (why := FORMATS.get(f).available())]
+        if missing:
+            raise ValueError(f"{missing[0][0]} is {missing[0][1]}")
         return v if "onnx" in v else ["onnx", *v]
+
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="per-format options, e.g. {litert: {integer_io: true}}")
+
+    @field_validator("options")
+    @classmethod
+    def _format_options(cls, v):
+        out = {}
+        for name, opts in v.items():
+            if name not in FORMATS:
+                raise ValueError(f"unknown format {name!r}{did_you_mean(name, FORMATS.names())}; "
+                                 f"known: {', '.join(FORMATS.names())}")
+            model = FORMATS.get(name).Options
+            if model is None:
+                raise ValueError(f"{name}: this format takes no options")
+            try:
+                out[name] = model.model_validate(opts or {})
+            except ValidationError as e:
+                err = e.errors()[0]
+                raise ValueError(f"{'.'.join(map(str, (name, *err['loc'])))}: {err['msg']}") from None
+        return out
 
     temperature_scaling: Switch = Field(
         "auto", description="fit a softmax temperature per student file on the validation split and store it in the "
@@ -79,7 +103,7 @@ class Export(Stage):
         for fmt, why in skipped.items():
             log.info("export: no %s files: %s %s", FORMATS.get(fmt).suffix, fmt, why)
         artifacts, models = {}, {}
-        job = ExportJob(data, cfg.opset, cfg.verify_images, cfg.ptq_min_agreement, _calibration_set(ctx))
+        job = ExportJob(data, cfg.opset, cfg.verify_images, cfg.ptq_min_agreement, _calibration_set(ctx), cfg.options)
         for v in self._variants(ctx, cfg):
             rec, models[v.name] = info.setdefault(v.name, {}), {}
             if v.name in LABELS:
@@ -87,7 +111,7 @@ class Export(Stage):
             for fmt in formats:
                 path = fmt.export(v, d / f"{v.name}{fmt.suffix}", job)
                 fmt.write_metadata(path, metadata(data, v.name))
-                rec[fmt.figure("verify")] = fmt.verify(path, v, job)
+                rec[fmt.figure("verify")] = {**fmt.verify(path, v, job), **fmt.verified_by()}
                 rec.update(fmt.details(path))
                 artifacts[f"{fmt.key}.{v.name}"] = models[v.name][fmt.key] = ctx.rel(path)
                 models[v.name][fmt.figure("size_bytes")] = path.stat().st_size
