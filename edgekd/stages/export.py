@@ -25,6 +25,13 @@ from .base import Stage, StageResult, register
 log = logging.getLogger("edgekd")
 
 
+def _options_help() -> str:
+    """`edgekd stages` text for export.options: each format's own options."""
+    each = [f"{name}.{key}: {field.description}" for name, fmt in FORMATS.items() if fmt.Options
+            for key, field in fmt.Options.model_fields.items()]
+    return "per-format options, e.g. {litert: {integer_io: true}}; " + "; ".join(each)
+
+
 class ExportConfig(Strict):
     opset: int = Field(17, ge=13, le=21)
     verify_images: int = Field(256, gt=0)
@@ -55,8 +62,7 @@ class ExportConfig(Strict):
             raise ValueError(f"{missing[0][0]} is {missing[0][1]}")
         return v if "onnx" in v else ["onnx", *v]
 
-    options: dict[str, Any] = Field(default_factory=dict,
-                                    description="per-format options, e.g. {litert: {integer_io: true}}")
+    options: dict[str, Any] = Field(default_factory=dict, description=_options_help())
 
     @field_validator("options")
     @classmethod
