@@ -134,3 +134,18 @@ def test_classify_reads_a_tflite_without_torch(files, tmp_path):
     top = json.loads(r.stdout)[0]["top"]
     assert sorted(t["class"] for t in top) == ["a", "b", "c", "d"]
     assert sum(t["prob"] for t in top) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_classify_and_bench_refuse_a_broken_tflite_in_one_line(tmp_path, capsys):
+    from edgekd.cli import main
+
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"TFL3 not really a model")
+    img = tmp_path / "x.png"
+    write_image(img, np.zeros((8, 8, 3), np.uint8))
+    r = subprocess.run([sys.executable, str(ROOT / "deploy" / "python" / "classify.py"), str(bad), str(img)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().startswith("classify: error: cannot load model") \
+        and len(r.stderr.strip().splitlines()) == 1
+    assert main(["bench", str(bad), "--runtime", "litert", "--no-peak-memory"]) == 1
+    assert "not a readable .tflite file" in capsys.readouterr().err

@@ -189,8 +189,15 @@ def load_tflite(model_path: str, threads: int | None):
             b = model.Buffers(md.Buffer())
             raw = buf[b.Offset():b.Offset() + b.Size()] if b.Offset() > 1 else b.DataAsNumpy().tobytes()
             meta[(md.Name() or b"").decode()] = bytes(raw).decode("utf-8", "replace")
-        it = Interpreter(model_content=buf, num_threads=threads)
-        it.allocate_tensors()
+        saved = os.dup(2)  # LiteRT logs "INFO: Created TensorFlow Lite XNNPACK delegate" to fd 2 on every load
+        try:
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), 2)
+                it = Interpreter(model_content=buf, num_threads=threads)
+                it.allocate_tensors()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ClassifyError(f"cannot load model {model_path}: {msg}") from None
