@@ -118,19 +118,21 @@ def float_interface(buf: bytes) -> bytes:
     return bytes(fu.convert_object_to_bytearray(model))
 
 
-def interface_quantization(path: Path) -> dict[str, str]:
-    """Metadata naming the scale and zero point of an integer input/output (none for float I/O)."""
+def _interface_quantization(model) -> dict[str, str]:
+    """Metadata naming the scale and zero point of an integer input/output (none for float I/O),
+    read from the already parsed model's interface tensors."""
     import json
 
-    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert import schema_py_generated as fb
 
-    it = Interpreter(model_path=str(path))
-    out = {}
-    for role, d in (("input", it.get_input_details()[0]), ("output", it.get_output_details()[0])):
-        if np.dtype(d["dtype"]).kind in "iu":
-            scale, zero = d["quantization"]
+    names = {fb.TensorType.INT8: "int8", fb.TensorType.UINT8: "uint8"}
+    sg, out = model.subgraphs[0], {}
+    for role, index in (("input", sg.inputs[0]), ("output", sg.outputs[0])):
+        t = sg.tensors[index]
+        if t.type in names:
             out[f"{META_PREFIX}{role}_quantization"] = json.dumps(
-                {"dtype": np.dtype(d["dtype"]).name, "scale": float(scale), "zero_point": int(zero)})
+                {"dtype": names[t.type], "scale": float(t.quantization.scale[0]),
+                 "zero_point": int(t.quantization.zeroPoint[0])})
     return out
 
 
@@ -155,15 +157,15 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 
 def write_metadata(path: Path, props: dict[str, str]) -> None:
-    """Add or replace `edgekd.*` metadata entries in the file (atomically); a replaced entry
-    keeps its buffer, which gets the new value."""
+    """Add or replace `edgekd.*` metadata entries in the file (atomically), with the scale and
+    zero point of an integer interface; a replaced entry keeps its buffer, which gets the new value."""
     from ai_edge_litert import schema_py_generated as fb
     from ai_edge_litert.tools import flatbuffer_utils as fu
 
     model = fu.read_model_from_bytearray(bytearray(Path(path).read_bytes()))
     model.metadata = model.metadata or []
     by_name = {(m.name or b"").decode(): m for m in model.metadata}
-    for key, value in props.items():
+    for key, value in {**props, **_interface_quantization(model)}.items():
         if key in by_name:
             model.buffers[by_name[key].buffer].data = np.frombuffer(value.encode(), np.uint8)
             continue

@@ -35,9 +35,9 @@ class LiteRT(Format):
                              integer_io=opts.integer_io)
 
     def write_metadata(self, path: Path, props: dict[str, str]) -> None:
-        from ..litert_export import interface_quantization, write_metadata
+        from ..litert_export import write_metadata
 
-        write_metadata(path, {**props, **interface_quantization(path)})
+        write_metadata(path, props)
 
     def read_metadata(self, path: Path) -> dict[str, str]:
         from ..litert_export import read_metadata
