@@ -17,20 +17,21 @@ import time
 import torch
 import torch.nn.functional as F
 
-from edgekd.config import DataConfig
+from edgekd.schema import DataConfig
 from edgekd.data import Data, Split, augment_batch
+from edgekd.distill import Objective, Outputs
 from edgekd.models import build
 from edgekd.train import TrainConfig, fit
 
 
 class Table:
-    """Cached teacher logits for both flips, as edgekd's TeacherLogits holds them."""
+    """Cached teacher logits for both flips, as edgekd's TeacherSource holds them."""
 
     def __init__(self, table):
         self.table = table
 
     def __call__(self, x, idx, flip):
-        return self.table[flip.long(), idx]
+        return Outputs(self.table[flip.long(), idx])
 
 
 def plain_loop(model, data, table, epochs, bs, lr):
@@ -84,7 +85,8 @@ def main():
     for _ in range(2):  # alternate to spread machine noise over both
         m = copy.deepcopy(student)
         t0 = time.perf_counter()
-        fit(m, data, tcfg, torch.device("cpu"), seed=0, teacher=Table(table))
+        terms = [t.model_copy(update={"teacher": "t"}) if hasattr(t, "teacher") else t for t in tcfg.terms()]
+        fit(m, data, tcfg, torch.device("cpu"), seed=0, objective=Objective(terms, lambda name, features: Table(table)))
         results["edgekd"].append(args.images * args.epochs / (time.perf_counter() - t0))
         results["plain"].append(plain_loop(copy.deepcopy(student), data, table, args.epochs, args.batch, 0.05))
     e, p = max(results["edgekd"]), max(results["plain"])

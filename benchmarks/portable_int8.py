@@ -62,7 +62,7 @@ def main() -> int:
 
     import torch
 
-    from edgekd.config import DataConfig, ModelConfig
+    from edgekd.schema import DataConfig, ModelConfig
     from edgekd.data import load_data
     from edgekd.models import load_model
     from edgekd.onnx_export import export_onnx, run_onnx

@@ -54,6 +54,8 @@ def _type_name(ann) -> str:
         return _type_name(args[0])
     if origin in (typing.Union, types.UnionType):
         return " | ".join(_type_name(a) for a in args)
+    if origin is list and args and typing.get_origin(args[0]) is typing.Annotated:  # objective: list of terms
+        return "list[term]"
     if origin is not None:
         return f"{getattr(origin, '__name__', origin)}[{', '.join(_type_name(a) for a in args)}]"
     return "None" if ann is type(None) else getattr(ann, "__name__", str(ann).replace("typing.", ""))
@@ -75,6 +77,7 @@ def _describe(model_cls, indent: str = "    ") -> list[str]:
 
 
 def _cmd_stages(args) -> int:
+    from .distill import LOSSES
     from .stages import STAGES
 
     for name, cls in STAGES.items():
@@ -82,6 +85,10 @@ def _cmd_stages(args) -> int:
         summary = doc[0].removeprefix(f"{name}:").strip() if doc else ""
         print(f"{name}: {summary}")
         print("\n".join(_describe(cls.Config)))
+    print("losses (terms of a training objective: [{loss: NAME, weight: W, teacher: T, ...options}, ...]):")
+    for name, cls in LOSSES.items():
+        print(f"    {name}: {(cls.__doc__ or '').strip().splitlines()[0]}")
+        print("\n".join(line for line in _describe(cls.Term, "        ") if not line.lstrip().startswith("loss:")))
     return 0
 
 

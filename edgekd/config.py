@@ -6,95 +6,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
-from .errors import ConfigError
-
-
-def _fraction(v: float) -> float:
-    if not 0.0 < v <= 1.0:
-        raise ValueError("must be in (0, 1]")
-    return v
-
-
-Fraction = Annotated[float, AfterValidator(_fraction)]
-
-
-def _yaml_switch(v: Any) -> Any:
-    """YAML 1.1 reads a bare on/off as true/false; take either spelling."""
-    return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
-
-
-Switch = Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_switch)]  # an auto/on/off option
-
-
-class Strict(BaseModel):
-    """Base for every config block: unknown keys are errors, never silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class ArchiveLimits(Strict):
-    """Checked member by member as a tar archive is read, so a bomb stops before it fills the disk."""
-
-    max_bytes: int | None = Field(None, gt=0, description="total unpacked bytes (default: no limit beyond max_ratio and free disk)")
-    max_ratio: float = Field(100.0, gt=0, description="unpacked bytes per archive byte, beyond a 64 MiB allowance "
-                                                      "(images do not compress; a bomb does, up to ~1000x)")
-    max_files: int = Field(2_000_000, gt=0)
-
-
-class DataConfig(Strict):
-    source: str = Field(description="cifar10 | cifar100 | path to an ImageFolder dir | path to a tar archive of one (.tar.gz, .tar.xz, ...)")
-    root: str = Field("~/.cache/edgekd/datasets", description="download folder for torchvision datasets")
-    download: bool = False
-    train_dir: str | None = Field(None, description="train sub-folder inside the folder/archive (auto: 'train')")
-    test_dir: str | None = Field(None, description="test sub-folder inside the folder/archive (auto: 'test' or 'val')")
-    image_size: int = Field(32, gt=0, description="images are resized to this square size when decoded")
-    mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
-    std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
-    num_classes: int | None = Field(None, gt=1, description="expected class count; checked against the data")
-    subset: int | None = Field(None, gt=0, description="stratified, seeded subset of the train split")
-    test_subset: int | None = Field(None, gt=0, description="stratified, seeded subset of the test split")
-    val_split: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of train held out for validation")
-    batch_size: int = Field(128, gt=0)
-    eval_batch_size: int = Field(256, gt=0)
-    augment: Literal["crop_flip", "flip", "none"] = "crop_flip"
-    skip_bad_images: bool = False
-    max_image_pixels: int = Field(64_000_000, gt=0, description="an image with more pixels is a bad image (decompression bombs)")
-    archive: ArchiveLimits = Field(default_factory=ArchiveLimits, description="what an archive may unpack to")
-    cache_dir: str | None = Field(None, description="decoded-tensor cache (default $EDGEKD_CACHE or ~/.cache/edgekd)")
-
-
-class ModelConfig(Strict):
-    arch: str = Field(description="torchvision classification architecture, e.g. resnet50, mobilenet_v2")
-    num_classes: int | None = Field(None, gt=1, description="defaults to the data's class count")
-    cifar_stem: bool = Field(False, description="adapt the stem to 32x32 inputs (see docs)")
-    width_mult: float | None = Field(None, gt=0)
-    checkpoint: str | None = Field(None, description="state_dict / edgekd checkpoint / TorchScript / .onnx (teachers) / pickled model (with trust_pickle)")
-    pretrained: bool = Field(False, description="torchvision ImageNet weights (needs internet)")
-    trust_pickle: bool = Field(False, description="allow a checkpoint that needs full unpickling: this runs code from "
-                                                  "the file, so only for files whose source you trust")
-
-
-class PipelineConfig(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: all cores)")
-    output_dir: str = "runs"
-    data: DataConfig
-    teacher: ModelConfig | None = None
-    student: ModelConfig
-    stages: list[dict[str, Any]] = Field(min_length=1)
-
-    def stage_entries(self) -> list[tuple[str, BaseModel]]:
-        """(stage type, validated stage config) in pipeline order."""
-        return [self._validated[i] for i in range(len(self.stages))]
-
-    _validated: dict[int, tuple[str, BaseModel]] = {}
+from .errors import ConfigError, did_you_mean
+from .schema import PipelineConfig
 
 
 # --------------------------------------------------------------------------- YAML budgets
@@ -237,21 +155,18 @@ def apply_override(raw: dict, assignment: str) -> None:
     node[last] = value
 
 
-def did_you_mean(word: str, options) -> str:
-    """' (did you mean 'x'?)' for the closest option, or ''."""
-    import difflib
-
-    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=2, cutoff=0.6)
-    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-
-
 def _keys_at(model: type[BaseModel] | None, loc: tuple) -> list[str]:
     """The field names of the config block at `loc` (the parent of an unknown key)."""
-    for part in loc:
-        if model is None:
-            return []
+    from .distill import LOSSES
+
+    for i, part in enumerate(loc):
+        if i and isinstance(loc[i - 1], int) and part in LOSSES:  # the objective term's union member
+            model = LOSSES.get(part).Term
+            continue
         if isinstance(part, int):
             continue
+        if model is None:
+            return []
         field = model.model_fields.get(part)
         ann = field.annotation if field else None
         ann = next((a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
@@ -259,18 +174,34 @@ def _keys_at(model: type[BaseModel] | None, loc: tuple) -> list[str]:
     return list(model.model_fields) if model else []
 
 
+def _without_term_tags(loc: tuple) -> tuple:
+    """pydantic puts the chosen union member in the path (`objective[0].kd.temperature`); an
+    objective term's member is its `loss`, already in the YAML, so drop it."""
+    from .distill import LOSSES
+
+    return tuple(p for i, p in enumerate(loc) if not (i and isinstance(loc[i - 1], int) and p in LOSSES))
+
+
 def format_validation_error(err: ValidationError, prefix: tuple = (), model: type[BaseModel] | None = None) -> str:
+    from .distill import LOSSES
+
     lines = []
     for e in err.errors():
-        loc = prefix + tuple(e["loc"])
+        loc = prefix + _without_term_tags(tuple(e["loc"]))
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key" + did_you_mean(e["loc"][-1], _keys_at(model, tuple(e["loc"])[:-1]))
+        elif e["type"] == "union_tag_invalid":  # an objective term naming a loss that does not exist
+            tag = e["ctx"]["tag"]
+            loc, msg = loc + (e["ctx"]["discriminator"].strip("'"),), \
+                f"unknown loss {tag!r}{did_you_mean(tag, LOSSES.names())}; known: {', '.join(LOSSES.names())}"
+        elif e["type"] == "union_tag_not_found":
+            loc, msg = loc + (e["ctx"]["discriminator"].strip("'"),), f"required key is missing (one of {', '.join(LOSSES.names())})"
         elif e["type"] == "missing":
             msg = "required key is missing"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
-        if e["type"] not in ("missing", "extra_forbidden") and "input" in e and not isinstance(e["input"], (dict, list)):
+        if e["type"] not in ("missing", "extra_forbidden", "union_tag_invalid") and "input" in e and not isinstance(e["input"], (dict, list)):
             msg += f" (got {e['input']!r})"
         lines.append(f"{_path_str(loc)}: {msg}")
     return "; ".join(lines)
@@ -305,12 +236,29 @@ def validate(raw: Any) -> PipelineConfig:
     for i, (name, scfg) in validated.items():  # a stage option that depends on the rest of the pipeline
         for key, why in getattr(scfg, "pipeline_problems", lambda _: [])(cfg):
             raise ConfigError(f"stages[{i}].{name}.{key}: {why}")
-    needs_teacher = [n for n, c in validated.values() if getattr(c, "uses_teacher", lambda: False)()]
-    if needs_teacher and cfg.teacher is None:
-        raise ConfigError(f"teacher: required key is missing (stages {', '.join(needs_teacher)} use a distillation loss)")
+    _check_teachers(cfg, validated)
     cfg._validated = validated
     check_inputs(cfg)
     return cfg
+
+
+def _check_teachers(cfg: PipelineConfig, validated: dict[int, tuple[str, BaseModel]]) -> None:
+    """Every distillation term names a teacher the pipeline has (or there is exactly one)."""
+    teachers = list(cfg.teacher_configs())
+    without = []
+    for i, (name, scfg) in validated.items():
+        for key, teacher in getattr(scfg, "teachers_used", lambda: [])():
+            where = f"stages[{i}].{name}.{key}"
+            if teacher is None and not teachers:
+                without.append(name)
+            elif teacher is None and len(teachers) > 1:
+                raise ConfigError(f"{where}: the pipeline has {len(teachers)} teachers ({', '.join(teachers)}); name "
+                                  "one per term (objective: [{loss: kd, teacher: NAME}, ...])")
+            elif teacher is not None and teacher not in teachers:
+                raise ConfigError(f"{where}: unknown teacher {teacher!r}{did_you_mean(teacher, teachers)}; the pipeline's "
+                                  f"teachers: {', '.join(teachers) or 'none'}")
+    if without:
+        raise ConfigError(f"teacher: required key is missing (stages {', '.join(dict.fromkeys(without))} use a distillation loss)")
 
 
 def check_inputs(cfg: PipelineConfig) -> None:
@@ -323,10 +271,9 @@ def check_inputs(cfg: PipelineConfig) -> None:
         near = did_you_mean(Path(src).name, [p.name for p in parent.iterdir()]) if _is_dir(parent) else ""
         raise ConfigError(f"data.source: {src} does not exist{near} (expected cifar10, cifar100, an ImageFolder "
                           "directory or a tar archive of one)")
-    for role in ("student", "teacher"):
-        m: ModelConfig | None = getattr(cfg, role)
-        if m is None:
-            continue
+    roles = {"student": cfg.student, **{("teacher" if cfg.teacher is not None else f"teachers.{n}"): m
+                                        for n, m in cfg.teacher_configs().items()}}
+    for role, m in roles.items():
         onnx = bool(m.checkpoint) and m.checkpoint.lower().endswith(".onnx")
         if not onnx:
             known = _architectures()

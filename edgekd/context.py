@@ -1,4 +1,4 @@
-"""The run context handed from stage to stage: config, data, teacher, the current model."""
+"""The run context handed from stage to stage: config, data, teachers, the current model."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .config import PipelineConfig
 from .data import Data, cache_root, load_data
+from .distill import Objective, TeacherSource
 from .fileio import sha256_file, sha256_json
 from .metrics import classification_metrics, model_stats, predict
 from .models import check_classes, load_model, save_checkpoint
+from .schema import PipelineConfig
+from .train import TrainConfig
 
 log = logging.getLogger("edgekd")
 
@@ -33,8 +35,8 @@ class Context:
     variants: dict[str, dict] = field(default_factory=dict)  # model variant -> figures, for the report
     stage_dir: Path | None = None
     _data: Data | None = None
-    _teacher: nn.Module | None = None
-    _teacher_key: str | None = None
+    _teachers: dict[str, tuple[nn.Module, str | None]] = field(default_factory=dict)  # name -> (model, cache key)
+    _sources: dict[tuple, TeacherSource] = field(default_factory=dict)  # built once per run (a logit table is costly)
 
     # ------------------------------------------------------------------ lazy inputs
     @property
@@ -49,25 +51,42 @@ class Context:
     def cache_dir(self) -> Path:
         return cache_root(self.cfg.data.cache_dir)
 
-    @property
-    def teacher(self) -> nn.Module:
-        if self._teacher is None:
-            tcfg = self.cfg.teacher
+    def teacher_model(self, name: str) -> tuple[nn.Module, str | None]:
+        """The named pipeline teacher (frozen, on the device) and the key its logits are cached under."""
+        if name not in self._teachers:
+            tcfg = self.cfg.teacher_configs().get(name)
             if tcfg is None:
-                raise RuntimeError("pipeline has no teacher")
-            model, spec = load_model(tcfg, self.data.num_classes, "teacher", allow_onnx=True)
-            check_classes(model, "teacher", self.data.num_classes, self.data.image_size)
+                raise RuntimeError(f"pipeline has no teacher '{name}'")
+            role = "teacher" if self.cfg.teacher is not None else f"teachers.{name}"
+            model, spec = load_model(tcfg, self.data.num_classes, role, allow_onnx=True)
+            check_classes(model, role, self.data.num_classes, self.data.image_size)
             for p in model.parameters():
                 p.requires_grad_(False)
-            self._teacher = model.eval().to(self.device) if not hasattr(model, "session") else model.eval()
-            self._teacher_key = sha256_json([spec, sha256_file(tcfg.checkpoint)]) if tcfg.checkpoint else None
-        return self._teacher
+            model = model.eval().to(self.device) if not hasattr(model, "session") else model.eval()
+            self._teachers[name] = (model, sha256_json([spec, sha256_file(tcfg.checkpoint)]) if tcfg.checkpoint else None)
+        return self._teachers[name]
 
-    def teacher_logits(self, cache: bool = True):
-        from .train import TeacherLogits
+    @property
+    def teacher(self) -> nn.Module:
+        """The primary (first declared) teacher: the reference of the report and of export.include_teacher."""
+        return self.teacher_model(self.cfg.primary_teacher())[0]
 
-        teacher = self.teacher
-        return TeacherLogits(teacher, self.data, self.device, cache, self._teacher_key, self.cache_dir)
+    def objective(self, cfg: TrainConfig) -> Objective:
+        """`cfg`'s objective with its terms' teachers bound to this pipeline's (validation has
+        checked every name; a term without one takes the only teacher)."""
+        default = self.cfg.primary_teacher() if len(self.cfg.teacher_configs()) == 1 else None
+        terms = [t.model_copy(update={"teacher": default}) if getattr(t, "teacher", "") is None else t
+                 for t in cfg.terms()]
+
+        def source(name: str, features: list[str]) -> TeacherSource:
+            k = (name, cfg.cache_teacher, tuple(features))
+            if k not in self._sources:
+                model, key = self.teacher_model(name)
+                self._sources[k] = TeacherSource(model, self.data, self.device, cfg.cache_teacher, key, self.cache_dir,
+                                                 features, name="teacher" if self.cfg.teacher is not None else f"teacher {name}")
+            return self._sources[k]
+
+        return Objective(terms, source)
 
     def load_student(self) -> None:
         model, spec = load_model(self.cfg.student, self.data.num_classes, "student")
@@ -96,8 +115,9 @@ class Context:
         save_torch(path, torch.from_numpy(logits))
         return logits
 
-    def teacher_figures(self) -> dict[str, Any]:
-        return self.measure(self.teacher, logits_cache_key=self._teacher_key)
+    def teacher_figures(self, name: str) -> dict[str, Any]:
+        model, key = self.teacher_model(name)
+        return self.measure(model, logits_cache_key=key)
 
     def save_model(self, path: Path, model: nn.Module | None = None, transforms: list | None = None) -> Path:
         model = model if model is not None else self.model

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ArchiveLimits, DataConfig
+from .schema import ArchiveLimits, DataConfig
 from .errors import EdgekdError, InputError
 from .fileio import atomic_path, sha256_file
 

@@ -28,3 +28,11 @@ class ConfigError(InputError):
 def first_few(names: list[str], n: int = 3) -> str:
     """'a, b, c and 4 more': the names a one-line message can hold."""
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def did_you_mean(word: str, options) -> str:
+    """' (did you mean 'x'?)' for the closest option, or ''."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=2, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""

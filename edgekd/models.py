@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .config import ModelConfig
+from .schema import ModelConfig
 from .errors import InputError
 from .safeload import open_checkpoint
 

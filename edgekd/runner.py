@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from . import __version__
-from .config import PipelineConfig
+from .schema import PipelineConfig
 from .context import Context
 from .errors import EdgekdError, InputError
 from .fileio import file_size, sha256_json, write_json, write_text
@@ -75,7 +75,8 @@ class Runner:
     def _global_hash(self) -> str:
         c = self.cfg
         return sha256_json([c.seed, c.data.model_dump(), c.student.model_dump(),
-                            c.teacher.model_dump() if c.teacher else None])
+                            c.teacher.model_dump() if c.teacher else
+                            {n: m.model_dump() for n, m in c.teachers.items()} if c.teachers else None])
 
     def _save_manifest(self) -> None:
         write_json(self.manifest_path, self.manifest)
@@ -116,9 +117,12 @@ class Runner:
         input_figs = ctx.measure(ctx.model)
         ctx.variants["student_input"] = {**input_figs, "label": "student (input)"}
         teacher_figs = None
-        if cfg.teacher is not None:
-            teacher_figs = ctx.teacher_figures()
-            ctx.variants["teacher"] = {**teacher_figs, "label": "teacher"}
+        for i, name in enumerate(cfg.teacher_configs()):  # the first teacher is the report's reference
+            figs = ctx.teacher_figures(name)
+            key, label = ("teacher", "teacher") if cfg.teacher is not None else \
+                ("teacher" if i == 0 else f"teacher_{name}", f"teacher {name}")
+            ctx.variants[key] = {**figs, "label": label}
+            teacher_figs = teacher_figs or figs
         chain = self._global_hash()
         results: list[dict] = []
         redone = False

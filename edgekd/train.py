@@ -1,8 +1,9 @@
 """The one training loop shared by distillation, pruning fine-tune and QAT.
 
-It takes an optional teacher and a loss from `losses.LOSSES`, so every stage that trains
-gets the distillation objective by construction. It checkpoints every epoch (atomically)
-and resumes from the last completed epoch.
+It minimises an `Objective` (edgekd/distill), so every stage that trains gets the
+distillation objective by construction; the loop itself only owns the optimizer, schedule,
+AMP, checkpoints and evaluation. It checkpoints every epoch (atomically) and resumes from the
+last completed epoch.
 """
 
 from __future__ import annotations
@@ -15,15 +16,15 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn as nn
-from pydantic import Field
+from pydantic import BaseModel, Field, model_validator
 from tqdm import tqdm
 
-from .config import Strict, Switch
 from .bn import bn_gap, recalibrate_bn
 from .data import Data, iterate
+from .distill import LOSSES, Objective, shorthand_terms, term_type
 from .errors import EdgekdError
 from .fileio import save_torch, sha256_json
-from .losses import LOSSES, uses_teacher
+from .schema import Strict, Switch
 
 log = logging.getLogger("edgekd")
 POSTFIX_EVERY = 20  # steps between progress-bar loss readouts (each is a host-device sync)
@@ -32,11 +33,18 @@ BN_GAP_RECALIBRATE = 2.0  # ... and that make bn_recalibration "auto" re-estimat
 BN_CHECK_IMAGES = 512
 
 
+SHORTHAND = ("loss", "temperature", "alpha", "dkd_alpha", "dkd_beta", "dkd_warmup_epochs", "label_smoothing")
+
+
 class TrainConfig(Strict):
     """Options of every training run (distill, prune fine-tune, QAT)."""
 
     epochs: int = Field(10, ge=0)
-    loss: Literal["kd", "dkd", "mse_logits", "ce"] = "kd"
+    objective: list[term_type()] | None = Field(  # type: ignore[valid-type]
+        None, min_length=1, description="weighted loss terms, e.g. [{loss: kd, weight: 0.9, temperature: 4}, "
+                                        "{loss: ce, weight: 0.1}] (see 'losses' below); or the shorthand loss: ...")
+    loss: Literal["kd", "dkd", "mse_logits", "ce"] = Field(
+        "kd", description="shorthand: kd = alpha*kd + (1-alpha)*ce, mse_logits likewise, dkd = ce + dkd, ce")
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the distillation term (kd, mse_logits)")
     dkd_alpha: float = Field(1.0, ge=0)
@@ -58,60 +66,40 @@ class TrainConfig(Strict):
                             "images is below batch-statistics top-1 (the running averages lag the weights)")
     bn_recalibration_images: int = Field(1024, gt=0, description="training images BatchNorm statistics are re-estimated on")
 
+    @model_validator(mode="after")
+    def _objective_or_shorthand(self):
+        both = sorted(set(SHORTHAND) & self.model_fields_set) if self.objective is not None else []
+        if both:
+            raise ValueError(f"set either objective or the shorthand {', '.join(both)}, not both (the objective's "
+                             "terms carry their own options)")
+        return self
+
+    def terms(self) -> list[BaseModel]:
+        """The objective's terms, the shorthand expanded; a term's teacher may still be None (the default one)."""
+        if self.objective is not None:
+            return list(self.objective)
+        return shorthand_terms(self.loss, temperature=self.temperature, alpha=self.alpha, dkd_alpha=self.dkd_alpha,
+                               dkd_beta=self.dkd_beta, dkd_warmup_epochs=self.dkd_warmup_epochs,
+                               label_smoothing=self.label_smoothing)
+
+    def teachers_used(self) -> list[tuple[str, str | None]]:
+        """(key path, teacher name or None for the default) of each term that distils, for validation."""
+        if self.objective is None:
+            return [("loss", None)] if any(LOSSES.get(t.loss).needs_teacher for t in self.terms()) else []
+        return [(f"objective[{i}].teacher", t.teacher) for i, t in enumerate(self.objective)
+                if LOSSES.get(t.loss).needs_teacher]
+
     def uses_teacher(self) -> bool:
-        return uses_teacher(self.loss)
+        return bool(self.teachers_used())
+
+    def describe(self) -> str:
+        """`kd` for the shorthand, `kd+ce` style for an objective (progress bars, reports)."""
+        return self.loss if self.objective is None else "+".join(t.loss for t in self.objective)
 
 
-class TeacherLogits:
-    """Teacher outputs for a batch: a forward pass, or a lookup in a logit cache.
-
-    With flip-only or no augmentation the teacher sees at most two versions of each image,
-    so their logits are computed once and cached on disk, keyed on the teacher's and the
-    data's bytes."""
-
-    def __init__(self, teacher: nn.Module, data: Data, device: torch.device, cache: bool,
-                 teacher_key: str | None, cache_dir: Path | None):
-        self.teacher, self.data, self.device = teacher.eval(), data, device
-        self.table: torch.Tensor | None = None
-        if cache and data.augment in ("none", "flip"):
-            self.table = self._build_table(teacher_key, cache_dir)
-
-    @torch.no_grad()
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.teacher(x).float()
-
-    def _build_table(self, teacher_key: str | None, cache_dir: Path | None) -> torch.Tensor:
-        split = self.data.train
-        key = sha256_json([teacher_key, split.key, self.data.mean, self.data.std])
-        path = cache_dir / "teacher_logits" / f"{key[:32]}.pt" if cache_dir and teacher_key else None
-        if path and path.exists():
-            try:
-                return torch.load(path, weights_only=True)
-            except Exception:
-                log.warning("teacher-logit cache %s unreadable; recomputing", path)
-        views = 2 if self.data.augment == "flip" else 1
-        table = torch.empty(views, len(split), self.data.num_classes)
-        bar = tqdm(total=len(split) * views, desc="teacher logits", unit="img", leave=False)
-        for v in range(views):
-            for x, _, idx, _ in iterate(split, self.data.eval_batch_size):
-                x = self.data.normalize(x.to(self.device))
-                table[v, idx] = self._forward(x.flip(-1) if v else x).cpu()
-                bar.update(len(idx))
-        bar.close()
-        if path:
-            save_torch(path, table)
-        return table
-
-    def __call__(self, x: torch.Tensor, idx: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
-        if self.table is None:
-            return self._forward(x)
-        view = flip.long() if self.table.shape[0] == 2 else torch.zeros_like(idx)
-        return self.table[view, idx].to(x.device)
-
-
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(modules: list[nn.Module], cfg: TrainConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in (p for m in modules for p in m.parameters()):
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -129,18 +117,27 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total: int):
 
 
 def fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, *, seed: int,
-        teacher: TeacherLogits | None = None, state_path: Path | None = None, desc: str = "train",
+        objective: Objective | None = None, state_path: Path | None = None, desc: str = "train",
         on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
-    """Train `model` in place; returns the per-epoch history. Resumes from `state_path`."""
+    """Train `model` in place to minimise `objective` (default: cfg's terms, which then may
+    not need a teacher); returns the per-epoch history. Resumes from `state_path`."""
+    objective = objective if objective is not None else Objective(cfg.terms())
+    objective.to(device)
+    objective.attach(model)
+    try:
+        return _fit(model, data, cfg, device, seed, objective, state_path, desc, on_epoch)
+    finally:
+        objective.detach()
+
+
+def _fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, seed: int, objective: Objective,
+         state_path: Path | None, desc: str, on_epoch: Callable[[dict], None] | None) -> list[dict]:
     from .metrics import classification_metrics, predict
 
-    if cfg.uses_teacher() and teacher is None:
-        raise ValueError(f"loss '{cfg.loss}' needs a teacher")
-    loss_fn = LOSSES.get(cfg.loss)
     bs = cfg.batch_size or data.batch_size
     steps_per_epoch = math.ceil(len(data.train) / bs)
     model.to(device)
-    opt = _optimizer(model, cfg)
+    opt = _optimizer([model, objective], cfg)
     sched = _scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
     history: list[dict] = []
     start = 0
@@ -150,6 +147,7 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, *,
             st = torch.load(state_path, map_location="cpu", weights_only=True)
             if st.get("fingerprint") == fingerprint:
                 model.load_state_dict(st["model"])
+                objective.load_state_dict(st["objective"])
                 opt.load_state_dict(st["optimizer"])
                 sched.load_state_dict(st["scheduler"])
                 history, start = st["history"], st["epoch"] + 1
@@ -164,18 +162,17 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, *,
     try:  # the bar is closed on any exit, so an error message starts its own line
         for epoch in range(start, cfg.epochs):
             model.train()
+            objective.train()
             gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
             torch.manual_seed(seed * 100_003 + epoch)  # dropout etc.: an epoch replays identically after resume
             sums: dict[str, float] = {}
             n_seen, t0 = 0, time.perf_counter()
-            warm = min(1.0, (epoch + 1) / cfg.dkd_warmup_epochs) if cfg.dkd_warmup_epochs else 1.0
             for x, y, idx, flip in iterate(data.train, bs, shuffle=True, augment=data.augment, gen=gen):
                 x, y = data.normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-                t_logits = teacher(x, idx, flip) if teacher is not None and cfg.uses_teacher() else None
+                teachers = objective.teacher_outputs(x, idx, flip)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    s_logits = model(x)
-                parts = loss_fn(s_logits.float(), y, t_logits, temperature=cfg.temperature, alpha=cfg.alpha,
-                                dkd_alpha=cfg.dkd_alpha, dkd_beta=cfg.dkd_beta, warmup=warm, label_smoothing=cfg.label_smoothing)
+                    logits = model(x)
+                parts = objective(objective.student_outputs(logits), teachers, y, epoch)
                 bad_step = _first_nonfinite(parts["loss"], bar.n, bad_step)
                 if device.type == "cpu" or bar.n % POSTFIX_EVERY == 0:  # a GPU checks where it syncs anyway
                     _stop_if_diverged(bad_step, desc, steps_per_epoch, cfg.epochs)
@@ -203,7 +200,7 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, *,
             history.append(rec)
             if state_path:
                 save_torch(state_path, {"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
-                                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history})
+                                        "objective": objective.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history})
             if on_epoch:
                 on_epoch(rec)
     finally:

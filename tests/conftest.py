@@ -121,7 +121,7 @@ def tiny():
     decided logits: the model every format is exported from in the format tests."""
     import torch
 
-    from edgekd.config import DataConfig
+    from edgekd.schema import DataConfig
     from edgekd.data import Data, Split
     from edgekd.models import build
 

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from edgekd.config import DataConfig
+from edgekd.schema import DataConfig
 from edgekd.data import Data, Split
 from edgekd.errors import ConfigError, EdgekdError
 from edgekd.metrics import count_macs, count_params

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import CLASSES, TEST_COUNTS, TRAIN_COUNTS, write_image
 from edgekd import data as data_mod
-from edgekd.config import DataConfig
+from edgekd.schema import DataConfig
 from edgekd.data import Split, augment_batch, cache_root, iterate, load_data, stratified_indices
 from edgekd.errors import EdgekdError
 

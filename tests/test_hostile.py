@@ -192,7 +192,7 @@ def test_two_concurrent_runs_one_wins_the_other_exits_2(tmp_path, image_folder):
 
 
 def _extract(args):
-    from edgekd.config import ArchiveLimits
+    from edgekd.schema import ArchiveLimits
     from edgekd.data import _extract_archive
 
     archive, cache = args

@@ -1,4 +1,5 @@
-"""Distillation losses against independent numpy computations."""
+"""Distillation losses against independent numpy computations, each through the objective
+the training loop uses (the `loss:` shorthand and explicit terms alike)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgekd.losses import LOSSES, ce_loss, dkd_loss, kd_loss, mse_logits_loss, uses_teacher
+from edgekd.distill import LOSSES, Objective, Outputs
+from edgekd.train import TrainConfig
 
 B, C = 5, 4
 
@@ -67,67 +69,105 @@ def np_dkd(s, t, y, T, a, b, ce_weight=1.0, warmup=1.0):
     return ce_weight * ce + warmup * (a * tckd + b * nckd), tckd, nckd, ce
 
 
+# ---------------------------------------------------------------------------- helpers
+
+
+def objective(loss: str | None = None, terms: list[dict] | None = None, **shorthand) -> Objective:
+    """The objective fit() would build, every distillation term bound to the one teacher 't'."""
+    cfg = TrainConfig(objective=terms) if terms is not None else TrainConfig(loss=loss, **shorthand)
+    specs = [t.model_copy(update={"teacher": "t"}) if hasattr(t, "teacher") else t for t in cfg.terms()]
+    return Objective(specs, lambda name, features: None)
+
+
+def run(obj: Objective, s, y, t, epoch: int = 0) -> dict:
+    return obj(Outputs(s), {"t": Outputs(t)}, y, epoch)
+
+
+def loss_of(name: str, s, y, t, **params) -> torch.Tensor:
+    """One registered loss on its own (unweighted)."""
+    term = LOSSES.get(name).Term(loss=name, **params)
+    return LOSSES.get(name)(term)(Outputs(s), Outputs(t), y, 0)["loss"]
+
+
 # ---------------------------------------------------------------------------- tests
 
 
 def test_registry_has_all_losses():
     assert {"ce", "kd", "mse_logits", "dkd"} <= set(LOSSES.names())
-    assert LOSSES.get("kd") is kd_loss and LOSSES.get("dkd") is dkd_loss
-    assert uses_teacher("kd") and uses_teacher("dkd") and uses_teacher("mse_logits") and not uses_teacher("ce")
+    assert [LOSSES.get(n).needs_teacher for n in ("kd", "dkd", "mse_logits", "ce")] == [True, True, True, False]
+    assert TrainConfig(loss="kd").uses_teacher() and not TrainConfig(loss="ce").uses_teacher()
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_ce_matches_numpy(batch, smoothing):
     s, t, y = batch
-    out = ce_loss(*torch_args(s, t, y)[:2], label_smoothing=smoothing)
+    out = run(objective("ce", label_smoothing=smoothing), *torch_args(s, t, y))
     assert out["loss"].item() == pytest.approx(np_ce(s, y, smoothing), rel=1e-9)
-    assert out["ce"] is out["loss"]
+    assert out["ce"].item() == out["loss"].item()
 
 
-def test_ce_ignores_teacher(batch):
+def test_ce_needs_no_teacher(batch):
     s, t, y = batch
-    st, yt, tt = torch_args(s, t, y)
-    assert ce_loss(st, yt, tt)["loss"].item() == pytest.approx(ce_loss(st, yt, None)["loss"].item())
+    st, yt, _ = torch_args(s, t, y)
+    obj = Objective(TrainConfig(loss="ce").terms())  # no teacher factory at all
+    assert obj(Outputs(st), {}, yt, 0)["loss"].item() == pytest.approx(np_ce(s, y), rel=1e-9)
+    with pytest.raises(ValueError, match="loss 'kd' needs a teacher"):
+        Objective(TrainConfig(loss="kd").terms())
 
 
 @pytest.mark.parametrize("T,alpha", [(4.0, 0.9), (1.0, 0.5), (2.5, 1.0), (3.0, 0.0)])
 def test_kd_matches_numpy(batch, T, alpha):
     s, t, y = batch
-    out = kd_loss(*torch_args(s, t, y), temperature=T, alpha=alpha)
+    out = run(objective("kd", temperature=T, alpha=alpha), *torch_args(s, t, y))
     want_loss, want_kd = np_kd(s, t, y, T, alpha)
     assert out["kd"].item() == pytest.approx(want_kd, rel=1e-9)
     assert out["ce"].item() == pytest.approx(np_ce(s, y), rel=1e-9)
     assert out["loss"].item() == pytest.approx(want_loss, rel=1e-9)
 
 
+def test_shorthand_and_explicit_objective_are_the_same_sum(batch):
+    """`loss: kd, alpha: 0.9` is exactly the objective [kd weight 0.9, ce weight 0.1]: bit for bit,
+    so pipelines written with the shorthand keep their figures."""
+    s, t, y = batch
+    args = (torch.tensor(s, dtype=torch.float32), torch.tensor(y), torch.tensor(t, dtype=torch.float32))
+    a = run(objective("kd", temperature=3.0, alpha=0.9), *args)["loss"]
+    b = run(objective(terms=[{"loss": "kd", "weight": 0.9, "temperature": 3.0}, {"loss": "ce", "weight": 1 - 0.9}]), *args)["loss"]
+    old = 0.9 * loss_of("kd", *args, temperature=3.0) + (1 - 0.9) * loss_of("ce", *args)  # edgekd 0.1's formula
+    assert a.item() == b.item() == old.item()
+
+
 def test_kd_zero_when_student_equals_teacher(batch):
     s, _, y = batch
     st, yt, _ = torch_args(s, s, y)
-    out = kd_loss(st, yt, st.clone(), temperature=4.0, alpha=0.7)
+    out = run(objective("kd", temperature=4.0, alpha=0.7), st, yt, st.clone())
     assert out["kd"].item() == pytest.approx(0.0, abs=1e-12)
     assert out["loss"].item() == pytest.approx(0.3 * np_ce(s, y), rel=1e-9)
 
 
 def test_kd_is_invariant_to_logit_shift(batch):
     s, t, y = batch
-    a = kd_loss(*torch_args(s, t, y))["kd"].item()
-    b = kd_loss(*torch_args(s + 5.0, t - 3.0, y))["kd"].item()
+    a = loss_of("kd", *torch_args(s, t, y)).item()
+    b = loss_of("kd", *torch_args(s + 5.0, t - 3.0, y)).item()
     assert a == pytest.approx(b, rel=1e-9) and a > 0
 
 
 @pytest.mark.parametrize("alpha", [0.9, 0.25])
 def test_mse_logits_matches_numpy(batch, alpha):
     s, t, y = batch
-    out = mse_logits_loss(*torch_args(s, t, y), alpha=alpha)
+    out = run(objective("mse_logits", alpha=alpha), *torch_args(s, t, y))
     mse = float(np.mean((s - t) ** 2))
     assert out["mse"].item() == pytest.approx(mse, rel=1e-9)
     assert out["loss"].item() == pytest.approx(alpha * mse + (1 - alpha) * np_ce(s, y), rel=1e-9)
 
 
-@pytest.mark.parametrize("T,a,b,ce_w,warm", [(4.0, 1.0, 8.0, 1.0, 1.0), (1.0, 2.0, 0.5, 0.5, 0.3), (2.0, 0.0, 1.0, 1.0, 1.0)])
-def test_dkd_matches_numpy(batch, T, a, b, ce_w, warm):
+@pytest.mark.parametrize("T,a,b,ce_w,warm_epochs,epoch", [(4.0, 1.0, 8.0, 1.0, 0, 0), (1.0, 2.0, 0.5, 0.5, 10, 2),
+                                                          (2.0, 0.0, 1.0, 1.0, 4, 5)])
+def test_dkd_matches_numpy(batch, T, a, b, ce_w, warm_epochs, epoch):
     s, t, y = batch
-    out = dkd_loss(*torch_args(s, t, y), temperature=T, dkd_alpha=a, dkd_beta=b, ce_weight=ce_w, warmup=warm)
+    obj = objective(terms=[{"loss": "ce", "weight": ce_w},
+                           {"loss": "dkd", "temperature": T, "alpha": a, "beta": b, "warmup_epochs": warm_epochs}])
+    out = run(obj, *torch_args(s, t, y), epoch=epoch)
+    warm = min(1.0, (epoch + 1) / warm_epochs) if warm_epochs else 1.0
     want, tckd, nckd, ce = np_dkd(s, t, y, T, a, b, ce_w, warm)
     assert out["tckd"].item() == pytest.approx(tckd, rel=1e-6)
     assert out["nckd"].item() == pytest.approx(nckd, rel=1e-6)
@@ -135,9 +175,16 @@ def test_dkd_matches_numpy(batch, T, a, b, ce_w, warm):
     assert out["loss"].item() == pytest.approx(want, rel=1e-6)
 
 
+def test_dkd_shorthand_is_ce_plus_dkd(batch):
+    s, t, y = batch
+    out = run(objective("dkd", temperature=2.0, dkd_alpha=0.5, dkd_beta=4.0, dkd_warmup_epochs=2), *torch_args(s, t, y))
+    want, *_ = np_dkd(s, t, y, 2.0, 0.5, 4.0, 1.0, 0.5)  # epoch 0 of a 2-epoch warm-up
+    assert out["loss"].item() == pytest.approx(want, rel=1e-6)
+
+
 def test_dkd_float32_matches_numpy(batch):
     s, t, y = batch
-    out = dkd_loss(torch.tensor(s, dtype=torch.float32), torch.tensor(y), torch.tensor(t, dtype=torch.float32))
+    out = run(objective("dkd"), torch.tensor(s, dtype=torch.float32), torch.tensor(y), torch.tensor(t, dtype=torch.float32))
     want, tckd, nckd, _ = np_dkd(s, t, y, 4.0, 1.0, 8.0)
     assert out["tckd"].item() == pytest.approx(tckd, rel=1e-4, abs=1e-6)
     assert out["nckd"].item() == pytest.approx(nckd, rel=1e-4, abs=1e-6)
@@ -146,7 +193,7 @@ def test_dkd_float32_matches_numpy(batch):
 def test_dkd_zero_distillation_when_identical(batch):
     s, _, y = batch
     st, yt, _ = torch_args(s, s, y)
-    out = dkd_loss(st, yt, st.clone())
+    out = run(objective("dkd"), st, yt, st.clone())
     assert out["tckd"].item() == pytest.approx(0.0, abs=1e-9)
     assert out["nckd"].item() == pytest.approx(0.0, abs=1e-9)
     assert out["loss"].item() == pytest.approx(np_ce(s, y), rel=1e-9)
@@ -157,8 +204,8 @@ def test_dkd_nckd_ignores_target_logit(batch):
     s, t, y = batch
     s2 = s.copy()
     s2[np.arange(B), y] += 3.0
-    a = dkd_loss(*torch_args(s, t, y))
-    b = dkd_loss(*torch_args(s2, t, y))
+    a = run(objective("dkd"), *torch_args(s, t, y))
+    b = run(objective("dkd"), *torch_args(s2, t, y))
     assert a["nckd"].item() == pytest.approx(b["nckd"].item(), rel=1e-6)
     assert a["tckd"].item() != pytest.approx(b["tckd"].item(), rel=1e-3)
 
@@ -168,8 +215,8 @@ def test_gradients_flow_to_student_only(batch, name):
     s, t, y = batch
     st = torch.tensor(s, dtype=torch.float32, requires_grad=True)
     tt = torch.tensor(t, dtype=torch.float32, requires_grad=True)
-    out = LOSSES.get(name)(st, torch.tensor(y), tt)
-    out["loss"].backward()
+    obj = objective(name)
+    run(obj, st, torch.tensor(y), tt)["loss"].backward()
     assert st.grad is not None and torch.isfinite(st.grad).all() and st.grad.abs().sum() > 0
     # gradient check against finite differences on the first element
     eps = 1e-3
@@ -177,8 +224,7 @@ def test_gradients_flow_to_student_only(batch, name):
         sp, sm = st.detach().clone(), st.detach().clone()
         sp[0, 0] += eps
         sm[0, 0] -= eps
-        fd = (LOSSES.get(name)(sp, torch.tensor(y), tt.detach())["loss"]
-              - LOSSES.get(name)(sm, torch.tensor(y), tt.detach())["loss"]) / (2 * eps)
+        fd = (run(obj, sp, torch.tensor(y), tt.detach())["loss"] - run(obj, sm, torch.tensor(y), tt.detach())["loss"]) / (2 * eps)
     assert st.grad[0, 0].item() == pytest.approx(fd.item(), rel=2e-2, abs=1e-3)
 
 
@@ -187,7 +233,7 @@ def test_kd_gradient_matches_closed_form(batch):
     s, t, y = batch
     st, yt, tt = torch_args(s, t, y, requires_grad=True)
     T = 3.0
-    kd_loss(st, yt, tt, temperature=T, alpha=1.0)["loss"].backward()
+    loss_of("kd", st, yt, tt, temperature=T).backward()
     expected = T * (np_softmax(s / T) - np_softmax(t / T)) / B
     assert np.allclose(st.grad.numpy(), expected, atol=1e-10)
 
@@ -195,17 +241,19 @@ def test_kd_gradient_matches_closed_form(batch):
 def test_losses_return_scalars(batch):
     s, t, y = batch
     for name in ("ce", "kd", "mse_logits", "dkd"):
-        out = LOSSES.get(name)(*torch_args(s, t, y))
+        out = run(objective(name), *torch_args(s, t, y))
         assert "loss" in out
         for k, v in out.items():
             assert v.ndim == 0 and torch.isfinite(v), (name, k)
 
 
-@pytest.mark.parametrize("name", ["ce", "kd", "mse_logits", "dkd"])
-def test_losses_accept_the_keywords_fit_passes(batch, name):
-    """train.fit calls every loss with the same keyword set; unused ones must be ignored."""
+def test_two_terms_of_one_loss_are_logged_apart(batch):
+    """Two kd terms from two teachers: summed with their weights, each logged under its teacher."""
     s, t, y = batch
-    out = LOSSES.get(name)(*torch_args(s, t, y), temperature=2.0, alpha=0.5, dkd_alpha=1.0, dkd_beta=2.0,
-                           warmup=0.5, label_smoothing=0.1)
-    assert torch.isfinite(out["loss"])
-    assert out["ce"].item() == pytest.approx(np_ce(s, y, 0.1), rel=1e-9)
+    st, yt, tt = torch_args(s, t, y)
+    cfg = TrainConfig(objective=[{"loss": "kd", "teacher": "a", "weight": 0.5}, {"loss": "kd", "teacher": "b", "weight": 0.5}])
+    obj = Objective(cfg.terms(), lambda name, features: None)
+    out = obj(Outputs(st), {"a": Outputs(tt), "b": Outputs(st.clone())}, yt, 0)
+    _, kd_a = np_kd(s, t, y, 4.0, 1.0)
+    assert out["kd_a"].item() == pytest.approx(kd_a, rel=1e-9) and out["kd_b"].item() == pytest.approx(0.0, abs=1e-12)
+    assert out["loss"].item() == pytest.approx(0.5 * kd_a, rel=1e-9)

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 
 from edgekd import models
-from edgekd.config import ModelConfig
+from edgekd.schema import ModelConfig
 from edgekd.errors import EdgekdError
 from edgekd.models import OnnxModule, arch_spec, build, check_classes, load_model, output_classes, save_checkpoint
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgekd.losses import LOSSES
+from edgekd.distill import LOSSES
 from edgekd.registry import Registry
 from edgekd.stages import STAGES, Stage, StageResult, register
 from edgekd.stages.distill import Distill, DistillConfig
@@ -97,7 +97,10 @@ def test_stages_command_lists_every_stage_with_readable_options(capsys):
 
     assert main(["stages"]) == 0
     out = capsys.readouterr().out
-    assert {line.split(":")[0] for line in out.splitlines() if not line.startswith(" ")} == set(STAGES.names())
+    stages, losses = out.split("\nlosses (terms of a training objective")
+    assert {line.split(":")[0] for line in stages.splitlines() if not line.startswith(" ")} == set(STAGES.names())
+    assert {line.split(":")[0].strip() for line in losses.splitlines()[1:] if not line.startswith(" " * 8)} == set(LOSSES.names())
+    assert "    dkd: Decoupled KD" in losses and "        beta: float (default 8.0)" in losses  # each loss's own options
     assert "loss: 'kd'|'dkd'|'mse_logits'|'ce' (default 'kd')" in out  # Literal values spelled out
     assert "target_macs: float | None (default None)" in out
     assert "    finetune:\n        epochs: int (default 2)" in out  # nested options expanded

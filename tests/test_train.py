@@ -61,7 +61,7 @@ def test_recalibrate_bn_replaces_stale_statistics_with_the_data_mean():
 
 def learnable_data(n_train: int = 256, n_test: int = 128, size: int = 32):
     """Four classes told apart by colour under heavy pixel noise: learnable in a few steps."""
-    from edgekd.config import DataConfig
+    from edgekd.schema import DataConfig
     from edgekd.data import Data, Split
 
     def split(n, seed):

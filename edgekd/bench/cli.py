@@ -33,7 +33,7 @@ def _meta(path: Path, image_size: int | None) -> dict:
 
 
 def _eval_data(source: str, props: dict, image_size: int):
-    from ..config import DataConfig
+    from ..schema import DataConfig
     from ..data import load_data
 
     kw = {"source": source, "image_size": image_size}

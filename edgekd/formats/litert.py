@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from ..config import Strict
+from ..schema import Strict
 from .base import FORMATS, ExportJob, Format, Runner, Variant
 
 

@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 
 from ..bench.measure import bench_models, round_ratio
 from ..bench.runtimes import RUNTIMES, resolve
-from ..config import Strict
+from ..schema import Strict
 from ..robustness import CORRUPTIONS
 from .base import Stage, StageResult, register
 

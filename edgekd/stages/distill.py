@@ -1,4 +1,4 @@
-"""distill: train the student against the teacher with the shared loop.
+"""distill: train the student against the teacher(s) with the shared loop and objective.
 
 With `compare_baseline: true` the same student, from the same initial weights, is also
 trained with plain cross-entropy for the same epochs, so the report shows what the
@@ -18,6 +18,12 @@ from .base import Stage, StageResult, register
 class DistillConfig(TrainConfig):
     compare_baseline: bool = Field(False, description="also train a teacher-free (ce) student for comparison")
 
+    def baseline(self) -> "DistillConfig":
+        """The same run with cross-entropy alone (an objective's own ce options kept)."""
+        ce = next((t for t in self.terms() if t.loss == "ce"), None)
+        smoothing = ce.label_smoothing if ce is not None else self.label_smoothing
+        return self.model_copy(update={"loss": "ce", "objective": None, "label_smoothing": smoothing})
+
 
 @register("distill")
 class Distill(Stage):
@@ -26,20 +32,19 @@ class Distill(Stage):
     def run(self, ctx) -> StageResult:
         cfg: DistillConfig = self.config
         init_state = copy.deepcopy(ctx.model.state_dict())
-        teacher = ctx.teacher_logits(cfg.cache_teacher) if cfg.uses_teacher() else None
+        objective = ctx.objective(cfg)
         torch.manual_seed(ctx.cfg.seed)
-        history = fit(ctx.model, ctx.data, cfg, ctx.device, seed=ctx.cfg.seed, teacher=teacher,
-                      state_path=ctx.stage_dir / "train_state.pt", desc=f"distill[{cfg.loss}]")
+        history = fit(ctx.model, ctx.data, cfg, ctx.device, seed=ctx.cfg.seed, objective=objective,
+                      state_path=ctx.stage_dir / "train_state.pt", desc=f"distill[{cfg.describe()}]")
         figs = ctx.measure(ctx.model)
         result = StageResult(metrics=figs, history=history, model_changed=True,
-                             models={"student_distilled": {**figs, "label": f"student ({cfg.loss})"}},
-                             info={"loss": cfg.loss, "epochs": cfg.epochs, "train_images": len(ctx.data.train)})
-        if cfg.compare_baseline and cfg.loss != "ce":
+                             models={"student_distilled": {**figs, "label": f"student ({cfg.describe()})"}},
+                             info={"loss": cfg.describe(), "epochs": cfg.epochs, "train_images": len(ctx.data.train)})
+        if cfg.compare_baseline and cfg.uses_teacher():
             baseline = copy.deepcopy(ctx.model)
             baseline.load_state_dict(init_state)
-            base_cfg = cfg.model_copy(update={"loss": "ce"})
             torch.manual_seed(ctx.cfg.seed)
-            base_hist = fit(baseline, ctx.data, base_cfg, ctx.device, seed=ctx.cfg.seed,
+            base_hist = fit(baseline, ctx.data, cfg.baseline(), ctx.device, seed=ctx.cfg.seed,
                             state_path=ctx.stage_dir / "baseline_state.pt", desc="baseline[ce]")
             bfigs = ctx.measure(baseline)
             result.models["student_ce_baseline"] = {**bfigs, "label": "student (ce, no teacher)"}

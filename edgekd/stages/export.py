@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from ..config import Strict, Switch, did_you_mean
+from ..errors import did_you_mean
+from ..schema import Strict, Switch
 from ..errors import EdgekdError
 from ..formats import FORMATS, Variant, enabled_formats
 from ..formats.base import ExportJob
@@ -145,7 +146,7 @@ class Export(Stage):
 
             yield Variant("student_unpruned_fp32", rebuild(torch.load(ctx.run_dir / unpruned, map_location="cpu",
                                                                       weights_only=True)), **fp32)
-        if cfg.include_teacher and ctx.cfg.teacher is not None and not hasattr(ctx.teacher, "session"):
+        if cfg.include_teacher and ctx.cfg.primary_teacher() is not None and not hasattr(ctx.teacher, "session"):
             yield Variant("teacher_fp32", copy.deepcopy(ctx.teacher).cpu(), **{**fp32, "max_abs": cfg.fp32_max_abs_diff * 10})
 
     @staticmethod

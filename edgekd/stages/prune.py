@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from ..config import Fraction, Strict
+from ..schema import Fraction, Strict
 from ..data import iterate
 from ..errors import EdgekdError
 from ..models import rebuild
@@ -48,8 +48,8 @@ class PruneConfig(Strict):
             raise ValueError("set exactly one of target_macs or ratio")
         return self
 
-    def uses_teacher(self) -> bool:
-        return self.finetune.epochs > 0 and self.finetune.uses_teacher()
+    def teachers_used(self) -> list[tuple[str, str | None]]:
+        return [(f"finetune.{k}", t) for k, t in self.finetune.teachers_used()] if self.finetune.epochs else []
 
 
 @register("prune")
@@ -62,7 +62,6 @@ class Prune(Stage):
         model = ctx.model
         before = ctx.measure(model)
         unpruned = ctx.save_model(ctx.stage_dir / "unpruned.pt")
-        teacher = ctx.teacher_logits(cfg.finetune.cache_teacher) if cfg.uses_teacher() else None
         steps_info, history = [], []
         base_history = list(ctx.pruning_history)
         internal = 1 if cfg.ratio is not None else 200
@@ -100,9 +99,9 @@ class Prune(Stage):
                                 {"image_size": size, "step_info": info})
             ft_hist = []
             if cfg.finetune.epochs:
-                ft_hist = fit(model, data, cfg.finetune, ctx.device, seed=ctx.cfg.seed + step, teacher=teacher,
-                              state_path=ctx.stage_dir / f"step{step}_train_state.pt",
-                              desc=f"prune step {step}/{cfg.iterative_steps} finetune[{cfg.finetune.loss}]")
+                ft_hist = fit(model, data, cfg.finetune, ctx.device, seed=ctx.cfg.seed + step,
+                              objective=ctx.objective(cfg.finetune), state_path=ctx.stage_dir / f"step{step}_train_state.pt",
+                              desc=f"prune step {step}/{cfg.iterative_steps} finetune[{cfg.finetune.describe()}]")
                 for r in ft_hist:
                     r["step"] = step
             after = ctx.measure(model)
@@ -122,7 +121,7 @@ class Prune(Stage):
             "params_before": before["params"], "params_after": after["params"],
             "params_kept": round(after["params"] / before["params"], 4),
             "top1_before": before["top1"], "top1_after": after["top1"], "importance": cfg.importance,
-            "finetune_loss": cfg.finetune.loss,
+            "finetune_loss": cfg.finetune.describe(),
         }
         if cfg.target_macs is not None and after["macs"] > before["macs"] * (cfg.target_macs + cfg.macs_tolerance):
             raise EdgekdError(f"prune: could not reach target_macs {cfg.target_macs} (kept {summary['macs_kept']}); "

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from ..config import Strict
+from ..schema import Strict
 from ..data import stratified_indices
 from ..metrics import classification_metrics
 from ..onnx_export import export_onnx, onnx_logits
@@ -49,8 +49,8 @@ class QuantizeConfig(Strict):
     keep_first_conv_fp32: bool = Field(True, description="keep the stem conv (raw pixels in) in fp32, in PTQ and QAT alike")
     qat: QATConfig = Field(default_factory=QATConfig)
 
-    def uses_teacher(self) -> bool:
-        return self.method != "ptq" and self.qat.epochs > 0 and self.qat.uses_teacher()
+    def teachers_used(self) -> list[tuple[str, str | None]]:
+        return [(f"qat.{k}", t) for k, t in self.qat.teachers_used()] if self.method != "ptq" and self.qat.epochs else []
 
 
 def calibration_images(data, samples: int, seed: int) -> np.ndarray:
@@ -92,13 +92,13 @@ class Quantize(Stage):
         if cfg.method in ("qat", "both"):
             wrap = qat_transform(cfg.keep_first_conv_fp32, target.weight_qmax)
             qmodel = apply_transform(apply_transform(copy.deepcopy(float_model).cpu(), "fold_bn"), wrap).to(ctx.device)
-            teacher = ctx.teacher_logits(cfg.qat.cache_teacher) if cfg.uses_teacher() else None
+            objective = ctx.objective(cfg.qat) if cfg.qat.epochs else None
             with torch.no_grad():  # initialise activation ranges on calibration images
                 qmodel.train()
                 for i in range(0, len(calib), 64):
                     qmodel(torch.from_numpy(calib[i : i + 64]).to(ctx.device))
-            history = fit(qmodel, data, cfg.qat, ctx.device, seed=ctx.cfg.seed, teacher=teacher,
-                          state_path=d / "qat_train_state.pt", desc=f"qat[{cfg.qat.loss}]")
+            history = fit(qmodel, data, cfg.qat, ctx.device, seed=ctx.cfg.seed, objective=objective,
+                          state_path=d / "qat_train_state.pt", desc=f"qat[{cfg.qat.describe()}]")
             qmodel.eval()
             sim = ctx.measure(qmodel)
             snapped = export_onnx(snap_weights(copy.deepcopy(qmodel).cpu()), d / "qat_float.onnx", data.image_size)

@@ -1,0 +1,67 @@
+"""Where a teacher's outputs for a training batch come from: a forward pass of the live model
+(with feature taps where a term needs them), or a lookup in a logit cache.
+
+With flip-only or no augmentation a teacher sees at most two versions of each image, so when
+no term needs its features its logits are computed once and cached on disk, keyed on the
+teacher's and the data's bytes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from ..data import Data, iterate
+from ..fileio import save_torch, sha256_json
+from .losses import Outputs
+from .taps import FeatureTaps
+
+log = logging.getLogger("edgekd")
+
+
+class TeacherSource:
+    def __init__(self, teacher: nn.Module, data: Data, device: torch.device, cache: bool,
+                 teacher_key: str | None, cache_dir: Path | None, features: list[str] | None = None,
+                 name: str = "teacher"):
+        self.teacher, self.data, self.device, self.name = teacher.eval(), data, device, name
+        self.taps = FeatureTaps(teacher, features, f"teacher {name}") if features else None
+        self.table: torch.Tensor | None = None
+        if cache and self.taps is None and data.augment in ("none", "flip"):
+            self.table = self._build_table(teacher_key, cache_dir)
+
+    @torch.no_grad()
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.teacher(x).float()
+
+    def _build_table(self, teacher_key: str | None, cache_dir: Path | None) -> torch.Tensor:
+        split = self.data.train
+        key = sha256_json([teacher_key, split.key, self.data.mean, self.data.std])
+        path = cache_dir / "teacher_logits" / f"{key[:32]}.pt" if cache_dir and teacher_key else None
+        if path and path.exists():
+            try:
+                return torch.load(path, weights_only=True)
+            except Exception:
+                log.warning("teacher-logit cache %s unreadable; recomputing", path)
+        views = 2 if self.data.augment == "flip" else 1
+        table = torch.empty(views, len(split), self.data.num_classes)
+        bar = tqdm(total=len(split) * views, desc=f"{self.name} logits", unit="img", leave=False)
+        for v in range(views):
+            for x, _, idx, _ in iterate(split, self.data.eval_batch_size):
+                x = self.data.normalize(x.to(self.device))
+                table[v, idx] = self._forward(x.flip(-1) if v else x).cpu()
+                bar.update(len(idx))
+        bar.close()
+        if path:
+            save_torch(path, table)
+        return table
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor, flip: torch.Tensor) -> Outputs:
+        if self.table is not None:
+            view = flip.long() if self.table.shape[0] == 2 else torch.zeros_like(idx)
+            return Outputs(self.table[view, idx].to(x.device))
+        logits = self._forward(x)
+        features = {k: v.float() for k, v in self.taps.take().items()} if self.taps else {}
+        return Outputs(logits, features)
