@@ -15,9 +15,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from ..errors import did_you_mean
+from ..errors import EdgekdError, did_you_mean
 from ..schema import Strict, Switch
-from ..errors import EdgekdError
 from ..formats import FORMATS, Variant, enabled_formats
 from ..formats.base import ExportJob
 from ..onnx_export import metadata
