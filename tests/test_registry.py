@@ -105,3 +105,11 @@ def test_stages_command_lists_every_stage_with_readable_options(capsys):
     assert "target_macs: float | None (default None)" in out
     assert "    finetune:\n        epochs: int (default 2)" in out  # nested options expanded
     assert "PydanticUndefined" not in out and "Literal" not in out
+
+
+def test_python_dash_m_runs_the_command_line():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "edgekd", "stages"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("benchmark:") and "\nlosses (terms" in out.stdout
