@@ -244,11 +244,16 @@ def validate(raw: Any) -> PipelineConfig:
 
 def _check_teachers(cfg: PipelineConfig, validated: dict[int, tuple[str, BaseModel]]) -> None:
     """Every distillation term names a teacher the pipeline has (or there is exactly one)."""
-    teachers = list(cfg.teacher_configs())
+    configs = cfg.teacher_configs()
+    teachers = list(configs)
     without = []
     for i, (name, scfg) in validated.items():
-        for key, teacher in getattr(scfg, "teachers_used", lambda: [])():
+        for key, teacher, features in getattr(scfg, "teachers_used", lambda: [])():
             where = f"stages[{i}].{name}.{key}"
+            chosen = configs.get(teacher if teacher is not None else (teachers[0] if len(teachers) == 1 else ""))
+            if features and chosen is not None and (chosen.checkpoint or "").lower().endswith(".onnx"):
+                raise ConfigError(f"{where}: this term reads the teacher's features, but an ONNX teacher gives logits "
+                                  "only (use a PyTorch checkpoint of it, or a logit loss)")
             if teacher is None and not teachers:
                 without.append(name)
             elif teacher is None and len(teachers) > 1:

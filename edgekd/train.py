@@ -82,12 +82,13 @@ class TrainConfig(Strict):
                                dkd_beta=self.dkd_beta, dkd_warmup_epochs=self.dkd_warmup_epochs,
                                label_smoothing=self.label_smoothing)
 
-    def teachers_used(self) -> list[tuple[str, str | None]]:
-        """(key path, teacher name or None for the default) of each term that distils, for validation."""
+    def teachers_used(self) -> list[tuple[str, str | None, bool]]:
+        """(key path, teacher name or None for the default, whether the term reads the teacher's
+        features) of each term that distils, for validation."""
         if self.objective is None:
-            return [("loss", None)] if any(LOSSES.get(t.loss).needs_teacher for t in self.terms()) else []
-        return [(f"objective[{i}].teacher", t.teacher) for i, t in enumerate(self.objective)
-                if LOSSES.get(t.loss).needs_teacher]
+            return [("loss", None, False)] if any(LOSSES.get(t.loss).needs_teacher for t in self.terms()) else []
+        return [(f"objective[{i}].teacher", t.teacher, bool(LOSSES.get(t.loss)(t).teacher_taps()))
+                for i, t in enumerate(self.objective) if LOSSES.get(t.loss).needs_teacher]
 
     def uses_teacher(self) -> bool:
         return bool(self.teachers_used())
@@ -122,9 +123,11 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, *,
     """Train `model` in place to minimise `objective` (default: cfg's terms, which then may
     not need a teacher); returns the per-epoch history. Resumes from `state_path`."""
     objective = objective if objective is not None else Objective(cfg.terms())
-    objective.to(device)
     objective.attach(model)
     try:
+        model.to(device)
+        objective.prepare(model, data.normalize(data.train.images[:2].to(device)))
+        objective.to(device)
         return _fit(model, data, cfg, device, seed, objective, state_path, desc, on_epoch)
     finally:
         objective.detach()

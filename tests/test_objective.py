@@ -46,8 +46,8 @@ def test_an_objective_validates_each_term_with_its_own_options(minimal_pipeline)
 
 
 @pytest.mark.parametrize("objective,want", [
-    ([{"loss": "kdd"}], r"stages[0].distill.objective[0].loss: unknown loss 'kdd' (did you mean 'kd' or 'dkd'?); known: ce, dkd, kd, mse_logits"),
-    ([{"weight": 1}], "stages[0].distill.objective[0].loss: required key is missing (one of ce, dkd, kd, mse_logits)"),
+    ([{"loss": "kdd"}], r"stages[0].distill.objective[0].loss: unknown loss 'kdd' (did you mean 'kd' or 'dkd'?); known: at, ce, dkd, fitnet, kd, mse_logits"),
+    ([{"weight": 1}], "stages[0].distill.objective[0].loss: required key is missing (one of at, ce, dkd, fitnet, kd, mse_logits)"),
     ([{"loss": "kd", "temperatur": 2}], "stages[0].distill.objective[0].temperatur: unknown key (did you mean 'temperature'?)"),
     ([{"loss": "ce"}, {"loss": "dkd", "beta": -1}], "stages[0].distill.objective[1].beta: Input should be greater than or equal to 0 (got -1)"),
     ([{"loss": "ce", "teacher": "teacher"}], "stages[0].distill.objective[0].teacher: unknown key"),
@@ -211,3 +211,103 @@ def test_a_terms_parameters_are_trained_and_resumed(tmp_path, monkeypatch):
     model, obj = run(state)
     assert obj.terms[0].log_t.item() == pytest.approx(ref_obj.terms[0].log_t.item(), rel=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(model.state_dict().values(), ref_model.state_dict().values()))
+
+
+# ----------------------------------------------------------------------------- feature terms
+
+
+def _feature_objective(terms: list[dict], teacher: nn.Module, data: Data) -> Objective:
+    cfg = TrainConfig(objective=terms)
+    src = {}
+
+    def source(name, features):
+        src.setdefault(name, TeacherSource(teacher, data, torch.device("cpu"), True, None, None, features))
+        return src[name]
+
+    return Objective([t.model_copy(update={"teacher": "t"}) if hasattr(t, "teacher") else t for t in cfg.terms()], source)
+
+
+def test_fitnet_and_at_match_independent_computations():
+    torch.manual_seed(0)
+    s = torch.randn(3, 8, 8, 8)
+    t = torch.randn(3, 16, 4, 4)
+    from edgekd.distill import LOSSES, Outputs
+
+    fit_term = LOSSES.get("fitnet").Term(loss="fitnet", student_layer="a", teacher_layer="b")
+    fitnet = LOSSES.get("fitnet")(fit_term)
+    fitnet.build({"a": s}, {"b": t})
+    conv, bn = fitnet.regressor
+    assert conv.weight.shape == (16, 8, 1, 1)
+    bn.eval()  # plain affine map, to compare against by hand
+    got = fitnet(Outputs(torch.zeros(3, 2), {"a": s}), Outputs(torch.zeros(3, 2), {"b": t}), None, 0)["loss"]
+    r = torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], s)
+    r = (r - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(bn.running_var.view(1, -1, 1, 1) + bn.eps)
+    r = r * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+    pooled = r.reshape(3, 16, 4, 2, 4, 2).mean((3, 5))  # 8x8 -> 4x4 by 2x2 means
+    assert got.item() == pytest.approx(((pooled - t) ** 2).mean().item(), rel=1e-5)
+
+    at_term = LOSSES.get("at").Term(loss="at", layers=[("a", "b")])
+    got = LOSSES.get("at")(at_term)(Outputs(None, {"a": s}), Outputs(None, {"b": t}), None, 0)["loss"]
+    sp = s.reshape(3, 8, 4, 2, 4, 2).mean((3, 5))
+
+    def att(f):
+        q = (f**2).mean(1).reshape(3, -1)
+        return q / q.norm(dim=1, keepdim=True)
+
+    assert got.item() == pytest.approx(((att(sp) - att(t)) ** 2).mean().item(), rel=1e-5)
+
+
+def test_a_fitnet_regressor_is_trained_and_a_resumed_run_continues_identically(tmp_path):
+    data = tiny_data(16)
+    torch.manual_seed(1)
+    teacher = build({**SPEC, "width_mult": 0.5}).eval()
+    cfg = TrainConfig(epochs=2, lr=0.02, eval_every=0, bn_recalibration="off",
+                      objective=[{"loss": "fitnet", "student_layer": "features.13", "teacher_layer": "features.13"},
+                                 {"loss": "kd", "weight": 0.5}, {"loss": "ce", "weight": 0.5}])
+
+    def run(state=None, stop=False):
+        torch.manual_seed(0)
+        model, obj = build(SPEC), _feature_objective([t.model_dump() for t in cfg.objective], teacher, data)
+
+        def halt(rec):
+            if stop and rec["epoch"] == 1:
+                raise KeyboardInterrupt
+
+        try:
+            hist = fit(model, data, cfg, torch.device("cpu"), seed=0, objective=obj, state_path=state, on_epoch=halt)
+        except KeyboardInterrupt:
+            hist = None
+        return model, obj, hist
+
+    ref_model, ref_obj, ref_hist = run()
+    assert set(ref_hist[0]) >= {"fitnet", "kd", "ce"} and ref_hist[-1]["fitnet"] < ref_hist[0]["fitnet"] * 1.5
+    torch.manual_seed(0)
+    fresh = build(SPEC)  # the regressor is not part of the student: its state dict is unchanged in keys
+    assert set(ref_model.state_dict()) == set(fresh.state_dict())
+    state = tmp_path / "state.pt"
+    run(state, stop=True)
+    model, obj, hist = run(state)
+    assert [r["epoch"] for r in hist] == [1, 2] and hist[-1]["loss"] == pytest.approx(ref_hist[-1]["loss"], rel=1e-5)
+    w_ref = ref_obj.terms[0].regressor[0].weight
+    assert torch.allclose(obj.terms[0].regressor[0].weight, w_ref, atol=1e-6)
+    assert w_ref.grad is not None and w_ref.grad.abs().sum() > 0  # in the graph, so trained
+    assert "terms.0.regressor.0.weight" in torch.load(state, weights_only=True)["objective"]  # and checkpointed
+
+
+def test_a_feature_term_on_an_onnx_teacher_is_a_validation_error(minimal_pipeline, tmp_path):
+    p = copy.deepcopy(minimal_pipeline)
+    onnx = tmp_path / "teacher.onnx"
+    onnx.write_bytes(b"not checked before the term")
+    p["teacher"] = {"arch": "resnet18", "checkpoint": str(onnx)}
+    p["stages"] = [{"distill": {"epochs": 1, "objective": [{"loss": "at", "layers": [["features.6", "layer2"]], "weight": 1000},
+                                                            {"loss": "ce"}]}}]
+    assert config_error(p) == ("stages[0].distill.objective[0].teacher: this term reads the teacher's features, but an "
+                               "ONNX teacher gives logits only (use a PyTorch checkpoint of it, or a logit loss)")
+
+
+def test_a_wrong_feature_path_stops_training_with_one_line():
+    data = tiny_data(8)
+    teacher = build(SPEC).eval()
+    obj = _feature_objective([{"loss": "fitnet", "student_layer": "feature.13", "teacher_layer": "features.13"}], teacher, data)
+    with pytest.raises(ConfigError, match=r"^student: no module 'feature\.13' in the MobileNetV2 \(did you mean 'features\.13'"):
+        fit(build(SPEC), data, TrainConfig(epochs=1, loss="ce"), torch.device("cpu"), seed=0, objective=obj)

@@ -146,3 +146,94 @@ class DKD(Loss):
         nckd = kl_div(t / T - big, s / T - big, 1.0) * T**2
         warm = min(1.0, (epoch + 1) / p.warmup_epochs) if p.warmup_epochs else 1.0
         return {"loss": warm * (p.alpha * tckd + p.beta * nckd), "tckd": tckd, "nckd": nckd}
+
+
+# ----------------------------------------------------------------------------- feature terms
+
+
+def match_spatial(s: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool the larger of two feature maps to the other's height and width."""
+    if s.shape[-2:] == t.shape[-2:]:
+        return s, t
+    if s.shape[-2] * s.shape[-1] > t.shape[-2] * t.shape[-1]:
+        return F.adaptive_avg_pool2d(s, t.shape[-2:]), t
+    return s, F.adaptive_avg_pool2d(t, s.shape[-2:])
+
+
+class FeatureLoss(Loss):
+    """A term on intermediate features; `build` sees one batch of them before training starts,
+    so parameters sized by the features (a regressor) exist before the optimizer is made."""
+
+    def build(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+class FitNetParams(Strict):
+    student_layer: str = Field(description="student module path whose output is regressed, e.g. features.13")
+    teacher_layer: str = Field(description="teacher module path it is regressed onto, e.g. layer3")
+
+
+@register_loss("fitnet")
+class FitNet(FeatureLoss):
+    """FitNets hint (Romero et al. 2015): MSE between a 1x1-conv regression of a student feature
+    map and a teacher feature map (spatial sizes pooled to match); the regressor is trained with
+    the student and not part of the exported model."""
+
+    Params = FitNetParams
+
+    def student_taps(self):
+        return [self.term.student_layer]
+
+    def teacher_taps(self):
+        return [self.term.teacher_layer]
+
+    def build(self, student, teacher):
+        s, t = student[self.term.student_layer], teacher[self.term.teacher_layer]
+        if s.ndim != t.ndim or s.ndim not in (2, 4):
+            raise ValueError(f"fitnet: student {self.term.student_layer} gives {tuple(s.shape)}, teacher "
+                             f"{self.term.teacher_layer} {tuple(t.shape)}: expected two conv maps or two vectors")
+        conv = nn.Conv2d if s.ndim == 4 else nn.Linear
+        self.regressor = conv(s.shape[1], t.shape[1], **({"kernel_size": 1, "bias": False} if s.ndim == 4 else {})).to(s.device)
+        if s.ndim == 4:
+            self.regressor = nn.Sequential(self.regressor, nn.BatchNorm2d(t.shape[1]).to(s.device))
+
+    def forward(self, student, teacher, labels, epoch):
+        s = self.regressor(student.features[self.term.student_layer])
+        t = teacher.features[self.term.teacher_layer]
+        if s.ndim == 4:
+            s, t = match_spatial(s, t)
+        return {"loss": F.mse_loss(s, t)}
+
+
+class ATParams(Strict):
+    layers: list[tuple[str, str]] = Field(min_length=1, description="[student path, teacher path] pairs, e.g. "
+                                                                    "[[features.6, layer2], [features.13, layer3]]")
+    p: float = Field(2.0, gt=0, description="attention = mean over channels of |feature|^p")
+
+
+@register_loss("at")
+class AttentionTransfer(Loss):
+    """Attention transfer (Zagoruyko & Komodakis 2017): per pair of layers, the squared distance
+    between L2-normalised spatial attention maps (channel mean of |f|^p), averaged over pairs;
+    channel counts may differ, spatial sizes are pooled to match. Usual weights are large (~1000)."""
+
+    Params = ATParams
+
+    def student_taps(self):
+        return [s for s, _ in self.term.layers]
+
+    def teacher_taps(self):
+        return [t for _, t in self.term.layers]
+
+    def _attention(self, f: torch.Tensor) -> torch.Tensor:
+        return F.normalize(f.abs().pow(self.term.p).mean(1).flatten(1), dim=1)
+
+    def forward(self, student, teacher, labels, epoch):
+        total = 0.0
+        for s_path, t_path in self.term.layers:
+            s, t = student.features[s_path], teacher.features[t_path]
+            if s.ndim != 4 or t.ndim != 4:
+                raise ValueError(f"at: {s_path} / {t_path} are not conv feature maps ({tuple(s.shape)}, {tuple(t.shape)})")
+            s, t = match_spatial(s, t)
+            total = total + (self._attention(s) - self._attention(t)).pow(2).mean()
+        return {"loss": total / len(self.term.layers)}

@@ -86,6 +86,24 @@ class Objective(nn.Module):
         if self.student_paths:
             self._taps = FeatureTaps(student, self.student_paths, "student")
 
+    @torch.no_grad()
+    def prepare(self, student: nn.Module, x: torch.Tensor) -> None:
+        """Let feature terms size their parameters from one batch (student in eval mode, so its
+        BatchNorm statistics are untouched) before the optimizer is made."""
+        building = [(s, t) for s, t in zip(self.specs, self.terms) if hasattr(t, "build")]
+        if not building:
+            return
+        was_training = student.training
+        student.eval()
+        try:
+            s_feats = self.student_outputs(student(x)).features
+        finally:
+            student.train(was_training)
+        idx, flip = torch.zeros(len(x), dtype=torch.long), torch.zeros(len(x), dtype=torch.bool)
+        t_feats = {name: out.features for name, out in self.teacher_outputs(x, idx, flip).items()}
+        for spec, term in building:
+            term.build(s_feats, t_feats.get(spec.teacher, {}))
+
     def detach(self) -> None:
         if self._taps:
             self._taps.remove()

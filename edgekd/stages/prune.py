@@ -48,8 +48,8 @@ class PruneConfig(Strict):
             raise ValueError("set exactly one of target_macs or ratio")
         return self
 
-    def teachers_used(self) -> list[tuple[str, str | None]]:
-        return [(f"finetune.{k}", t) for k, t in self.finetune.teachers_used()] if self.finetune.epochs else []
+    def teachers_used(self) -> list[tuple[str, str | None, bool]]:
+        return [(f"finetune.{k}", *rest) for k, *rest in self.finetune.teachers_used()] if self.finetune.epochs else []
 
 
 @register("prune")
