@@ -160,7 +160,7 @@ def _keys_at(model: type[BaseModel] | None, loc: tuple) -> list[str]:
     from .distill import LOSSES
 
     for i, part in enumerate(loc):
-        if i and isinstance(loc[i - 1], int) and part in LOSSES:  # the objective term's union member
+        if _is_term_tag(loc, i):
             model = LOSSES.get(part).Term
             continue
         if isinstance(part, int):
@@ -174,12 +174,17 @@ def _keys_at(model: type[BaseModel] | None, loc: tuple) -> list[str]:
     return list(model.model_fields) if model else []
 
 
-def _without_term_tags(loc: tuple) -> tuple:
-    """pydantic puts the chosen union member in the path (`objective[0].kd.temperature`); an
-    objective term's member is its `loss`, already in the YAML, so drop it."""
+def _is_term_tag(loc: tuple, i: int) -> bool:
+    """pydantic puts the chosen union member in an error's path (`objective[0].kd.temperature`):
+    for an objective term that member is its loss name, right after the list index."""
     from .distill import LOSSES
 
-    return tuple(p for i, p in enumerate(loc) if not (i and isinstance(loc[i - 1], int) and p in LOSSES))
+    return i > 0 and isinstance(loc[i - 1], int) and loc[i] in LOSSES
+
+
+def _without_term_tags(loc: tuple) -> tuple:
+    """The path as the YAML spells it: the term's loss is already there, under `loss`."""
+    return tuple(p for i, p in enumerate(loc) if not _is_term_tag(loc, i))
 
 
 def format_validation_error(err: ValidationError, prefix: tuple = (), model: type[BaseModel] | None = None) -> str:
@@ -276,8 +281,7 @@ def check_inputs(cfg: PipelineConfig) -> None:
         near = did_you_mean(Path(src).name, [p.name for p in parent.iterdir()]) if _is_dir(parent) else ""
         raise ConfigError(f"data.source: {src} does not exist{near} (expected cifar10, cifar100, an ImageFolder "
                           "directory or a tar archive of one)")
-    roles = {"student": cfg.student, **{("teacher" if cfg.teacher is not None else f"teachers.{n}"): m
-                                        for n, m in cfg.teacher_configs().items()}}
+    roles = {"student": cfg.student, **{cfg.teacher_path(n): m for n, m in cfg.teacher_configs().items()}}
     for role, m in roles.items():
         onnx = bool(m.checkpoint) and m.checkpoint.lower().endswith(".onnx")
         if not onnx:

@@ -57,7 +57,7 @@ class Context:
             tcfg = self.cfg.teacher_configs().get(name)
             if tcfg is None:
                 raise RuntimeError(f"pipeline has no teacher '{name}'")
-            role = "teacher" if self.cfg.teacher is not None else f"teachers.{name}"
+            role = self.cfg.teacher_path(name)
             model, spec = load_model(tcfg, self.data.num_classes, role, allow_onnx=True)
             check_classes(model, role, self.data.num_classes, self.data.image_size)
             for p in model.parameters():
@@ -83,7 +83,7 @@ class Context:
             if k not in self._sources:
                 model, key = self.teacher_model(name)
                 self._sources[k] = TeacherSource(model, self.data, self.device, cfg.cache_teacher, key, self.cache_dir,
-                                                 features, name="teacher" if self.cfg.teacher is not None else f"teacher {name}")
+                                                 features, name=self.cfg.teacher_path(name))
             return self._sources[k]
 
         return Objective(terms, source)

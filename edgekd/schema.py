@@ -98,6 +98,10 @@ class PipelineConfig(Strict):
         """Every teacher by name; a lone `teacher:` is named 'teacher'."""
         return {"teacher": self.teacher} if self.teacher is not None else dict(self.teachers or {})
 
+    def teacher_path(self, name: str) -> str:
+        """The YAML key path of a teacher, for messages: `teacher` or `teachers.<name>`."""
+        return "teacher" if self.teacher is not None else f"teachers.{name}"
+
     def primary_teacher(self) -> str | None:
         return next(iter(self.teacher_configs()), None)
 

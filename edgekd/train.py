@@ -139,7 +139,6 @@ def _fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, s
 
     bs = cfg.batch_size or data.batch_size
     steps_per_epoch = math.ceil(len(data.train) / bs)
-    model.to(device)
     opt = _optimizer([model, objective], cfg)
     sched = _scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
     history: list[dict] = []

@@ -193,9 +193,9 @@ class FitNet(FeatureLoss):
             raise ValueError(f"fitnet: student {self.term.student_layer} gives {tuple(s.shape)}, teacher "
                              f"{self.term.teacher_layer} {tuple(t.shape)}: expected two conv maps or two vectors")
         conv = nn.Conv2d if s.ndim == 4 else nn.Linear
-        self.regressor = conv(s.shape[1], t.shape[1], **({"kernel_size": 1, "bias": False} if s.ndim == 4 else {})).to(s.device)
+        self.regressor = conv(s.shape[1], t.shape[1], **({"kernel_size": 1, "bias": False} if s.ndim == 4 else {}))
         if s.ndim == 4:
-            self.regressor = nn.Sequential(self.regressor, nn.BatchNorm2d(t.shape[1]).to(s.device))
+            self.regressor = nn.Sequential(self.regressor, nn.BatchNorm2d(t.shape[1]))
 
     def forward(self, student, teacher, labels, epoch):
         s = self.regressor(student.features[self.term.student_layer])

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, Field
 
-from .losses import LOSSES, Outputs
+from .losses import LOSSES, FeatureLoss, Outputs
 from .taps import FeatureTaps
 from .teachers import TeacherSource
 
@@ -90,7 +90,7 @@ class Objective(nn.Module):
     def prepare(self, student: nn.Module, x: torch.Tensor) -> None:
         """Let feature terms size their parameters from one batch (student in eval mode, so its
         BatchNorm statistics are untouched) before the optimizer is made."""
-        building = [(s, t) for s, t in zip(self.specs, self.terms) if hasattr(t, "build")]
+        building = [(s, t) for s, t in zip(self.specs, self.terms) if isinstance(t, FeatureLoss)]
         if not building:
             return
         was_training = student.training
@@ -126,6 +126,3 @@ class Objective(nn.Module):
             extra = {(k if name == spec.loss else f"{name}.{k}"): v for k, v in out.items() if k != "loss"}
             parts.update(extra or {name: out["loss"]})
         return {"loss": total, **parts}
-
-    def describe(self) -> str:
-        return "+".join(self.names)

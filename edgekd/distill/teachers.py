@@ -25,9 +25,9 @@ log = logging.getLogger("edgekd")
 class TeacherSource:
     def __init__(self, teacher: nn.Module, data: Data, device: torch.device, cache: bool,
                  teacher_key: str | None, cache_dir: Path | None, features: list[str] | None = None,
-                 name: str = "teacher"):
+                 name: str = "teacher"):  # `name`: the teacher's YAML key path, in messages and the progress bar
         self.teacher, self.data, self.device, self.name = teacher.eval(), data, device, name
-        self.taps = FeatureTaps(teacher, features, f"teacher {name}") if features else None
+        self.taps = FeatureTaps(teacher, features, name) if features else None
         self.table: torch.Tensor | None = None
         if cache and self.taps is None and data.augment in ("none", "flip"):
             self.table = self._build_table(teacher_key, cache_dir)
