@@ -253,8 +253,11 @@ def _check_teachers(cfg: PipelineConfig, validated: dict[int, tuple[str, BaseMod
     teachers = list(configs)
     without = []
     for i, (name, scfg) in validated.items():
-        for key, teacher, features in getattr(scfg, "teachers_used", lambda: [])():
+        for key, teacher, features, val_acc in getattr(scfg, "teachers_used", lambda: [])():
             where = f"stages[{i}].{name}.{key}"
+            if val_acc and not cfg.data.val_split:
+                raise ConfigError(f"{where}_weights: val_acc weighs each teacher by its top-1 on the validation split, "
+                                  "but data.val_split is 0 (set e.g. data.val_split: 0.1, or give the weights)")
             chosen = configs.get(teacher if teacher is not None else (teachers[0] if len(teachers) == 1 else ""))
             if features and chosen is not None and (chosen.checkpoint or "").lower().endswith(".onnx"):
                 raise ConfigError(f"{where}: this term reads the teacher's features, but an ONNX teacher gives logits "

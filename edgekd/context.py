@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .data import Data, cache_root, load_data
-from .distill import Objective, TeacherSource
+from .distill import Objective, TeacherSource, teacher_names
 from .fileio import sha256_file, sha256_json
 from .metrics import classification_metrics, model_stats, predict
 from .models import check_classes, load_model, save_checkpoint
@@ -75,7 +75,7 @@ class Context:
         """`cfg`'s objective with its terms' teachers bound to this pipeline's (validation has
         checked every name; a term without one takes the only teacher)."""
         default = self.cfg.primary_teacher() if len(self.cfg.teacher_configs()) == 1 else None
-        terms = [t.model_copy(update={"teacher": default}) if getattr(t, "teacher", "") is None else t
+        terms = [self._val_acc_weights(t.model_copy(update={"teacher": default}) if getattr(t, "teacher", "") is None else t)
                  for t in cfg.terms()]
 
         def source(name: str, features: list[str]) -> TeacherSource:
@@ -87,6 +87,16 @@ class Context:
             return self._sources[k]
 
         return Objective(terms, source)
+
+    def _val_acc_weights(self, term):
+        """A term whose teacher mixture is weighted by validation accuracy, with the weights as numbers."""
+        if getattr(term, "teacher_weights", None) != "val_acc":
+            return term
+        accs = [self.measure(self.teacher_model(n)[0], self.data.val, self.teacher_model(n)[1])["top1"]
+                for n in teacher_names(term)]
+        log.info("%s teacher weights from validation top-1: %s", term.loss,
+                 ", ".join(f"{n} {a:.2f}%" for n, a in zip(teacher_names(term), accs)))
+        return term.model_copy(update={"teacher_weights": accs})
 
     def load_student(self) -> None:
         model, spec = load_model(self.cfg.student, self.data.num_classes, "student")

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .bn import bn_gap, recalibrate_bn
 from .data import Data, iterate
-from .distill import LOSSES, Objective, shorthand_terms, term_type
+from .distill import LOSSES, Objective, shorthand_terms, teacher_names, term_type
 from .errors import EdgekdError
 from .fileio import save_torch, sha256_json
 from .schema import Strict, Switch
@@ -72,6 +72,13 @@ class TrainConfig(Strict):
         if both:
             raise ValueError(f"set either objective or the shorthand {', '.join(both)}, not both (the objective's "
                              "terms carry their own options)")
+        for i, t in enumerate(self.objective or []):
+            names, w = teacher_names(t), getattr(t, "teacher_weights", "equal")
+            if isinstance(getattr(t, "teacher", None), list) and (not names or len(set(names)) != len(names)):
+                raise ValueError(f"objective[{i}].teacher: expected one or more different teacher names, got {names}")
+            if isinstance(w, list) and (len(w) != len(names) or min(w) < 0 or sum(w) <= 0):
+                raise ValueError(f"objective[{i}].teacher_weights: expected {len(names)} non-negative weights (one per "
+                                 f"teacher, not all zero), got {w}")
         return self
 
     def terms(self) -> list[BaseModel]:
@@ -82,13 +89,15 @@ class TrainConfig(Strict):
                                dkd_beta=self.dkd_beta, dkd_warmup_epochs=self.dkd_warmup_epochs,
                                label_smoothing=self.label_smoothing)
 
-    def teachers_used(self) -> list[tuple[str, str | None, bool]]:
+    def teachers_used(self) -> list[tuple[str, str | None, bool, bool]]:
         """(key path, teacher name or None for the default, whether the term reads the teacher's
-        features) of each term that distils, for validation."""
+        features, whether its mixture weights come from validation accuracy) per teacher a term
+        distils from, for validation."""
         if self.objective is None:
-            return [("loss", None, False)] if any(LOSSES.get(t.loss).needs_teacher for t in self.terms()) else []
-        return [(f"objective[{i}].teacher", t.teacher, bool(LOSSES.get(t.loss)(t).teacher_taps()))
-                for i, t in enumerate(self.objective) if LOSSES.get(t.loss).needs_teacher]
+            return [("loss", None, False, False)] if any(LOSSES.get(t.loss).needs_teacher for t in self.terms()) else []
+        return [(f"objective[{i}].teacher", name, bool(LOSSES.get(t.loss)(t).teacher_taps()),
+                 getattr(t, "teacher_weights", None) == "val_acc")
+                for i, t in enumerate(self.objective) for name in teacher_names(t)]
 
     def uses_teacher(self) -> bool:
         return bool(self.teachers_used())

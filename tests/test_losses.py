@@ -257,3 +257,94 @@ def test_two_terms_of_one_loss_are_logged_apart(batch):
     _, kd_a = np_kd(s, t, y, 4.0, 1.0)
     assert out["kd_a"].item() == pytest.approx(kd_a, rel=1e-9) and out["kd_b"].item() == pytest.approx(0.0, abs=1e-12)
     assert out["loss"].item() == pytest.approx(0.5 * kd_a, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------- DIST, logit standardization, several teachers
+
+
+def np_dist(s, t, T, beta, gamma):
+    """Huang et al. 2022, written from the paper: 1 - Pearson per image (inter-class) and per
+    class over the batch (intra-class) of the softened distributions, times T^2."""
+    ps, pt = np_softmax(s / T), np_softmax(t / T)
+    inter = (1 - np.mean([np.corrcoef(ps[i], pt[i])[0, 1] for i in range(len(s))])) * T**2
+    intra = (1 - np.mean([np.corrcoef(ps[:, c], pt[:, c])[0, 1] for c in range(s.shape[1])])) * T**2
+    return beta * inter + gamma * intra, inter, intra
+
+
+def np_zscore(z):
+    return (z - z.mean(1, keepdims=True)) / z.std(1, ddof=1, keepdims=True)
+
+
+@pytest.mark.parametrize("T,beta,gamma", [(1.0, 1.0, 1.0), (4.0, 2.0, 0.5), (2.0, 0.0, 1.0)])
+def test_dist_matches_numpy(batch, T, beta, gamma):
+    s, t, y = batch
+    out = run(objective(terms=[{"loss": "dist", "temperature": T, "beta": beta, "gamma": gamma}]), *torch_args(s, t, y))
+    want, inter, intra = np_dist(s, t, T, beta, gamma)
+    assert out["inter"].item() == pytest.approx(inter, rel=1e-6)
+    assert out["intra"].item() == pytest.approx(intra, rel=1e-6)
+    assert out["loss"].item() == pytest.approx(want, rel=1e-6)
+
+
+def test_dist_is_zero_only_when_the_relations_match(batch):
+    s, t, y = batch
+    st, yt, tt = torch_args(s, t, y)
+    assert run(objective(terms=[{"loss": "dist"}]), st, yt, st.clone())["loss"].item() == pytest.approx(0.0, abs=1e-6)
+    assert run(objective(terms=[{"loss": "dist"}]), st, yt, tt)["loss"].item() > 0.1
+
+
+@pytest.mark.parametrize("name,params", [("kd", {"temperature": 2.0}), ("dkd", {"temperature": 2.0}), ("dist", {})])
+def test_logit_standardization_is_the_loss_on_z_scored_logits(batch, name, params):
+    """`standardize: true` (Sun et al. 2024) = the same loss on each row's z-scores, so it
+    ignores a teacher's (or student's) logit scale and offset."""
+    s, t, y = batch
+    st, yt, tt = torch_args(s, t, y)
+    std = run(objective(terms=[{"loss": name, "standardize": True, **params}]), st, yt, tt)["loss"].item()
+    plain = run(objective(terms=[{"loss": name, **params}]), *torch_args(np_zscore(s), np_zscore(t), y))["loss"].item()
+    assert std == pytest.approx(plain, rel=1e-6)
+    rescaled = run(objective(terms=[{"loss": name, "standardize": True, **params}]),
+                   *torch_args(3 * s + 1, 0.5 * t - 2, y))["loss"].item()
+    assert rescaled == pytest.approx(std, rel=1e-6)
+
+
+def two_teachers(terms: list[dict]) -> Objective:
+    return Objective(TrainConfig(objective=terms).terms(), lambda name, features: None)
+
+
+@pytest.mark.parametrize("weights,w", [("equal", (0.5, 0.5)), ([3.0, 1.0], (0.75, 0.25)), ([1.0, 0.0], (1.0, 0.0))])
+def test_several_teachers_mix_their_softened_distributions(batch, weights, w):
+    """`teacher: [a, b]`: the student matches w_a softmax(t_a/T) + w_b softmax(t_b/T), not the
+    average of two KL terms (and not softmax of averaged logits)."""
+    s, t, y = batch
+    t2 = np.random.default_rng(1).normal(0, 3, t.shape)
+    T = 3.0
+    obj = two_teachers([{"loss": "kd", "teacher": ["a", "b"], "teacher_weights": weights, "temperature": T}])
+    st, yt, tt = torch_args(s, t, y)
+    out = obj(Outputs(st), {"a": Outputs(tt), "b": Outputs(torch.tensor(t2))}, yt, 0)
+    pt = w[0] * np_softmax(t / T) + w[1] * np_softmax(t2 / T)
+    ps = np_softmax(s / T)
+    want = T**2 * np.sum(pt * (np.log(pt) - np.log(ps))) / B
+    assert out["loss"].item() == pytest.approx(want, rel=1e-9)
+
+
+def test_one_teacher_in_a_list_is_that_teacher(batch):
+    s, t, y = batch
+    st, yt, tt = torch_args(s, t, y)
+    a = two_teachers([{"loss": "dkd", "teacher": ["a"]}])(Outputs(st), {"a": Outputs(tt)}, yt, 0)["loss"]
+    b = two_teachers([{"loss": "dkd", "teacher": "a"}])(Outputs(st), {"a": Outputs(tt)}, yt, 0)["loss"]
+    assert a.item() == b.item()
+
+
+@pytest.mark.parametrize("name", ["dist"])
+def test_new_logit_losses_send_gradients_to_the_student_only(batch, name):
+    s, t, y = batch
+    st = torch.tensor(s, dtype=torch.float64, requires_grad=True)
+    tt = torch.tensor(t, dtype=torch.float64, requires_grad=True)
+    obj = objective(terms=[{"loss": name, "standardize": True}])
+    run(obj, st, torch.tensor(y), tt.detach())["loss"].backward()
+    eps = 1e-6
+    with torch.no_grad():
+        sp, sm = st.detach().clone(), st.detach().clone()
+        sp[1, 2] += eps
+        sm[1, 2] -= eps
+        fd = (run(obj, sp, torch.tensor(y), tt.detach())["loss"] - run(obj, sm, torch.tensor(y), tt.detach())["loss"]) / (2 * eps)
+    assert st.grad[1, 2].item() == pytest.approx(fd.item(), rel=1e-5, abs=1e-9)

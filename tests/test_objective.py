@@ -46,8 +46,8 @@ def test_an_objective_validates_each_term_with_its_own_options(minimal_pipeline)
 
 
 @pytest.mark.parametrize("objective,want", [
-    ([{"loss": "kdd"}], r"stages[0].distill.objective[0].loss: unknown loss 'kdd' (did you mean 'kd' or 'dkd'?); known: at, ce, dkd, fitnet, kd, mse_logits"),
-    ([{"weight": 1}], "stages[0].distill.objective[0].loss: required key is missing (one of at, ce, dkd, fitnet, kd, mse_logits)"),
+    ([{"loss": "kdd"}], r"stages[0].distill.objective[0].loss: unknown loss 'kdd' (did you mean 'kd' or 'dkd'?); known: at, ce, dist, dkd, fitnet, kd, mse_logits"),
+    ([{"weight": 1}], "stages[0].distill.objective[0].loss: required key is missing (one of at, ce, dist, dkd, fitnet, kd, mse_logits)"),
     ([{"loss": "kd", "temperatur": 2}], "stages[0].distill.objective[0].temperatur: unknown key (did you mean 'temperature'?)"),
     ([{"loss": "ce"}, {"loss": "dkd", "beta": -1}], "stages[0].distill.objective[1].beta: Input should be greater than or equal to 0 (got -1)"),
     ([{"loss": "ce", "teacher": "teacher"}], "stages[0].distill.objective[0].teacher: unknown key"),
@@ -79,6 +79,32 @@ def test_several_named_teachers(minimal_pipeline):
     assert config_error(p).startswith("stages[0].prune.finetune.objective[0].teacher: unknown teacher 'r50'")
     both = {**p, "teacher": t}
     assert "set teacher (one) or teachers (several by name), not both" in config_error(both)
+
+
+def test_a_term_mixing_several_teachers_is_validated(minimal_pipeline):
+    p = copy.deepcopy(minimal_pipeline)
+    t = p.pop("teacher")
+    p["teachers"] = {"r18": t, "r18b": {**t}}
+    cfg = validate(with_distill(p, objective=[{"loss": "kd", "teacher": ["r18", "r18b"], "teacher_weights": [2, 1]},
+                                              {"loss": "ce", "weight": 0.1}]))
+    assert [n for _, n, *_ in cfg.stage_entries()[0][1].teachers_used()] == ["r18", "r18b"]
+    cases = [
+        ({"teacher": ["r18", "r18"]}, "stages[0].distill: objective[0].teacher: expected one or more different teacher "
+                                      "names, got ['r18', 'r18']"),
+        ({"teacher": ["r18", "r18b"], "teacher_weights": [1]},
+         "stages[0].distill: objective[0].teacher_weights: expected 2 non-negative weights (one per teacher, not all "
+         "zero), got [1.0]"),
+        ({"teacher": ["r18", "r18c"]}, "stages[0].distill.objective[0].teacher: unknown teacher 'r18c' (did you mean "
+                                       "'r18' or 'r18b'?); the pipeline's teachers: r18, r18b"),
+        ({"teacher": ["r18", "r18b"], "teacher_weights": "val_acc"},
+         "stages[0].distill.objective[0].teacher_weights: val_acc weighs each teacher by its top-1 on the validation "
+         "split, but data.val_split is 0 (set e.g. data.val_split: 0.1, or give the weights)"),
+        ({"teacher": ["r18", "r18b"], "teacher_weights": "best"}, "stages[0].distill.objective[0].teacher_weights"),
+    ]
+    for term, want in cases:
+        assert config_error(with_distill(p, objective=[{"loss": "kd", **term}])).startswith(want)
+    p["data"]["val_split"] = 0.25
+    validate(with_distill(p, objective=[{"loss": "dist", "teacher": ["r18", "r18b"], "teacher_weights": "val_acc"}]))
 
 
 def test_a_teacher_free_objective_needs_no_teacher(minimal_pipeline):

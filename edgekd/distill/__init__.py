@@ -3,9 +3,9 @@ logits or live models (teachers.py), features by module path (taps.py), and the 
 the training loop minimises (objective.py)."""
 
 from .losses import LOSSES, Loss, Outputs, register_loss
-from .objective import Objective, shorthand_terms, term_type
+from .objective import Objective, shorthand_terms, teacher_names, term_type
 from .taps import FeatureTaps, resolve_module
 from .teachers import TeacherSource
 
-__all__ = ["LOSSES", "Loss", "Outputs", "register_loss", "Objective", "shorthand_terms", "term_type",
+__all__ = ["LOSSES", "Loss", "Outputs", "register_loss", "Objective", "shorthand_terms", "teacher_names", "term_type",
            "FeatureTaps", "resolve_module", "TeacherSource"]

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Optional
+import math
+from typing import ClassVar, Literal, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -65,7 +66,14 @@ def register_loss(name: str):
         cls.name = name
         fields = {"loss": (Literal[name], ...),
                   "weight": (float, Field(1.0, ge=0, description="multiplies this term in the objective"))}
-        if cls.needs_teacher:
+        if issubclass(cls, LogitLoss):
+            fields["teacher"] = (Optional[Union[str, list[str]]], Field(
+                None, description="pipeline teacher name (default: the only one), or several whose softened "
+                                  "distributions are averaged"))
+            fields["teacher_weights"] = (Union[Literal["equal", "val_acc"], list[float]], Field(
+                "equal", description="with several teachers: equal, val_acc (each teacher's top-1 on data.val_split), "
+                                     "or one weight per teacher"))
+        elif cls.needs_teacher:
             fields["teacher"] = (Optional[str], Field(None, description="name of the pipeline teacher (default: the only one)"))
         cls.Term = create_model(f"{cls.__name__}Term", __base__=cls.Params, __doc__=cls.__doc__, **fields)
         return LOSSES.register(name)(cls)
@@ -77,6 +85,30 @@ def kl_div(teacher_logits: torch.Tensor, student_logits: torch.Tensor, t: float)
     """KL(softmax(teacher/T) || softmax(student/T)) averaged over the batch."""
     return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
                     reduction="batchmean", log_target=True)
+
+
+def standardize(z: torch.Tensor) -> torch.Tensor:
+    """Z-score each row of logits (Sun et al., CVPR 2024): the student then matches the shape of
+    the teacher's logits, not their scale or offset."""
+    return (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-7)
+
+
+class LogitLoss(Loss):
+    """A term on the teachers' temperature-softened class distributions. Several teachers are
+    mixed there: softmax(mixture / T) is the weighted mean of their softmax(logits / T), so the
+    loss itself is written for one teacher. With `standardize`, every teacher's and the
+    student's logits are z-scored first."""
+
+    def prep(self, z: torch.Tensor) -> torch.Tensor:
+        return standardize(z) if getattr(self.term, "standardize", False) else z
+
+    def teacher_logits(self, teachers: list[Outputs], weights: list[float]) -> Outputs:
+        zs = [self.prep(o.logits) for o in teachers]
+        if len(zs) == 1:
+            return Outputs(zs[0])
+        t = getattr(self.term, "temperature", 1.0)
+        logp = [math.log(w) + F.log_softmax(z / t, dim=1) for w, z in zip(weights, zs) if w > 0]
+        return Outputs(t * torch.logsumexp(torch.stack(logp), dim=0))
 
 
 class CEParams(Strict):
@@ -94,19 +126,20 @@ class CrossEntropy(Loss):
         return {"loss": F.cross_entropy(student.logits, labels, label_smoothing=self.term.label_smoothing)}
 
 
-class TemperatureParams(Strict):
+class KDParams(Strict):
     temperature: float = Field(4.0, gt=0)
+    standardize: bool = Field(False, description="z-score logits before softening (logit standardization)")
 
 
 @register_loss("kd")
-class KD(Loss):
+class KD(LogitLoss):
     """Hinton et al. 2015: T^2 * KL(softmax(teacher/T) || softmax(student/T))."""
 
-    Params = TemperatureParams
+    Params = KDParams
 
     def forward(self, student, teacher, labels, epoch):
         t = self.term.temperature
-        return {"loss": kl_div(teacher.logits, student.logits, t) * t**2}
+        return {"loss": kl_div(teacher.logits, self.prep(student.logits), t) * t**2}
 
 
 @register_loss("mse_logits")
@@ -123,10 +156,11 @@ class DKDParams(Strict):
     alpha: float = Field(1.0, ge=0, description="weight of the target-class part (TCKD)")
     beta: float = Field(8.0, ge=0, description="weight of the non-target part (NCKD)")
     warmup_epochs: int = Field(0, ge=0, description="ramp the term in linearly over this many epochs")
+    standardize: bool = Field(False, description="z-score logits before softening (logit standardization)")
 
 
 @register_loss("dkd")
-class DKD(Loss):
+class DKD(LogitLoss):
     """Decoupled KD (Zhao et al., CVPR 2022): warmup * (alpha * TCKD + beta * NCKD).
 
     TCKD is the KL between binary target/non-target probabilities; NCKD the KL among the
@@ -136,7 +170,7 @@ class DKD(Loss):
 
     def forward(self, student, teacher, labels, epoch):
         p, T = self.term, self.term.temperature
-        s, t = student.logits, teacher.logits
+        s, t = self.prep(student.logits), teacher.logits
         gt = F.one_hot(labels, s.shape[1]).bool()
         ps, pt = F.softmax(s / T, dim=1), F.softmax(t / T, dim=1)
         bs = torch.stack([(ps * gt).sum(1), (ps * ~gt).sum(1)], dim=1).clamp_min(1e-12)
@@ -146,6 +180,35 @@ class DKD(Loss):
         nckd = kl_div(t / T - big, s / T - big, 1.0) * T**2
         warm = min(1.0, (epoch + 1) / p.warmup_epochs) if p.warmup_epochs else 1.0
         return {"loss": warm * (p.alpha * tckd + p.beta * nckd), "tckd": tckd, "nckd": nckd}
+
+
+def pearson_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of each row of `a` with the same row of `b`."""
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + 1e-8)
+
+
+class DISTParams(Strict):
+    temperature: float = Field(1.0, gt=0)
+    beta: float = Field(1.0, ge=0, description="weight of the inter-class relation (each image's class ranking)")
+    gamma: float = Field(1.0, ge=0, description="weight of the intra-class relation (each class across the batch)")
+    standardize: bool = Field(False, description="z-score logits before softening (logit standardization)")
+
+
+@register_loss("dist")
+class DIST(LogitLoss):
+    """DIST (Huang et al., NeurIPS 2022): match the teacher's class relations, not its exact
+    probabilities: T^2 * (beta * (1 - mean Pearson correlation of each image's distribution) +
+    gamma * (1 - mean Pearson correlation of each class's column over the batch))."""
+
+    Params = DISTParams
+
+    def forward(self, student, teacher, labels, epoch):
+        T = self.term.temperature
+        ps, pt = F.softmax(self.prep(student.logits) / T, dim=1), F.softmax(teacher.logits / T, dim=1)
+        inter = (1 - pearson_rows(ps, pt).mean()) * T**2
+        intra = (1 - pearson_rows(ps.T, pt.T).mean()) * T**2
+        return {"loss": self.term.beta * inter + self.term.gamma * intra, "inter": inter, "intra": intra}
 
 
 # ----------------------------------------------------------------------------- feature terms

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, Field
 
-from .losses import LOSSES, FeatureLoss, Outputs
+from .losses import LOSSES, FeatureLoss, LogitLoss, Outputs
 from .taps import FeatureTaps
 from .teachers import TeacherSource
 
@@ -42,15 +42,33 @@ def shorthand_terms(loss: str, *, temperature: float, alpha: float, dkd_alpha: f
     raise KeyError(f"unknown loss shorthand '{loss}'")
 
 
+def teacher_names(term: BaseModel) -> list[str]:
+    """The teachers a term reads (none, one, or several to be mixed); None entries are the default one."""
+    if not LOSSES.get(term.loss).needs_teacher:
+        return []
+    return list(term.teacher) if isinstance(term.teacher, list) else [term.teacher]
+
+
+def teacher_weights(term: BaseModel) -> list[float]:
+    """A term's teacher mixture weights, normalised to sum to one ("val_acc" must be resolved first)."""
+    names, w = teacher_names(term), getattr(term, "teacher_weights", "equal")
+    if w == "equal":
+        return [1 / len(names)] * len(names)
+    if isinstance(w, str):
+        raise ValueError(f"objective term '{term.loss}': teacher_weights {w!r} not resolved to numbers")
+    return [x / sum(w) for x in w]
+
+
 def part_names(terms: list[BaseModel]) -> list[str]:
     """History key of each term: the loss name, told apart by teacher or position when repeated."""
     names = []
     for i, t in enumerate(terms):
         same = [u for u in terms if u.loss == t.loss]
+        labels = ["+".join(map(str, teacher_names(u))) for u in same]
         if len(same) == 1:
             names.append(t.loss)
-        elif len({getattr(u, "teacher", None) for u in same}) == len(same):
-            names.append(f"{t.loss}_{t.teacher}")
+        elif len(set(labels)) == len(same):
+            names.append(f"{t.loss}_{labels[same.index(t)]}")
         else:
             names.append(f"{t.loss}_{i}")
     return names
@@ -73,9 +91,11 @@ class Objective(nn.Module):
             raise ValueError(f"loss '{distilling[0][0].loss}' needs a teacher")
         needed: dict[str, list[str]] = {}
         for spec, term in distilling:
-            if spec.teacher is None:
-                raise ValueError(f"objective term '{spec.loss}' names no teacher")
-            needed.setdefault(spec.teacher, []).extend(term.teacher_taps())
+            for name in teacher_names(spec):
+                if name is None:
+                    raise ValueError(f"objective term '{spec.loss}' names no teacher")
+                needed.setdefault(name, []).extend(term.teacher_taps())
+        self.weights = [teacher_weights(spec) if term.needs_teacher else [] for spec, term in zip(self.specs, self.terms)]
         self.teachers = {name: teachers(name, paths) for name, paths in needed.items()}
         self.student_paths = [p for term in self.terms for p in term.student_taps()]
         self._taps: FeatureTaps | None = None
@@ -102,7 +122,7 @@ class Objective(nn.Module):
         idx, flip = torch.zeros(len(x), dtype=torch.long), torch.zeros(len(x), dtype=torch.bool)
         t_feats = {name: out.features for name, out in self.teacher_outputs(x, idx, flip).items()}
         for spec, term in building:
-            term.build(s_feats, t_feats.get(spec.teacher, {}))
+            term.build(s_feats, t_feats.get(teacher_names(spec)[0], {}))
 
     def detach(self) -> None:
         if self._taps:
@@ -119,8 +139,10 @@ class Objective(nn.Module):
     def forward(self, student: Outputs, teachers: dict[str, Outputs], labels: torch.Tensor,
                 epoch: int) -> dict[str, torch.Tensor]:
         total, parts = None, {}
-        for name, spec, term in zip(self.names, self.specs, self.terms):
-            out = term(student, teachers.get(getattr(spec, "teacher", None)), labels, epoch)
+        for name, spec, term, weights in zip(self.names, self.specs, self.terms, self.weights):
+            mine = [teachers[n] for n in teacher_names(spec)] if term.needs_teacher else []
+            teacher = term.teacher_logits(mine, weights) if isinstance(term, LogitLoss) else (mine or [None])[0]
+            out = term(student, teacher, labels, epoch)
             weighted = spec.weight * out["loss"]
             total = weighted if total is None else total + weighted
             extra = {(k if name == spec.loss else f"{name}.{k}"): v for k, v in out.items() if k != "loss"}

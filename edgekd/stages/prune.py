@@ -48,7 +48,7 @@ class PruneConfig(Strict):
             raise ValueError("set exactly one of target_macs or ratio")
         return self
 
-    def teachers_used(self) -> list[tuple[str, str | None, bool]]:
+    def teachers_used(self) -> list[tuple[str, str | None, bool, bool]]:
         return [(f"finetune.{k}", *rest) for k, *rest in self.finetune.teachers_used()] if self.finetune.epochs else []
 
 

@@ -49,7 +49,7 @@ class QuantizeConfig(Strict):
     keep_first_conv_fp32: bool = Field(True, description="keep the stem conv (raw pixels in) in fp32, in PTQ and QAT alike")
     qat: QATConfig = Field(default_factory=QATConfig)
 
-    def teachers_used(self) -> list[tuple[str, str | None, bool]]:
+    def teachers_used(self) -> list[tuple[str, str | None, bool, bool]]:
         return [(f"qat.{k}", *rest) for k, *rest in self.qat.teachers_used()] if self.method != "ptq" and self.qat.epochs else []
 
 
