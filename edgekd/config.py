@@ -252,6 +252,13 @@ def _check_teachers(cfg: PipelineConfig, validated: dict[int, tuple[str, BaseMod
     configs = cfg.teacher_configs()
     teachers = list(configs)
     without = []
+    trained: dict[str, int] = {}  # assistant -> the stage that trains it
+    for i, (name, scfg) in validated.items():
+        if hasattr(scfg, "trains"):
+            if scfg.trains() in trained:
+                raise ConfigError(f"stages[{i}].{name}.name: {scfg.trains()!r} is trained by stages[{trained[scfg.trains()]}] "
+                                  "already (one assistant stage per teacher)")
+            trained[scfg.trains()] = i
     for i, (name, scfg) in validated.items():
         for key, teacher, features, val_acc in getattr(scfg, "teachers_used", lambda: [])():
             where = f"stages[{i}].{name}.{key}"
@@ -270,6 +277,9 @@ def _check_teachers(cfg: PipelineConfig, validated: dict[int, tuple[str, BaseMod
             elif teacher is not None and teacher not in teachers:
                 raise ConfigError(f"{where}: unknown teacher {teacher!r}{did_you_mean(teacher, teachers)}; the pipeline's "
                                   f"teachers: {', '.join(teachers) or 'none'}")
+            elif teacher in trained and trained[teacher] > i:
+                raise ConfigError(f"{where}: teacher {teacher!r} is trained by stages[{trained[teacher]}], "
+                                  "which runs later (move that assistant stage before this one)")
     if without:
         raise ConfigError(f"teacher: required key is missing (stages {', '.join(dict.fromkeys(without))} use a distillation loss)")
 

@@ -66,6 +66,14 @@ class Context:
             self._teachers[name] = (model, sha256_json([spec, sha256_file(tcfg.checkpoint)]) if tcfg.checkpoint else None)
         return self._teachers[name]
 
+    def set_teacher(self, name: str, model: nn.Module, key: str) -> None:
+        """Make `model` the pipeline teacher `name` from here on (an assistant trained in the run):
+        frozen, its logits cached under `key` (its weights' hash), no source of the old one kept."""
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._teachers[name] = (model.eval().to(self.device), key)
+        self._sources = {k: v for k, v in self._sources.items() if k[0] != name}
+
     @property
     def teacher(self) -> nn.Module:
         """The primary (first declared) teacher: the reference of the report and of export.include_teacher."""

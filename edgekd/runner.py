@@ -21,7 +21,7 @@ from . import __version__
 from .schema import PipelineConfig
 from .context import Context
 from .errors import EdgekdError, InputError
-from .fileio import file_size, sha256_json, write_json, write_text
+from .fileio import file_size, sha256_file, sha256_json, write_json, write_text
 from .models import rebuild
 from .rundir import RunDirLock, read_json, read_manifest, set_aside
 from .stages import STAGES, StageResult
@@ -118,6 +118,8 @@ class Runner:
         ctx.variants["student_input"] = {**input_figs, "label": "student (input)"}
         teacher_figs = None
         for i, name in enumerate(cfg.teacher_configs()):  # the first teacher is the report's reference
+            if name in cfg.trained_teachers():
+                continue  # an assistant: its figures come from the stage that trains it
             figs = ctx.teacher_figures(name)
             key, label = ("teacher", "teacher") if cfg.teacher is not None else \
                 ("teacher" if i == 0 else f"teacher_{name}", f"teacher {name}")
@@ -203,9 +205,13 @@ class Runner:
             model = rebuild(ckpt).to(ctx.device) if ckpt else None
             float_model = (rebuild(torch.load(paths["float_model"], map_location="cpu", weights_only=True)).to(ctx.device)
                            if "float_model" in paths else None)
+            assistants = {k.split(".", 1)[1]: (rebuild(torch.load(p, map_location="cpu", weights_only=True)), sha256_file(p))
+                          for k, p in paths.items() if k.startswith("teacher.")}
         except Exception as e:
             log.warning("%s: cannot resume from it (%s)", stage_dir.name, str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
             return None
+        for name, (teacher, key) in assistants.items():  # trained by the stage: the pipeline's teachers from here on
+            ctx.set_teacher(name, teacher, key)
         if ckpt:
             ctx.model, ctx.float_model = model, None
             ctx.pruning_history, ctx.transforms = ckpt["pruning_history"], ckpt["transforms"]

@@ -105,6 +105,10 @@ class PipelineConfig(Strict):
     def primary_teacher(self) -> str | None:
         return next(iter(self.teacher_configs()), None)
 
+    def trained_teachers(self) -> dict[str, int]:
+        """Teachers an `assistant` stage trains in the run -> that stage's index."""
+        return {s.trains(): i for i, (_, s) in enumerate(self.stage_entries()) if hasattr(s, "trains")}
+
     def stage_entries(self) -> list[tuple[str, BaseModel]]:
         """(stage type, validated stage config) in pipeline order."""
         return [self._validated[i] for i in range(len(self.stages))]

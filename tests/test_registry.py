@@ -112,4 +112,4 @@ def test_python_dash_m_runs_the_command_line():
     import sys
 
     out = subprocess.run([sys.executable, "-m", "edgekd", "stages"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.startswith("benchmark:") and "\nlosses (terms" in out.stdout
+    assert out.returncode == 0 and out.stdout.startswith("assistant:") and "\nlosses (terms" in out.stdout
