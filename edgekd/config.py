@@ -11,8 +11,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import ConfigError, did_you_mean
-from .schema import PipelineConfig
+from .errors import ConfigError, InputError, did_you_mean
+from .schema import TIMM, PipelineConfig
 
 
 # --------------------------------------------------------------------------- YAML budgets
@@ -297,7 +297,9 @@ def check_inputs(cfg: PipelineConfig) -> None:
     roles = {"student": cfg.student, **{cfg.teacher_path(n): m for n, m in cfg.teacher_configs().items()}}
     for role, m in roles.items():
         onnx = bool(m.checkpoint) and m.checkpoint.lower().endswith(".onnx")
-        if not onnx:
+        if not onnx and m.arch.startswith(TIMM):
+            _check_timm(role, m)
+        elif not onnx:
             known = _architectures()
             if m.arch not in known:
                 raise ConfigError(f"{role}.arch: unknown architecture {m.arch!r}{did_you_mean(m.arch, known)} "
@@ -327,6 +329,22 @@ def _is_file(p: Path) -> bool:
 
 def _is_dir(p: Path) -> bool:
     return _exists(p) and p.is_dir()
+
+
+def _check_timm(role: str, m) -> None:
+    from .models import timm_models
+
+    try:
+        known = timm_models()
+    except InputError as e:
+        raise ConfigError(f"{role}.arch: {e}") from None
+    name = m.arch[len(TIMM):]
+    if name not in known:
+        raise ConfigError(f"{role}.arch: unknown architecture {m.arch!r}{did_you_mean(name, known)} (expected "
+                          "timm/<a timm model>, see timm.list_models())")
+    if m.width_mult is not None:
+        raise ConfigError(f"{role}.width_mult: only for torchvision models; pick a timm variant of that width "
+                          "(e.g. timm/mobilenetv3_small_050)")
 
 
 def _architectures() -> list[str]:

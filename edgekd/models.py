@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .schema import ModelConfig
+from .schema import TIMM, ModelConfig
 from .errors import InputError
 from .safeload import open_checkpoint
 
@@ -43,10 +43,40 @@ def _apply_cifar_stem(model: nn.Module, arch: str) -> None:
         raise InputError(f"cifar_stem is not supported for arch '{arch}' (supported: resnet*, mobilenet_v2/v3, efficientnet*, mnasnet*, regnet*)")
 
 
+def timm_models() -> list[str]:
+    """timm's architecture names; InputError naming the extra when timm is not installed."""
+    try:
+        import timm
+    except ImportError:
+        raise InputError("timm is not installed: pip install 'edgekd[timm]' for arch: timm/<name>") from None
+    return timm.list_models()
+
+
+def _build_timm(spec: dict[str, Any], pretrained: bool) -> nn.Module:
+    import timm
+
+    from .errors import did_you_mean
+
+    name = spec["arch"][len(TIMM):]
+    known = timm_models()
+    if name not in known:
+        raise InputError(f"unknown arch '{spec['arch']}'{did_you_mean(name, known)}: not a timm model "
+                         "(see timm.list_models())")
+    if spec.get("width_mult") is not None:
+        raise InputError(f"arch '{spec['arch']}': width_mult is for torchvision models; pick a timm variant "
+                         "of the width you want (e.g. mobilenetv3_small_050)")
+    model = timm.create_model(name, pretrained=pretrained, num_classes=spec["num_classes"])
+    if spec.get("cifar_stem"):  # the first conv no longer halves the input
+        next(m for m in model.modules() if isinstance(m, nn.Conv2d)).stride = (1, 1)
+    return model
+
+
 def build(spec: dict[str, Any], pretrained: bool = False) -> nn.Module:
     import torchvision
 
     arch = spec["arch"]
+    if arch.startswith(TIMM):
+        return _build_timm(spec, pretrained)
     if arch not in torchvision.models.list_models(module=torchvision.models):
         raise InputError(f"unknown arch '{arch}': not a torchvision classification model")
     kwargs: dict[str, Any] = {}

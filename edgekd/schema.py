@@ -63,8 +63,12 @@ class DataConfig(Strict):
     cache_dir: str | None = Field(None, description="decoded-tensor cache (default $EDGEKD_CACHE or ~/.cache/edgekd)")
 
 
+TIMM = "timm/"  # arch prefix of a timm model
+
+
 class ModelConfig(Strict):
-    arch: str = Field(description="torchvision classification architecture, e.g. resnet50, mobilenet_v2")
+    arch: str = Field(description="torchvision classification architecture (resnet50, mobilenet_v2, ...) or "
+                                  "timm/<name> for a timm model (pip install 'edgekd[timm]')")
     num_classes: int | None = Field(None, gt=1, description="defaults to the data's class count")
     cifar_stem: bool = Field(False, description="adapt the stem to 32x32 inputs (see docs)")
     width_mult: float | None = Field(None, gt=0)

@@ -20,22 +20,36 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
+def _left_after_folding(bn: nn.BatchNorm2d) -> nn.Module | None:
+    """What remains of a BatchNorm once folded into its conv: nothing, or the dropout and
+    activation that timm's BatchNormAct2d applies after normalising; None for a BatchNorm
+    subclass that does something else (left unfolded)."""
+    if type(bn) is nn.BatchNorm2d:
+        return nn.Identity()
+    if set(dict(bn.named_children())) == {"drop", "act"}:
+        return nn.Sequential(bn.drop, bn.act)
+    return None
+
+
 def fold_bn(model: nn.Module) -> nn.Module:
-    """Fold every BatchNorm that directly follows a conv (Sequential neighbours or convN/bnN pairs)."""
+    """Fold every BatchNorm that directly follows a conv (neighbouring children, as in
+    Sequential and timm blocks, or convN/bnN pairs)."""
     model.eval()
+
+    def fold(parent: nn.Module, conv_name: str, bn_name: str) -> None:
+        a, b = getattr(parent, conv_name), getattr(parent, bn_name)
+        left = _left_after_folding(b) if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d) else None
+        if left is not None:
+            setattr(parent, conv_name, fuse_conv_bn_eval(a, b))
+            setattr(parent, bn_name, left)
+
     for parent in list(model.modules()):
-        kids = list(parent.named_children())
-        for (n1, a), (n2, b) in zip(kids, kids[1:]):
-            if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
-                setattr(parent, n1, fuse_conv_bn_eval(a, b))
-                setattr(parent, n2, nn.Identity())
-        for name, a in list(parent.named_children()):
-            if isinstance(a, nn.Conv2d) and name.startswith("conv"):
-                bn_name = "bn" + name[4:]
-                b = getattr(parent, bn_name, None)
-                if isinstance(b, nn.BatchNorm2d):
-                    setattr(parent, name, fuse_conv_bn_eval(a, b))
-                    setattr(parent, bn_name, nn.Identity())
+        names = [n for n, _ in parent.named_children()]
+        for n1, n2 in zip(names, names[1:]):
+            fold(parent, n1, n2)
+        for name in names:
+            if name.startswith("conv") and hasattr(parent, "bn" + name[4:]):
+                fold(parent, name, "bn" + name[4:])
     return model
 
 
