@@ -1,9 +1,14 @@
 """Datasets as pre-decoded uint8 tensors.
 
 JPEG decoding dominates CPU training time on small images, so every split is decoded
-once into a uint8 N x C x H x W tensor and cached on disk under a key derived from the
+once into a uint8 N x C x H x W array and cached on disk under a key derived from the
 input *bytes* (archive hash, or the hash of every image file), never from a name.
 Augmentation (padded random crop, horizontal flip) then runs on whole batches of tensors.
+
+A decoded split that fits comfortably in RAM (a quarter of it, at most 4 GiB: CIFAR-10 is
+150 MB) is read into memory; a larger one is memory-mapped, so a dataset larger than RAM
+trains with batches read through the page cache (`MappedImages`). The decode itself
+streams to disk, so it never holds the split in memory either.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch.nn.functional as F
 
 from .schema import ArchiveLimits, DataConfig
 from .errors import EdgekdError, InputError
-from .fileio import atomic_path, sha256_file
+from .fileio import atomic_path, save_torch, sha256_file
 
 log = logging.getLogger("edgekd")
 ARCHIVES = (".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tar")  # what tarfile reads ("r:*")
@@ -33,9 +38,45 @@ ARCHIVES = (".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tar")  # what ta
 IMG_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 
 
+def map_above_bytes() -> int:
+    """Decoded splits larger than this are memory-mapped rather than read into RAM."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 16 << 30
+    return min(4 << 30, ram // 4)
+
+
+class MappedImages:
+    """A split's images when the decoded file is too large for RAM: a read-only memory map of
+    the file and the rows this split holds. Indexing copies only the rows asked for, read
+    through the page cache, so the process never holds the whole array; a selection (subset,
+    validation split) is a new list of rows, not a copy of the pixels."""
+
+    def __init__(self, base: torch.Tensor, rows: torch.Tensor | None = None):
+        self.base = base
+        self.rows = torch.arange(len(base)) if rows is None else rows
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.rows), *self.base.shape[1:]))
+
+    dtype = torch.uint8
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        rows = self.rows[key]
+        return self.base[rows].clone() if rows.ndim == 0 else self.base[rows]
+
+    def select(self, idx: torch.Tensor) -> "MappedImages":
+        return MappedImages(self.base, self.rows[idx])
+
+
 @dataclass
 class Split:
-    images: torch.Tensor  # uint8, N x 3 x H x W
+    images: torch.Tensor | MappedImages  # uint8, N x 3 x H x W
     labels: torch.Tensor  # int64, N
     classes: list[str]
     key: str = ""  # content hash: changes whenever the bytes (or the selection) change
@@ -47,7 +88,8 @@ class Split:
     def select(self, idx: np.ndarray, tag: str) -> "Split":
         idx_t = torch.as_tensor(np.sort(idx), dtype=torch.long)
         key = hashlib.sha256(f"{self.key}/{tag}/{idx_t.numpy().tobytes().hex()}".encode()).hexdigest()
-        return Split(self.images[idx_t], self.labels[idx_t], self.classes, key, self.skipped)
+        images = self.images.select(idx_t) if isinstance(self.images, MappedImages) else self.images[idx_t]
+        return Split(images, self.labels[idx_t], self.classes, key, self.skipped)
 
 
 @dataclass
@@ -242,42 +284,65 @@ def _load_image_folder(folder: Path, cfg: DataConfig, cache: Path) -> Split:
         h.update(str(f.relative_to(folder)).encode())
         h.update(f.read_bytes())
     key = h.hexdigest()
-    cached = cache / "tensors" / f"{key[:32]}.pt"
-    if cached.exists():
-        try:
-            blob = torch.load(cached, weights_only=True)
-            split = Split(blob["images"], blob["labels"], list(blob["classes"]), key, [tuple(b) for b in blob["skipped"]])
-        except Exception:
-            log.warning("decoded-image cache %s is unreadable; decoding again", cached)
-        else:
-            _warn_skipped(split.skipped)
-            _check_classes(folder, split.labels, split.classes)
-            return split
+    pixels, meta_path = cache / "tensors" / f"{key[:32]}.u8", cache / "tensors" / f"{key[:32]}.meta.pt"
+    split = _read_decoded(pixels, meta_path, key)
+    if split is not None:
+        _warn_skipped(split.skipped)
+        _check_classes(folder, split.labels, split.classes)
+        return split
     from tqdm import tqdm
 
     jobs = [(str(f), cfg.image_size, cfg.max_image_pixels) for f in files]
     workers = min(4, os.cpu_count() or 1)
-    with ProcessPoolExecutor(workers) as ex:
-        results = list(tqdm(ex.map(_decode, jobs, chunksize=256), total=len(jobs), desc=f"decode {folder.name}", unit="img", leave=False))
     keep, bad = [], []
-    for i, r in enumerate(results):
-        if isinstance(r, str):
-            bad.append((str(files[i]), r))
-        else:
-            keep.append(i)
-    if bad and not cfg.skip_bad_images:
-        f, why = bad[0]
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise InputError(f"{f}: unreadable image ({why}){more}; fix it or set data.skip_bad_images: true")
+    # pixels stream to the file as they are decoded (in order); it takes its name only when complete
+    with atomic_path(pixels) as tmp, open(tmp, "wb") as out, ProcessPoolExecutor(workers) as ex:
+        for i, r in enumerate(tqdm(ex.map(_decode, jobs, chunksize=64), total=len(jobs), desc=f"decode {folder.name}",
+                                   unit="img", leave=False)):
+            if isinstance(r, str):
+                bad.append((str(files[i]), r))
+            else:
+                keep.append(i)
+                out.write(r.tobytes())
+        if bad and not cfg.skip_bad_images:
+            f, why = bad[0]
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise InputError(f"{f}: unreadable image ({why}){more}; fix it or set data.skip_bad_images: true")
+        if not keep:
+            raise InputError(f"{folder}: none of its {len(files)} images is readable")
+        labels_t = torch.tensor([labels[i] for i in keep], dtype=torch.long)
+        _check_classes(folder, labels_t, classes)
+        out.flush()
+        os.fsync(out.fileno())
     _warn_skipped(bad)
-    if not keep:
-        raise InputError(f"{folder}: none of its {len(files)} images is readable")
-    images = torch.from_numpy(np.stack([results[i] for i in keep]))
-    labels_t = torch.tensor([labels[i] for i in keep], dtype=torch.long)
-    _check_classes(folder, labels_t, classes)
-    with atomic_path(cached) as tmp:
-        torch.save({"images": images, "labels": labels_t, "classes": classes, "skipped": [list(b) for b in bad]}, tmp)
-    return Split(images, labels_t, classes, key, bad)
+    shape = [len(keep), 3, cfg.image_size, cfg.image_size]
+    save_torch(meta_path, {"shape": shape, "labels": labels_t, "classes": classes, "skipped": [list(b) for b in bad]})
+    split = _read_decoded(pixels, meta_path, key)
+    if split is None:
+        raise EdgekdError(f"{pixels}: the decoded images just written cannot be read back")
+    return split
+
+
+def _read_decoded(pixels: Path, meta_path: Path, key: str) -> Split | None:
+    """A decoded split from the cache, or None where it is absent or incomplete. The metadata is
+    written after the pixel file is complete, and the pixel file's size must match it, so an
+    interrupted decode is never read as valid."""
+    if not (meta_path.exists() and pixels.exists()):
+        return None
+    try:
+        meta = torch.load(meta_path, weights_only=True)
+        shape = [int(s) for s in meta["shape"]]
+        nbytes = int(np.prod(shape))
+        if pixels.stat().st_size != nbytes or len(meta["labels"]) != shape[0]:
+            raise ValueError(f"{pixels.stat().st_size} bytes, expected {nbytes}")
+        if nbytes > map_above_bytes():
+            images = MappedImages(torch.from_file(str(pixels), shared=False, size=nbytes, dtype=torch.uint8).view(shape))
+        else:
+            images = torch.from_numpy(np.fromfile(pixels, dtype=np.uint8).reshape(shape))
+    except Exception as e:
+        log.warning("decoded-image cache %s is unreadable (%s); decoding again", pixels, str(e).splitlines()[0][:120])
+        return None
+    return Split(images, meta["labels"], list(meta["classes"]), key, [tuple(b) for b in meta["skipped"]])
 
 
 def _warn_skipped(bad: list[tuple[str, str]]) -> None:

@@ -82,7 +82,7 @@ def run_onnx(path: Path, x: np.ndarray, batch: int = 256, threads: int = 0, int8
 def onnx_logits(path: Path, data, split=None) -> np.ndarray:
     """Logits of an ONNX file on a Split (normalised exactly like training)."""
     split = split or data.test
-    x = data.normalize(split.images).numpy()
+    x = data.normalize(split.images[:]).numpy()
     return run_onnx(path, x)
 
 

@@ -214,14 +214,14 @@ def test_cache_root_precedence(monkeypatch, tmp_path, _edgekd_cache):
 
 def test_session_cache_env_is_used(image_folder, _edgekd_cache):
     d = load_data(DataConfig(source=str(image_folder), image_size=8), seed=0)
-    assert (Path(_edgekd_cache) / "tensors" / f"{d.train.key[:32]}.pt").is_file()
+    assert (Path(_edgekd_cache) / "tensors" / f"{d.train.key[:32]}.u8").is_file()
 
 
 def test_cache_is_written_and_reused(image_folder, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     first = load_data(cfg_for(image_folder, cache, image_size=8), seed=0)
     files = sorted(p.name for p in (cache / "tensors").iterdir())
-    assert files == sorted([f"{first.train.key[:32]}.pt", f"{first.test.key[:32]}.pt"])
+    assert files == sorted(f"{s.key[:32]}{ext}" for s in (first.train, first.test) for ext in (".u8", ".meta.pt"))
     forbid_decoding(monkeypatch)
     second = load_data(cfg_for(image_folder, cache, image_size=8), seed=0)
     assert second.train.key == first.train.key
@@ -267,11 +267,13 @@ def test_cache_key_depends_on_image_size(image_folder, tmp_path):
 def test_unreadable_cache_file_is_decoded_again(image_folder, tmp_path, caplog):
     cache = tmp_path / "cache"
     first = load_data(cfg_for(image_folder, cache, image_size=8), seed=0)
-    (cache / "tensors" / f"{first.train.key[:32]}.pt").write_bytes(b"garbage")
-    with caplog.at_level(logging.WARNING, logger="edgekd"):
-        again = load_data(cfg_for(image_folder, cache, image_size=8), seed=0)
-    assert torch.equal(again.train.images, first.train.images)
-    assert any("unreadable" in r.getMessage() for r in caplog.records)
+    for damage in (".meta.pt", ".u8"):  # garbage metadata, or a pixel file of the wrong size
+        (cache / "tensors" / f"{first.train.key[:32]}{damage}").write_bytes(b"garbage")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="edgekd"):
+            again = load_data(cfg_for(image_folder, cache, image_size=8), seed=0)
+        assert torch.equal(again.train.images, first.train.images)
+        assert any("unreadable" in r.getMessage() for r in caplog.records)
 
 
 # ----------------------------------------------------------------------------- archives

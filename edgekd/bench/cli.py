@@ -40,7 +40,7 @@ def _eval_data(source: str, props: dict, image_size: int):
     if "edgekd.mean" in props:
         kw.update(mean=tuple(json.loads(props["edgekd.mean"])), std=tuple(json.loads(props["edgekd.std"])))
     data = load_data(DataConfig(**kw), seed=0)
-    return data.normalize(data.test.images).numpy(), data.test.labels.numpy()
+    return data.normalize(data.test.images[:]).numpy(), data.test.labels.numpy()
 
 
 def run_bench(args) -> int:

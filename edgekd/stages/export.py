@@ -157,8 +157,8 @@ class Export(Stage):
         data = ctx.data
         if data.val is None:
             raise EdgekdError("export.temperature_scaling: on, but the data has no validation split (set data.val_split)")
-        xv, yv = data.normalize(data.val.images).numpy(), data.val.labels.numpy()
-        xt, yt = data.normalize(data.test.images).numpy(), data.test.labels.numpy()
+        xv, yv = data.normalize(data.val.images[:]).numpy(), data.val.labels.numpy()
+        xt, yt = data.normalize(data.test.images[:]).numpy(), data.test.labels.numpy()
         for name in [n for n in STUDENT_FILES if n in models]:
             for fmt in formats:
                 path = ctx.run_dir / models[name][fmt.key]

@@ -1,0 +1,110 @@
+"""Datasets larger than memory: a decoded split over the RAM threshold is memory-mapped, a
+subset or validation split of it is a list of rows (not a copy of its pixels), training reads
+only the batches it uses, and a decode that does not finish leaves nothing that is read as a
+cache. The threshold is lowered here so a small synthetic folder stands in for a large one."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import _make_image_folder
+from edgekd import data as data_mod
+from edgekd.data import MappedImages, load_data
+from edgekd.errors import InputError
+from edgekd.models import build
+from edgekd.schema import DataConfig
+from edgekd.train import TrainConfig, fit
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Start a new peak-RSS window (Linux's clear_refs) and return the resident size now."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status_bytes("VmRSS:")
+
+
+def status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+
+def config(folder, cache, **kw) -> DataConfig:
+    return DataConfig(source=str(folder), cache_dir=str(cache), **kw)
+
+
+@pytest.fixture
+def big_folder(tmp_path):
+    """2 classes x 1200 tiny images, decoded at 160 px: 184 MB of pixels once decoded."""
+    return _make_image_folder(tmp_path / "big", size=12, train_counts={"ant": 1200, "moose": 1200},
+                              test_counts={"ant": 20, "moose": 20})
+
+
+@linux_only
+def test_a_split_over_the_threshold_is_mapped_and_training_reads_only_its_batches(big_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(data_mod, "map_above_bytes", lambda: 1 << 20)
+    cfg = config(big_folder, tmp_path / "cache", image_size=160, subset=256, val_split=0.25, batch_size=16,
+                 eval_batch_size=16, augment="crop_flip")
+    train = TrainConfig(epochs=1, loss="ce", lr=0.01, eval_every=1, bn_recalibration="off")
+    model = build({"arch": "mobilenet_v2", "num_classes": 2, "cifar_stem": False, "width_mult": 0.25})
+    warm = load_data(cfg.model_copy(update={"subset": 64}), seed=0)  # decode once; the allocator's working set
+    warm.train.images, warm.val.images = warm.train.images[:], warm.val.images[:]  # in RAM
+    fit(model, warm, train, torch.device("cpu"), seed=0)
+    del warm
+    before = reset_peak_rss()
+    data = load_data(cfg, seed=0)
+    assert isinstance(data.train.images, MappedImages) and isinstance(data.val.images, MappedImages)
+    full = data.train.images.base
+    assert full.shape == (2400, 3, 160, 160) and data.train.images.shape == (192, 3, 160, 160)
+    assert len(data.val) == 64 and not set(data.val.images.rows.tolist()) & set(data.train.images.rows.tolist())
+    assert torch.equal(data.train.images[:5], full[data.train.images.rows[:5]])
+    hist = fit(model, data, train, torch.device("cpu"), seed=0)
+    assert np.isfinite(hist[-1]["loss"])
+    peak = status_bytes("VmHWM:") - before  # resident pages, file-backed ones included, at the worst moment
+    assert peak < full.numel() / 2, f"peak memory grew by {peak / 2**20:.0f} MB for a {full.numel() / 2**20:.0f} MB dataset"
+
+
+def test_a_split_under_the_threshold_is_read_into_memory(image_folder, tmp_path):
+    data = load_data(config(image_folder, tmp_path / "cache", image_size=8), seed=0)
+    assert isinstance(data.train.images, torch.Tensor) and data.train.images.dtype == torch.uint8
+
+
+def test_a_decode_that_does_not_finish_leaves_nothing_read_as_a_cache(image_folder, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    (image_folder / "train" / "ant" / "img_9.jpg").write_bytes(b"not a jpeg")  # fails after the others decoded
+    with pytest.raises(InputError, match="unreadable image"):
+        load_data(config(image_folder, cache, image_size=8), seed=0)
+    assert not any((cache / "tensors").glob("*.u8")) and not any((cache / "tensors").glob("*.meta.pt"))
+    assert not any((cache / "tensors").glob(".*.tmp"))  # nor its temporary file
+    (image_folder / "train" / "ant" / "img_9.jpg").unlink()
+    # a pixel file without its metadata (a process killed between the two) is decoded again
+    first = load_data(config(image_folder, cache, image_size=8), seed=0)
+    meta = cache / "tensors" / f"{first.train.key[:32]}.meta.pt"
+    meta.unlink()
+    decoded = []
+    real = data_mod._decode
+    monkeypatch.setattr(data_mod, "_decode", lambda job: decoded.append(job) or real(job))
+    monkeypatch.setattr(data_mod, "ProcessPoolExecutor", _Serial)
+    again = load_data(config(image_folder, cache, image_size=8), seed=0)
+    assert decoded and meta.exists() and torch.equal(again.train.images, first.train.images)
+
+
+class _Serial:
+    """ProcessPoolExecutor's map, in this process (so a patched decode is seen)."""
+
+    def __init__(self, *_):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, fn, jobs, chunksize=1):
+        return map(fn, jobs)
