@@ -415,21 +415,51 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
         val_idx = stratified_indices(train.labels.numpy(), n_val, seed + 1)
         rest = np.setdiff1d(np.arange(len(train)), val_idx)
         val, train = train.select(val_idx, "val"), train.select(rest, "trainrest")
-    return Data(train, test, val, cfg.mean, cfg.std, cfg.augment, cfg.batch_size, cfg.eval_batch_size)
+    augment = cfg.augment
+    if augment == "crop_flip" and (cfg.crop == "resized" or (cfg.crop == "auto" and train.images.shape[-1] >= RESIZED_CROP_FROM)):
+        augment = "resized_crop_flip"
+    return Data(train, test, val, cfg.mean, cfg.std, augment, cfg.batch_size, cfg.eval_batch_size)
 
 
 # ----------------------------------------------------------------------------- batches
 
 
+RESIZED_CROP_FROM = 64  # data.crop auto: images this large get random-resized crops, smaller ones padded crops
+RESIZED_CROP_SCALE = (0.35, 1.0)  # fraction of the image area a random-resized crop keeps
+RESIZED_CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def resized_crop_boxes(b: int, h: int, w: int, gen: torch.Generator) -> torch.Tensor:
+    """b random-resized-crop boxes (x1, y1, x2, y2) in pixels: area a uniform fraction of the
+    image in RESIZED_CROP_SCALE, log-uniform aspect ratio in RESIZED_CROP_RATIO, uniform position;
+    torchvision's RandomResizedCrop sampling, vectorised, with a box that does not fit clamped to
+    the image instead of redrawn."""
+    area = h * w * (RESIZED_CROP_SCALE[0] + (RESIZED_CROP_SCALE[1] - RESIZED_CROP_SCALE[0]) * torch.rand(b, generator=gen))
+    lo, hi = torch.log(torch.tensor(RESIZED_CROP_RATIO))
+    ratio = torch.exp(lo + (hi - lo) * torch.rand(b, generator=gen))
+    cw = torch.sqrt(area * ratio).clamp(1, w)
+    ch = torch.sqrt(area / ratio).clamp(1, h)
+    x1 = (w - cw) * torch.rand(b, generator=gen)
+    y1 = (h - ch) * torch.rand(b, generator=gen)
+    return torch.stack([x1, y1, x1 + cw, y1 + ch], dim=1)
+
+
 def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator, pad: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded (reflect) random crop and/or horizontal flip on a uint8/float batch.
+    """Padded (reflect) random crop or random-resized crop, and/or horizontal flip, on a
+    uint8/float batch.
 
     Returns the batch and a bool mask of flipped samples (teacher-logit caches use it)."""
     b = x.shape[0]
     flip = torch.zeros(b, dtype=torch.bool)
     if mode == "none":
         return x, flip
-    if mode == "crop_flip":
+    if mode == "resized_crop_flip":  # every crop resampled to the input size in one batched bilinear op
+        from torchvision.ops import roi_align
+
+        h, w = x.shape[-2:]
+        boxes = torch.cat([torch.arange(b, dtype=torch.float32)[:, None], resized_crop_boxes(b, h, w, gen)], dim=1)
+        x = roi_align(x.float(), boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    elif mode == "crop_flip":
         h, w = x.shape[-2:]
         padded = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect")
         oy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)

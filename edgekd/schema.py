@@ -57,6 +57,10 @@ class DataConfig(Strict):
     batch_size: int = Field(128, gt=0)
     eval_batch_size: int = Field(256, gt=0)
     augment: Literal["crop_flip", "flip", "none"] = "crop_flip"
+    crop: Literal["auto", "pad", "resized"] = Field(
+        "auto", description="crop of crop_flip: pad = 4-pixel reflect-padded random crop (small images), resized = "
+                            "random-resized crop (35-100 % of the area, aspect 3/4-4/3, resized back); auto: resized "
+                            "from 64 px up")
     skip_bad_images: bool = False
     max_image_pixels: int = Field(64_000_000, gt=0, description="an image with more pixels is a bad image (decompression bombs)")
     archive: ArchiveLimits = Field(default_factory=ArchiveLimits, description="what an archive may unpack to")

@@ -498,3 +498,35 @@ def test_iterate_covers_every_sample_once():
         seen += idx.tolist()
         shapes.append(len(idx))
     assert sorted(seen) == list(range(10)) and shapes == [4, 4, 2]
+
+
+# ----------------------------------------------------------------------------- random-resized crops
+
+
+def test_resized_crop_boxes_follow_the_sampling_rule():
+    g = torch.Generator().manual_seed(0)
+    boxes = data_mod.resized_crop_boxes(20000, 48, 64, g)
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 64).all() and (boxes[:, 3] <= 48).all()
+    frac = w * h / (48 * 64)
+    assert frac.max() <= 1.0 and frac.min() >= 0.35 * 0.75 - 1e-6  # a clamped side can only shrink the area
+    assert 0.6 < frac.mean() < 0.7  # uniform in [0.35, 1], less the few clamped boxes
+    unclamped = (w < 64) & (h < 48)
+    assert ((w / h)[unclamped] >= 0.75 - 1e-5).all() and ((w / h)[unclamped] <= 4 / 3 + 1e-5).all()
+
+
+def test_resized_crops_keep_the_batch_shape_and_are_seeded():
+    x = torch.randint(0, 256, (6, 3, 64, 64), dtype=torch.uint8)
+    a, fa = augment_batch(x, "resized_crop_flip", torch.Generator().manual_seed(1))
+    b, fb = augment_batch(x, "resized_crop_flip", torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b) and torch.equal(fa, fb)
+    assert 0 <= a.min() and a.max() <= 255 and not torch.allclose(a[0], x[0].float())
+    flat = torch.full((2, 3, 64, 64), 77, dtype=torch.uint8)  # a crop of a flat image is the same flat image
+    assert torch.allclose(augment_batch(flat, "resized_crop_flip", torch.Generator().manual_seed(0))[0], flat.float(), atol=1e-3)
+
+
+@pytest.mark.parametrize("size,crop,want", [(32, "auto", "crop_flip"), (64, "auto", "resized_crop_flip"),
+                                            (64, "pad", "crop_flip"), (32, "resized", "resized_crop_flip")])
+def test_the_crop_is_chosen_by_image_size_unless_set(image_folder, size, crop, want):
+    assert load_data(cfg_for(image_folder, image_size=size, crop=crop), seed=0).augment == want
+    assert load_data(cfg_for(image_folder, image_size=size, crop=crop, augment="flip"), seed=0).augment == "flip"
