@@ -241,8 +241,8 @@ def validate(raw: Any) -> PipelineConfig:
     for i, (name, scfg) in validated.items():  # a stage option that depends on the rest of the pipeline
         for key, why in getattr(scfg, "pipeline_problems", lambda _: [])(cfg):
             raise ConfigError(f"stages[{i}].{name}.{key}: {why}")
-    _check_teachers(cfg, validated)
     cfg._validated = validated
+    _check_teachers(cfg, validated)
     check_inputs(cfg)
     return cfg
 
@@ -252,13 +252,12 @@ def _check_teachers(cfg: PipelineConfig, validated: dict[int, tuple[str, BaseMod
     configs = cfg.teacher_configs()
     teachers = list(configs)
     without = []
-    trained: dict[str, int] = {}  # assistant -> the stage that trains it
+    trained = cfg.trained_teachers()  # assistant -> the (last) stage that trains it
     for i, (name, scfg) in validated.items():
-        if hasattr(scfg, "trains"):
-            if scfg.trains() in trained:
-                raise ConfigError(f"stages[{i}].{name}.name: {scfg.trains()!r} is trained by stages[{trained[scfg.trains()]}] "
-                                  "already (one assistant stage per teacher)")
-            trained[scfg.trains()] = i
+        if hasattr(scfg, "trains") and trained[scfg.trains()] != i:
+            j = trained[scfg.trains()]
+            raise ConfigError(f"stages[{j}].{validated[j][0]}.name: {scfg.trains()!r} is trained by stages[{i}] already "
+                              "(one assistant stage per teacher)")
     for i, (name, scfg) in validated.items():
         for key, teacher, features, val_acc in getattr(scfg, "teachers_used", lambda: [])():
             where = f"stages[{i}].{name}.{key}"

@@ -100,8 +100,10 @@ class Context:
         """A term whose teacher mixture is weighted by validation accuracy, with the weights as numbers."""
         if getattr(term, "teacher_weights", None) != "val_acc":
             return term
-        accs = [self.measure(self.teacher_model(n)[0], self.data.val, self.teacher_model(n)[1])["top1"]
-                for n in teacher_names(term)]
+        accs = []
+        for n in teacher_names(term):
+            model, key = self.teacher_model(n)
+            accs.append(self.measure(model, self.data.val, key)["top1"])
         log.info("%s teacher weights from validation top-1: %s", term.loss,
                  ", ".join(f"{n} {a:.2f}%" for n, a in zip(teacher_names(term), accs)))
         return term.model_copy(update={"teacher_weights": accs})

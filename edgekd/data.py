@@ -61,8 +61,6 @@ class MappedImages:
     def shape(self) -> torch.Size:
         return torch.Size((len(self.rows), *self.base.shape[1:]))
 
-    dtype = torch.uint8
-
     def __len__(self) -> int:
         return len(self.rows)
 

@@ -117,8 +117,9 @@ class Runner:
         input_figs = ctx.measure(ctx.model)
         ctx.variants["student_input"] = {**input_figs, "label": "student (input)"}
         teacher_figs = None
+        trained = cfg.trained_teachers()
         for i, name in enumerate(cfg.teacher_configs()):  # the first teacher is the report's reference
-            if name in cfg.trained_teachers():
+            if name in trained:
                 continue  # an assistant: its figures come from the stage that trains it
             figs = ctx.teacher_figures(name)
             key, label = ("teacher", "teacher") if cfg.teacher is not None else \

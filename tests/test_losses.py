@@ -83,6 +83,16 @@ def run(obj: Objective, s, y, t, epoch: int = 0) -> dict:
     return obj(Outputs(s), {"t": Outputs(t)}, y, epoch)
 
 
+def finite_difference(obj: Objective, s: torch.Tensor, y: torch.Tensor, t: torch.Tensor, at: tuple[int, int],
+                      eps: float) -> float:
+    """d loss / d s[at] by central differences (the reference an autograd gradient is checked against)."""
+    with torch.no_grad():
+        sp, sm = s.detach().clone(), s.detach().clone()
+        sp[at] += eps
+        sm[at] -= eps
+        return ((run(obj, sp, y, t.detach())["loss"] - run(obj, sm, y, t.detach())["loss"]) / (2 * eps)).item()
+
+
 def loss_of(name: str, s, y, t, **params) -> torch.Tensor:
     """One registered loss on its own (unweighted)."""
     term = LOSSES.get(name).Term(loss=name, **params)
@@ -219,13 +229,8 @@ def test_gradients_flow_to_student_only(batch, name):
     run(obj, st, torch.tensor(y), tt)["loss"].backward()
     assert st.grad is not None and torch.isfinite(st.grad).all() and st.grad.abs().sum() > 0
     # gradient check against finite differences on the first element
-    eps = 1e-3
-    with torch.no_grad():
-        sp, sm = st.detach().clone(), st.detach().clone()
-        sp[0, 0] += eps
-        sm[0, 0] -= eps
-        fd = (run(obj, sp, torch.tensor(y), tt.detach())["loss"] - run(obj, sm, torch.tensor(y), tt.detach())["loss"]) / (2 * eps)
-    assert st.grad[0, 0].item() == pytest.approx(fd.item(), rel=2e-2, abs=1e-3)
+    fd = finite_difference(obj, st, torch.tensor(y), tt, (0, 0), 1e-3)
+    assert st.grad[0, 0].item() == pytest.approx(fd, rel=2e-2, abs=1e-3)
 
 
 def test_kd_gradient_matches_closed_form(batch):
@@ -341,10 +346,5 @@ def test_new_logit_losses_send_gradients_to_the_student_only(batch, name):
     tt = torch.tensor(t, dtype=torch.float64, requires_grad=True)
     obj = objective(terms=[{"loss": name, "standardize": True}])
     run(obj, st, torch.tensor(y), tt.detach())["loss"].backward()
-    eps = 1e-6
-    with torch.no_grad():
-        sp, sm = st.detach().clone(), st.detach().clone()
-        sp[1, 2] += eps
-        sm[1, 2] -= eps
-        fd = (run(obj, sp, torch.tensor(y), tt.detach())["loss"] - run(obj, sm, torch.tensor(y), tt.detach())["loss"]) / (2 * eps)
-    assert st.grad[1, 2].item() == pytest.approx(fd.item(), rel=1e-5, abs=1e-9)
+    fd = finite_difference(obj, st, torch.tensor(y), tt, (1, 2), 1e-6)
+    assert st.grad[1, 2].item() == pytest.approx(fd, rel=1e-5, abs=1e-9)

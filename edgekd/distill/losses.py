@@ -93,6 +93,12 @@ def standardize(z: torch.Tensor) -> torch.Tensor:
     return (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + 1e-7)
 
 
+class LogitParams(Strict):
+    """Options every logit loss has (each also sets its own `temperature`, which several teachers are mixed at)."""
+
+    standardize: bool = Field(False, description="z-score logits before softening (logit standardization)")
+
+
 class LogitLoss(Loss):
     """A term on the teachers' temperature-softened class distributions. Several teachers are
     mixed there: softmax(mixture / T) is the weighted mean of their softmax(logits / T), so the
@@ -100,13 +106,13 @@ class LogitLoss(Loss):
     student's logits are z-scored first."""
 
     def prep(self, z: torch.Tensor) -> torch.Tensor:
-        return standardize(z) if getattr(self.term, "standardize", False) else z
+        return standardize(z) if self.term.standardize else z
 
     def teacher_logits(self, teachers: list[Outputs], weights: list[float]) -> Outputs:
         zs = [self.prep(o.logits) for o in teachers]
         if len(zs) == 1:
             return Outputs(zs[0])
-        t = getattr(self.term, "temperature", 1.0)
+        t = self.term.temperature
         logp = [math.log(w) + F.log_softmax(z / t, dim=1) for w, z in zip(weights, zs) if w > 0]
         return Outputs(t * torch.logsumexp(torch.stack(logp), dim=0))
 
@@ -126,9 +132,8 @@ class CrossEntropy(Loss):
         return {"loss": F.cross_entropy(student.logits, labels, label_smoothing=self.term.label_smoothing)}
 
 
-class KDParams(Strict):
+class KDParams(LogitParams):
     temperature: float = Field(4.0, gt=0)
-    standardize: bool = Field(False, description="z-score logits before softening (logit standardization)")
 
 
 @register_loss("kd")
@@ -151,12 +156,11 @@ class MSELogits(Loss):
         return {"loss": mse, "mse": mse}
 
 
-class DKDParams(Strict):
+class DKDParams(LogitParams):
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(1.0, ge=0, description="weight of the target-class part (TCKD)")
     beta: float = Field(8.0, ge=0, description="weight of the non-target part (NCKD)")
     warmup_epochs: int = Field(0, ge=0, description="ramp the term in linearly over this many epochs")
-    standardize: bool = Field(False, description="z-score logits before softening (logit standardization)")
 
 
 @register_loss("dkd")
@@ -188,11 +192,10 @@ def pearson_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + 1e-8)
 
 
-class DISTParams(Strict):
+class DISTParams(LogitParams):
     temperature: float = Field(1.0, gt=0)
     beta: float = Field(1.0, ge=0, description="weight of the inter-class relation (each image's class ranking)")
     gamma: float = Field(1.0, ge=0, description="weight of the intra-class relation (each class across the batch)")
-    standardize: bool = Field(False, description="z-score logits before softening (logit standardization)")
 
 
 @register_loss("dist")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ..distill import teacher_names
 from ..errors import did_you_mean
 from ..fileio import sha256_file
 from ..models import check_classes, load_model, save_checkpoint
@@ -63,7 +62,7 @@ class Assistant(Stage):
         save_checkpoint(path, model, spec)
         ctx.set_teacher(cfg.name, model, sha256_file(path))
         figs = ctx.measure(model)
-        sources = sorted({n for t in objective.specs for n in teacher_names(t)})
+        sources = sorted(objective.teachers)
         label = f"assistant {cfg.name} ({cfg.describe()}" + (f" from {', '.join(sources)})" if sources else ")")
         return StageResult(metrics=figs, history=history, models={f"teacher_{cfg.name}": {**figs, "label": label}},
                            artifacts={f"teacher.{cfg.name}": ctx.rel(path)},
