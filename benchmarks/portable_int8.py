@@ -67,6 +67,7 @@ def main() -> int:
     from edgekd.models import load_model
     from edgekd.onnx_export import export_onnx, run_onnx
     from edgekd.quant.ptq import quantize_onnx
+    from edgekd.quant.plan import load_graph, rule_plan
     from edgekd.quant.qat import apply_transform, qat_transform, snap_weights
     from edgekd.quant.targets import TARGETS
     from edgekd.stages.quantize import calibration_images
@@ -95,7 +96,8 @@ def main() -> int:
         for stem in ("fp32", "int8"):
             files[f"ptq {target} stem-{stem}"] = quantize_onnx(fp32, out / f"ptq_{target}_stem{stem}.onnx", calib,
                                                                 target=t, keep_first_conv_fp32=stem == "fp32")
-        q = apply_transform(apply_transform(copy.deepcopy(model), "fold_bn"), qat_transform(True, t.weight_qmax))
+        stem_fp32 = rule_plan(load_graph(fp32), True, [])
+        q = apply_transform(apply_transform(copy.deepcopy(model), "fold_bn"), qat_transform(t.weight_qmax, stem_fp32))
         with torch.no_grad():
             q.train()
             for i in range(0, len(calib), 64):

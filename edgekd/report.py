@@ -154,6 +154,7 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
         if info:
             L += ["", f"**{s['name']}**: " + ", ".join(f"{k} = {v}" for k, v in info.items())]
         L += _steps_table((s.get("info") or {}).get("steps"))
+        L += _plan_table(s.get("info") or {})
     from .bench.quality import quality_markdown
 
     L += quality_markdown(models)
@@ -177,6 +178,23 @@ def _steps_table(steps) -> list[str]:
             v = st.get(k)
             cells.append("–" if v is None else f"{v:.1%}" if k == "macs_kept" else _fmt_int(v) if k == "params" else str(v))
         L.append("| " + " | ".join(cells) + " |")
+    return L
+
+
+def _plan_table(info: dict) -> list[str]:
+    """The quantization plans the quantize stage timed (quant.plan): which one it kept and why."""
+    cands = info.get("plan_candidates")
+    if not isinstance(cands, list) or not cands:
+        return []
+    L = ["", "Quantization plans timed on onnxruntime (1 thread, batch 1, medians of interleaved rounds); top-1 on "
+             "the judging split, – where not evaluated (a faster plan already held):", "",
+         "| plan | blocks kept fp32 | p50 ms | vs fp32 | top-1 % | drop (points) |", "|---|---|---|---|---|---|"]
+    for c in cands:
+        mark = " **(kept)**" if c["plan"] == info.get("plan") else ""
+        blocks = ", ".join(c["fp32_blocks"]) if len(c["fp32_blocks"]) <= 4 else f"{len(c['fp32_blocks'])} blocks"
+        L.append(f"| {c['plan']}{mark} | {blocks or '–'} | {c['p50_ms']} | {c['speedup_vs_fp32']}x | "
+                 f"{'–' if c.get('top1') is None else round(c['top1'], 2)} | "
+                 f"{'–' if c.get('drop_points') is None else c['drop_points']} |")
     return L
 
 

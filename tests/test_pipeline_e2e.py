@@ -123,6 +123,14 @@ def test_run_leaves_manifest_reports_and_artifacts(run_dir):
     for k in ("int8_ptq", "int8_qat"):
         v = export["info"][k]["verify"]
         assert v["target"] == "portable" and v["arithmetic"] == "this CPU's int8 kernels" and v["verified_on"].startswith(("x86", "aarch", "arm"))
+    # the quantization plan: measured on onnxruntime, judged on the validation split, in the run and the report
+    quant = next(s for s in report["stages"] if s["name"] == "quantize")
+    plan = json.loads((run_dir / quant["artifacts"]["quant_plan"]).read_text())
+    assert plan["mode"] == "auto" and plan["judged_on"] == "val" and plan["candidates"][0]["plan"] == "int8"
+    chosen = next(c for c in plan["candidates"] if c["plan"] == plan["chosen"])
+    assert chosen["top1"] is not None and (chosen["drop_points"] <= 0.5) == plan["within_budget"]
+    assert "features.0.0" in plan["plan"]["fp32_modules"] and any("stem" in why for why in plan["fp32_nodes"].values())
+    assert quant["info"]["plan"] == plan["chosen"] and "Quantization plans timed on onnxruntime" in md
     # robustness of every ONNX variant on the same corrupted images, and in the gate's metrics
     for k in ("student_fp32", "int8_ptq", "int8_qat", "student_unpruned_fp32"):
         r = models[k]["robustness"]

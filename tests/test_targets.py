@@ -22,7 +22,8 @@ from edgekd.bench.machine import int8_class, machine_info
 from edgekd.errors import EdgekdError
 from edgekd.onnx_export import export_onnx, read_metadata, run_onnx, verify, verify_int8
 from edgekd.quant.ptq import quantize_onnx
-from edgekd.quant.qat import activation_ranges, apply_transform, qat_transform, snap_weights
+from edgekd.quant.plan import load_graph, rule_plan
+from edgekd.quant.qat import QConv2d, activation_ranges, apply_transform, qat_transform, snap_weights
 from edgekd.quant.targets import TARGETS, resolve_target, saturating_cpu
 
 from test_compress import SPEC, tiny_data
@@ -143,7 +144,8 @@ def test_qat_simulates_the_targets_grid_so_model_and_file_agree(tmp_path, target
 
     t = TARGETS[target]
     data = tiny_data()
-    wrap = qat_transform(True, t.weight_qmax)
+    plan = rule_plan(load_graph(export_onnx(_cnn(), tmp_path / "fp32.onnx", 32)), True, [])
+    wrap = qat_transform(t.weight_qmax, plan)
     q = apply_transform(apply_transform(_cnn(), "fold_bn"), wrap)
     fit(q, data, TrainConfig(epochs=1, loss="ce", lr=0.01, eval_every=0), torch.device("cpu"), seed=0)
     q.eval()
@@ -151,7 +153,7 @@ def test_qat_simulates_the_targets_grid_so_model_and_file_agree(tmp_path, target
     onnx_path = export_onnx(snapped, tmp_path / "snap.onnx", 32)
     ranges = activation_ranges(q)
     int8 = quantize_onnx(onnx_path, tmp_path / "q.onnx", data.normalize(data.train.images[:32]).numpy(), target=t,
-                         keep_first_conv_fp32=True, activation_ranges=ranges)
+                         plan=plan, activation_ranges=ranges)
     # the file quantizes each layer's input on the range QAT learned, not a re-calibrated one
     m = onnx.load(str(int8))
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
@@ -169,7 +171,13 @@ def test_qat_simulates_the_targets_grid_so_model_and_file_agree(tmp_path, target
         assert any(f.shape == grid.shape and np.array_equal(f, grid) for f in in_file)
     res = verify(int8, q, data, n=64, max_abs=None, min_agreement=0.9, run=lambda x: run_onnx(int8, x, int8_kernels=False))
     assert res["top1_agreement"] >= 0.9
-    assert (qat_transform(True, 64), qat_transform(False, 127)) == ("qat_fp32_stem_w7", "qat")
+    # the recorded transform rebuilds the same simulation: stem fp32, the rest on the target's grid
+    again = apply_transform(apply_transform(_cnn(), "fold_bn"), wrap)
+    assert [type(m).__name__ for m in again.modules()] == [type(m).__name__ for m in q.modules()]
+    assert {m.weight_qmax for m in again.modules() if isinstance(m, QConv2d)} == {t.weight_qmax}
+    # a checkpoint from before plans (a string transform) still rebuilds
+    legacy = apply_transform(apply_transform(_cnn(), "fold_bn"), "qat_fp32_stem_w7")
+    assert [type(m).__name__ for m in legacy.modules()] == [type(m).__name__ for m in q.modules()]
 
 
 def test_verification_on_a_cpu_that_is_not_the_targets_says_so_instead_of_failing(tmp_path, monkeypatch, caplog):

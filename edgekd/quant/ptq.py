@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -36,7 +37,7 @@ class _Reader:
 def quantize_onnx(src: Path, dst: Path, calib: np.ndarray, method: str = "minmax", per_channel: bool = True,
                   activation_type: str = "uint8", percentile: float = 99.999, target: Target = TARGETS["portable"],
                   exclude_depthwise: bool = False, keep_first_conv_fp32: bool = False,
-                  activation_ranges: dict[str, tuple[float, float]] | None = None) -> Path:
+                  activation_ranges: dict[str, tuple[float, float]] | None = None, plan=None) -> Path:
     """QDQ int8: per-channel symmetric int8 weights on the target's grid (7-bit for `portable`,
     see quant.targets), per-tensor activations calibrated on `calib`. The target is stamped
     into the file's metadata, so verification and the device side know what it is for.
@@ -46,9 +47,10 @@ def quantize_onnx(src: Path, dst: Path, calib: np.ndarray, method: str = "minmax
     weights were trained under instead of re-calibrating it (calibration then only sets the
     tensors QAT does not simulate, such as residual-add outputs).
 
-    `keep_first_conv_fp32` leaves the stem conv unquantized: with 3 input channels its int8
-    kernel gains little, and quantizing raw pixels costs accuracy (measured on the shared
-    student: +0.04 points and ~5-8 % faster end to end than quantizing it)."""
+    `plan` (quant.plan.Plan) names the nodes that stay fp32; without one, `keep_first_conv_fp32`
+    leaves the stem conv unquantized: with 3 input channels its int8 kernel gains little, and
+    quantizing raw pixels costs accuracy (measured on the shared student: +0.04 points and
+    ~5-8 % faster end to end than quantizing it)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -67,13 +69,32 @@ def quantize_onnx(src: Path, dst: Path, calib: np.ndarray, method: str = "minmax
         import onnx
 
         graph = onnx.load(str(pre)).graph
-        convs = [n for n in graph.node if n.op_type == "Conv"]
-        nodes_to_exclude = [n.name for n in convs if _group(n) > 1] if exclude_depthwise else []
-        if keep_first_conv_fp32 and convs:
-            nodes_to_exclude.append(convs[0].name)
+        from .plan import rule_plan
+
+        plan = plan or rule_plan(graph, keep_first_conv_fp32, [])
+        nodes_to_exclude = list(plan.excluded_nodes(graph))
+        if exclude_depthwise:
+            nodes_to_exclude += [n.name for n in graph.node if n.op_type == "Conv" and _group(n) > 1]
         input_name = graph.input[0].name
         if activation_ranges:
             extra["TensorQuantOverrides"] = _range_overrides(graph, activation_ranges)
+        weighted = [n.name for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")]
+        if weighted and set(weighted) <= set(nodes_to_exclude) and not activation_ranges:
+            # a plan that keeps every layer fp32 (int8 did not pay): the file is the fp32 graph as
+            # exported, not the quantizer's rewrite of it (whose decomposed activations some
+            # runtimes no longer fuse)
+            with atomic_path(dst) as tmp:
+                shutil.copyfile(src, tmp)
+            from ..onnx_export import set_metadata
+
+            set_metadata(dst, {"edgekd.int8_target": target.name, "edgekd.weight_qmax": str(target.weight_qmax),
+                               "edgekd.int8_layers": "0"})
+            return dst
+        op_types = None
+        if plan.op_types_kept_fp32():
+            from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+            op_types = sorted((set(QDQRegistry) | set(QLinearOpsRegistry)) - set(plan.op_types_kept_fp32()))
         with atomic_path(dst) as tmp:
             try:
                 quantize_static(
@@ -81,7 +102,7 @@ def quantize_onnx(src: Path, dst: Path, calib: np.ndarray, method: str = "minmax
                     quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=target.reduce_range,
                     activation_type=QuantType.QInt8 if activation_type == "int8" else QuantType.QUInt8,
                     weight_type=QuantType.QInt8, calibrate_method=methods[method],
-                    nodes_to_exclude=nodes_to_exclude, extra_options=extra,
+                    nodes_to_exclude=nodes_to_exclude, op_types_to_quantize=op_types, extra_options=extra,
                 )
             except Exception as e:
                 raise EdgekdError(f"int8 quantization of {src.name} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None

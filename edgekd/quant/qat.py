@@ -14,6 +14,8 @@ weight scheme, so what is trained is what ORT runs (export verifies top-1 agreem
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -105,15 +107,19 @@ class QLinear(nn.Linear):
         return F.linear(self.act_fq(x), fake_quant_weight(self.weight, self.weight_qmax), self.bias)
 
 
-def wrap_qat(model: nn.Module, skip_first_conv: bool = False, weight_qmax: int = 127) -> nn.Module:
+def wrap_qat(model: nn.Module, skip_first_conv: bool = False, weight_qmax: int = 127,
+             keep_fp32: Callable[[str], bool] | None = None) -> nn.Module:
     """Swap Conv2d/Linear for fake-quant versions (weights shared, an activation quantizer added).
 
     `skip_first_conv` leaves the stem conv in fp32, matching PTQ's `keep_first_conv_fp32`;
-    `weight_qmax` is the target's weight grid (quant.targets)."""
+    `keep_fp32(module_path)` leaves the modules a quantization plan keeps fp32 (quant.plan), so
+    QAT trains what the planned int8 file runs; `weight_qmax` is the target's weight grid
+    (quant.targets)."""
     first = next((m for m in model.modules() if type(m) is nn.Conv2d), None) if skip_first_conv else None
+    kept = {m for path, m in model.named_modules() if keep_fp32 is not None and keep_fp32(path)}
     for parent in list(model.modules()):
         for name, m in list(parent.named_children()):
-            if type(m) in (nn.Conv2d, nn.Linear) and m is not first:
+            if type(m) in (nn.Conv2d, nn.Linear) and m is not first and m not in kept:
                 _ensure_bias(m)
                 m.__class__ = QConv2d if isinstance(m, nn.Conv2d) else QLinear
                 m.weight_qmax = weight_qmax
@@ -143,13 +149,20 @@ def snap_weights(model: nn.Module) -> nn.Module:
 W7 = "_w7"  # transform-name suffix: 7-bit weights (reduce_range targets)
 
 
-def qat_transform(keep_first_conv_fp32: bool, weight_qmax: int) -> str:
-    """The recorded name of a QAT wrapping, so a checkpoint rebuilds the same simulation."""
-    return ("qat_fp32_stem" if keep_first_conv_fp32 else "qat") + (W7 if weight_qmax < 127 else "")
+def qat_transform(weight_qmax: int, plan) -> dict:
+    """The record of a QAT wrapping (weight grid and quantization plan), so a checkpoint rebuilds
+    the same simulation."""
+    return {"qat": {"weight_qmax": weight_qmax, "plan": plan.to_json()}}
 
 
-def apply_transform(model: nn.Module, name: str) -> nn.Module:
-    """Re-apply a recorded transform when rebuilding a checkpoint (see models.rebuild)."""
+def apply_transform(model: nn.Module, name: str | dict) -> nn.Module:
+    """Re-apply a recorded transform when rebuilding a checkpoint (see models.rebuild). Checkpoints
+    from before quantization plans name their QAT wrapping as a string (`qat_fp32_stem_w7`)."""
+    if isinstance(name, dict) and "qat" in name:
+        from .plan import Plan
+
+        plan = Plan.from_json(name["qat"]["plan"])
+        return wrap_qat(model, weight_qmax=int(name["qat"]["weight_qmax"]), keep_fp32=plan.keeps_module)
     if name == "fold_bn":
         model = fold_bn(model)
         for m in model.modules():

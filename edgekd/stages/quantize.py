@@ -7,6 +7,11 @@ default, `portable`, gives the same numbers on every x86 and ARM CPU."""
 from __future__ import annotations
 
 import copy
+import itertools
+import logging
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -16,12 +21,18 @@ from pydantic import Field
 from ..schema import Strict
 from ..data import stratified_indices
 from ..metrics import classification_metrics
-from ..onnx_export import export_onnx, onnx_logits
+from ..bench.machine import int8_class, machine_info
+from ..fileio import write_json
+from ..onnx_export import export_onnx, onnx_logits, run_onnx
+from ..errors import ConfigError
+from ..quant.plan import WEIGHTED, Plan, blocks, choose, float_cost, load_graph, op_profile, rule_plan, search, unmatched_patterns
 from ..quant.ptq import quantize_onnx
 from ..quant.qat import activation_ranges, apply_transform, qat_transform, snap_weights
 from ..quant.targets import TARGET_NAMES, resolve_target
 from ..train import TrainConfig, fit
 from .base import Stage, StageResult, register
+
+log = logging.getLogger("edgekd")
 
 
 class CalibrationConfig(Strict):
@@ -47,6 +58,12 @@ class QuantizeConfig(Strict):
     activation_type: Literal["uint8", "int8"] = "uint8"
     exclude_depthwise: bool = Field(False, description="keep depthwise convs in fp32 (slower on ORT; for debugging accuracy)")
     keep_first_conv_fp32: bool = Field(True, description="keep the stem conv (raw pixels in) in fp32, in PTQ and QAT alike")
+    plan: Literal["auto", "int8"] = Field(
+        "auto", description="auto: time per-block int8/fp32 plans on onnxruntime (1 thread, batch 1) and keep the fastest "
+                            "within max_drop_points of fp32 (quant_plan.json); int8: every op the quantizer knows is int8")
+    keep_fp32: list[str] = Field(default_factory=list, description="op types (HardSigmoid), module paths or ONNX node "
+                                 "names (fnmatch patterns: features.1*, /classifier/*) that stay fp32 in every plan")
+    max_drop_points: float = Field(0.5, ge=0, description="top-1 points a plan may lose against fp32 (plan: auto)")
     qat: QATConfig = Field(default_factory=QATConfig)
 
     def teachers_used(self) -> list[tuple[str, str | None, bool, bool]]:
@@ -70,8 +87,7 @@ class Quantize(Stage):
         calib = calibration_images(data, cfg.calibration.samples, ctx.cfg.seed)
         target = resolve_target(cfg.target)
         qopts = dict(method=cfg.calibration.method, per_channel=cfg.per_channel, activation_type=cfg.activation_type,
-                     percentile=cfg.calibration.percentile, exclude_depthwise=cfg.exclude_depthwise,
-                     keep_first_conv_fp32=cfg.keep_first_conv_fp32, target=target)
+                     percentile=cfg.calibration.percentile, exclude_depthwise=cfg.exclude_depthwise, target=target)
         labels = data.test.labels.numpy()
 
         def ort_figs(path, label):
@@ -81,16 +97,19 @@ class Quantize(Stage):
         fp32 = export_onnx(copy.deepcopy(float_model), d / "student_fp32.onnx", data.image_size)
         models = {"student_fp32": {**ctx.measure(float_model), **ort_figs(fp32, "student fp32 (quantize input)")}}
         artifacts = {"onnx.student_fp32": ctx.rel(fp32)}
+        plan, plan_file, record = self._plan(ctx, fp32, calib, qopts)
+        artifacts["quant_plan"] = ctx.rel(plan_file)
         info: dict = {"calibration": cfg.calibration.model_dump(), "per_channel": cfg.per_channel,
                       "activation_type": cfg.activation_type, "keep_first_conv_fp32": cfg.keep_first_conv_fp32,
-                      "target": target.name, "weight_qmax": target.weight_qmax, "target_runs_on": target.runs_on}
+                      "target": target.name, "weight_qmax": target.weight_qmax, "target_runs_on": target.runs_on,
+                      **plan_summary(record)}
         history: list = []
         if cfg.method in ("ptq", "both"):
-            ptq = quantize_onnx(fp32, d / "int8_ptq.onnx", calib, **qopts)
+            ptq = quantize_onnx(fp32, d / "int8_ptq.onnx", calib, plan=plan, **qopts)
             models["int8_ptq"] = ort_figs(ptq, "int8 PTQ")
             artifacts["onnx.int8_ptq"] = ctx.rel(ptq)
         if cfg.method in ("qat", "both"):
-            wrap = qat_transform(cfg.keep_first_conv_fp32, target.weight_qmax)
+            wrap = qat_transform(target.weight_qmax, plan)
             qmodel = apply_transform(apply_transform(copy.deepcopy(float_model).cpu(), "fold_bn"), wrap).to(ctx.device)
             objective = ctx.objective(cfg.qat) if cfg.qat.epochs else None
             with torch.no_grad():  # initialise activation ranges on calibration images
@@ -102,7 +121,8 @@ class Quantize(Stage):
             qmodel.eval()
             sim = ctx.measure(qmodel)
             snapped = export_onnx(snap_weights(copy.deepcopy(qmodel).cpu()), d / "qat_float.onnx", data.image_size)
-            qat = quantize_onnx(snapped, d / "int8_qat.onnx", calib, activation_ranges=activation_ranges(qmodel), **qopts)
+            qat = quantize_onnx(snapped, d / "int8_qat.onnx", calib, activation_ranges=activation_ranges(qmodel), plan=plan,
+                                **qopts)
             snapped.unlink()
             models["int8_qat"] = {**ort_figs(qat, "int8 QAT"), "torch_fake_quant_top1": sim["top1"],
                                   "params": sim.get("params"), "macs": sim.get("macs")}
@@ -118,3 +138,79 @@ class Quantize(Stage):
         info["best_int8"] = best
         return StageResult(metrics=metrics, models=models, artifacts=artifacts, history=history,
                            info=info, model_changed=cfg.method != "ptq")
+
+    def _plan(self, ctx, fp32: Path, calib: np.ndarray, qopts: dict) -> tuple[Plan, Path, dict]:
+        """The quantization plan (quant.plan) and its record, quant_plan.json: measured on onnxruntime
+        for `plan: auto`, the fixed rules for `plan: int8`. Candidates are judged on the validation
+        split where there is one, else on the test split."""
+        cfg: QuantizeConfig = self.config
+        d, data = ctx.stage_dir, ctx.data
+        graph = load_graph(fp32)
+        base = rule_plan(graph, cfg.keep_first_conv_fp32, cfg.keep_fp32)
+        for i, p in unmatched_patterns(base, graph):
+            raise ConfigError(f"quantize.keep_fp32[{i}]: {p!r} matches no op type, module path or node name of the "
+                              f"model (its blocks: {', '.join(blocks(graph)[:12])}{' ...' if len(blocks(graph)) > 12 else ''})")
+        m = machine_info()
+        record: dict = {"mode": cfg.plan, "runtime": "onnxruntime", "threads": 1, "batch": 1,
+                        "machine": int8_class(m["isa"], m["arch"]), "max_drop_points": cfg.max_drop_points,
+                        "executorch": "its own PT2E XNNPACK quantizer (every op XNNPACK quantizes); the plan is not applied",
+                        "openvino": "runs the planned ONNX files (timed on onnxruntime)"}
+        plan = base
+        if cfg.plan == "auto":
+            split = data.val if data.val is not None else data.test
+            x, y = data.normalize(split.images[:]).numpy(), split.labels.numpy()
+            fp32_top1 = _top1(fp32, x, y)
+            work = d / "plan_search"
+            candidates = search(fp32, work, calib, base, lambda p, path: quantize_onnx(fp32, path, calib[:32], plan=p, **qopts))
+
+            n = itertools.count()
+
+            def evaluate(p: Plan):
+                path = quantize_onnx(fp32, work / f"eval_{next(n)}.onnx", calib, plan=p, **qopts)
+                return _top1(path, x, y), path
+
+            chosen = choose(candidates, evaluate, fp32_top1, cfg.max_drop_points)
+            plan = chosen["plan"]
+            record.update({"judged_on": "val" if data.val is not None else "test", "fp32_top1": round(fp32_top1, 3),
+                           "chosen": plan.name, "within_budget": chosen["within_budget"],
+                           "candidates": [{"plan": c["plan"].name, "p50_ms": c["p50_ms"], "fp32_p50_ms": c["fp32_p50_ms"],
+                                           "speedup_vs_fp32": c["speedup_vs_fp32"], "top1": c.get("top1"),
+                                           "drop_points": c.get("drop_points"), "fp32_blocks": sorted(c["plan"].fp32_blocks)}
+                                          for c in candidates]})
+            profile = op_profile(chosen["final_file"], calib[:1])
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            with tempfile.TemporaryDirectory() as td:
+                profile = op_profile(quantize_onnx(fp32, Path(td) / "q.onnx", calib, plan=plan, **qopts), calib[:1])
+            record["chosen"] = plan.name
+        fp32_nodes = plan.excluded_nodes(graph)
+        layers = [n.name for n in graph.node if n.op_type in WEIGHTED]
+        int8_layers = sum(n not in fp32_nodes for n in layers)
+        record.update({"plan": plan.to_json(), "fp32_nodes": fp32_nodes, "int8_layers": f"{int8_layers}/{len(layers)}",
+                       "int8_file_time": float_cost(profile), "int8_file_profile_us": profile})
+        if cfg.plan == "auto" and not int8_layers:
+            all_int8 = record["candidates"][0]
+            record["verdict"] = (f"int8 does not pay on onnxruntime for this model on this CPU ({record['machine']}): the "
+                                 f"all-int8 file ran at {all_int8['speedup_vs_fp32']}x the fp32 speed, so the int8 ONNX files "
+                                 "keep every layer fp32 (quantize.plan: int8 gives the smallest file instead)")
+            log.warning("quantize: %s", record["verdict"])
+        path = d / "quant_plan.json"
+        write_json(path, record)
+        return plan, path, record
+
+
+def _top1(path: Path, x: np.ndarray, y: np.ndarray) -> float:
+    return 100.0 * float((run_onnx(path, x).argmax(1) == y).mean())
+
+
+def plan_summary(record: dict) -> dict:
+    """A plan record's figures for the report: its stage line and the candidates table."""
+    out = {"plan": record["chosen"], "plan_int8_layers": record["int8_layers"], **({"plan_verdict": record["verdict"]} if "verdict" in record else {}),
+           "int8_file_qdq_pct": record["int8_file_time"]["quantize_dequantize_pct"],
+           "int8_file_float_ops_pct": record["int8_file_time"]["float_ops_pct"],
+           "int8_file_float_ops": ", ".join(f"{k} x{v}" for k, v in record["int8_file_time"]["float_ops"].items()) or "none"}
+    chosen = next((c for c in record.get("candidates", []) if c["plan"] == record["chosen"]), None)
+    if chosen:
+        out["plan_speedup_vs_fp32"] = chosen["speedup_vs_fp32"]
+        out["plan_candidates"] = record["candidates"]
+    return out

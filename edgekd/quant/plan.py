@@ -1,0 +1,297 @@
+"""A quantization plan: which blocks of the model run int8 and which stay fp32, and why.
+
+One global recipe ("quantize every op the quantizer knows") is right for MobileNetV2 on a VNNI
+CPU and wrong elsewhere: onnxruntime has no int8 kernel for hardswish / hardsigmoid, so in a
+MobileNetV3 every such activation between two int8 convs costs a dequantize, a float op, a
+quantize and a QLinearMul, where the fp32 graph fuses the activation into the conv; and a block
+whose tensors are tiny (late layers at 1x1 or 2x2) pays more in Q/DQ than its int8 conv saves.
+Which of these wins depends on the architecture, the input size, the runtime and the CPU, so
+the plan is measured, not guessed (NNCF's ignored scope, chosen by timing instead of by hand):
+
+- fixed rules first: the stem conv (raw pixels, 3 input channels) and the user's
+  `quantize.keep_fp32` patterns (op types or fnmatch patterns on ONNX node names or module
+  paths) stay fp32;
+- `plan: auto` then visits the blocks one by one (a block is a module path up to its first
+  index: `features.3`, `layer1.0`, `blocks.2`, `classifier`) and keeps a block fp32 when the
+  file with it in fp32 is faster on the target runtime than the file without (interleaved
+  timing, 1 thread, batch 1, medians of rounds; a margin against noise);
+- every plan visited is a candidate; the stage keeps the fastest whose top-1 stays within
+  `quantize.max_drop_points` of fp32.
+
+Blocks are named by module path, so the same plan applies to the PTQ graph, to the QAT graph
+of the same model (BN folded in PyTorch, the same node scopes) and to QAT's fake-quant wrapping
+(quant.qat.wrap_qat skips the modules the plan keeps fp32): QAT follows the plan."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("edgekd")
+
+WEIGHTED = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+STEM_REASON = "stem conv: raw pixels in, 3 input channels (quantize.keep_first_conv_fp32)"
+
+
+def module_path(node) -> str:
+    """The PyTorch module a node of a TorchScript-exported graph came from. Its scope
+    `/features/features.1/block/block.1/fc1/Conv` names each level by the attribute that holds it,
+    a container's children as `<container>.<index>`: the path is `features.1.block.1.fc1`."""
+    parts = [p for p in node.name.split("/") if p][:-1]
+    path: list[str] = []
+    for p in parts:
+        if path and p.startswith(path[-1] + "."):
+            path[-1] = p
+        else:
+            path.append(p)
+    return ".".join(path)
+
+
+def block_of(path: str) -> str:
+    """The block a module path belongs to: its components up to the first index (`features.3`,
+    `layer1.0`, `blocks.2`), or the first component where none is numeric (`classifier`, `fc`)."""
+    parts = path.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[: i + 1]) if i else parts[0]
+    return parts[0]
+
+
+def node_blocks(graph) -> dict[str, str]:
+    """Block of every (named) node. A node outside any block that holds a weight (the global pool
+    between the features and the classifier, a flatten) joins the block before it, so a block kept
+    fp32 leaves no int8 island behind it."""
+    weighted = {block_of(module_path(n)) for n in graph.node if n.op_type in WEIGHTED and module_path(n)}
+    out, last = {}, ""
+    for n in graph.node:
+        path = module_path(n)
+        b = block_of(path) if path else ""
+        if b in weighted:
+            last = b
+        out[n.name] = b if b in weighted else last
+    first = next((b for b in out.values() if b), "")
+    return {k: v or first for k, v in out.items()}  # nodes before the first weight join the first block
+
+
+def blocks(graph) -> list[str]:
+    """Blocks that hold at least one weighted node, in graph order."""
+    return list(dict.fromkeys(b for b in node_blocks(graph).values() if b))
+
+
+@dataclass
+class Plan:
+    """Blocks and single nodes kept fp32, each with the reason; everything else is int8."""
+
+    name: str
+    fp32_blocks: dict[str, str] = field(default_factory=dict)  # block -> why
+    fp32_modules: dict[str, str] = field(default_factory=dict)  # module path -> why (stem, user patterns)
+    fp32_patterns: list[str] = field(default_factory=list)  # the user's keep_fp32 entries, matched per graph
+
+    def with_block(self, block: str, why: str, name: str) -> "Plan":
+        return Plan(name, {**self.fp32_blocks, block: why}, dict(self.fp32_modules), list(self.fp32_patterns))
+
+    def keeps_module(self, path: str) -> bool:
+        """Whether a module (a conv or linear of the PyTorch model) stays fp32: QAT does not wrap it."""
+        return (path in self.fp32_modules or block_of(path) in self.fp32_blocks
+                or any(_matches(p, path, None) for p in self.fp32_patterns))
+
+    def excluded_nodes(self, graph) -> dict[str, str]:
+        """ONNX node name -> why it stays fp32, for onnxruntime's `nodes_to_exclude`."""
+        out: dict[str, str] = {}
+        nb = node_blocks(graph)
+        for n in graph.node:
+            path = module_path(n)
+            if path and path in self.fp32_modules:
+                out[n.name] = self.fp32_modules[path]
+            elif nb[n.name] in self.fp32_blocks:
+                out[n.name] = self.fp32_blocks[nb[n.name]]
+            else:
+                hit = next((p for p in self.fp32_patterns if not _is_op_type(p) and _matches(p, path, n)), None)
+                if hit is not None:
+                    out[n.name] = f"quantize.keep_fp32: {hit!r}"
+        return out
+
+    def op_types_kept_fp32(self) -> list[str]:
+        """The user's patterns that name op types: left out of the quantizer's op types (their
+        nodes may have no name, e.g. those inlined from a function, so nodes_to_exclude cannot
+        name them)."""
+        return [p for p in self.fp32_patterns if _is_op_type(p)]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "fp32_blocks": self.fp32_blocks, "fp32_modules": self.fp32_modules,
+                "keep_fp32": self.fp32_patterns}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Plan":
+        return cls(d["name"], dict(d.get("fp32_blocks", {})), dict(d.get("fp32_modules", {})), list(d.get("keep_fp32", [])))
+
+
+def _is_op_type(pattern: str) -> bool:
+    return re.fullmatch(r"[A-Z][A-Za-z]*", pattern) is not None
+
+
+def _matches(pattern: str, path: str, node) -> bool:
+    """An op type (`HardSigmoid`), or an fnmatch pattern on the module path (`features.1*`) or on
+    the ONNX node name (`/classifier/*`)."""
+    if _is_op_type(pattern):
+        return node is not None and node.op_type == pattern
+    return fnmatch.fnmatchcase(path, pattern) or (node is not None and fnmatch.fnmatchcase(node.name, pattern))
+
+
+def rule_plan(graph, keep_first_conv_fp32: bool, keep_fp32: list[str]) -> Plan:
+    """The fixed rules every plan starts from: the stem and the user's patterns."""
+    plan = Plan("int8", fp32_patterns=list(keep_fp32))
+    if keep_first_conv_fp32:
+        stem = next((n for n in graph.node if n.op_type == "Conv"), None)
+        if stem is not None:
+            plan.fp32_modules[module_path(stem) or stem.name] = STEM_REASON
+    return plan
+
+
+def unmatched_patterns(plan: Plan, graph) -> list[tuple[int, str]]:
+    """(index, pattern) of the user's keep_fp32 entries that match no node of the graph: a typo would
+    otherwise quantize what the user meant to keep."""
+    out = []
+    for i, p in enumerate(plan.fp32_patterns):
+        if not any(_matches(p, module_path(n), n) for n in graph.node):
+            out.append((i, p))
+    return out
+
+
+def load_graph(path: Path):
+    import onnx
+
+    return onnx.load(str(path)).graph
+
+
+def op_profile(path: Path, x, runs: int = 200, threads: int = 1) -> dict[str, dict]:
+    """Per op type: nodes and microseconds per inference after onnxruntime's fusions (its profiler),
+    so a plan can say which ops stay float and what they cost."""
+    import json
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+
+    warmup = 10
+    with tempfile.TemporaryDirectory() as td:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+        so.enable_profiling, so.profile_file_prefix = True, os.path.join(td, "p")
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        for _ in range(warmup + runs):
+            sess.run(None, {name: x})
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    agg: dict[str, dict] = {}
+    nodes: dict[str, set] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e["args"]["op_name"]
+            a = agg.setdefault(op, {"nodes": 0, "us": 0.0})
+            a["us"] += e["dur"]
+            nodes.setdefault(op, set()).add(e["name"])
+    for op, a in agg.items():
+        a["nodes"], a["us"] = len(nodes[op]), round(a["us"] / (warmup + runs), 1)
+    return dict(sorted(agg.items(), key=lambda kv: -kv[1]["us"]))
+
+
+# the ops left in an onnxruntime int8 file that are not int8 kernels: the price of a float island
+QDQ_OVERHEAD = ("QuantizeLinear", "DequantizeLinear")
+INT8_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
+                "QLinearAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax",
+                "MatMulInteger", "ConvInteger", "DynamicQuantizeLinear")
+
+
+def float_cost(profile: dict[str, dict]) -> dict:
+    """Split an int8 file's time into int8 kernels, Q/DQ conversions and float ops."""
+    total = sum(v["us"] for v in profile.values()) or 1.0
+    q = sum(v["us"] for k, v in profile.items() if k in QDQ_OVERHEAD)
+    i8 = sum(v["us"] for k, v in profile.items() if k in INT8_KERNELS)
+    fl = {k: v for k, v in profile.items() if k not in QDQ_OVERHEAD and k not in INT8_KERNELS}
+    return {"int8_kernels_pct": round(100 * i8 / total, 1), "quantize_dequantize_pct": round(100 * q / total, 1),
+            "float_ops_pct": round(100 * sum(v["us"] for v in fl.values()) / total, 1),
+            "float_ops": {k: v["nodes"] for k, v in fl.items()}}
+
+
+def search(fp32: Path, workdir: Path, calib, base: Plan, quantize, threads: int = 1, margin: float = 0.03,
+           budget_ms: float = 2500.0, progress: bool = True) -> list[dict]:
+    """Greedy per-block search on onnxruntime: from `base` (every block int8) keep a block fp32 when
+    that makes the file at least `margin` faster; and where the result is still not faster than
+    fp32 (MobileNetV3's hardswish islands), from every block fp32 make a block int8 when that does.
+    Each step times the candidate against the current best interleaved in the same rounds, so load
+    from another process lands on both.
+    `quantize(plan, path)` writes a file for a plan (calibrated on a few images: ranges change
+    accuracy, not speed). Returns the plans kept on the way, each with its p50 and its speed-up
+    over fp32 measured together at the end."""
+    from tqdm import tqdm
+
+    from ..bench.measure import round_ratio, time_interleaved
+    from ..bench.runtimes import RUNTIMES
+
+    rt = RUNTIMES.get("onnxruntime")()
+    x = calib[:1]
+    workdir.mkdir(parents=True, exist_ok=True)
+    graph = load_graph(fp32)
+    fp32_run = rt.load(fp32, threads)
+    t0 = time_interleaved({"fp32": fp32_run}, x, 10, 20, 1)["fp32"]["p50_ms"]
+    runs = int(max(40, min(200, budget_ms / 2 / max(t0, 1e-3))))  # per candidate pair: ~budget_ms of timing
+    todo = [b for b in blocks(graph) if b not in base.fp32_blocks]
+    files = iter(workdir / f"plan_{i}.onnx" for i in range(10**6))
+    bar = tqdm(desc="quantize plan", unit="try", disable=not progress, leave=False)
+
+    def walk(start: Plan, to_fp32: bool) -> list[tuple[Plan, Path]]:
+        kept = [(start, quantize(start, next(files)))]
+        for block in todo:
+            bar.update()
+            cur, cur_file = kept[-1]
+            k = len(kept)
+            if to_fp32:
+                cand = cur.with_block(block, "", f"int8 -{k} block{'s' * (k > 1)}")  # the reason once measured
+            else:
+                cand = Plan(f"fp32 +{k} int8 block{'s' * (k > 1)}", {b: v for b, v in cur.fp32_blocks.items() if b != block},
+                            dict(cur.fp32_modules), list(cur.fp32_patterns))
+            if cand.excluded_nodes(graph).keys() == cur.excluded_nodes(graph).keys():
+                continue  # the rules already decide this block
+            f = quantize(cand, next(files))
+            t = time_interleaved({"cur": rt.load(cur_file, threads), "cand": rt.load(f, threads)}, x, 10, runs, 10)
+            gain = round_ratio(t["cur"], t["cand"])
+            if gain >= 1 + margin:
+                if to_fp32:
+                    cand.fp32_blocks[block] = f"{gain:.2f}x faster on onnxruntime with it fp32"
+                kept.append((cand, f))
+            else:
+                f.unlink()
+        return kept
+
+    kept = walk(base, True)
+    best = time_interleaved({"fp32": fp32_run, "best": rt.load(kept[-1][1], threads)}, x, 10, runs, 10)
+    if round_ratio(best["fp32"], best["best"]) < 1 + margin:
+        # int8 does not pay block by block from the top: build up from fp32 instead
+        all_fp32 = Plan("fp32", {b: "int8 did not pay on onnxruntime" for b in todo}, dict(base.fp32_modules),
+                        list(base.fp32_patterns))
+        kept += walk(all_fp32, False)
+    bar.close()
+    timed = time_interleaved({"fp32": fp32_run, **{str(i): rt.load(f, threads) for i, (_, f) in enumerate(kept)}},
+                             x, 10, runs, 10)
+    return [{"plan": plan, "file": f, "p50_ms": timed[str(i)]["p50_ms"], "fp32_p50_ms": timed["fp32"]["p50_ms"],
+             "speedup_vs_fp32": round_ratio(timed["fp32"], timed[str(i)])} for i, (plan, f) in enumerate(kept)]
+
+
+def choose(candidates: list[dict], evaluate, fp32_top1: float, max_drop: float) -> dict:
+    """The fastest candidate whose top-1 is within `max_drop` points of fp32; `evaluate(plan)`
+    quantizes it with the full calibration set and returns (top-1, file). Candidates are tried
+    fastest first and evaluation stops at the first that holds; if none does, the most accurate
+    one is kept (`within_budget` False says so). Every candidate keeps its figures for the table."""
+    tried = []
+    for c in sorted(candidates, key=lambda c: c["p50_ms"]):
+        c["top1"], c["final_file"] = evaluate(c["plan"])
+        c["drop_points"] = round(fp32_top1 - c["top1"], 3)
+        tried.append(c)
+        if c["drop_points"] <= max_drop:
+            return {**c, "within_budget": True}
+    return {**max(tried, key=lambda c: c["top1"]), "within_budget": False}

@@ -1,0 +1,160 @@
+"""Quantization plans: blocks by module path, what a plan keeps fp32 in PTQ and QAT alike, the
+measured search and the choice within the accuracy budget (tiny models; rules, not timings)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from edgekd.models import build
+from edgekd.onnx_export import export_onnx
+from edgekd.quant.plan import (Plan, block_of, blocks, choose, float_cost, load_graph, module_path, node_blocks,
+                               op_profile, rule_plan, search, unmatched_patterns)
+from edgekd.quant.ptq import quantize_onnx
+from edgekd.quant.qat import QConv2d, apply_transform, qat_transform, snap_weights
+from test_compress import _ort_optimized_ops, tiny_data
+
+V2 = {"arch": "mobilenet_v2", "num_classes": 4, "cifar_stem": True, "width_mult": 0.25}
+V3 = {"arch": "mobilenet_v3_small", "num_classes": 4, "cifar_stem": True, "width_mult": 0.5}
+
+
+def _export(spec, tmp_path, name="fp32.onnx"):
+    model = build(spec).eval()
+    return model, export_onnx(copy.deepcopy(model), tmp_path / name, 32)
+
+
+def _calib():
+    data = tiny_data()
+    return data, data.normalize(data.train.images[:32]).numpy()
+
+
+def test_block_of_a_module_path():
+    assert block_of("features.3.block.0.0") == "features.3"
+    assert block_of("layer1.0.conv1") == "layer1.0"
+    assert block_of("blocks.2.1.conv_pw") == "blocks.2"
+    assert block_of("classifier.3") == "classifier.3"
+    assert block_of("fc") == "fc"
+
+
+def test_every_weighted_node_maps_to_a_module_of_the_model(tmp_path):
+    model, fp32 = _export(V3, tmp_path)
+    graph = load_graph(fp32)
+    modules = dict(model.named_modules())
+    weighted = [n for n in graph.node if n.op_type in ("Conv", "Gemm")]
+    assert weighted and all(isinstance(modules.get(module_path(n)), (nn.Conv2d, nn.Linear)) for n in weighted)
+    assert blocks(graph) == [f"features.{i}" for i in range(13)] + ["classifier.0", "classifier.3"]
+    # nodes outside any weighted module (the pool before the classifier, flatten) join the block before them
+    nb = node_blocks(graph)
+    assert all(nb[n.name] for n in graph.node if n.name)
+
+
+def test_a_plan_keeps_exactly_its_blocks_and_patterns_fp32_in_the_int8_file(tmp_path):
+    model, fp32 = _export(V2, tmp_path)
+    _, calib = _calib()
+    graph = load_graph(fp32)
+    base = rule_plan(graph, True, ["classifier*"])
+    plan = base.with_block("features.2", "test", "t")
+    kept = plan.excluded_nodes(graph)
+    convs_in_block = sum(1 for p, m in model.named_modules() if isinstance(m, nn.Conv2d) and block_of(p) == "features.2")
+    ops = _ort_optimized_ops(quantize_onnx(fp32, tmp_path / "q.onnx", calib, plan=plan), tmp_path)
+    n_convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert sum(v for k, v in ops.items() if k in ("Conv", "FusedConv")) == convs_in_block + 1  # the block and the stem
+    assert ops.get("QLinearConv", 0) == n_convs - convs_in_block - 1
+    assert ops.get("Gemm", 0) + ops.get("FusedGemm", 0) == 1 and "QGemm" not in ops  # classifier* kept fp32
+    assert any("classifier" in why for why in kept.values())
+    assert all(plan.keeps_module(p) == (block_of(p) == "features.2" or p.startswith("classifier") or p == "features.0.0")
+               for p, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+
+
+def test_op_type_patterns_leave_those_ops_float_even_when_their_nodes_have_no_name(tmp_path):
+    _, fp32 = _export(V3, tmp_path)
+    _, calib = _calib()
+    plan = rule_plan(load_graph(fp32), True, ["Mul"])
+    ops = _ort_optimized_ops(quantize_onnx(fp32, tmp_path / "q.onnx", calib, plan=plan), tmp_path)
+    assert "QLinearMul" not in ops and ops.get("Mul", 0) > 0
+    default = _ort_optimized_ops(quantize_onnx(fp32, tmp_path / "d.onnx", calib), tmp_path)
+    assert default.get("QLinearMul", 0) > 0  # hardswish and squeeze-excitation multiplies, int8 by default
+
+
+def test_a_keep_fp32_pattern_that_matches_nothing_is_reported(tmp_path):
+    _, fp32 = _export(V2, tmp_path)
+    graph = load_graph(fp32)
+    plan = rule_plan(graph, True, ["features.1*", "featurs.2*", "HardSwish", "Conv"])
+    assert unmatched_patterns(plan, graph) == [(1, "featurs.2*"), (2, "HardSwish")]
+
+
+def test_qat_follows_the_plan_so_its_int8_file_has_the_ptq_files_structure(tmp_path):
+    model, fp32 = _export(V2, tmp_path)
+    data, calib = _calib()
+    plan = rule_plan(load_graph(fp32), True, []).with_block("features.3", "test", "t")
+    q = apply_transform(apply_transform(copy.deepcopy(model), "fold_bn"), qat_transform(64, plan))
+    wrapped = {p for p, m in q.named_modules() if isinstance(m, QConv2d)}
+    convs = {p for p, m in q.named_modules() if isinstance(m, nn.Conv2d)}
+    assert wrapped == {p for p in convs if block_of(p) != "features.3" and p != "features.0.0"}
+    with torch.no_grad():
+        q.train()
+        q(torch.from_numpy(calib))
+    q.eval()
+    snapped = export_onnx(snap_weights(copy.deepcopy(q)), tmp_path / "snap.onnx", 32)
+    qat_ops = _ort_optimized_ops(quantize_onnx(snapped, tmp_path / "qat.onnx", calib, plan=plan), tmp_path)
+    ptq_ops = _ort_optimized_ops(quantize_onnx(fp32, tmp_path / "ptq.onnx", calib, plan=plan), tmp_path)
+    assert qat_ops == ptq_ops
+
+
+def test_choose_keeps_the_fastest_plan_within_the_budget_and_says_when_none_is():
+    plans = [Plan(n) for n in ("int8", "int8 -1 block", "int8 -2 blocks")]
+    cands = [{"plan": p, "p50_ms": t} for p, t in zip(plans, (1.0, 0.8, 0.9))]
+    top1 = {"int8": 89.0, "int8 -1 block": 88.0, "int8 -2 blocks": 89.4}
+    evaluated = []
+
+    def evaluate(p):
+        evaluated.append(p.name)
+        return top1[p.name], None
+
+    chosen = choose(cands, evaluate, 89.5, 0.5)
+    assert chosen["plan"].name == "int8 -2 blocks" and chosen["within_budget"]
+    assert evaluated == ["int8 -1 block", "int8 -2 blocks"]  # fastest first, stops at the first that holds
+    chosen = choose([dict(c) for c in cands], evaluate, 95.0, 0.5)
+    assert chosen["plan"].name == "int8 -2 blocks" and not chosen["within_budget"]  # the most accurate
+
+
+def test_search_times_real_files_and_returns_the_plans_it_kept(tmp_path):
+    _, fp32 = _export(V2, tmp_path)
+    _, calib = _calib()
+    base = rule_plan(load_graph(fp32), True, [])
+    res = search(fp32, tmp_path / "s", calib, base, lambda p, path: quantize_onnx(fp32, path, calib[:8], plan=p),
+                 budget_ms=100, progress=False)
+    assert res[0]["plan"] is base
+    for r in res:
+        assert r["file"].is_file() and r["p50_ms"] > 0 and r["speedup_vs_fp32"] > 0
+        assert r["plan"] is base or r["plan"].fp32_blocks.keys() != base.fp32_blocks.keys()
+    names = [r["plan"].name for r in res]
+    assert len(names) == len(set(names))
+
+
+def test_the_int8_files_time_splits_into_kernels_conversions_and_float_ops(tmp_path):
+    _, fp32 = _export(V3, tmp_path)
+    _, calib = _calib()
+    cost = float_cost(op_profile(quantize_onnx(fp32, tmp_path / "q.onnx", calib), calib[:1], runs=20))
+    assert cost["float_ops"].get("HardSigmoid", 0) > 0  # no int8 kernel for it in onnxruntime
+    assert cost["int8_kernels_pct"] > 0 and cost["quantize_dequantize_pct"] > 0
+    assert sum(cost[k] for k in ("int8_kernels_pct", "quantize_dequantize_pct", "float_ops_pct")) == pytest.approx(100, abs=0.5)
+
+
+def test_a_plan_with_every_layer_fp32_writes_the_fp32_graph_unchanged(tmp_path):
+    import onnx
+
+    _, fp32 = _export(V3, tmp_path)
+    _, calib = _calib()
+    graph = load_graph(fp32)
+    plan = rule_plan(graph, True, [])
+    for b in blocks(graph):
+        plan = plan.with_block(b, "int8 did not pay", "fp32")
+    q = quantize_onnx(fp32, tmp_path / "q.onnx", calib, plan=plan)
+    assert [n.op_type for n in onnx.load(str(q)).graph.node] == [n.op_type for n in graph.node]  # HardSwish kept whole
+    props = {p.key: p.value for p in onnx.load(str(q)).metadata_props}
+    assert props["edgekd.int8_layers"] == "0"
