@@ -158,3 +158,57 @@ def test_a_plan_with_every_layer_fp32_writes_the_fp32_graph_unchanged(tmp_path):
     assert [n.op_type for n in onnx.load(str(q)).graph.node] == [n.op_type for n in graph.node]  # HardSwish kept whole
     props = {p.key: p.value for p in onnx.load(str(q)).metadata_props}
     assert props["edgekd.int8_layers"] == "0"
+
+
+FAMILIES = [
+    {"arch": "mobilenet_v2", "width_mult": 0.25},
+    {"arch": "mobilenet_v3_small", "width_mult": 0.25},
+    {"arch": "mobilenet_v3_large", "width_mult": 0.25},
+    {"arch": "efficientnet_b0", "width_mult": None},
+    {"arch": "resnet18", "width_mult": None},
+]
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=[f["arch"] for f in FAMILIES])
+def test_each_family_maps_to_blocks_and_quantizes_by_plan_in_ptq_and_qat(tmp_path, family):
+    """Per architecture family: every weighted node belongs to a module of the model, a plan that
+    keeps the second block fp32 leaves exactly that block's layers float in the int8 file, and the
+    QAT wrapping skips exactly the same modules."""
+    spec = {**family, "num_classes": 4, "cifar_stem": True}
+    model, fp32 = _export(spec, tmp_path)
+    _, calib = _calib()
+    graph = load_graph(fp32)
+    modules = dict(model.named_modules())
+    assert all(module_path(n) in modules for n in graph.node if n.op_type in ("Conv", "Gemm"))
+    bl = blocks(graph)
+    assert len(bl) >= 4
+    plan = rule_plan(graph, True, []).with_block(bl[1], "test", "t")
+    layers = [p for p, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    kept = {p for p in layers if plan.keeps_module(p)}
+    assert kept == {p for p in layers if block_of(p) == bl[1]} | {layers[0]}
+    ops = _ort_optimized_ops(quantize_onnx(fp32, tmp_path / "q.onnx", calib, plan=plan), tmp_path)
+    float_layers = sum(v for k, v in ops.items() if k in ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul"))
+    int8_layers = sum(v for k, v in ops.items() if k in ("QLinearConv", "QGemm", "QLinearMatMul"))
+    assert float_layers == len(kept) and int8_layers == len(layers) - len(kept), ops
+    q = apply_transform(apply_transform(copy.deepcopy(model), "fold_bn"), qat_transform(64, plan))
+    assert {p for p, m in q.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and not hasattr(m, "act_fq")} == kept
+
+
+def test_accuracy_recovery_keeps_the_costliest_blocks_fp32_until_the_budget_holds(tmp_path):
+    from edgekd.quant.plan import recover_accuracy
+
+    _, fp32 = _export(V2, tmp_path)
+    graph = load_graph(fp32)
+    start = rule_plan(graph, True, [])
+    cost = {"features.5": 1.0, "features.2": 0.6, "features.9": 0.1}  # points each block's int8 costs
+
+    def evaluate(p):
+        return 88.5 + sum(cost.get(b, 0.0) for b in p.fp32_blocks), None
+
+    tried = recover_accuracy(start, graph, evaluate, 90.0, 0.5)
+    assert [sorted(t["plan"].fp32_blocks) for t in tried] == [["features.5"]]
+    assert tried[0]["drop_points"] == pytest.approx(0.5)
+    tried = recover_accuracy(start, graph, evaluate, 90.5, 0.0)  # never holds: stops after `limit` blocks
+    assert [sorted(t["plan"].fp32_blocks) for t in tried] == [["features.5"], ["features.2", "features.5"],
+                                                              ["features.2", "features.5", "features.9"]]
+    assert "for accuracy" in tried[-1]["plan"].fp32_blocks["features.9"]

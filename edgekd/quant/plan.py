@@ -276,20 +276,55 @@ def search(fp32: Path, workdir: Path, calib, base: Plan, quantize, threads: int 
                         list(base.fp32_patterns))
         kept += walk(all_fp32, False)
     bar.close()
-    timed = time_interleaved({"fp32": fp32_run, **{str(i): rt.load(f, threads) for i, (_, f) in enumerate(kept)}},
+    return time_plans(fp32, kept, x, runs, threads)
+
+
+def time_plans(fp32: Path, kept: list[tuple[Plan, Path]], x, runs: int, threads: int = 1) -> list[dict]:
+    """Every plan's file timed against fp32 in the same interleaved rounds: p50 and speed-up."""
+    from ..bench.measure import round_ratio, time_interleaved
+    from ..bench.runtimes import RUNTIMES
+
+    rt = RUNTIMES.get("onnxruntime")()
+    timed = time_interleaved({"fp32": rt.load(fp32, threads), **{str(i): rt.load(f, threads) for i, (_, f) in enumerate(kept)}},
                              x, 10, runs, 10)
     return [{"plan": plan, "file": f, "p50_ms": timed[str(i)]["p50_ms"], "fp32_p50_ms": timed["fp32"]["p50_ms"],
              "speedup_vs_fp32": round_ratio(timed["fp32"], timed[str(i)])} for i, (plan, f) in enumerate(kept)]
 
 
+def recover_accuracy(start: Plan, graph, evaluate, fp32_top1: float, max_drop: float, limit: int = 3) -> list[dict]:
+    """Where no timed plan holds the accuracy budget: the blocks whose int8 costs the most accuracy,
+    kept fp32 one after another (at most `limit`) until the budget holds. Each block's cost is
+    measured once alone (its top-1 with only it fp32), like NNCF's accuracy-aware ranking;
+    `evaluate(plan)` -> (top-1, file). Returns the plans tried, each with its top-1."""
+    alone = {}
+    for b in blocks(graph):
+        cand = start.with_block(b, "", f"{start.name} +fp32 {b}")
+        if b in start.fp32_blocks or cand.excluded_nodes(graph).keys() == start.excluded_nodes(graph).keys():
+            continue
+        alone[b] = evaluate(cand)
+    order = sorted(alone, key=lambda b: -alone[b][0])
+    out, plan = [], start
+    base_top1 = fp32_top1
+    for k, b in enumerate(order[:limit]):
+        plan = plan.with_block(b, f"kept fp32 for accuracy (alone: {alone[b][0]:.2f} % top-1)",
+                               f"{start.name} -{k + 1} for accuracy")
+        top1, f = alone[b] if k == 0 else evaluate(plan)
+        out.append({"plan": plan, "file": f, "top1": top1, "drop_points": round(base_top1 - top1, 3)})
+        if base_top1 - top1 <= max_drop:
+            break
+    return out
+
+
 def choose(candidates: list[dict], evaluate, fp32_top1: float, max_drop: float) -> dict:
     """The fastest candidate whose top-1 is within `max_drop` points of fp32; `evaluate(plan)`
     quantizes it with the full calibration set and returns (top-1, file). Candidates are tried
-    fastest first and evaluation stops at the first that holds; if none does, the most accurate
-    one is kept (`within_budget` False says so). Every candidate keeps its figures for the table."""
+    fastest first and evaluation stops at the first that holds (one evaluated already keeps its
+    top-1); if none does, the most accurate one is kept (`within_budget` False says so)."""
     tried = []
     for c in sorted(candidates, key=lambda c: c["p50_ms"]):
-        c["top1"], c["final_file"] = evaluate(c["plan"])
+        if c.get("top1") is None:
+            c["top1"], c["final_file"] = evaluate(c["plan"])
+        c.setdefault("final_file", c.get("file"))
         c["drop_points"] = round(fp32_top1 - c["top1"], 3)
         tried.append(c)
         if c["drop_points"] <= max_drop:

@@ -25,7 +25,8 @@ from ..bench.machine import int8_class, machine_info
 from ..fileio import write_json
 from ..onnx_export import export_onnx, onnx_logits, run_onnx
 from ..errors import ConfigError
-from ..quant.plan import WEIGHTED, Plan, blocks, choose, float_cost, load_graph, op_profile, rule_plan, search, unmatched_patterns
+from ..quant.plan import (WEIGHTED, Plan, blocks, choose, float_cost, load_graph, op_profile, recover_accuracy,
+                          rule_plan, search, time_plans, unmatched_patterns)
 from ..quant.ptq import quantize_onnx
 from ..quant.qat import activation_ranges, apply_transform, qat_transform, snap_weights
 from ..quant.targets import TARGET_NAMES, resolve_target
@@ -170,6 +171,11 @@ class Quantize(Stage):
                 return _top1(path, x, y), path
 
             chosen = choose(candidates, evaluate, fp32_top1, cfg.max_drop_points)
+            if not chosen["within_budget"]:  # keep the blocks that cost the most accuracy fp32
+                recovered = recover_accuracy(chosen["plan"], graph, evaluate, fp32_top1, cfg.max_drop_points)
+                timed = time_plans(fp32, [(c["plan"], c["file"]) for c in recovered], calib[:1], runs=100)
+                candidates += [{**c, **t} for c, t in zip(recovered, timed)]
+                chosen = choose(candidates, evaluate, fp32_top1, cfg.max_drop_points)
             plan = chosen["plan"]
             record.update({"judged_on": "val" if data.val is not None else "test", "fp32_top1": round(fp32_top1, 3),
                            "chosen": plan.name, "within_budget": chosen["within_budget"],
