@@ -13,10 +13,12 @@ the plan is measured, not guessed (NNCF's ignored scope, chosen by timing instea
   paths) stay fp32;
 - `plan: auto` then visits the blocks one by one (a block is a module path up to its first
   index: `features.3`, `layer1.0`, `blocks.2`, `classifier`) and keeps a block fp32 when the
-  file with it in fp32 is faster on the target runtime than the file without (interleaved
-  timing, 1 thread, batch 1, medians of rounds; a margin against noise);
-- every plan visited is a candidate; the stage keeps the fastest whose top-1 stays within
-  `quantize.max_drop_points` of fp32.
+  file with it in fp32 is faster on onnxruntime than the file without (interleaved timing,
+  1 thread, batch 1, medians of rounds; a margin against noise); where that still leaves the
+  file slower than fp32, it builds up from every block fp32 instead (`search`);
+- every plan kept on the way is a candidate; the stage keeps the fastest whose top-1 stays
+  within `quantize.max_drop_points` of fp32 (`choose`), and where none does, keeps fp32 the
+  blocks whose int8 costs the most accuracy (`recover_accuracy`).
 
 Blocks are named by module path, so the same plan applies to the PTQ graph, to the QAT graph
 of the same model (BN folded in PyTorch, the same node scopes) and to QAT's fake-quant wrapping
@@ -25,12 +27,9 @@ of the same model (BN folded in PyTorch, the same node scopes) and to QAT's fake
 from __future__ import annotations
 
 import fnmatch
-import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
-log = logging.getLogger("edgekd")
 
 WEIGHTED = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 STEM_REASON = "stem conv: raw pixels in, 3 input channels (quantize.keep_first_conv_fp32)"
@@ -87,7 +86,7 @@ class Plan:
 
     name: str
     fp32_blocks: dict[str, str] = field(default_factory=dict)  # block -> why
-    fp32_modules: dict[str, str] = field(default_factory=dict)  # module path -> why (stem, user patterns)
+    fp32_modules: dict[str, str] = field(default_factory=dict)  # module path -> why (the stem)
     fp32_patterns: list[str] = field(default_factory=list)  # the user's keep_fp32 entries, matched per graph
 
     def with_block(self, block: str, why: str, name: str) -> "Plan":

@@ -69,7 +69,7 @@ def quantize_onnx(src: Path, dst: Path, calib: np.ndarray, method: str = "minmax
         import onnx
 
         graph = onnx.load(str(pre)).graph
-        from .plan import rule_plan
+        from .plan import WEIGHTED, rule_plan
 
         plan = plan or rule_plan(graph, keep_first_conv_fp32, [])
         nodes_to_exclude = list(plan.excluded_nodes(graph))
@@ -78,7 +78,7 @@ def quantize_onnx(src: Path, dst: Path, calib: np.ndarray, method: str = "minmax
         input_name = graph.input[0].name
         if activation_ranges:
             extra["TensorQuantOverrides"] = _range_overrides(graph, activation_ranges)
-        weighted = [n.name for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose")]
+        weighted = [n.name for n in graph.node if n.op_type in WEIGHTED]
         if weighted and set(weighted) <= set(nodes_to_exclude) and not activation_ranges:
             # a plan that keeps every layer fp32 (int8 did not pay): the file is the fp32 graph as
             # exported, not the quantizer's rewrite of it (whose decomposed activations some
