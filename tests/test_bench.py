@@ -85,7 +85,10 @@ def test_headline_says_when_int8_is_not_faster():
               "int8_qat": {"top1": 89.5, "size_bytes": 2_500_000, "latency": lat(1.05), "label": "int8 QAT"}}
     h = headline_sentence(models)
     assert h.startswith("int8 QAT: 19.0x faster than teacher, 38x smaller, -2.5 points")
-    assert "NOTE: int8 is not faster than the fp32 student here (0.95x)" in h
+    assert "NOTE: int8 is not faster than the fp32 student here (0.95x)" in h and "quantization plan" not in h
+    models["int8_qat"]["int8_layers"] = "0/52"  # the plan kept every layer fp32: the headline says why
+    assert "the quantization plan keeps every ONNX layer fp32" in headline_sentence(models)
+    del models["int8_qat"]["int8_layers"]
     models["int8_qat"]["latency"] = lat(0.4)
     assert "int8 is 2.50x the speed of the fp32 student" in headline_sentence(models)
     # several runtimes: the headline speaks for the fastest one, with its own accuracy and file size,
