@@ -186,7 +186,8 @@ def _plan_table(info: dict) -> list[str]:
     cands = info.get("plan_candidates")
     if not isinstance(cands, list) or not cands:
         return []
-    L = ["", "Quantization plans timed on onnxruntime (1 thread, batch 1, medians of interleaved rounds); top-1 on "
+    rt = info.get("plan_runtime", "onnxruntime")
+    L = ["", f"Quantization plans timed on {rt} (1 thread, batch 1, medians of interleaved rounds); top-1 on "
              "the judging split, – where not evaluated (a faster plan already held):", "",
          "| plan | blocks kept fp32 | p50 ms | vs fp32 | top-1 % | drop (points) |", "|---|---|---|---|---|---|"]
     for c in cands:

@@ -212,3 +212,27 @@ def test_accuracy_recovery_keeps_the_costliest_blocks_fp32_until_the_budget_hold
     assert [sorted(t["plan"].fp32_blocks) for t in tried] == [["features.5"], ["features.2", "features.5"],
                                                               ["features.2", "features.5", "features.9"]]
     assert "for accuracy" in tried[-1]["plan"].fp32_blocks["features.9"]
+
+
+def test_plans_can_be_timed_on_openvino(tmp_path):
+    pytest.importorskip("openvino")
+    _, fp32 = _export(V2, tmp_path)
+    _, calib = _calib()
+    base = rule_plan(load_graph(fp32), True, [])
+    res = search(fp32, tmp_path / "s", calib, base, lambda p, path: quantize_onnx(fp32, path, calib[:8], plan=p),
+                 budget_ms=60, progress=False, runtime="openvino")
+    assert res[0]["plan"] is base and all(r["p50_ms"] > 0 and r["speedup_vs_fp32"] > 0 for r in res)
+    assert all("openvino" in why for r in res for why in r["plan"].fp32_blocks.values())
+
+
+def test_a_plan_runtime_that_is_not_installed_is_refused_before_any_data_is_read(minimal_pipeline, monkeypatch):
+    from edgekd.bench.runtimes import OpenVINO
+    from edgekd.config import validate
+    from edgekd.errors import ConfigError
+
+    monkeypatch.setattr(OpenVINO, "available", classmethod(lambda cls: "not installed (pip install 'edgekd[mobile]')"))
+    minimal_pipeline["stages"] = [{"quantize": {"method": "ptq", "plan_runtime": "openvino"}}]
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.quantize\.plan_runtime: openvino cannot time the plans here"):
+        validate(minimal_pipeline)
+    minimal_pipeline["stages"] = [{"quantize": {"method": "ptq", "plan_runtime": "openvino", "plan": "int8"}}]
+    validate(minimal_pipeline)  # nothing to time

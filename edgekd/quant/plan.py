@@ -13,7 +13,8 @@ the plan is measured, not guessed (NNCF's ignored scope, chosen by timing instea
   paths) stay fp32;
 - `plan: auto` then visits the blocks one by one (a block is a module path up to its first
   index: `features.3`, `layer1.0`, `blocks.2`, `classifier`) and keeps a block fp32 when the
-  file with it in fp32 is faster on onnxruntime than the file without (interleaved timing,
+  file with it in fp32 is faster on the runtime the files are planned for (onnxruntime by
+  default, or OpenVINO, which runs the same ONNX files) than the file without (interleaved timing,
   1 thread, batch 1, medians of rounds; a margin against noise); where that still leaves the
   file slower than fp32, it builds up from every block fp32 instead (`search`);
 - every plan kept on the way is a candidate; the stage keeps the fastest whose top-1 stays
@@ -218,8 +219,8 @@ def float_cost(profile: dict[str, dict]) -> dict:
 
 
 def search(fp32: Path, workdir: Path, calib, base: Plan, quantize, threads: int = 1, margin: float = 0.03,
-           budget_ms: float = 2500.0, progress: bool = True) -> list[dict]:
-    """Greedy per-block search on onnxruntime: from `base` (every block int8) keep a block fp32 when
+           budget_ms: float = 2500.0, progress: bool = True, runtime: str = "onnxruntime") -> list[dict]:
+    """Greedy per-block search on `runtime` (one that runs ONNX files): from `base` (every block int8) keep a block fp32 when
     that makes the file at least `margin` faster; and where the result is still not faster than
     fp32 (MobileNetV3's hardswish islands), from every block fp32 make a block int8 when that does.
     Each step times the candidate against the current best interleaved in the same rounds, so load
@@ -232,7 +233,7 @@ def search(fp32: Path, workdir: Path, calib, base: Plan, quantize, threads: int 
     from ..bench.measure import round_ratio, time_interleaved
     from ..bench.runtimes import RUNTIMES
 
-    rt = RUNTIMES.get("onnxruntime")()
+    rt = RUNTIMES.get(runtime)()
     x = calib[:1]
     workdir.mkdir(parents=True, exist_ok=True)
     graph = load_graph(fp32)
@@ -261,7 +262,7 @@ def search(fp32: Path, workdir: Path, calib, base: Plan, quantize, threads: int 
             gain = round_ratio(t["cur"], t["cand"])
             if gain >= 1 + margin:
                 if to_fp32:
-                    cand.fp32_blocks[block] = f"{gain:.2f}x faster on onnxruntime with it fp32"
+                    cand.fp32_blocks[block] = f"{gain:.2f}x faster on {runtime} with it fp32"
                 kept.append((cand, f))
             else:
                 f.unlink()
@@ -271,19 +272,20 @@ def search(fp32: Path, workdir: Path, calib, base: Plan, quantize, threads: int 
     best = time_interleaved({"fp32": fp32_run, "best": rt.load(kept[-1][1], threads)}, x, 10, runs, 10)
     if round_ratio(best["fp32"], best["best"]) < 1 + margin:
         # int8 does not pay block by block from the top: build up from fp32 instead
-        all_fp32 = Plan("fp32", {b: "int8 did not pay on onnxruntime" for b in todo}, dict(base.fp32_modules),
+        all_fp32 = Plan("fp32", {b: f"int8 did not pay on {runtime}" for b in todo}, dict(base.fp32_modules),
                         list(base.fp32_patterns))
         kept += walk(all_fp32, False)
     bar.close()
-    return time_plans(fp32, kept, x, runs, threads)
+    return time_plans(fp32, kept, x, runs, threads, runtime)
 
 
-def time_plans(fp32: Path, kept: list[tuple[Plan, Path]], x, runs: int, threads: int = 1) -> list[dict]:
+def time_plans(fp32: Path, kept: list[tuple[Plan, Path]], x, runs: int, threads: int = 1,
+               runtime: str = "onnxruntime") -> list[dict]:
     """Every plan's file timed against fp32 in the same interleaved rounds: p50 and speed-up."""
     from ..bench.measure import round_ratio, time_interleaved
     from ..bench.runtimes import RUNTIMES
 
-    rt = RUNTIMES.get("onnxruntime")()
+    rt = RUNTIMES.get(runtime)()
     timed = time_interleaved({"fp32": rt.load(fp32, threads), **{str(i): rt.load(f, threads) for i, (_, f) in enumerate(kept)}},
                              x, 10, runs, 10)
     return [{"plan": plan, "file": f, "p50_ms": timed[str(i)]["p50_ms"], "fp32_p50_ms": timed["fp32"]["p50_ms"],

@@ -60,12 +60,21 @@ class QuantizeConfig(Strict):
     exclude_depthwise: bool = Field(False, description="keep depthwise convs in fp32 (slower on ORT; for debugging accuracy)")
     keep_first_conv_fp32: bool = Field(True, description="keep the stem conv (raw pixels in) in fp32, in PTQ and QAT alike")
     plan: Literal["auto", "int8"] = Field(
-        "auto", description="auto: time per-block int8/fp32 plans on onnxruntime (1 thread, batch 1) and keep the fastest "
+        "auto", description="auto: time per-block int8/fp32 plans on plan_runtime (1 thread, batch 1) and keep the fastest "
                             "within max_drop_points of fp32 (quant_plan.json); int8: every op the quantizer knows is int8")
+    plan_runtime: Literal["onnxruntime", "openvino"] = Field(
+        "onnxruntime", description="the runtime `plan: auto` times the ONNX files on (the one you deploy them with)")
     keep_fp32: list[str] = Field(default_factory=list, description="op types (HardSigmoid), module paths or ONNX node "
                                  "names (fnmatch patterns: features.1*, /classifier/*) that stay fp32 in every plan")
     max_drop_points: float = Field(0.5, ge=0, description="top-1 points a plan may lose against fp32 (plan: auto)")
     qat: QATConfig = Field(default_factory=QATConfig)
+
+    def pipeline_problems(self, pipeline) -> list[tuple[str, str]]:
+        """Checked before any data is decoded: the runtime that times the plans must be installed."""
+        from ..bench.runtimes import RUNTIMES
+
+        why = RUNTIMES.get(self.plan_runtime).available() if self.plan == "auto" else None
+        return [("plan_runtime", f"{self.plan_runtime} cannot time the plans here: {why}")] if why else []
 
     def teachers_used(self) -> list[tuple[str, str | None, bool, bool]]:
         return [(f"qat.{k}", *rest) for k, *rest in self.qat.teachers_used()] if self.method != "ptq" and self.qat.epochs else []
@@ -153,17 +162,19 @@ class Quantize(Stage):
             raise ConfigError(f"quantize.keep_fp32[{i}]: {p!r} matches no op type, module path or node name of the "
                               f"model (its blocks: {', '.join(blocks(graph)[:12])}{' ...' if len(blocks(graph)) > 12 else ''})")
         m = machine_info()
-        record: dict = {"mode": cfg.plan, "runtime": "onnxruntime", "threads": 1, "batch": 1,
+        record: dict = {"mode": cfg.plan, "runtime": cfg.plan_runtime, "threads": 1, "batch": 1,
                         "machine": int8_class(m["isa"], m["arch"]), "max_drop_points": cfg.max_drop_points,
                         "executorch": "its own PT2E XNNPACK quantizer (every op XNNPACK quantizes); the plan is not applied",
-                        "openvino": "runs the planned ONNX files (timed on onnxruntime)"}
+                        "onnx_files_run_by": "onnxruntime and OpenVINO: one ONNX file per variant, planned for plan_runtime",
+                        "int8_file_time_on": "onnxruntime (its profiler)"}
         plan = base
         if cfg.plan == "auto":
             split = data.val if data.val is not None else data.test
             x, y = data.normalize(split.images[:]).numpy(), split.labels.numpy()
             fp32_top1 = _top1(fp32, x, y)
             work = d / "plan_search"
-            candidates = search(fp32, work, calib, base, lambda p, path: quantize_onnx(fp32, path, calib[:32], plan=p, **qopts))
+            candidates = search(fp32, work, calib, base, lambda p, path: quantize_onnx(fp32, path, calib[:32], plan=p, **qopts),
+                                runtime=cfg.plan_runtime)
 
             n = itertools.count()
 
@@ -174,7 +185,7 @@ class Quantize(Stage):
             chosen = choose(candidates, evaluate, fp32_top1, cfg.max_drop_points)
             if not chosen["within_budget"]:  # keep the blocks that cost the most accuracy fp32
                 recovered = recover_accuracy(chosen["plan"], graph, evaluate, fp32_top1, cfg.max_drop_points)
-                timed = time_plans(fp32, [(c["plan"], c["file"]) for c in recovered], calib[:1], runs=100)
+                timed = time_plans(fp32, [(c["plan"], c["file"]) for c in recovered], calib[:1], 100, runtime=cfg.plan_runtime)
                 candidates += [{**c, **t} for c, t in zip(recovered, timed)]
                 chosen = choose(candidates, evaluate, fp32_top1, cfg.max_drop_points)
             plan = chosen["plan"]
@@ -197,7 +208,7 @@ class Quantize(Stage):
                        "int8_file_time": float_cost(profile), "int8_file_profile_us": profile})
         if cfg.plan == "auto" and not int8_layers:
             all_int8 = record["candidates"][0]
-            record["verdict"] = (f"int8 does not pay on onnxruntime for this model on this CPU ({record['machine']}): the "
+            record["verdict"] = (f"int8 does not pay on {cfg.plan_runtime} for this model on this CPU ({record['machine']}): the "
                                  f"all-int8 file ran at {all_int8['speedup_vs_fp32']}x the fp32 speed, so the int8 ONNX files "
                                  "keep every layer fp32 (quantize.plan: int8 gives the smallest file instead)")
             log.warning("quantize: %s", record["verdict"])
@@ -212,7 +223,7 @@ def _top1(path: Path, x: np.ndarray, y: np.ndarray) -> float:
 
 def plan_summary(record: dict) -> dict:
     """A plan record's figures for the report: its stage line and the candidates table."""
-    out = {"plan": record["chosen"], "plan_int8_layers": record["int8_layers"], **({"plan_verdict": record["verdict"]} if "verdict" in record else {}),
+    out = {"plan": record["chosen"], "plan_runtime": record["runtime"], "plan_int8_layers": record["int8_layers"], **({"plan_verdict": record["verdict"]} if "verdict" in record else {}),
            "int8_file_qdq_pct": record["int8_file_time"]["quantize_dequantize_pct"],
            "int8_file_float_ops_pct": record["int8_file_time"]["float_ops_pct"],
            "int8_file_float_ops": ", ".join(f"{k} x{v}" for k, v in record["int8_file_time"]["float_ops"].items()) or "none"}
