@@ -91,12 +91,12 @@ def main() -> int:
     calib = calibration_images(data, 500, 0)
     fp32 = export_onnx(copy.deepcopy(model), out / "fp32.onnx", 32)
     files, fake_quant = {}, {}
+    stem_fp32 = rule_plan(load_graph(fp32), True, [])
     for target in ("portable", "x86_vnni"):
         t = TARGETS[target]
         for stem in ("fp32", "int8"):
             files[f"ptq {target} stem-{stem}"] = quantize_onnx(fp32, out / f"ptq_{target}_stem{stem}.onnx", calib,
                                                                 target=t, keep_first_conv_fp32=stem == "fp32")
-        stem_fp32 = rule_plan(load_graph(fp32), True, [])
         q = apply_transform(apply_transform(copy.deepcopy(model), "fold_bn"), qat_transform(t.weight_qmax, stem_fp32))
         with torch.no_grad():
             q.train()

@@ -77,8 +77,8 @@ def headline_sentence(models: dict[str, dict]) -> str:
             if r < 1.1:
                 text += f"; NOTE: int8 is not faster than the fp32 student {'on ' + k if len(ratios) > 1 else 'here'} ({r:.2f}x)"
         if str(m.get("int8_layers", "")).startswith("0/") and any(r < 1.1 for r, _ in ratios):
-            text += ("; the quantization plan keeps every ONNX layer fp32: int8 did not pay on onnxruntime "
-                     "on this CPU (quant_plan.json says what it cost)")
+            text += (f"; the quantization plan keeps every ONNX layer fp32: int8 did not pay on "
+                     f"{m.get('plan_runtime', 'onnxruntime')} on this CPU (quant_plan.json says what it cost)")
     return text
 
 

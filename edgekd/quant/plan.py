@@ -187,17 +187,15 @@ def op_profile(path: Path, x, runs: int = 200, threads: int = 1) -> dict[str, di
             sess.run(None, {name: x})
         with open(sess.end_profiling()) as f:
             events = json.load(f)
-    agg: dict[str, dict] = {}
+    us: dict[str, float] = {}
     nodes: dict[str, set] = {}
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
             op = e["args"]["op_name"]
-            a = agg.setdefault(op, {"nodes": 0, "us": 0.0})
-            a["us"] += e["dur"]
+            us[op] = us.get(op, 0.0) + e["dur"]
             nodes.setdefault(op, set()).add(e["name"])
-    for op, a in agg.items():
-        a["nodes"], a["us"] = len(nodes[op]), round(a["us"] / (warmup + runs), 1)
-    return dict(sorted(agg.items(), key=lambda kv: -kv[1]["us"]))
+    return {op: {"nodes": len(nodes[op]), "us": round(t / (warmup + runs), 1)}
+            for op, t in sorted(us.items(), key=lambda kv: -kv[1])}
 
 
 # the ops left in an onnxruntime int8 file that are not int8 kernels: the price of a float island
@@ -220,9 +218,10 @@ def float_cost(profile: dict[str, dict]) -> dict:
 
 def search(fp32: Path, workdir: Path, calib, base: Plan, quantize, threads: int = 1, margin: float = 0.03,
            budget_ms: float = 2500.0, progress: bool = True, runtime: str = "onnxruntime") -> list[dict]:
-    """Greedy per-block search on `runtime` (one that runs ONNX files): from `base` (every block int8) keep a block fp32 when
-    that makes the file at least `margin` faster; and where the result is still not faster than
-    fp32 (MobileNetV3's hardswish islands), from every block fp32 make a block int8 when that does.
+    """Greedy per-block search on `runtime` (one that runs ONNX files): from `base` (every block
+    int8) keep a block fp32 when that makes the file at least `margin` faster; and where the
+    result is still not faster than fp32 (MobileNetV3's hardswish islands), from every block fp32
+    make a block int8 when that does.
     Each step times the candidate against the current best interleaved in the same rounds, so load
     from another process lands on both.
     `quantize(plan, path)` writes a file for a plan (calibrated on a few images: ranges change
@@ -298,20 +297,20 @@ def recover_accuracy(start: Plan, graph, evaluate, fp32_top1: float, max_drop: f
     measured once alone (its top-1 with only it fp32), like NNCF's accuracy-aware ranking;
     `evaluate(plan)` -> (top-1, file). Returns the plans tried, each with its top-1."""
     alone = {}
+    start_nodes = start.excluded_nodes(graph).keys()
     for b in blocks(graph):
         cand = start.with_block(b, "", f"{start.name} +fp32 {b}")
-        if b in start.fp32_blocks or cand.excluded_nodes(graph).keys() == start.excluded_nodes(graph).keys():
+        if b in start.fp32_blocks or cand.excluded_nodes(graph).keys() == start_nodes:
             continue
         alone[b] = evaluate(cand)
     order = sorted(alone, key=lambda b: -alone[b][0])
     out, plan = [], start
-    base_top1 = fp32_top1
     for k, b in enumerate(order[:limit]):
         plan = plan.with_block(b, f"kept fp32 for accuracy (alone: {alone[b][0]:.2f} % top-1)",
                                f"{start.name} -{k + 1} for accuracy")
         top1, f = alone[b] if k == 0 else evaluate(plan)
-        out.append({"plan": plan, "file": f, "top1": top1, "drop_points": round(base_top1 - top1, 3)})
-        if base_top1 - top1 <= max_drop:
+        out.append({"plan": plan, "file": f, "top1": top1, "drop_points": round(fp32_top1 - top1, 3)})
+        if fp32_top1 - top1 <= max_drop:
             break
     return out
 

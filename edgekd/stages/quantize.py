@@ -10,7 +10,6 @@ import copy
 import itertools
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -107,7 +106,7 @@ class Quantize(Stage):
         fp32 = export_onnx(copy.deepcopy(float_model), d / "student_fp32.onnx", data.image_size)
         models = {"student_fp32": {**ctx.measure(float_model), **ort_figs(fp32, "student fp32 (quantize input)")}}
         artifacts = {"onnx.student_fp32": ctx.rel(fp32)}
-        plan, plan_file, record = self._plan(ctx, fp32, calib, qopts)
+        plan, plan_file, record, planned = self._plan(ctx, fp32, calib, qopts)
         artifacts["quant_plan"] = ctx.rel(plan_file)
         info: dict = {"calibration": cfg.calibration.model_dump(), "per_channel": cfg.per_channel,
                       "activation_type": cfg.activation_type, "keep_first_conv_fp32": cfg.keep_first_conv_fp32,
@@ -115,9 +114,10 @@ class Quantize(Stage):
                       **plan_summary(record)}
         history: list = []
         if cfg.method in ("ptq", "both"):
-            ptq = quantize_onnx(fp32, d / "int8_ptq.onnx", calib, plan=plan, **qopts)
-            models["int8_ptq"] = ort_figs(ptq, "int8 PTQ")
-            artifacts["onnx.int8_ptq"] = ctx.rel(ptq)
+            models["int8_ptq"] = ort_figs(planned, "int8 PTQ")
+            artifacts["onnx.int8_ptq"] = ctx.rel(planned)
+        else:
+            planned.unlink()
         if cfg.method in ("qat", "both"):
             wrap = qat_transform(target.weight_qmax, plan)
             qmodel = apply_transform(apply_transform(copy.deepcopy(float_model).cpu(), "fold_bn"), wrap).to(ctx.device)
@@ -142,7 +142,7 @@ class Quantize(Stage):
         for k in ("int8_ptq", "int8_qat"):
             if k in models:
                 models[k].update({"params": models["student_fp32"].get("params"), "macs": models["student_fp32"].get("macs"),
-                                  "int8_layers": record["int8_layers"]})
+                                  "int8_layers": record["int8_layers"], "plan_runtime": record["runtime"]})
                 info[f"{k}_drop_points"] = round(models["student_fp32"]["top1"] - models[k]["top1"], 3)
         best = max((k for k in models if k.startswith("int8")), key=lambda k: models[k]["top1"])
         metrics = {k: v for k, v in models[best].items() if k != "label"}
@@ -150,10 +150,11 @@ class Quantize(Stage):
         return StageResult(metrics=metrics, models=models, artifacts=artifacts, history=history,
                            info=info, model_changed=cfg.method != "ptq")
 
-    def _plan(self, ctx, fp32: Path, calib: np.ndarray, qopts: dict) -> tuple[Plan, Path, dict]:
-        """The quantization plan (quant.plan) and its record, quant_plan.json: measured on onnxruntime
-        for `plan: auto`, the fixed rules for `plan: int8`. Candidates are judged on the validation
-        split where there is one, else on the test split."""
+    def _plan(self, ctx, fp32: Path, calib: np.ndarray, qopts: dict) -> tuple[Plan, Path, dict, Path]:
+        """The quantization plan (quant.plan), its record (quant_plan.json) and the PTQ file of the
+        plan (`int8_ptq.onnx`, fully calibrated: the file the plan was judged and profiled on):
+        measured on plan_runtime for `plan: auto`, the fixed rules for `plan: int8`. Candidates are
+        judged on the validation split where there is one, else on the test split."""
         cfg: QuantizeConfig = self.config
         d, data = ctx.stage_dir, ctx.data
         graph = load_graph(fp32)
@@ -195,12 +196,12 @@ class Quantize(Stage):
                                            "speedup_vs_fp32": c["speedup_vs_fp32"], "top1": c.get("top1"),
                                            "drop_points": c.get("drop_points"), "fp32_blocks": sorted(c["plan"].fp32_blocks)}
                                           for c in candidates]})
-            profile = op_profile(chosen["final_file"], calib[:1])
+            planned = Path(shutil.move(chosen["final_file"], d / "int8_ptq.onnx"))
             shutil.rmtree(work, ignore_errors=True)
         else:
-            with tempfile.TemporaryDirectory() as td:
-                profile = op_profile(quantize_onnx(fp32, Path(td) / "q.onnx", calib, plan=plan, **qopts), calib[:1])
+            planned = quantize_onnx(fp32, d / "int8_ptq.onnx", calib, plan=plan, **qopts)
             record["chosen"] = plan.name
+        profile = op_profile(planned, calib[:1])
         fp32_nodes = plan.excluded_nodes(graph)
         layers = [n.name for n in graph.node if n.op_type in WEIGHTED]
         int8_layers = sum(n not in fp32_nodes for n in layers)
@@ -214,7 +215,7 @@ class Quantize(Stage):
             log.warning("quantize: %s", record["verdict"])
         path = d / "quant_plan.json"
         write_json(path, record)
-        return plan, path, record
+        return plan, path, record, planned
 
 
 def _top1(path: Path, x: np.ndarray, y: np.ndarray) -> float:
@@ -223,7 +224,8 @@ def _top1(path: Path, x: np.ndarray, y: np.ndarray) -> float:
 
 def plan_summary(record: dict) -> dict:
     """A plan record's figures for the report: its stage line and the candidates table."""
-    out = {"plan": record["chosen"], "plan_runtime": record["runtime"], "plan_int8_layers": record["int8_layers"], **({"plan_verdict": record["verdict"]} if "verdict" in record else {}),
+    out = {"plan": record["chosen"], "plan_runtime": record["runtime"], "plan_int8_layers": record["int8_layers"],
+           **({"plan_verdict": record["verdict"]} if "verdict" in record else {}),
            "int8_file_qdq_pct": record["int8_file_time"]["quantize_dequantize_pct"],
            "int8_file_float_ops_pct": record["int8_file_time"]["float_ops_pct"],
            "int8_file_float_ops": ", ".join(f"{k} x{v}" for k, v in record["int8_file_time"]["float_ops"].items()) or "none"}
