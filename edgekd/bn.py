@@ -22,11 +22,14 @@ def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 
 def _batches(data: Data, images: int, seed: int, device: torch.device):
-    """`images` training images (a seeded sample, no augmentation) in training-size batches."""
+    """`images` training images (a seeded sample, no augmentation) in training-size batches; a
+    lone last image joins the batch before it (batch statistics need two)."""
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(data.train), generator=gen)[:images]
-    for s in range(0, len(idx), data.batch_size):
-        i = idx[s : s + data.batch_size]
+    chunks = list(idx.split(data.batch_size))
+    if len(chunks) > 1 and len(chunks[-1]) == 1:
+        chunks[-2:] = [torch.cat(chunks[-2:])]
+    for i in chunks:
         yield data.normalize(data.train.images[i].to(device)), data.train.labels[i].to(device)
 
 

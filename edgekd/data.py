@@ -5,6 +5,12 @@ once into a uint8 N x C x H x W array and cached on disk under a key derived fro
 input *bytes* (archive hash, or the hash of every image file), never from a name.
 Augmentation (padded random crop, horizontal flip) then runs on whole batches of tensors.
 
+Images keep their aspect ratio: each is resized so its short side is `data.store_size`
+(default `data.image_size`) and centre-cropped to a square. With a store size larger than the
+image size, training takes its random (resized) crops of `image_size` from the whole stored
+image while evaluation sees its centre crop, torchvision's Resize(256) + CenterCrop(224)
+without decoding anything twice.
+
 A decoded split that fits comfortably in RAM (a quarter of it, at most 4 GiB: CIFAR-10 is
 150 MB) is read into memory; a larger one is memory-mapped, so a dataset larger than RAM
 trains with batches read through the page cache (`MappedImages`). The decode itself
@@ -53,41 +59,70 @@ class MappedImages:
     through the page cache, so the process never holds the whole array; a selection (subset,
     validation split) is a new list of rows, not a copy of the pixels."""
 
-    def __init__(self, base: torch.Tensor, rows: torch.Tensor | None = None):
+    def __init__(self, base: torch.Tensor, rows: torch.Tensor | None = None, size: int | None = None):
         self.base = base
         self.rows = torch.arange(len(base)) if rows is None else rows
+        self.size = size or base.shape[-1]  # a centre crop of this side, where smaller than the stored images
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((len(self.rows), *self.base.shape[1:]))
+        return torch.Size((len(self.rows), self.base.shape[1], self.size, self.size))
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, key) -> torch.Tensor:
         rows = self.rows[key]
-        return self.base[rows].clone() if rows.ndim == 0 else self.base[rows]
+        return centre_crop(self.base[rows].clone() if rows.ndim == 0 else self.base[rows], self.size)
 
     def select(self, idx: torch.Tensor) -> "MappedImages":
-        return MappedImages(self.base, self.rows[idx])
+        return MappedImages(self.base, self.rows[idx], self.size)
+
+    def cropped(self, size: int) -> "MappedImages":
+        return MappedImages(self.base, self.rows, size)
+
+
+def centre_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The centre size x size window of a ... x H x W batch: a view, no copy."""
+    h, w = x.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return x if (h, w) == (size, size) else x[..., top : top + size, left : left + size]
 
 
 @dataclass
 class Split:
-    images: torch.Tensor | MappedImages  # uint8, N x 3 x H x W
+    images: torch.Tensor | MappedImages  # uint8, N x 3 x S x S: what evaluation sees (the centre crop of `stored`)
     labels: torch.Tensor  # int64, N
     classes: list[str]
     key: str = ""  # content hash: changes whenever the bytes (or the selection) change
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, why) left out by data.skip_bad_images
+    stored: torch.Tensor | MappedImages | None = None  # the decoded images where larger than `images` (data.store_size)
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def full(self) -> torch.Tensor | MappedImages:
+        """The whole stored images, from which training crops are taken."""
+        return self.images if self.stored is None else self.stored
+
     def select(self, idx: np.ndarray, tag: str) -> "Split":
         idx_t = torch.as_tensor(np.sort(idx), dtype=torch.long)
         key = hashlib.sha256(f"{self.key}/{tag}/{idx_t.numpy().tobytes().hex()}".encode()).hexdigest()
-        images = self.images.select(idx_t) if isinstance(self.images, MappedImages) else self.images[idx_t]
-        return Split(images, self.labels[idx_t], self.classes, key, self.skipped)
+        full = self.full.select(idx_t) if isinstance(self.full, MappedImages) else self.full[idx_t]
+        return Split.at_size(full, self.labels[idx_t], self.classes, key, self.skipped, self.size)
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[-1])
+
+    @staticmethod
+    def at_size(full, labels, classes, key, skipped, size: int) -> "Split":
+        """A split whose stored images `full` are seen at `size` (their centre crop) outside training."""
+        if full.shape[-1] == size:
+            return Split(full, labels, classes, key, skipped)
+        view = full.cropped(size) if isinstance(full, MappedImages) else centre_crop(full, size)
+        return Split(view, labels, classes, key, skipped, stored=full)
 
 
 @dataclass
@@ -118,6 +153,11 @@ class Data:
     @property
     def image_size(self) -> int:
         return int(self.train.images.shape[-1])
+
+    @property
+    def store_size(self) -> int:
+        """The short side images were resized to before their centre crop of image_size."""
+        return int(self.train.full.shape[-1])
 
     def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean, device=x_uint8.device).view(1, 3, 1, 1)
@@ -247,18 +287,24 @@ def _list_image_folder(folder: Path) -> tuple[list[Path], list[int], list[str]]:
 
 
 def _decode(args: tuple[str, int, int]) -> np.ndarray | str:
+    """One image as uint8 3 x size x size: short side resized to `size` (bilinear), centre crop."""
     from PIL import Image
 
     path, size, max_pixels = args
     Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's own bomb check then agrees with ours
     try:
         with Image.open(path) as im:
-            if im.size[0] * im.size[1] > max_pixels:  # the header alone: nothing decoded yet
-                return f"{im.size[0]}x{im.size[1]} pixels, over data.max_image_pixels ({max_pixels:,})"
+            w, h = im.size
+            if w * h > max_pixels:  # the header alone: nothing decoded yet
+                return f"{w}x{h} pixels, over data.max_image_pixels ({max_pixels:,})"
             im = im.convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+            if (w, h) != (size, size):
+                scale = size / min(w, h)
+                w, h = max(size, round(w * scale)), max(size, round(h * scale))
+                im = im.resize((w, h), Image.BILINEAR)
+            pixels = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+            top, left = (h - size) // 2, (w - size) // 2
+            return pixels[:, top : top + size, left : left + size].copy()
     except Exception as e:  # PIL raises many types for corrupt files
         return f"{type(e).__name__}: {e}"
 
@@ -277,20 +323,23 @@ def _check_classes(folder: Path, labels: torch.Tensor, classes: list[str]) -> No
 
 def _load_image_folder(folder: Path, cfg: DataConfig, cache: Path) -> Split:
     files, labels, classes = _list_image_folder(folder)
-    h = hashlib.sha256(f"size={cfg.image_size} skip_bad={cfg.skip_bad_images} max_pixels={cfg.max_image_pixels}".encode())
+    store = cfg.store_size or cfg.image_size
+    h = hashlib.sha256(f"size={store} fit=short_side_centre_crop skip_bad={cfg.skip_bad_images} "
+                       f"max_pixels={cfg.max_image_pixels}".encode())
     for f in files:
         h.update(str(f.relative_to(folder)).encode())
         h.update(f.read_bytes())
     key = h.hexdigest()
     pixels, meta_path = cache / "tensors" / f"{key[:32]}.u8", cache / "tensors" / f"{key[:32]}.meta.pt"
-    split = _read_decoded(pixels, meta_path, key)
+    split = _read_decoded(pixels, meta_path, key, cfg.image_size)
     if split is not None:
         _warn_skipped(split.skipped)
         _check_classes(folder, split.labels, split.classes)
         return split
     from tqdm import tqdm
 
-    jobs = [(str(f), cfg.image_size, cfg.max_image_pixels) for f in files]
+    _check_free_space(pixels.parent, len(files) * 3 * store * store)
+    jobs = [(str(f), store, cfg.max_image_pixels) for f in files]
     workers = min(4, os.cpu_count() or 1)
     keep, bad = [], []
     # pixels stream to the file as they are decoded (in order); it takes its name only when complete
@@ -313,15 +362,25 @@ def _load_image_folder(folder: Path, cfg: DataConfig, cache: Path) -> Split:
         out.flush()
         os.fsync(out.fileno())
     _warn_skipped(bad)
-    shape = [len(keep), 3, cfg.image_size, cfg.image_size]
+    shape = [len(keep), 3, store, store]
     save_torch(meta_path, {"shape": shape, "labels": labels_t, "classes": classes, "skipped": [list(b) for b in bad]})
-    split = _read_decoded(pixels, meta_path, key)
+    split = _read_decoded(pixels, meta_path, key, cfg.image_size)
     if split is None:
         raise EdgekdError(f"{pixels}: the decoded images just written cannot be read back")
     return split
 
 
-def _read_decoded(pixels: Path, meta_path: Path, key: str) -> Split | None:
+def _check_free_space(folder: Path, nbytes: int) -> None:
+    """Refuse a decode the disk cannot hold before spending minutes on it (a disk that fills
+    during the decode anyway fails the write, and the partial file is removed: fileio)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if nbytes > free:
+        raise EdgekdError(f"{folder}: the decoded images need {nbytes:,} bytes but {free:,} are free; free space, "
+                          "set data.cache_dir to a larger disk, or lower data.store_size / data.image_size")
+
+
+def _read_decoded(pixels: Path, meta_path: Path, key: str, size: int) -> Split | None:
     """A decoded split from the cache, or None where it is absent or incomplete. The metadata is
     written after the pixel file is complete, and the pixel file's size must match it, so an
     interrupted decode is never read as valid."""
@@ -340,7 +399,7 @@ def _read_decoded(pixels: Path, meta_path: Path, key: str) -> Split | None:
     except Exception as e:
         log.warning("decoded-image cache %s is unreadable (%s); decoding again", pixels, str(e).splitlines()[0][:120])
         return None
-    return Split(images, meta["labels"], list(meta["classes"]), key, [tuple(b) for b in meta["skipped"]])
+    return Split.at_size(images, meta["labels"], list(meta["classes"]), key, [tuple(b) for b in meta["skipped"]], size)
 
 
 def _warn_skipped(bad: list[tuple[str, str]]) -> None:
@@ -360,11 +419,12 @@ def _load_torchvision(name: str, cfg: DataConfig, train: bool) -> Split:
         hint = "" if cfg.download else " (set data.download: true to fetch it)"
         raise InputError(f"data.source {name}: {e}{hint}") from None
     images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
-    if images.shape[-1] != cfg.image_size:
-        images = F.interpolate(images.float(), size=cfg.image_size, mode="bilinear").round().clamp(0, 255).to(torch.uint8)
+    store = cfg.store_size or cfg.image_size
+    if images.shape[-1] != store:
+        images = F.interpolate(images.float(), size=store, mode="bilinear").round().clamp(0, 255).to(torch.uint8)
     labels = torch.tensor(ds.targets, dtype=torch.long)
     key = hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()  # every byte it stands for
-    return Split(images, labels, list(ds.classes), key)
+    return Split.at_size(images, labels, list(ds.classes), key, [], cfg.image_size)
 
 
 # ----------------------------------------------------------------------------- selection
@@ -442,39 +502,58 @@ def resized_crop_boxes(b: int, h: int, w: int, gen: torch.Generator) -> torch.Te
     return torch.stack([x1, y1, x1 + cw, y1 + ch], dim=1)
 
 
-def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator, pad: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded (reflect) random crop or random-resized crop, and/or horizontal flip, on a
-    uint8/float batch.
+def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator, pad: int = 4,
+                  size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random crop (reflect-padded by `pad` where the images are no larger than `size`) or
+    random-resized crop, and/or horizontal flip, on a uint8/float batch of stored images; crops
+    come out at `size` x `size` (default: the images' own size).
 
     Returns the batch and a bool mask of flipped samples (teacher-logit caches use it)."""
     b = x.shape[0]
+    h, w = x.shape[-2:]
+    oh, ow = (size, size) if size else (h, w)
     flip = torch.zeros(b, dtype=torch.bool)
     if mode == "none":
-        return x, flip
+        return (centre_crop(x, size) if size else x), flip
     if mode == "resized_crop_flip":  # every crop resampled to the input size in one batched bilinear op
         from torchvision.ops import roi_align
 
-        h, w = x.shape[-2:]
         boxes = torch.cat([torch.arange(b, dtype=torch.float32)[:, None], resized_crop_boxes(b, h, w, gen)], dim=1)
-        x = roi_align(x.float(), boxes, output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        x = roi_align(x.float(), boxes, output_size=(oh, ow), spatial_scale=1.0, sampling_ratio=2, aligned=True)
     elif mode == "crop_flip":
-        h, w = x.shape[-2:]
-        padded = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect")
-        oy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-        ox = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-        rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
-        cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
+        pad = pad if (h, w) == (oh, ow) else 0  # stored images larger than the crop need no padding
+        padded = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect") if pad else x.float()
+        oy = torch.randint(0, h + 2 * pad - oh + 1, (b,), generator=gen)
+        ox = torch.randint(0, w + 2 * pad - ow + 1, (b,), generator=gen)
+        rows = (oy[:, None] + torch.arange(oh))[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(ow))[:, None, None, :]
         x = padded[torch.arange(b)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
+    elif size:  # flip
+        x = centre_crop(x, size)
     flip = torch.rand(b, generator=gen) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     return x, flip
 
 
+def train_batches(n: int, batch_size: int) -> int:
+    """Batches of a shuffled pass over n images (iterate)."""
+    return n // batch_size + (n % batch_size > 1 or n < batch_size)
+
+
 def iterate(split: Split, batch_size: int, shuffle: bool = False, augment: str = "none", gen: torch.Generator | None = None):
-    """Yield (uint8-or-float images, labels, indices, flipped mask) batches from a Split."""
+    """Yield (uint8-or-float images, labels, indices, flipped mask) batches from a Split: random
+    crops from the stored images, otherwise the centre crops evaluation sees. A shuffled (training)
+    pass leaves out a last batch of one image, which BatchNorm cannot train on; the permutation
+    of the next epoch puts that image elsewhere."""
     n = len(split)
     order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
-    for s in range(0, n, batch_size):
+    crops = augment in ("crop_flip", "resized_crop_flip")
+    for s in range(0, train_batches(n, batch_size) * batch_size if shuffle else n, batch_size):
         idx = order[s : s + batch_size]
-        x, flip = augment_batch(split.images[idx], augment, gen) if augment != "none" else (split.images[idx], torch.zeros(len(idx), dtype=torch.bool))
+        if crops:
+            x, flip = augment_batch(split.full[idx], augment, gen, size=split.size)
+        elif augment != "none":
+            x, flip = augment_batch(split.images[idx], augment, gen)
+        else:
+            x, flip = split.images[idx], torch.zeros(len(idx), dtype=torch.bool)
         yield x, split.labels[idx], idx, flip

@@ -42,7 +42,8 @@ def metadata(data, variant: str) -> dict[str, str]:
         "edgekd.mean": json.dumps(list(data.mean)),
         "edgekd.std": json.dumps(list(data.std)),
         "edgekd.layout": "NCHW",
-        "edgekd.resize": "resize",
+        "edgekd.resize": "short_side_centre_crop",
+        "edgekd.resize_short": str(data.store_size),
         "edgekd.variant": variant,
     }
 

@@ -47,7 +47,11 @@ class DataConfig(Strict):
     download: bool = False
     train_dir: str | None = Field(None, description="train sub-folder inside the folder/archive (auto: 'train')")
     test_dir: str | None = Field(None, description="test sub-folder inside the folder/archive (auto: 'test' or 'val')")
-    image_size: int = Field(32, gt=0, description="images are resized to this square size when decoded")
+    image_size: int = Field(32, gt=0, description="the model's input: images are resized (short side) and centre-cropped "
+                                                   "to this square when decoded, unless store_size is set")
+    store_size: int | None = Field(None, gt=0, description="decode at this short side instead (centre-cropped square, "
+                                                           ">= image_size, e.g. 256 for 224): training crops image_size "
+                                                           "from the whole stored image, evaluation its centre")
     mean: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
     std: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
     num_classes: int | None = Field(None, gt=1, description="expected class count; checked against the data")
@@ -65,6 +69,13 @@ class DataConfig(Strict):
     max_image_pixels: int = Field(64_000_000, gt=0, description="an image with more pixels is a bad image (decompression bombs)")
     archive: ArchiveLimits = Field(default_factory=ArchiveLimits, description="what an archive may unpack to")
     cache_dir: str | None = Field(None, description="decoded-tensor cache (default $EDGEKD_CACHE or ~/.cache/edgekd)")
+
+    @model_validator(mode="after")
+    def _store_holds_the_input(self):
+        if self.store_size is not None and self.store_size < self.image_size:
+            raise ValueError(f"store_size ({self.store_size}) must be at least image_size ({self.image_size}): "
+                             "crops of image_size are taken from the stored images")
+        return self
 
 
 TIMM = "timm/"  # arch prefix of a timm model

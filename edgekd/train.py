@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, model_validator
 from tqdm import tqdm
 
 from .bn import bn_gap, recalibrate_bn
-from .data import Data, iterate
+from .data import Data, iterate, train_batches
 from .distill import LOSSES, Objective, shorthand_terms, teacher_names, term_type
 from .errors import EdgekdError
 from .fileio import save_torch, sha256_json
@@ -147,7 +147,7 @@ def _fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, s
     from .metrics import classification_metrics, predict
 
     bs = cfg.batch_size or data.batch_size
-    steps_per_epoch = math.ceil(len(data.train) / bs)
+    steps_per_epoch = train_batches(len(data.train), bs)
     opt = _optimizer([model, objective], cfg)
     sched = _scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
     history: list[dict] = []

@@ -14,7 +14,7 @@ import torch
 from conftest import _make_image_folder
 from edgekd import data as data_mod
 from edgekd.data import MappedImages, load_data
-from edgekd.errors import InputError
+from edgekd.errors import EdgekdError, InputError
 from edgekd.models import build
 from edgekd.schema import DataConfig
 from edgekd.train import TrainConfig, fit
@@ -106,3 +106,107 @@ class _Serial:
 
     def map(self, fn, jobs, chunksize=1):
         return map(fn, jobs)
+
+
+# ----------------------------------------------------------------------------- stored larger than the input
+
+
+def test_images_keep_their_aspect_ratio_short_side_and_centre_crop(make_image_folder, tmp_path):
+    from PIL import Image
+
+    from conftest import write_image
+
+    root = make_image_folder()
+    wide = np.random.default_rng(1).integers(0, 256, (20, 40, 3), dtype=np.uint8)  # H 20, W 40
+    write_image(root / "train" / "ant" / "img_90.png", wide)
+    data = load_data(config(root, tmp_path / "cache", image_size=10), seed=0)
+    i = int(np.flatnonzero([l == 0 for l in data.train.labels.tolist()])[-1])  # the last 'ant' file sorts last
+    with Image.open(root / "train" / "ant" / "img_90.png") as im:
+        expected = np.asarray(im.resize((20, 10), Image.BILINEAR)).transpose(2, 0, 1)[:, :, 5:15]
+    assert np.array_equal(data.train.images[i].numpy(), expected)  # not squashed to 10 x 10
+
+
+def test_store_size_trains_on_crops_of_the_stored_image_and_evaluates_its_centre(image_folder, tmp_path, monkeypatch):
+    cfg = config(image_folder, tmp_path / "cache", image_size=8, store_size=12, batch_size=4)
+    data = load_data(cfg, seed=0)
+    whole = load_data(config(image_folder, tmp_path / "cache", image_size=12), seed=0)  # the same stored pixels
+    assert data.image_size == 8 and data.train.full.shape[-1] == 12 and data.test.images.shape[-1] == 8
+    assert torch.equal(data.train.full[:], whole.train.images[:])
+    assert torch.equal(data.test.images[:], whole.test.images[:, :, 2:10, 2:10])  # evaluation: the centre crop
+    gen = torch.Generator().manual_seed(0)
+    for x, _, idx, flip in data_mod.iterate(data.train, 4, shuffle=True, augment="crop_flip", gen=gen):
+        assert x.shape[-2:] == (8, 8)
+        for xi, i, f in zip(x, idx, flip):  # an unpadded 8 x 8 window of the 12 x 12 stored image
+            src = whole.train.images[i].float()
+            wins = [src[:, y:y + 8, z:z + 8] for y in range(5) for z in range(5)]
+            assert any(torch.equal(xi.flip(-1) if f else xi, w) for w in wins)
+    x, *_ = next(data_mod.iterate(data.train, 4, True, "resized_crop_flip", gen))
+    assert x.shape[-2:] == (8, 8)
+    sub = load_data(cfg.model_copy(update={"val_split": 0.25}), seed=0)  # selections keep both views
+    assert sub.val.images.shape[-1] == 8 and sub.val.full.shape[-1] == 12
+    monkeypatch.setattr(data_mod, "map_above_bytes", lambda: 0)  # and so does a memory-mapped split
+    mapped = load_data(cfg.model_copy(update={"val_split": 0.25}), seed=0)
+    assert isinstance(mapped.train.images, MappedImages) and mapped.train.images.shape[-1] == 8
+    assert torch.equal(mapped.val.images[:], sub.val.images[:]) and torch.equal(mapped.train.full[:], sub.train.full[:])
+    model = build({"arch": "mobilenet_v2", "num_classes": 3, "cifar_stem": True, "width_mult": 0.25})
+    hist = fit(model, mapped, TrainConfig(epochs=1, loss="ce", bn_recalibration="off"), torch.device("cpu"), seed=0)
+    assert np.isfinite(hist[-1]["loss"]) and "val_top1" in hist[-1]
+
+
+def test_a_store_size_below_the_image_size_is_refused(write_pipeline, minimal_pipeline):
+    from edgekd.config import load_pipeline
+    from edgekd.errors import ConfigError
+
+    minimal_pipeline["data"].update(image_size=32, store_size=24)
+    with pytest.raises(ConfigError, match=r"^data: .*store_size \(24\) must be at least image_size \(32\)"):
+        load_pipeline(write_pipeline(minimal_pipeline))
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+
+def test_a_cache_the_disk_cannot_hold_is_refused_before_decoding(image_folder, tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(data_mod.shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 1000))
+    monkeypatch.setattr(data_mod, "_decode", lambda job: pytest.fail("decoded although the disk cannot hold it"))
+    with pytest.raises(EdgekdError, match=r"decoded images need 2,304 bytes but 1,000 are free; .*data.cache_dir"):
+        load_data(config(image_folder, tmp_path / "cache", image_size=8), seed=0)
+
+
+def test_a_disk_that_fills_while_decoding_leaves_no_cache(image_folder, tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    cache = tmp_path / "cache"
+
+    class Full:
+        """A file whose disk fills after its first image."""
+
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, b):
+            self.n += 1
+            if self.n > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(data_mod, "open", lambda *a, **k: Full(builtins.open(*a, **k)), raising=False)
+    monkeypatch.setattr(data_mod, "ProcessPoolExecutor", _Serial)
+    with pytest.raises(EdgekdError, match=r"cannot write .*No space left on device"):
+        load_data(config(image_folder, cache, image_size=8), seed=0)
+    assert not [p for p in (cache / "tensors").iterdir()]  # no pixels, no metadata, no temporary file
+    monkeypatch.undo()
+    data = load_data(config(image_folder, cache, image_size=8), seed=0)  # the next run decodes it whole
+    assert len(data.train) == 12

@@ -280,3 +280,30 @@ def test_bad_temperature_metadata_is_one_line(work):
     bad = work["dir"] / "badt.onnx"
     onnx.save(m, str(bad))
     assert "edgekd.temperature' must be > 0" in _one_error_line(_run(bad, work["png"]))
+
+
+def test_preprocessing_matches_how_edgekd_evaluated_the_model(tmp_path):
+    """classify.py's short_side_centre_crop gives the pixels edgekd's data pipeline evaluated on
+    (stored at resize_short, centre crop), for a wide image and a tall one."""
+    import importlib.util
+
+    from edgekd.data import load_data
+    from edgekd.onnx_export import metadata
+    from edgekd.schema import DataConfig
+
+    spec_ = importlib.util.spec_from_file_location("classify", CLASSIFY)
+    classify = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(classify)
+    rng = np.random.default_rng(3)
+    for split in ("train", "test"):
+        for cls, shape in (("a", (30, 47, 3)), ("b", (41, 25, 3))):
+            (tmp_path / "ds" / split / cls).mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(tmp_path / "ds" / split / cls / "x.png")
+    data = load_data(DataConfig(source=str(tmp_path / "ds"), image_size=16, store_size=22, cache_dir=str(tmp_path / "c"),
+                                mean=tuple(MEAN), std=tuple(STD)), seed=0)
+    meta = metadata(data, "student")
+    assert meta["edgekd.resize"] == "short_side_centre_crop" and meta["edgekd.resize_short"] == "22"
+    spec = classify.parse_metadata(meta)
+    for i, cls in enumerate(("a", "b")):
+        x = classify.preprocess(str(tmp_path / "ds" / "test" / cls / "x.png"), spec)
+        np.testing.assert_allclose(x, data.normalize(data.test.images[i : i + 1])[0].numpy(), atol=1e-5)

@@ -15,7 +15,10 @@ Preprocessing and class names come from the model's metadata, written by edgekd'
     edgekd.mean        JSON list of 3 floats (applied after scaling RGB to [0, 1])
     edgekd.std         JSON list of 3 floats
     edgekd.layout      "NCHW"
-    edgekd.resize      "resize" (whole image to H x W, bilinear)
+    edgekd.resize      "short_side_centre_crop": short side resized (bilinear) to
+                       edgekd.resize_short (default H), centre crop, then the centre
+                       H x W (how edgekd trained and evaluated the model); or "resize"
+                       (older files: whole image to H x W, bilinear)
     edgekd.temperature softmax temperature fit on held-out images (optional, default 1):
                        probabilities are softmax(logits / T), so a threshold on them
                        means what it says
@@ -37,7 +40,7 @@ PROG = "classify"
 META_PREFIX = "edgekd."
 REQUIRED_KEYS = ("classes", "input_size", "mean", "std")
 SUPPORTED_LAYOUTS = ("NCHW",)
-SUPPORTED_RESIZE = ("resize",)
+SUPPORTED_RESIZE = ("short_side_centre_crop", "resize")
 
 
 class ClassifyError(Exception):
@@ -102,6 +105,9 @@ def parse_metadata(meta: dict) -> dict:
         raise ClassifyError(f"model metadata 'edgekd.temperature' is not a number: {temperature!r}") from None
     if not 0 < temperature < float("inf"):
         raise ClassifyError(f"model metadata 'edgekd.temperature' must be > 0, got {temperature!r}")
+    short = meta.get(META_PREFIX + "resize_short", str(max(size[1:])))
+    if not short.isdigit() or int(short) < max(size[1:]):
+        raise ClassifyError(f"model metadata 'edgekd.resize_short' must be an integer >= the input size, got {short!r}")
     return {
         "temperature": temperature,
         "classes": [str(c) for c in classes],
@@ -110,6 +116,7 @@ def parse_metadata(meta: dict) -> dict:
         "std": [float(v) for v in std],
         "layout": layout,
         "resize": resize,
+        "resize_short": int(short),
     }
 
 
@@ -127,8 +134,18 @@ def preprocess(path: str, spec: dict):
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")
-            if im.size != (w, h):
-                im = im.resize((w, h), Image.BILINEAR)
+            if spec["resize"] == "resize":
+                if im.size != (w, h):
+                    im = im.resize((w, h), Image.BILINEAR)
+            else:  # short side to resize_short, its centre square, then the centre h x w of that
+                short = spec["resize_short"]
+                iw, ih = im.size
+                if (iw, ih) != (short, short):
+                    scale = short / min(iw, ih)
+                    iw, ih = max(short, round(iw * scale)), max(short, round(ih * scale))
+                    im = im.resize((iw, ih), Image.BILINEAR)
+                left, top = (iw - short) // 2 + (short - w) // 2, (ih - short) // 2 + (short - h) // 2
+                im = im.crop((left, top, left + w, top + h))
             x = np.asarray(im, dtype=np.float32) / 255.0
     except ClassifyError:
         raise

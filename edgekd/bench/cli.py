@@ -37,6 +37,8 @@ def _eval_data(source: str, props: dict, image_size: int):
     from ..data import load_data
 
     kw = {"source": source, "image_size": image_size}
+    if props.get("edgekd.resize") == "short_side_centre_crop":  # the evaluation crop the model was trained for
+        kw["store_size"] = max(image_size, int(props.get("edgekd.resize_short", image_size)))
     if "edgekd.mean" in props:
         kw.update(mean=tuple(json.loads(props["edgekd.mean"])), std=tuple(json.loads(props["edgekd.std"])))
     data = load_data(DataConfig(**kw), seed=0)
