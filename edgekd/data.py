@@ -519,19 +519,21 @@ def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator, pad: int = 4
         from torchvision.ops import roi_align
 
         boxes = torch.cat([torch.arange(b, dtype=torch.float32)[:, None], resized_crop_boxes(b, h, w, gen)], dim=1)
-        x = roi_align(x.float(), boxes, output_size=(oh, ow), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        x = roi_align(x.float(), boxes.to(x.device), output_size=(oh, ow), spatial_scale=1.0, sampling_ratio=2, aligned=True)
     elif mode == "crop_flip":
         pad = pad if (h, w) == (oh, ow) else 0  # stored images larger than the crop need no padding
         padded = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect") if pad else x.float()
-        oy = torch.randint(0, h + 2 * pad - oh + 1, (b,), generator=gen)
-        ox = torch.randint(0, w + 2 * pad - ow + 1, (b,), generator=gen)
-        rows = (oy[:, None] + torch.arange(oh))[:, None, :, None]
-        cols = (ox[:, None] + torch.arange(ow))[:, None, None, :]
-        x = padded[torch.arange(b)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
+        dev = x.device
+        oy = torch.randint(0, h + 2 * pad - oh + 1, (b,), generator=gen).to(dev)
+        ox = torch.randint(0, w + 2 * pad - ow + 1, (b,), generator=gen).to(dev)
+        rows = (oy[:, None] + torch.arange(oh, device=dev))[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(ow, device=dev))[:, None, None, :]
+        x = padded[torch.arange(b, device=dev)[:, None, None, None], torch.arange(x.shape[1], device=dev)[None, :, None, None],
+                   rows, cols]
     elif size:  # flip
         x = centre_crop(x, size)
     flip = torch.rand(b, generator=gen) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
     return x, flip
 
 
@@ -540,20 +542,48 @@ def train_batches(n: int, batch_size: int) -> int:
     return n // batch_size + (n % batch_size > 1 or n < batch_size)
 
 
-def iterate(split: Split, batch_size: int, shuffle: bool = False, augment: str = "none", gen: torch.Generator | None = None):
+def iterate(split: Split, batch_size: int, shuffle: bool = False, augment: str = "none", gen: torch.Generator | None = None,
+            device: torch.device | None = None, prefetch: bool = False):
     """Yield (uint8-or-float images, labels, indices, flipped mask) batches from a Split: random
     crops from the stored images, otherwise the centre crops evaluation sees. A shuffled (training)
     pass leaves out a last batch of one image, which BatchNorm cannot train on; the permutation
-    of the next epoch puts that image elsewhere."""
+    of the next epoch puts that image elsewhere.
+
+    With `device`, each batch travels as uint8 (a quarter of the float bytes; pinned for a GPU)
+    and is cropped and flipped there, on whole batches; with `prefetch`, a thread reads the next
+    batch's pixels (from RAM or the memory map) while the current one trains. Random draws stay
+    on the CPU generator, in the same order, so a seed gives the same crops on any device."""
     n = len(split)
     order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
     crops = augment in ("crop_flip", "resized_crop_flip")
-    for s in range(0, train_batches(n, batch_size) * batch_size if shuffle else n, batch_size):
-        idx = order[s : s + batch_size]
+    source = split.full if crops else split.images
+    pin = device is not None and device.type == "cuda"
+    batches = [order[s : s + batch_size] for s in range(0, train_batches(n, batch_size) * batch_size if shuffle else n, batch_size)]
+
+    def read(idx: torch.Tensor) -> torch.Tensor:
+        x = source[idx]
+        return x.pin_memory() if pin else x
+
+    for idx, x in zip(batches, _ahead(read, batches) if prefetch else map(read, batches)):
+        if device is not None:
+            x = x.to(device, non_blocking=True)
         if crops:
-            x, flip = augment_batch(split.full[idx], augment, gen, size=split.size)
+            x, flip = augment_batch(x, augment, gen, size=split.size)
         elif augment != "none":
-            x, flip = augment_batch(split.images[idx], augment, gen)
+            x, flip = augment_batch(x, augment, gen)
         else:
-            x, flip = split.images[idx], torch.zeros(len(idx), dtype=torch.bool)
+            flip = torch.zeros(len(idx), dtype=torch.bool)
         yield x, split.labels[idx], idx, flip
+
+
+def _ahead(fn, items: list):
+    """fn(item) for each item, computed one item ahead in a thread (tensor indexing and page-cache
+    reads release the GIL, so the next batch is read while this one trains)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="edgekd-batches") as pool:
+        pending = pool.submit(fn, items[0]) if items else None
+        for i in range(len(items)):
+            result = pending.result()
+            pending = pool.submit(fn, items[i + 1]) if i + 1 < len(items) else None
+            yield result

@@ -178,8 +178,9 @@ def _fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, s
             torch.manual_seed(seed * 100_003 + epoch)  # dropout etc.: an epoch replays identically after resume
             sums: dict[str, float] = {}
             n_seen, t0 = 0, time.perf_counter()
-            for x, y, idx, flip in iterate(data.train, bs, shuffle=True, augment=data.augment, gen=gen):
-                x, y = data.normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+            for x, y, idx, flip in iterate(data.train, bs, shuffle=True, augment=data.augment, gen=gen, device=device,
+                                           prefetch=True):
+                x, y = data.normalize(x), y.to(device, non_blocking=True)
                 teachers = objective.teacher_outputs(x, idx, flip)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     logits = model(x)

@@ -530,3 +530,23 @@ def test_resized_crops_keep_the_batch_shape_and_are_seeded():
 def test_the_crop_is_chosen_by_image_size_unless_set(image_folder, size, crop, want):
     assert load_data(cfg_for(image_folder, image_size=size, crop=crop), seed=0).augment == want
     assert load_data(cfg_for(image_folder, image_size=size, crop=crop, augment="flip"), seed=0).augment == "flip"
+
+
+@pytest.mark.parametrize("augment", ["none", "flip", "crop_flip", "resized_crop_flip"])
+def test_batches_augmented_on_the_device_with_prefetch_are_the_same_batches(augment):
+    """The training loop's path (uint8 to the device, crops there, the next batch read ahead in a
+    thread) draws the same random numbers in the same order as plain iteration."""
+    full = torch.randint(0, 256, (11, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    split = Split.at_size(full, torch.arange(11) % 3, ["a", "b", "c"], "k", [], 8)
+    plain = list(iterate(split, 4, True, augment, torch.Generator().manual_seed(7)))
+    ahead = list(iterate(split, 4, True, augment, torch.Generator().manual_seed(7), device=torch.device("cpu"), prefetch=True))
+    assert len(plain) == len(ahead) == 3  # 11 = 4 + 4 + 3
+    for (x, y, i, f), (x2, y2, i2, f2) in zip(plain, ahead):
+        assert x.shape[-2:] == (8, 8) and torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(i, i2) and torch.equal(f, f2)
+
+
+def test_a_failing_read_ahead_reaches_the_caller():
+    split = Split(_batch(b=10), torch.arange(10), ["a"], "k")
+    split.images = None  # indexing it raises in the read-ahead thread
+    with pytest.raises(TypeError):
+        list(iterate(split, 4, True, "flip", torch.Generator().manual_seed(0), prefetch=True))
