@@ -14,6 +14,8 @@ schema (`ai_edge_litert.schema_py_generated`). Programs have a static batch of 1
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from pathlib import Path
 from typing import Callable
 
@@ -27,8 +29,9 @@ META_PREFIX = "edgekd."
 
 
 def export_tflite(model, path: Path, image_size: int, calib: np.ndarray | None = None,
-                  integer_io: bool = False) -> Path:
-    """Convert `model` to a .tflite; int8 (litert-torch PT2E) when calibration images are given."""
+                  integer_io: bool = False, keep_fp32: list[str] = ()) -> Path:
+    """Convert `model` to a .tflite; int8 (litert-torch PT2E) when calibration images are given,
+    except in the modules named in `keep_fp32` (module paths)."""
     import litert_torch
     import torch
 
@@ -45,7 +48,8 @@ def export_tflite(model, path: Path, image_size: int, calib: np.ndarray | None =
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
             quantizer = pq.PT2EQuantizer().set_global(pq.get_symmetric_quantization_config(is_per_channel=True))
-            prepared = prepare_pt2e(torch.export.export(model, example).module(), quantizer)
+            with _leave_float(quantizer, keep_fp32):
+                prepared = prepare_pt2e(torch.export.export(model, example).module(), quantizer)
             for img in torch.from_numpy(calib).split(1):  # the program's batch is 1
                 prepared(img)
             quantized = convert_pt2e(prepared, fold_quantize=False)
@@ -58,6 +62,27 @@ def export_tflite(model, path: Path, image_size: int, calib: np.ndarray | None =
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf)
     return path
+
+
+@contextmanager
+def _leave_float(quantizer, paths: list[str]):
+    """While preparing: the nodes of the modules at `paths` get no annotation, so they stay
+    float. litert-torch's own per-module setting cannot say it as released: set_module_name
+    refuses None (its annotator skips a None config), and its module-name filter expects the
+    `L__self___` keys older torch.export graphs had, so the filter is swapped for one that reads
+    the module paths (quant.plan.in_modules) for the duration."""
+    from litert_torch.quantize import pt2e_quantizer as pq
+
+    from .quant.plan import in_modules
+
+    for name in paths:
+        quantizer.module_name_config[name] = None
+    original = pq._get_module_name_filter
+    pq._get_module_name_filter = lambda name: (lambda node: in_modules(node, [name]))
+    try:
+        yield
+    finally:
+        pq._get_module_name_filter = original
 
 
 def _opcode(model, builtin: int, version: int) -> int:

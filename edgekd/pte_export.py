@@ -21,12 +21,15 @@ import torch.nn as nn
 from .errors import EdgekdError
 from .fileio import atomic_path, write_json
 from .native_logs import quiet_native_output
+from .quant.plan import in_modules
 
 log = logging.getLogger("edgekd")
 
 
-def export_pte(model: nn.Module, path: Path, image_size: int, calib: np.ndarray | None = None) -> Path:
-    """Lower `model` to an XNNPACK-delegated .pte; int8 (PT2E) when calibration images are given."""
+def export_pte(model: nn.Module, path: Path, image_size: int, calib: np.ndarray | None = None,
+               keep_fp32: list[str] = ()) -> Path:
+    """Lower `model` to an XNNPACK-delegated .pte; int8 (PT2E) when calibration images are given,
+    except in the modules named in `keep_fp32` (module paths)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
@@ -39,6 +42,8 @@ def export_pte(model: nn.Module, path: Path, image_size: int, calib: np.ndarray 
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
             quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+            if keep_fp32:  # XNNPACKQuantizer takes no per-module "none"; its node filter does the same
+                quantizer.set_filter_function(lambda node: not in_modules(node, keep_fp32))
             prepared = prepare_pt2e(torch.export.export(model, example).module(), quantizer)
             for img in torch.from_numpy(calib).split(1):  # the program's batch is 1
                 prepared(img)

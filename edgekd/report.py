@@ -155,6 +155,7 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
             L += ["", f"**{s['name']}**: " + ", ".join(f"{k} = {v}" for k, v in info.items())]
         L += _steps_table((s.get("info") or {}).get("steps"))
         L += _plan_table(s.get("info") or {})
+        L += _format_plans_table(s.get("info") or {})
     from .bench.quality import quality_markdown
 
     L += quality_markdown(models)
@@ -196,6 +197,25 @@ def _plan_table(info: dict) -> list[str]:
         L.append(f"| {c['plan']}{mark} | {blocks or '–'} | {c['p50_ms']} | {c['speedup_vs_fp32']}x | "
                  f"{'–' if c.get('top1') is None else round(c['top1'], 2)} | "
                  f"{'–' if c.get('drop_points') is None else c['drop_points']} |")
+    return L
+
+
+def _format_plans_table(info: dict) -> list[str]:
+    """The int8 program each format with its own quantizer ships (formats.int8_plan), per variant."""
+    rows = [(variant, key[: -len("_int8_plan")], rec) for variant, figs in info.items() if isinstance(figs, dict)
+            for key, rec in figs.items() if key.endswith("_int8_plan") and isinstance(rec, dict)]
+    if not rows:
+        return []
+    L = ["", "int8 programs of the formats that quantize themselves, each timed on its own runtime against its fp32 "
+             "program (1 thread, batch 1); the kept one in bold:", "",
+         "| file | runtime | candidate | p50 ms | vs fp32 | top-1 % |", "|---|---|---|---|---|---|"]
+    for variant, fmt, rec in rows:
+        for c in rec.get("candidates", []):
+            name = f"**{c['plan']}**" if c["plan"] == rec.get("chosen") else c["plan"]
+            L.append(f"| {variant} ({fmt}) | {rec.get('runtime', '')} | {name} | {c['p50_ms']} | {c['speedup_vs_fp32']}x | "
+                     f"{c['top1']} |")
+    verdicts = [f"- {rec['verdict']}" for _, _, rec in rows if rec.get("verdict")]
+    L += ["", *verdicts] if verdicts else []
     return L
 
 

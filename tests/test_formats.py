@@ -92,3 +92,62 @@ def test_formats_that_quantize_themselves_write_a_verified_int8_file(tiny_traine
     path = fmt.export(v, tmp_path / f"int8{fmt.suffix}", job)
     check = fmt.verify(path, v, job)
     assert check["decisive_images"] >= 10 and check["decisive_agreement"] >= 0.8
+
+
+# ----------------------------------------------------------------------------- own int8, own plan
+
+
+OWN_INT8 = [n for n in INSTALLED if FORMATS.get(n).own_int8]
+
+
+@pytest.mark.parametrize("name", OWN_INT8)
+def test_modules_kept_fp32_by_a_plan_stay_float_in_the_formats_own_int8(tiny_trained, tmp_path, name):
+    """The quantizer's per-module override: with every block kept fp32 the int8 export is the
+    float program (same outputs), with none it is not."""
+    model, data = tiny_trained
+    fmt = FORMATS.get(name)()
+    job = ExportJob(data, 17, 48, 0.8, lambda: data.normalize(data.train.images[:32]).numpy())
+    v = Variant("int8_ptq", model, int8=True, min_agreement=0.8)
+    x = data.normalize(data.test.images[:16]).numpy()
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    every = fmt.runner(fmt.export(v, tmp_path / f"all{fmt.suffix}", job, keep_fp32=["features", "classifier"]))(x)
+    none = fmt.runner(fmt.export(v, tmp_path / f"int8{fmt.suffix}", job))(x)
+    rel = lambda out: np.abs(out - ref).max() / np.abs(ref).max()  # noqa: E731
+    assert rel(every) < 1e-5 and rel(none) > 1e-3
+
+
+def _timed(p50: dict):
+    """time_interleaved's answer with fixed medians (the rule is under test, not this CPU)."""
+    return lambda runners, x, warmup, runs, rounds: {n: {"p50_ms": p50.get(n, 1.0), "round_p50_ms": [p50.get(n, 1.0)] * 3}
+                                                    for n in runners}
+
+
+@pytest.mark.parametrize("name", OWN_INT8[:1])
+@pytest.mark.parametrize("p50,max_drop,want", [
+    ({"fp32": 1.0, "int8": 0.5, "quantize plan (p)": 0.7}, 100.0, "int8"),  # fastest within budget
+    ({"fp32": 1.0, "int8": 0.99, "quantize plan (p)": 0.7}, 100.0, "quantize plan (p)"),  # int8 under the margin
+    ({"fp32": 1.0, "int8": 1.4, "quantize plan (p)": 1.2}, 100.0, "fp32"),  # nothing pays: the fp32 program
+    ({"fp32": 1.0, "int8": 0.5, "quantize plan (p)": 0.7}, -101.0, "fp32"),  # nothing within the accuracy budget
+])
+def test_a_format_ships_the_int8_candidate_that_pays_on_its_runtime(tiny_trained, tmp_path, monkeypatch, name, p50,
+                                                                     max_drop, want):
+    from edgekd.bench import measure
+    from edgekd.formats.int8_plan import plan_int8
+
+    model, data = tiny_trained
+    fmt = FORMATS.get(name)()
+    monkeypatch.setattr(measure, "time_interleaved", _timed(p50))
+    job = ExportJob(data, 17, 48, 0.8, lambda: data.normalize(data.train.images[:32]).numpy())
+    v = Variant("int8_ptq", model, int8=True, min_agreement=0.8)
+    plan = {"fp32_blocks": {"features.1": "slow"}, "fp32_modules": {"features.0.0": "stem"}}
+    path, rec = plan_int8(fmt, v, tmp_path / f"int8_ptq{fmt.suffix}", job, plan, max_drop, "p")
+    assert rec["chosen"] == want and path.exists() and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert [c["plan"] for c in rec["candidates"]] == ["int8", "quantize plan (p)", "fp32"]
+    assert rec["candidates"][1]["fp32_modules"] == ["features.0.0", "features.1"]
+    assert ("verdict" in rec) == (want == "fp32") and rec["runtime"] == fmt.runtime
+    if want == "fp32":  # the shipped file is the float program of the same weights
+        x = data.normalize(data.test.images[:8]).numpy()
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        assert np.abs(fmt.runner(path)(x) - ref).max() < 1e-5 * np.abs(ref).max()

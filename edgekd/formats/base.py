@@ -65,7 +65,10 @@ class Format:
     def figure(self, name: str) -> str:
         return name if self.primary else f"{self.key}_{name}"
 
-    def export(self, v: Variant, path: Path, job: "ExportJob") -> Path:
+    own_int8: bool = False  # quantizes int8 variants itself (PT2E), so it plans its own int8 (formats.int8_plan)
+
+    def export(self, v: Variant, path: Path, job: "ExportJob", keep_fp32: list[str] = ()) -> Path:
+        """Write `v` at `path`; a format with its own int8 leaves the modules in `keep_fp32` float."""
         raise NotImplementedError
 
     def write_metadata(self, path: Path, props: dict[str, str]) -> None:

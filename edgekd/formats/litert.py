@@ -23,16 +23,16 @@ class LiteRTOptions(Strict):
 @FORMATS.register("litert")
 class LiteRT(Format):
     key, suffix, module, install_hint, what = "tflite", ".tflite", "litert_torch", "pip install 'edgekd[litert]'", "LiteRT"
-    runtime = "litert"
+    runtime, own_int8 = "litert", True
     Options = LiteRTOptions
 
-    def export(self, v: Variant, path: Path, job: ExportJob) -> Path:
+    def export(self, v: Variant, path: Path, job: ExportJob, keep_fp32: list[str] = ()) -> Path:
         from ..litert_export import export_tflite
 
         src = v.int8_source if v.int8 else v.reference
         opts = job.options_for("litert", self.Options)
         return export_tflite(copy.deepcopy(src), path, job.data.image_size, job.calibration() if v.int8 else None,
-                             integer_io=opts.integer_io)
+                             integer_io=opts.integer_io, keep_fp32=keep_fp32)
 
     def write_metadata(self, path: Path, props: dict[str, str]) -> None:
         from ..litert_export import write_metadata

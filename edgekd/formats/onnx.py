@@ -16,7 +16,7 @@ class Onnx(Format):
     key, suffix, module, install_hint, what, primary = "onnx", ".onnx", "onnxruntime", "pip install onnxruntime", "ONNX", True
     runtime = "onnxruntime"
 
-    def export(self, v: Variant, path: Path, job: ExportJob) -> Path:
+    def export(self, v: Variant, path: Path, job: ExportJob, keep_fp32: list[str] = ()) -> Path:
         if v.onnx_int8 is not None:
             shutil.copyfile(v.onnx_int8, path)
             return path

@@ -50,6 +50,13 @@ def module_path(node) -> str:
     return ".".join(path)
 
 
+def in_modules(node, paths) -> bool:
+    """Whether a node of a torch.export graph (PT2E quantizers annotate these) was traced inside
+    one of the modules at `paths`: how ExecuTorch's and LiteRT's own int8 follow a plan."""
+    stack = [p for p, _ in (node.meta.get("nn_module_stack") or {}).values()]
+    return any(p == k or p.startswith(k + ".") for p in stack for k in paths)
+
+
 def block_of(path: str) -> str:
     """The block a module path belongs to: its components up to the first index (`features.3`,
     `layer1.0`, `blocks.2`), or the first component where none is numeric (`classifier`, `fc`)."""

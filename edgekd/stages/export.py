@@ -19,6 +19,7 @@ from ..errors import EdgekdError, did_you_mean
 from ..schema import Strict, Switch
 from ..formats import FORMATS, Variant, enabled_formats
 from ..formats.base import ExportJob
+from ..formats.int8_plan import plan_int8
 from ..onnx_export import metadata
 from .base import Stage, StageResult, register
 
@@ -110,13 +111,20 @@ class Export(Stage):
             log.info("export: no %s files: %s %s", FORMATS.get(fmt).suffix, fmt, why)
         artifacts, models = {}, {}
         job = ExportJob(data, cfg.opset, cfg.verify_images, cfg.ptq_min_agreement, _calibration_set(ctx), cfg.options)
+        quant_plan = _measured_plan(ctx)
         for v in self._variants(ctx, cfg):
             rec, models[v.name] = info.setdefault(v.name, {}), {}
             if v.name in LABELS:
                 models[v.name]["label"] = LABELS[v.name]
             for fmt in formats:
-                path = fmt.export(v, d / f"{v.name}{fmt.suffix}", job)
-                fmt.write_metadata(path, metadata(data, v.name))
+                props = metadata(data, v.name)
+                if v.int8 and fmt.own_int8 and quant_plan:  # its own quantizer: planned on its own runtime
+                    path, rec[fmt.figure("int8_plan")] = plan_int8(fmt, v, d / f"{v.name}{fmt.suffix}", job, quant_plan["plan"],
+                                                                   quant_plan["max_drop_points"], quant_plan["chosen"])
+                    props["edgekd.int8_plan"] = rec[fmt.figure("int8_plan")]["chosen"]
+                else:
+                    path = fmt.export(v, d / f"{v.name}{fmt.suffix}", job)
+                fmt.write_metadata(path, props)
                 rec[fmt.figure("verify")] = {**fmt.verify(path, v, job), **fmt.verified_by()}
                 rec.update(fmt.details(path))
                 artifacts[f"{fmt.key}.{v.name}"] = models[v.name][fmt.key] = ctx.rel(path)
@@ -171,6 +179,18 @@ class Export(Stage):
                                          "ece_calibrated": res["ece_after"]})
                     log.info("export: %s temperature %.3f, test ECE %.4f -> %.4f", name, res["temperature"],
                              res["ece_before"], res["ece_after"])
+
+
+def _measured_plan(ctx) -> dict | None:
+    """The quantize stage's plan record where it measured one (`quantize.plan: auto`): formats
+    with their own int8 then measure theirs too (formats.int8_plan)."""
+    import json
+
+    rel = ctx.artifacts.get("quant_plan")
+    if not rel:
+        return None
+    rec = json.loads((ctx.run_dir / rel).read_text())
+    return rec if rec.get("mode") == "auto" else None
 
 
 def _calibration_set(ctx):

@@ -165,7 +165,9 @@ class Quantize(Stage):
         m = machine_info()
         record: dict = {"mode": cfg.plan, "runtime": cfg.plan_runtime, "threads": 1, "batch": 1,
                         "machine": int8_class(m["isa"], m["arch"]), "max_drop_points": cfg.max_drop_points,
-                        "executorch": "its own PT2E XNNPACK quantizer (every op XNNPACK quantizes); the plan is not applied",
+                        "executorch_litert": "their own PT2E quantizers; with plan: auto the export stage times their "
+                                             "int8 candidates (every op, this plan's fp32 modules, none) on their own "
+                                             "runtimes (export info <format>_int8_plan)",
                         "onnx_files_run_by": "onnxruntime and OpenVINO: one ONNX file per variant, planned for plan_runtime",
                         "int8_file_time_on": "onnxruntime (its profiler)"}
         plan = base

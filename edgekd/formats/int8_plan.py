@@ -1,0 +1,84 @@
+"""Which int8 program a format with its own quantizer ships (ExecuTorch/XNNPACK, LiteRT).
+
+The quantize stage plans the ONNX files for onnxruntime or OpenVINO (quant.plan); ExecuTorch and
+LiteRT quantize the model themselves (PT2E), with other kernels, so a plan measured on
+onnxruntime says little about them: XNNPACK runs MobileNetV3's hardswish in int8, where
+onnxruntime has to leave a float island, and on an AVX2-only CPU an all-int8 MobileNetV2
+program was slower than its fp32 one. So with `quantize.plan: auto` each of these formats times
+its own candidates, on its own runtime, against its own fp32 program of the same weights:
+
+- `int8`: every op the format's quantizer knows;
+- `quantize plan`: the same, with the modules the quantize stage kept fp32 left in float
+  (the quantizer's per-module override, PT2E `set_module_name(path, None)`), when it kept any;
+- `fp32`: no int8 at all.
+
+It keeps the fastest int8 candidate whose top-1 on the judging split (validation, else test)
+stays within `quantize.max_drop_points` of the fp32 program, if it is at least MARGIN faster;
+otherwise the fp32 program, saying why. Timing follows quant.plan: 1 thread, batch 1, medians
+of interleaved rounds, on this machine's CPU (a phone's ARM cores run other kernels again)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .base import ExportJob, Format, Variant
+
+log = logging.getLogger("edgekd")
+MARGIN = 0.03  # an int8 program must be this much faster than fp32 to be shipped instead of it
+JUDGE_IMAGES = 1000  # at most this many judging images per candidate (programs run image by image)
+
+
+def kept_modules(plan: dict) -> list[str]:
+    """Module paths a quantize-stage plan (quant.plan.Plan.to_json) keeps fp32."""
+    return sorted({*plan.get("fp32_blocks", {}), *plan.get("fp32_modules", {})})
+
+
+def plan_int8(fmt: Format, v: Variant, path: Path, job: ExportJob, plan: dict, max_drop: float,
+              plan_name: str) -> tuple[Path, dict]:
+    """Write `v`'s int8 file for `fmt` at `path` as the candidate that pays (see the module
+    docstring); returns the path and the record (candidates with p50, speed-up and top-1)."""
+    from ..bench.measure import round_ratio, time_interleaved
+
+    data = job.data
+    split = data.val if data.val is not None else data.test
+    n = min(len(split), JUDGE_IMAGES)
+    x, y = data.normalize(split.images[:n]).numpy(), split.labels[:n].numpy()
+    kept = kept_modules(plan)
+    cands: dict[str, list[str] | None] = {"int8": []}
+    if kept and plan_name != "fp32":
+        cands[f"quantize plan ({plan_name})"] = kept
+    cands["fp32"] = None
+    float_variant = Variant(v.name, v.int8_source)
+    files: dict[str, Path] = {}
+    try:
+        for i, (name, keep) in enumerate(cands.items()):
+            tmp = path.with_name(f".{path.stem}.plan{i}{path.suffix}")
+            files[name] = (fmt.export(float_variant, tmp, job) if keep is None else
+                           fmt.export(v, tmp, job, keep_fp32=keep))
+        runners = {name: fmt.runner(f, 1) for name, f in files.items()}
+        t0 = time_interleaved({"fp32": runners["fp32"]}, x[:1], 5, 10, 1)["fp32"]["p50_ms"]
+        runs = int(max(40, min(200, 1000.0 / max(t0, 1e-3))))
+        timed = time_interleaved(runners, x[:1], 10, runs, 10)
+        top1 = {name: round(100.0 * float((np.asarray(r(x)).argmax(1) == y).mean()), 3) for name, r in runners.items()}
+        rows = [{"plan": name, "fp32_modules": "all" if keep is None else keep, "p50_ms": timed[name]["p50_ms"],
+                 "speedup_vs_fp32": round_ratio(timed["fp32"], timed[name]), "top1": top1[name],
+                 "drop_points": round(top1["fp32"] - top1[name], 3)} for name, keep in cands.items()]
+        ok = [r for r in rows if r["plan"] != "fp32" and r["drop_points"] <= max_drop and r["speedup_vs_fp32"] >= 1 + MARGIN]
+        chosen = min(ok, key=lambda r: r["p50_ms"]) if ok else next(r for r in rows if r["plan"] == "fp32")
+        os.replace(files[chosen["plan"]], path)
+    finally:
+        for f in files.values():
+            f.unlink(missing_ok=True)
+    rec = {"chosen": chosen["plan"], "runtime": fmt.runtime, "judged_on": f"{'val' if data.val is not None else 'test'} "
+           f"({n} images)", "max_drop_points": max_drop, "candidates": rows}
+    if chosen["plan"] == "fp32":
+        best = max((r for r in rows if r["plan"] != "fp32"), key=lambda r: r["speedup_vs_fp32"])
+        rec["verdict"] = (f"int8 does not pay on {fmt.runtime} here: the best int8 program ({best['plan']}) ran at "
+                          f"{best['speedup_vs_fp32']}x the fp32 speed with top-1 {best['top1']} vs {top1['fp32']}, so "
+                          f"{v.name}{fmt.suffix} is the fp32 program of the same weights")
+        log.warning("export: %s", rec["verdict"])
+    return path, rec
