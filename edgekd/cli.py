@@ -13,10 +13,24 @@ log = logging.getLogger("edgekd")
 
 
 def _cmd_run(args) -> int:
+    from . import dist
     from .config import load_pipeline
-    from .runner import Runner
+    from .runner import Runner, resolve_device
 
     cfg, raw = load_pipeline(args.pipeline, args.set)
+    if dist.world().size > 1:  # under torchrun: rank 0 runs the pipeline, the others train with it
+        device = dist.init(resolve_device(cfg.device))
+        try:
+            if not dist.world().main:
+                dist.serve(cfg, device)
+                return 0
+            return _run_pipeline(args, cfg, raw, Runner)
+        finally:
+            dist.finish()
+    return _run_pipeline(args, cfg, raw, Runner)
+
+
+def _run_pipeline(args, cfg, raw, Runner) -> int:
     resume = args.resume is not None
     run_dir = Path(args.resume) if resume else (Path(args.out) if args.out else None)
     runner = Runner(cfg, raw, run_dir, resume=resume)

@@ -537,13 +537,16 @@ def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator, pad: int = 4
     return x, flip
 
 
-def train_batches(n: int, batch_size: int) -> int:
-    """Batches of a shuffled pass over n images (iterate)."""
+def train_batches(n: int, batch_size: int, ranks: int = 1) -> int:
+    """Batches of a shuffled pass over n images (iterate); split over several ranks, whole
+    batches only, so every rank takes the same number of steps."""
+    if ranks > 1:
+        return n // batch_size
     return n // batch_size + (n % batch_size > 1 or n < batch_size)
 
 
 def iterate(split: Split, batch_size: int, shuffle: bool = False, augment: str = "none", gen: torch.Generator | None = None,
-            device: torch.device | None = None, prefetch: bool = False):
+            device: torch.device | None = None, prefetch: bool = False, shard: tuple[int, int] = (0, 1)):
     """Yield (uint8-or-float images, labels, indices, flipped mask) batches from a Split: random
     crops from the stored images, otherwise the centre crops evaluation sees. A shuffled (training)
     pass leaves out a last batch of one image, which BatchNorm cannot train on; the permutation
@@ -552,13 +555,20 @@ def iterate(split: Split, batch_size: int, shuffle: bool = False, augment: str =
     With `device`, each batch travels as uint8 (a quarter of the float bytes; pinned for a GPU)
     and is cropped and flipped there, on whole batches; with `prefetch`, a thread reads the next
     batch's pixels (from RAM or the memory map) while the current one trains. Random draws stay
-    on the CPU generator, in the same order, so a seed gives the same crops on any device."""
+    on the CPU generator, in the same order, so a seed gives the same crops on any device.
+
+    `shard` = (rank, ranks) of a torchrun group (dist): every rank draws the same permutation and
+    takes every ranks-th image of each global batch; its crops come from a generator of its own."""
     n = len(split)
     order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
     crops = augment in ("crop_flip", "resized_crop_flip")
     source = split.full if crops else split.images
     pin = device is not None and device.type == "cuda"
-    batches = [order[s : s + batch_size] for s in range(0, train_batches(n, batch_size) * batch_size if shuffle else n, batch_size)]
+    rank, ranks = shard
+    end = train_batches(n, batch_size, ranks) * batch_size if shuffle else n
+    batches = [order[s : s + batch_size][rank::ranks] for s in range(0, end, batch_size)]
+    if ranks > 1 and gen is not None:
+        gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=gen)) + rank)
 
     def read(idx: torch.Tensor) -> torch.Tensor:
         x = source[idx]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import yaml
 
-from . import __version__
+from . import __version__, dist
 from .schema import PipelineConfig
 from .context import Context
 from .errors import EdgekdError, InputError
@@ -84,8 +84,11 @@ class Runner:
     def run(self) -> Path:
         """Run every stage not already done; the manifest records the failure of any step."""
         try:
-            return self._run()
+            out = self._run()
+            dist.release_ranks()
+            return out
         except BaseException as e:
+            dist.release_ranks(failed=True)
             self.manifest["status"] = "failed"
             self.manifest.setdefault("error", f"{type(e).__name__}: {e}"[:2000])
             try:
@@ -100,13 +103,13 @@ class Runner:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        device = resolve_device(cfg.device)
+        device = dist.init(resolve_device(cfg.device))
         seed_everything(cfg.seed)
         write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.raw, sort_keys=False))
         old_stages = {s["index"]: s for s in self.manifest.get("stages", [])}
         self.manifest = {
             "pipeline": cfg.name, "created": self.manifest.get("created", datetime.now().isoformat(timespec="seconds")),
-            "seed": cfg.seed, "device": str(device), "threads": torch.get_num_threads(),
+            "seed": cfg.seed, "device": str(device), "threads": torch.get_num_threads(), "ranks": dist.world().size,
             "config_hash": sha256_json(self.raw), "versions": versions(), "status": "running",
             "stages": list(old_stages.values()),  # the previous run's records stay until each stage is replaced
         }

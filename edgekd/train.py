@@ -20,7 +20,9 @@ from pydantic import BaseModel, Field, model_validator
 from tqdm import tqdm
 
 from .bn import bn_gap, recalibrate_bn
+from . import dist
 from .data import Data, iterate, train_batches
+from .dist import world
 from .distill import LOSSES, Objective, shorthand_terms, teacher_names, term_type
 from .errors import EdgekdError
 from .fileio import save_torch, sha256_json
@@ -132,14 +134,26 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, *,
     """Train `model` in place to minimise `objective` (default: cfg's terms, which then may
     not need a teacher); returns the per-epoch history. Resumes from `state_path`."""
     objective = objective if objective is not None else Objective(cfg.terms())
-    objective.attach(model)
-    try:
-        model.to(device)
-        objective.prepare(model, data.normalize(data.train.images[:2].to(device)))
-        objective.to(device)
-        return _fit(model, data, cfg, device, seed, objective, state_path, desc, on_epoch)
-    finally:
-        objective.detach()
+    w = world()
+    with dist.job():
+        if w.size > 1 and w.main:  # the other ranks train the same job (dist.serve)
+            if any(hasattr(src.teacher, "session") for src in objective.teachers.values()):
+                raise EdgekdError(f"{desc}: an ONNX teacher cannot be sent to the other torchrun ranks; give its PyTorch "
+                                  "checkpoint")
+            dist.broadcast({"model": model, "cfg_type": type(cfg), "cfg": cfg.model_dump(exclude_unset=True), "terms": [t.model_dump() for t in objective.specs],
+                            "teachers": objective.teachers, "seed": seed, "state_path": state_path, "desc": desc})
+        objective.attach(model)
+        try:
+            model.to(device)
+            objective.prepare(model, data.normalize(data.train.images[:2].to(device)))
+            objective.to(device)
+            if w.size > 1:  # parameters a term sized in prepare start from rank 0's draw everywhere
+                for p in objective.parameters():
+                    dist.collective(lambda: torch.distributed.broadcast(p.data, 0), f"starting {desc}")
+            return dist.collective(lambda: _fit(model, data, cfg, device, seed, objective, state_path, desc, on_epoch),
+                                   f"training {desc}")
+        finally:
+            objective.detach()
 
 
 def _fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, seed: int, objective: Objective,
@@ -147,15 +161,31 @@ def _fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, s
     from .metrics import classification_metrics, predict
 
     bs = cfg.batch_size or data.batch_size
-    steps_per_epoch = train_batches(len(data.train), bs)
+    w = world()
+    steps_per_epoch = train_batches(len(data.train), bs, w.size)
+    if w.size > 1 and (bs % w.size or not steps_per_epoch):
+        raise EdgekdError(f"{desc}: the batch of {bs} images is split over {w.size} torchrun ranks: it must be a multiple "
+                          f"of {w.size} and at most the {len(data.train)} training images")
+    train_model = model
+    if w.size > 1:  # gradients averaged over the ranks; BatchNorm buffers follow rank 0
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = _optimizer([model, objective], cfg)
     sched = _scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
     history: list[dict] = []
     start = 0
-    fingerprint = sha256_json([cfg.model_dump(), data.train.key, seed])
-    if state_path and state_path.exists():
+    fingerprint = sha256_json([cfg.model_dump(), data.train.key, seed, *([w.size] if w.size > 1 else [])])
+    st = None
+    if w.main and state_path and state_path.exists():
         try:
             st = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            log.warning("%s: cannot resume from %s (%s); starting over", desc, state_path, e)
+    if w.size > 1:  # rank 0's checkpoint, wherever the others' files are
+        st = dist.broadcast(st)
+    if st is not None:
+        try:
             if st.get("fingerprint") == fingerprint:
                 model.load_state_dict(st["model"])
                 objective.load_state_dict(st["objective"])
@@ -169,7 +199,8 @@ def _fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, s
     eval_split = data.val if data.val is not None else data.test
     eval_name = "val" if data.val is not None else "test"
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first step whose loss was not finite
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=start * steps_per_epoch, desc=desc, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=start * steps_per_epoch, desc=desc, unit="step", dynamic_ncols=True,
+               disable=not w.main)
     try:  # the bar is closed on any exit, so an error message starts its own line
         for epoch in range(start, cfg.epochs):
             model.train()
@@ -179,17 +210,21 @@ def _fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, s
             sums: dict[str, float] = {}
             n_seen, t0 = 0, time.perf_counter()
             for x, y, idx, flip in iterate(data.train, bs, shuffle=True, augment=data.augment, gen=gen, device=device,
-                                           prefetch=True):
+                                           prefetch=True, shard=(w.rank, w.size)):
                 x, y = data.normalize(x), y.to(device, non_blocking=True)
                 teachers = objective.teacher_outputs(x, idx, flip)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    logits = model(x)
+                    logits = train_model(x)
                 parts = objective(objective.student_outputs(logits), teachers, y, epoch)
                 bad_step = _first_nonfinite(parts["loss"], bar.n, bad_step)
                 if device.type == "cpu" or bar.n % POSTFIX_EVERY == 0:  # a GPU checks where it syncs anyway
                     _stop_if_diverged(bad_step, desc, steps_per_epoch, cfg.epochs)
                 opt.zero_grad(set_to_none=True)
                 parts["loss"].backward()
+                if w.size > 1:  # DDP averages the student's gradients; a term's own parameters likewise
+                    for p in objective.parameters():
+                        if p.grad is not None:
+                            dist.all_sum(p.grad, desc).div_(w.size)
                 opt.step()
                 sched.step()
                 for k, v in parts.items():  # summed on the device: no host sync per step
@@ -199,17 +234,24 @@ def _fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, s
                 if bar.n % POSTFIX_EVERY == 0:
                     bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{float(sums['loss']) / n_seen:.3f}", refresh=False)
             _stop_if_diverged(bad_step, desc, steps_per_epoch, cfg.epochs)
+            if w.size > 1:  # the epoch's figures over every rank's shard
+                keys = sorted(sums)
+                total = dist.all_sum(torch.stack([torch.as_tensor(sums[k], device=device, dtype=torch.float32) for k in keys]
+                                                 + [torch.tensor(float(n_seen), device=device)]), desc)
+                sums, n_seen = dict(zip(keys, total[:-1])), int(total[-1])
             sums = {k: float(v) for k, v in sums.items()}
             secs = time.perf_counter() - t0
             rec = {"epoch": epoch + 1, **{k: round(v / n_seen, 5) for k, v in sums.items()},
                    "lr": round(sched.get_last_lr()[0], 6), "seconds": round(secs, 2), "images_per_s": round(n_seen / secs, 1)}
             last = epoch + 1 == cfg.epochs
+            history.append(rec)
+            if not w.main:  # rank 0 evaluates, settles BatchNorm and checkpoints; this rank's model is discarded
+                continue
             if last:
                 _settle_bn(model, data, cfg, device, seed, rec, desc)
             if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last:
                 m = classification_metrics(predict(model, data, eval_split, device), eval_split.labels.numpy(), data.classes)
                 rec[f"{eval_name}_top1"] = m["top1"]
-            history.append(rec)
             if state_path:
                 save_torch(state_path, {"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
                                         "objective": objective.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history})

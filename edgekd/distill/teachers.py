@@ -32,6 +32,16 @@ class TeacherSource:
         if cache and self.taps is None and data.augment in ("none", "flip"):
             self.table = self._build_table(teacher_key, cache_dir)
 
+    def __getstate__(self) -> dict:
+        """Sent to the other ranks of a torchrun group (dist) without the dataset: each has its own."""
+        return {**self.__dict__, "data": None}
+
+    def bind(self, data: Data, device: torch.device) -> None:
+        """Attach a received source to this rank's data and device."""
+        self.data, self.device = data, device
+        if not hasattr(self.teacher, "session"):
+            self.teacher.to(device)
+
     @torch.no_grad()
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.teacher(x).float()

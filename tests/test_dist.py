@@ -1,0 +1,120 @@
+"""Data-parallel training under torchrun (edgekd.dist), two CPU processes over gloo: rank 0 runs
+the pipeline and writes every file, both ranks train each job on their shard of every batch,
+the result follows a single-process run with the same global batch, and a rank that dies ends
+the run with one line instead of a hang."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import _make_image_folder
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks in /proc")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ddp")
+    src = _make_image_folder(d / "ds", size=16, train_counts={"ant": 24, "moose": 24, "zebra": 16},
+                             test_counts={"ant": 8, "moose": 8, "zebra": 8})
+    pipe = {"name": "ddp", "seed": 0, "device": "cpu", "threads": 1, "output_dir": str(d / "runs"),
+            "data": {"source": str(src), "image_size": 16, "augment": "none", "batch_size": 8, "eval_batch_size": 16},
+            "teacher": {"arch": "resnet18", "cifar_stem": True},
+            "student": {"arch": "mobilenet_v2", "cifar_stem": True, "width_mult": 0.25},
+            "stages": [{"distill": {"epochs": 2, "loss": "kd", "lr": 0.02, "cache_teacher": False}},
+                       {"prune": {"target_macs": 0.6, "importance": "l2", "iterative_steps": 1, "round_to": 4,
+                                  "finetune": {"epochs": 1, "loss": "kd", "lr": 0.01}}},
+                       {"quantize": {"method": "qat", "plan": "int8", "calibration": {"samples": 16},
+                                     "qat": {"epochs": 1, "loss": "kd", "lr": 0.001}}}]}
+    (d / "p.yaml").write_text(yaml.safe_dump(pipe))
+    return d
+
+
+def _env(work) -> dict:
+    return {**os.environ, "EDGEKD_CACHE": str(work / "cache"), "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(work, *args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+            f"--master_port={_port()}", "-m", "edgekd", "run", str(work / "p.yaml"), *args]
+
+
+def _histories(run: Path) -> list[list[float]]:
+    report = json.loads((run / "report.json").read_text())
+    return [[h["loss"] for h in s["history"]] for s in report["stages"] if s.get("history")]
+
+
+def _files(run: Path) -> list[str]:
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+
+
+def test_two_ranks_train_like_one_process_with_the_same_global_batch_and_write_one_run(work):
+    one = subprocess.run([sys.executable, "-m", "edgekd", "run", str(work / "p.yaml"), "--out", str(work / "runs/one")],
+                         env=_env(work), capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(_torchrun(work, "--out", str(work / "runs/two")), env=_env(work), capture_output=True, text=True,
+                         timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert sorted(p.name for p in (work / "runs").iterdir()) == ["one", "two"]  # rank 1 made no run of its own
+    assert _files(work / "runs/two") == _files(work / "runs/one")
+    assert json.loads((work / "runs/two/manifest.json").read_text())["ranks"] == 2
+    a, b = _histories(work / "runs/one"), _histories(work / "runs/two")
+    assert [len(h) for h in a] == [len(h) for h in b] == [2, 1, 1]  # distill, prune fine-tune, QAT
+    for la, lb in zip(sum(a, []), sum(b, [])):  # each rank normalises with BatchNorm statistics of half the batch
+        assert abs(la - lb) <= 0.1 * la, (a, b)
+    assert two.stdout.count("report:") == 1 and "rank 1" not in two.stderr
+
+
+@linux_only
+def test_a_rank_that_dies_ends_the_run_with_one_line(work):
+    proc = subprocess.Popen(_torchrun(work, "--out", str(work / "runs/killed"), "--set", "distill.epochs=400"),
+                            env=_env(work), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        rank1 = None
+        deadline = time.time() + 300
+        while rank1 is None and time.time() < deadline:
+            time.sleep(1)
+            manifest = work / "runs/killed/manifest.json"
+            if manifest.exists() and any(s.get("status") == "running" for s in json.loads(manifest.read_text())["stages"]):
+                rank1 = _rank_pid(1)
+        assert rank1 is not None, "rank 1 never started training"
+        time.sleep(3)
+        os.kill(rank1, signal.SIGKILL)
+        out, err = proc.communicate(timeout=180)  # a hang fails here
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert "edgekd: error: rank 0/2: lost another rank while training distill" in err, err[-3000:]
+    manifest = json.loads((work / "runs/killed/manifest.json").read_text())
+    assert manifest["status"] == "failed" and "lost another rank" in manifest["error"]
+
+
+def _rank_pid(rank: int) -> int | None:
+    """The pid of the edgekd process torchrun started as `rank` under this test."""
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            env = (p / "environ").read_bytes().split(b"\0")
+            cmd = (p / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"edgekd" in cmd and b"torch.distributed.run" not in cmd:
+            return int(p.name)
+    return None
