@@ -144,6 +144,8 @@ def serve(cfg, device: torch.device) -> None:
     from .distill import Objective, term_type
     from .train import fit
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     data, term = None, TypeAdapter(term_type())
     while (job := broadcast()) is not None:  # None: rank 0 has finished the pipeline
         if data is None:  # rank 0 has decoded and cached it by now
