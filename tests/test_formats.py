@@ -9,7 +9,7 @@ import torch
 
 from edgekd.errors import EdgekdError
 from edgekd.formats import FORMATS, Variant, enabled_formats
-from edgekd.formats.base import ExportJob
+from edgekd.formats.base import ExportJob, Format
 from edgekd.onnx_export import metadata
 from edgekd.stages.export import ExportConfig
 
@@ -123,31 +123,63 @@ def _timed(p50: dict):
                                                     for n in runners}
 
 
-@pytest.mark.parametrize("name", OWN_INT8[:1])
-@pytest.mark.parametrize("p50,max_drop,want", [
-    ({"fp32": 1.0, "int8": 0.5, "quantize plan (p)": 0.7}, 100.0, "int8"),  # fastest within budget
-    ({"fp32": 1.0, "int8": 0.99, "quantize plan (p)": 0.7}, 100.0, "quantize plan (p)"),  # int8 under the margin
-    ({"fp32": 1.0, "int8": 1.4, "quantize plan (p)": 1.2}, 100.0, "fp32"),  # nothing pays: the fp32 program
-    ({"fp32": 1.0, "int8": 0.5, "quantize plan (p)": 0.7}, -101.0, "fp32"),  # nothing within the accuracy budget
-])
-def test_a_format_ships_the_int8_candidate_that_pays_on_its_runtime(tiny_trained, tmp_path, monkeypatch, name, p50,
-                                                                     max_drop, want):
+class _Fake(Format):
+    """A format whose programs are files naming their candidate and whose runner answers each
+    candidate's fixed logits: the planning rule without real exports."""
+
+    key, suffix, runtime, own_int8 = "fake", ".fake", "fakert", True
+    logits: dict = {}
+
+    def export(self, v, path, job, keep_fp32=()):
+        name = "fp32" if not v.int8 else ("int8" if not keep_fp32 else "plan")
+        path.write_text(name)
+        return path
+
+    def runner(self, path, threads=1):
+        name = path.read_text()
+        return lambda x: self.logits[name][: len(x)]
+
+
+@pytest.mark.parametrize("p50,correct,max_drop,want", [
+    ({"fp32": 1.0, "int8": 0.5, "quantize plan (p)": 0.7}, {"int8": 40, "plan": 40}, 0.5, "int8"),  # fastest within budget
+    ({"fp32": 1.0, "int8": 0.5, "quantize plan (p)": 0.7}, {"int8": 30, "plan": 40}, 0.5, "quantize plan (p)"),  # accuracy
+    ({"fp32": 1.0, "int8": 0.99, "quantize plan (p)": 0.7}, {"int8": 40, "plan": 40}, 0.5, "quantize plan (p)"),  # margin
+    ({"fp32": 1.0, "int8": 1.4, "quantize plan (p)": 1.2}, {"int8": 40, "plan": 40}, 0.5, "fp32"),  # nothing pays
+    ({"fp32": 1.0, "int8": 0.5, "quantize plan (p)": 0.7}, {"int8": 20, "plan": 30}, 0.5, "quantize plan (p)"),  # none
+])  # within the budget: the most accurate int8 that pays
+def test_the_int8_candidate_a_format_ships_follows_the_rule(tiny, tmp_path, monkeypatch, p50, correct, max_drop, want):
+    from edgekd.bench import measure
+    from edgekd.formats.int8_plan import plan_int8
+
+    model, data = tiny
+    y = data.test.labels.numpy()
+    onehot = lambda k: np.eye(4, dtype=np.float32)[np.where(np.arange(len(y)) < k, y, (y + 1) % 4)]  # noqa: E731
+    _Fake.logits = {"fp32": onehot(40), "int8": onehot(correct["int8"]), "plan": onehot(correct["plan"])}
+    monkeypatch.setattr(measure, "time_interleaved", _timed(p50))
+    job = ExportJob(data, 17, 48, 0.8, lambda: data.normalize(data.train.images[:32]).numpy())
+    plan = {"fp32_blocks": {"features.1": "slow"}, "fp32_modules": {"features.0.0": "stem"}}
+    path, rec = plan_int8(_Fake(), Variant("int8_ptq", model, int8=True), tmp_path / "int8_ptq.fake", job, plan, max_drop, "p")
+    assert rec["chosen"] == want and path.read_text() == {"quantize plan (p)": "plan"}.get(want, want)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8_ptq.fake"]  # the other candidates are gone
+    assert [c["plan"] for c in rec["candidates"]] == ["int8", "quantize plan (p)", "fp32"]
+    assert rec["candidates"][1]["fp32_modules"] == ["features.0.0", "features.1"]
+    assert ("verdict" in rec) == (want == "fp32") and rec["runtime"] == "fakert"
+    assert rec["within_budget"] == ({"int8": correct["int8"], "quantize plan (p)": correct["plan"], "fp32": 40}[want] >= 40)
+
+
+@pytest.mark.parametrize("name", OWN_INT8[:1])  # the rule is the format's; one real format shows the file is float
+def test_a_format_that_finds_int8_slower_ships_its_float_program(tiny_trained, tmp_path, monkeypatch, name):
     from edgekd.bench import measure
     from edgekd.formats.int8_plan import plan_int8
 
     model, data = tiny_trained
     fmt = FORMATS.get(name)()
-    monkeypatch.setattr(measure, "time_interleaved", _timed(p50))
+    monkeypatch.setattr(measure, "time_interleaved", _timed({"fp32": 1.0, "int8": 1.5, "quantize plan (p)": 1.2}))
     job = ExportJob(data, 17, 48, 0.8, lambda: data.normalize(data.train.images[:32]).numpy())
-    v = Variant("int8_ptq", model, int8=True, min_agreement=0.8)
-    plan = {"fp32_blocks": {"features.1": "slow"}, "fp32_modules": {"features.0.0": "stem"}}
-    path, rec = plan_int8(fmt, v, tmp_path / f"int8_ptq{fmt.suffix}", job, plan, max_drop, "p")
-    assert rec["chosen"] == want and path.exists() and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
-    assert [c["plan"] for c in rec["candidates"]] == ["int8", "quantize plan (p)", "fp32"]
-    assert rec["candidates"][1]["fp32_modules"] == ["features.0.0", "features.1"]
-    assert ("verdict" in rec) == (want == "fp32") and rec["runtime"] == fmt.runtime
-    if want == "fp32":  # the shipped file is the float program of the same weights
-        x = data.normalize(data.test.images[:8]).numpy()
-        with torch.no_grad():
-            ref = model(torch.from_numpy(x)).numpy()
-        assert np.abs(fmt.runner(path)(x) - ref).max() < 1e-5 * np.abs(ref).max()
+    plan = {"fp32_blocks": {"features.1": "slow"}, "fp32_modules": {}}
+    path, rec = plan_int8(fmt, Variant("int8_ptq", model, int8=True), tmp_path / f"int8_ptq{fmt.suffix}", job, plan, 0.5, "p")
+    assert rec["chosen"] == "fp32" and "does not pay" in rec["verdict"]
+    x = data.normalize(data.test.images[:8]).numpy()
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert np.abs(fmt.runner(path)(x) - ref).max() < 1e-5 * np.abs(ref).max()  # the float program of the same weights

@@ -55,6 +55,20 @@ def run_dir(tmp_path_factory) -> Path:
     return out
 
 
+def _ships_fp32(export: dict, fmt: str) -> bool:
+    """Whether a format's own int8 plan (formats.int8_plan) shipped the fp32 program, saying why."""
+    plan = export["info"]["int8_qat"][f"{fmt}_int8_plan"]
+    assert plan["runtime"] and plan["candidates"] and (plan["chosen"] == "fp32") == ("verdict" in plan)
+    return plan["chosen"] == "fp32"
+
+
+def _int8_or_said_why(models: dict, key: str, ships_fp32: bool) -> None:
+    """The int8 QAT file is int8 (under 1/2.5 of the fp32 file), unless its plan found that int8
+    does not pay on this CPU and shipped float weights instead (the rule, not this machine)."""
+    ratio = models["int8_qat"][key] / models["student_fp32"][key]
+    assert ratio > 0.5 if ships_fp32 else ratio < 1 / 2.5, (key, ratio)
+
+
 def test_run_leaves_manifest_reports_and_artifacts(run_dir):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["status"] == "completed"
@@ -78,7 +92,7 @@ def test_run_leaves_manifest_reports_and_artifacts(run_dir):
         assert models[k]["top1"] > 25, (k, models[k]["top1"])  # measured by onnxruntime; chance is 10
         assert "onnxruntime/1t" in models[k]["latency"]
         assert models[k]["latency"]["onnxruntime/1t"]["p50_ms"] > 0
-    assert models["int8_qat"]["size_bytes"] < models["student_fp32"]["size_bytes"] / 2.5
+    _int8_or_said_why(models, "size_bytes", models["int8_qat"]["int8_layers"].startswith("0/"))
     assert "openvino" in report["stages"][-1]["info"]["skipped"] or "openvino/1t" in models["int8_qat"]["latency"]
     for k in ("student_fp32", "int8_qat", "student_unpruned_fp32"):  # peak memory from a child process
         assert models[k]["latency"]["onnxruntime/1t"]["model_peak_mb"] > 0
@@ -92,7 +106,7 @@ def test_run_leaves_manifest_reports_and_artifacts(run_dir):
             assert export["info"][k]["pte_verify"]["top1_agreement"] >= 0.9
             et = models[k]["latency"]["executorch/1t"]
             assert et["format"] == "pte" and et["top1"] > 25 and et["batched_inference"] is False
-        assert models["int8_qat"]["pte_size_bytes"] < models["student_fp32"]["pte_size_bytes"] / 2.5
+        _int8_or_said_why(models, "pte_size_bytes", _ships_fp32(export, "pte"))
         assert any(k.startswith("stage.benchmark.speedup.student_fp32/int8_qat@executorch") for k in report["metrics"])
     else:
         assert export["info"]["executorch"].startswith("skipped: not installed")
@@ -108,7 +122,7 @@ def test_run_leaves_manifest_reports_and_artifacts(run_dir):
             meta = read_metadata(run_dir / models[k]["tflite"])
             assert meta["edgekd.variant"] == k and float(meta["edgekd.temperature"]) > 0
         assert export["info"]["student_fp32"]["tflite_verify"]["max_abs_diff"] < 1e-3
-        assert models["int8_qat"]["tflite_size_bytes"] < models["student_fp32"]["tflite_size_bytes"] / 2.5
+        _int8_or_said_why(models, "tflite_size_bytes", _ships_fp32(export, "tflite"))
     else:
         assert export["info"]["litert"].startswith("skipped: not installed")
     assert report["headline"].startswith("int8")
