@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +40,11 @@ def kept_modules(plan: dict) -> list[str]:
 
 
 def plan_int8(fmt: Format, v: Variant, path: Path, job: ExportJob, plan: dict, max_drop: float,
-              plan_name: str) -> tuple[Path, dict]:
+              plan_name: str, fp32_file: Path | None = None) -> tuple[Path, dict]:
     """Write `v`'s int8 file for `fmt` at `path` as the candidate that pays (see the module
-    docstring); returns the path and the record (candidates with p50, speed-up and top-1)."""
+    docstring); returns the path and the record (candidates with p50, speed-up and top-1).
+    `fp32_file`: this format's file of the same float weights where one is written already (the
+    PTQ variant's is the student's), copied instead of exported again."""
     from ..bench.measure import round_ratio, time_interleaved
 
     data = job.data
@@ -58,8 +61,10 @@ def plan_int8(fmt: Format, v: Variant, path: Path, job: ExportJob, plan: dict, m
     try:
         for i, (name, keep) in enumerate(cands.items()):
             tmp = path.with_name(f".{path.stem}.plan{i}{path.suffix}")
-            files[name] = (fmt.export(float_variant, tmp, job) if keep is None else
-                           fmt.export(v, tmp, job, keep_fp32=keep))
+            if keep is None and fp32_file is not None:
+                files[name] = Path(shutil.copyfile(fp32_file, tmp))
+            else:
+                files[name] = fmt.export(float_variant, tmp, job) if keep is None else fmt.export(v, tmp, job, keep_fp32=keep)
         runners = {name: fmt.runner(f, 1) for name, f in files.items()}
         t0 = time_interleaved({"fp32": runners["fp32"]}, x[:1], 5, 10, 1)["fp32"]["p50_ms"]
         runs = int(max(40, min(200, 1000.0 / max(t0, 1e-3))))

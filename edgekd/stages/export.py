@@ -119,8 +119,10 @@ class Export(Stage):
             for fmt in formats:
                 props = metadata(data, v.name)
                 if v.int8 and fmt.own_int8 and quant_plan:  # its own quantizer: planned on its own runtime
+                    same_weights = d / f"student_fp32{fmt.suffix}" if v.qat_model is None else None  # PTQ: the student's
                     path, rec[fmt.figure("int8_plan")] = plan_int8(fmt, v, d / f"{v.name}{fmt.suffix}", job, quant_plan["plan"],
-                                                                   quant_plan["max_drop_points"], quant_plan["chosen"])
+                                                                   quant_plan["max_drop_points"], quant_plan["chosen"],
+                                                                   same_weights)
                     props["edgekd.int8_plan"] = rec[fmt.figure("int8_plan")]["chosen"]
                 else:
                     path = fmt.export(v, d / f"{v.name}{fmt.suffix}", job)
