@@ -71,6 +71,9 @@ def _leave_float(quantizer, paths: list[str]):
     refuses None (its annotator skips a None config), and its module-name filter expects the
     `L__self___` keys older torch.export graphs had, so the filter is swapped for one that reads
     the module paths (quant.plan.in_modules) for the duration."""
+    if not paths:
+        yield
+        return
     from litert_torch.quantize import pt2e_quantizer as pq
 
     from .quant.plan import in_modules
