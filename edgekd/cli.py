@@ -15,7 +15,7 @@ log = logging.getLogger("edgekd")
 def _cmd_run(args) -> int:
     from . import dist
     from .config import load_pipeline
-    from .runner import Runner, resolve_device
+    from .runner import resolve_device
 
     cfg, raw = load_pipeline(args.pipeline, args.set)
     if dist.world().size > 1:  # under torchrun: rank 0 runs the pipeline, the others train with it
@@ -24,13 +24,15 @@ def _cmd_run(args) -> int:
             if not dist.world().main:
                 dist.serve(cfg, device)
                 return 0
-            return _run_pipeline(args, cfg, raw, Runner)
+            return _run_pipeline(args, cfg, raw)
         finally:
             dist.finish()
-    return _run_pipeline(args, cfg, raw, Runner)
+    return _run_pipeline(args, cfg, raw)
 
 
-def _run_pipeline(args, cfg, raw, Runner) -> int:
+def _run_pipeline(args, cfg, raw) -> int:
+    from .runner import Runner
+
     resume = args.resume is not None
     run_dir = Path(args.resume) if resume else (Path(args.out) if args.out else None)
     runner = Runner(cfg, raw, run_dir, resume=resume)

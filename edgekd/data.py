@@ -506,7 +506,7 @@ def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator, pad: int = 4
                   size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Random crop (reflect-padded by `pad` where the images are no larger than `size`) or
     random-resized crop, and/or horizontal flip, on a uint8/float batch of stored images; crops
-    come out at `size` x `size` (default: the images' own size).
+    come out at `size` x `size` (default: the images' own size), a flip alone at the size given.
 
     Returns the batch and a bool mask of flipped samples (teacher-logit caches use it)."""
     b = x.shape[0]
@@ -514,7 +514,7 @@ def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator, pad: int = 4
     oh, ow = (size, size) if size else (h, w)
     flip = torch.zeros(b, dtype=torch.bool)
     if mode == "none":
-        return (centre_crop(x, size) if size else x), flip
+        return x, flip
     if mode == "resized_crop_flip":  # every crop resampled to the input size in one batched bilinear op
         from torchvision.ops import roi_align
 
@@ -530,8 +530,6 @@ def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator, pad: int = 4
         cols = (ox[:, None] + torch.arange(ow, device=dev))[:, None, None, :]
         x = padded[torch.arange(b, device=dev)[:, None, None, None], torch.arange(x.shape[1], device=dev)[None, :, None, None],
                    rows, cols]
-    elif size:  # flip
-        x = centre_crop(x, size)
     flip = torch.rand(b, generator=gen) < 0.5
     x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
     return x, flip
@@ -577,10 +575,8 @@ def iterate(split: Split, batch_size: int, shuffle: bool = False, augment: str =
     for idx, x in zip(batches, _ahead(read, batches) if prefetch else map(read, batches)):
         if device is not None:
             x = x.to(device, non_blocking=True)
-        if crops:
+        if augment != "none":  # crops come out at the size evaluation sees; a flip keeps the size it is given
             x, flip = augment_batch(x, augment, gen, size=split.size)
-        elif augment != "none":
-            x, flip = augment_batch(x, augment, gen)
         else:
             flip = torch.zeros(len(idx), dtype=torch.bool)
         yield x, split.labels[idx], idx, flip

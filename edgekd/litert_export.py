@@ -15,7 +15,6 @@ schema (`ai_edge_litert.schema_py_generated`). Programs have a static batch of 1
 from __future__ import annotations
 
 from contextlib import contextmanager
-
 from pathlib import Path
 from typing import Callable
 

@@ -42,11 +42,11 @@ def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"edgekd": __version__, "python": platform.python_version(), "torch": torch.__version__}
-    for dist in ("torchvision", "onnx", "onnxruntime", "torch-pruning", "openvino", "executorch"):
+    for name in ("torchvision", "onnx", "onnxruntime", "torch-pruning", "openvino", "executorch"):
         try:
-            out[dist.replace("-", "_")] = version(dist)
+            out[name.replace("-", "_")] = version(name)
         except PackageNotFoundError:
-            out[dist.replace("-", "_")] = None
+            out[name.replace("-", "_")] = None
     return out
 
 

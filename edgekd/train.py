@@ -22,7 +22,6 @@ from tqdm import tqdm
 from .bn import bn_gap, recalibrate_bn
 from . import dist
 from .data import Data, iterate, train_batches
-from .dist import world
 from .distill import LOSSES, Objective, shorthand_terms, teacher_names, term_type
 from .errors import EdgekdError
 from .fileio import save_torch, sha256_json
@@ -134,14 +133,15 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, *,
     """Train `model` in place to minimise `objective` (default: cfg's terms, which then may
     not need a teacher); returns the per-epoch history. Resumes from `state_path`."""
     objective = objective if objective is not None else Objective(cfg.terms())
-    w = world()
+    w = dist.world()
     with dist.job():
         if w.size > 1 and w.main:  # the other ranks train the same job (dist.serve)
             if any(hasattr(src.teacher, "session") for src in objective.teachers.values()):
                 raise EdgekdError(f"{desc}: an ONNX teacher cannot be sent to the other torchrun ranks; give its PyTorch "
                                   "checkpoint")
-            dist.broadcast({"model": model, "cfg_type": type(cfg), "cfg": cfg.model_dump(exclude_unset=True), "terms": [t.model_dump() for t in objective.specs],
-                            "teachers": objective.teachers, "seed": seed, "state_path": state_path, "desc": desc})
+            dist.broadcast({"model": model, "cfg_type": type(cfg), "cfg": cfg.model_dump(exclude_unset=True),
+                            "terms": [t.model_dump() for t in objective.specs], "teachers": objective.teachers,
+                            "seed": seed, "state_path": state_path, "desc": desc})
         objective.attach(model)
         try:
             model.to(device)
@@ -161,7 +161,7 @@ def _fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, s
     from .metrics import classification_metrics, predict
 
     bs = cfg.batch_size or data.batch_size
-    w = world()
+    w = dist.world()
     steps_per_epoch = train_batches(len(data.train), bs, w.size)
     if w.size > 1 and (bs % w.size or not steps_per_epoch):
         raise EdgekdError(f"{desc}: the batch of {bs} images is split over {w.size} torchrun ranks: it must be a multiple "

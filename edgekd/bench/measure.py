@@ -60,6 +60,13 @@ def time_interleaved(runners: dict, x: np.ndarray, warmup: int, runs: int, round
     return out
 
 
+def runs_within(run, x: np.ndarray, budget_ms: float, lo: int = 40, hi: int = 200) -> int:
+    """How many timed calls of `run` fit in about `budget_ms` (at least `lo`, at most `hi`), from
+    a short first timing: plan searches time many candidates against one reference this way."""
+    t0 = time_interleaved({"ref": run}, x, 10, 20, 1)["ref"]["p50_ms"]
+    return int(max(lo, min(hi, budget_ms / max(t0, 1e-3))))
+
+
 def round_ratio(slow: dict, fast: dict) -> float:
     """slow/fast speed ratio: the median of the per-round ratios when both were timed in the same
     rounds (time_interleaved), else the ratio of their p50s."""

@@ -8,15 +8,16 @@ program was slower than its fp32 one. So with `quantize.plan: auto` each of thes
 its own candidates, on its own runtime, against its own fp32 program of the same weights:
 
 - `int8`: every op the format's quantizer knows;
-- `quantize plan`: the same, with the modules the quantize stage kept fp32 left in float
-  (the quantizer's per-module override, PT2E `set_module_name(path, None)`), when it kept any;
+- `quantize plan`: the same, with the modules the quantize stage kept fp32 left unannotated, so
+  float (through each quantizer's node filter: pte_export, litert_export), when it kept any;
 - `fp32`: no int8 at all.
 
 Of the int8 candidates at least MARGIN faster than the fp32 program it keeps the fastest whose
 top-1 on the judging split (validation, else test) stays within `quantize.max_drop_points` of
 the fp32 program, or, where none does, the most accurate (`within_budget` false, as the quantize
-stage's plan does); where none is faster, the fp32 program, saying why. Timing follows quant.plan: 1 thread, batch 1, medians
-of interleaved rounds, on this machine's CPU (a phone's ARM cores run other kernels again)."""
+stage's plan does); where none is faster, the fp32 program, saying why. Timing follows
+quant.plan: 1 thread, batch 1, medians of interleaved rounds, on this machine's CPU (a phone's
+ARM cores run other kernels again)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def plan_int8(fmt: Format, v: Variant, path: Path, job: ExportJob, plan: dict, m
     docstring); returns the path and the record (candidates with p50, speed-up and top-1).
     `fp32_file`: this format's file of the same float weights where one is written already (the
     PTQ variant's is the student's), copied instead of exported again."""
-    from ..bench.measure import round_ratio, time_interleaved
+    from ..bench.measure import round_ratio, runs_within, time_interleaved
 
     data = job.data
     split = data.val if data.val is not None else data.test
@@ -66,9 +67,7 @@ def plan_int8(fmt: Format, v: Variant, path: Path, job: ExportJob, plan: dict, m
             else:
                 files[name] = fmt.export(float_variant, tmp, job) if keep is None else fmt.export(v, tmp, job, keep_fp32=keep)
         runners = {name: fmt.runner(f, 1) for name, f in files.items()}
-        t0 = time_interleaved({"fp32": runners["fp32"]}, x[:1], 5, 10, 1)["fp32"]["p50_ms"]
-        runs = int(max(40, min(200, 1000.0 / max(t0, 1e-3))))
-        timed = time_interleaved(runners, x[:1], 10, runs, 10)
+        timed = time_interleaved(runners, x[:1], 10, runs_within(runners["fp32"], x[:1], 1000.0), 10)
         top1 = {name: round(100.0 * float((np.asarray(r(x)).argmax(1) == y).mean()), 3) for name, r in runners.items()}
         rows = [{"plan": name, "fp32_modules": "all" if keep is None else keep, "p50_ms": timed[name]["p50_ms"],
                  "speedup_vs_fp32": round_ratio(timed["fp32"], timed[name]), "top1": top1[name],

@@ -236,7 +236,7 @@ def search(fp32: Path, workdir: Path, calib, base: Plan, quantize, threads: int 
     over fp32 measured together at the end."""
     from tqdm import tqdm
 
-    from ..bench.measure import round_ratio, time_interleaved
+    from ..bench.measure import round_ratio, runs_within, time_interleaved
     from ..bench.runtimes import RUNTIMES
 
     rt = RUNTIMES.get(runtime)()
@@ -244,8 +244,7 @@ def search(fp32: Path, workdir: Path, calib, base: Plan, quantize, threads: int 
     workdir.mkdir(parents=True, exist_ok=True)
     graph = load_graph(fp32)
     fp32_run = rt.load(fp32, threads)
-    t0 = time_interleaved({"fp32": fp32_run}, x, 10, 20, 1)["fp32"]["p50_ms"]
-    runs = int(max(40, min(200, budget_ms / 2 / max(t0, 1e-3))))  # per candidate pair: ~budget_ms of timing
+    runs = runs_within(fp32_run, x, budget_ms / 2)  # per candidate pair: ~budget_ms of timing
     todo = [b for b in blocks(graph) if b not in base.fp32_blocks]
     files = iter(workdir / f"plan_{i}.onnx" for i in range(10**6))
     bar = tqdm(desc="quantize plan", unit="try", disable=not progress, leave=False)

@@ -186,12 +186,12 @@ class Export(Stage):
 def _measured_plan(ctx) -> dict | None:
     """The quantize stage's plan record where it measured one (`quantize.plan: auto`): formats
     with their own int8 then measure theirs too (formats.int8_plan)."""
-    import json
+    from ..rundir import read_json
 
     rel = ctx.artifacts.get("quant_plan")
     if not rel:
         return None
-    rec = json.loads((ctx.run_dir / rel).read_text())
+    rec = read_json(ctx.run_dir / rel, "quantization plan")
     return rec if rec.get("mode") == "auto" else None
 
 
