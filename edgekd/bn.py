@@ -14,29 +14,43 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from . import dist
 from .data import Data
+from .inference import channels_last
 
 
 def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
-def _batches(data: Data, images: int, seed: int, device: torch.device):
+def _share(together: bool) -> tuple[int, int]:
+    """(rank, ranks) whose share of the batches this process takes: all of them unless every
+    rank of a torchrun group runs the same call (`together`)."""
+    w = dist.world()
+    return (w.rank, w.size) if together else (0, 1)
+
+
+def _batches(data: Data, images: int, seed: int, device: torch.device, share: tuple[int, int] = (0, 1)):
     """`images` training images (a seeded sample, no augmentation) in training-size batches; a
-    lone last image joins the batch before it (batch statistics need two)."""
+    lone last image joins the batch before it (batch statistics need two). `share` = (rank,
+    ranks): every ranks-th batch, so the ranks of a group split one single-process pass."""
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(data.train), generator=gen)[:images]
     chunks = list(idx.split(data.batch_size))
     if len(chunks) > 1 and len(chunks[-1]) == 1:
         chunks[-2:] = [torch.cat(chunks[-2:])]
-    for i in chunks:
+    for i in chunks[share[0]::share[1]]:
         yield data.normalize(data.train.images[i].to(device)), data.train.labels[i].to(device)
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, data: Data, device: torch.device, images: int, seed: int) -> bool:
+def recalibrate_bn(model: nn.Module, data: Data, device: torch.device, images: int, seed: int,
+                   together: bool = False) -> bool:
     """Re-estimate BatchNorm running statistics on `images` training images (a cumulative
-    mean over batches, not an EMA). Returns whether the model had any BatchNorm."""
+    mean over batches, not an EMA). Returns whether the model had any BatchNorm.
+
+    `together`: every rank of a torchrun group makes this call; each runs its share of the
+    batches and the per-batch means are averaged over all of them, as one process would."""
     bns = batchnorms(model)
     if not bns or images <= 0:
         return False
@@ -47,8 +61,18 @@ def recalibrate_bn(model: nn.Module, data: Data, device: torch.device, images: i
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches below
         m.train()
-    for x, _ in _batches(data, images, seed, device):
-        model(x)
+    share = _share(together)
+    with channels_last(device, model):
+        for x, _ in _batches(data, images, seed, device, share):
+            model(x)
+    if share[1] > 1:  # each rank's average over its k batches, weighted by k
+        for m in bns:
+            k = m.num_batches_tracked.to(device=m.running_mean.device, dtype=m.running_mean.dtype)
+            flat = dist.all_sum(torch.cat([m.running_mean * k, m.running_var * k, k.reshape(1)]), "re-estimating BatchNorm")
+            c = m.running_mean.numel()
+            m.running_mean.copy_(flat[:c] / flat[-1])
+            m.running_var.copy_(flat[c:2 * c] / flat[-1])
+            m.num_batches_tracked.fill_(int(flat[-1]))
     for m, mom in zip(bns, momenta):
         m.momentum = mom
     model.train(was_training)
@@ -56,9 +80,11 @@ def recalibrate_bn(model: nn.Module, data: Data, device: torch.device, images: i
 
 
 @torch.no_grad()
-def bn_gap(model: nn.Module, data: Data, device: torch.device, images: int, seed: int) -> dict | None:
+def bn_gap(model: nn.Module, data: Data, device: torch.device, images: int, seed: int,
+           together: bool = False) -> dict | None:
     """Top-1 of the same training images with running statistics (eval mode) and with batch
     statistics (what the weights were trained with), in percent; None without BatchNorm.
+    `together`: as for recalibrate_bn, the ranks count their shares of the images.
 
     A large gap means the running statistics do not fit the weights; overfitting cannot cause
     it, since both figures are on the same images."""
@@ -69,15 +95,21 @@ def bn_gap(model: nn.Module, data: Data, device: torch.device, images: int, seed
     momenta = [m.momentum for m in bns]
     hits = {"eval_mode_top1": 0, "batch_stats_top1": 0}
     n = 0
-    for x, y in _batches(data, images, seed, device):
-        model.eval()
-        hits["eval_mode_top1"] += int((model(x).argmax(1) == y).sum())
-        for m in bns:
-            m.train()
-            m.momentum = 0.0  # normalise with batch statistics, leave the running ones untouched
-        hits["batch_stats_top1"] += int((model(x).argmax(1) == y).sum())
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-        n += len(y)
+    share = _share(together)
+    with channels_last(device, model):
+        for x, y in _batches(data, images, seed, device, share):
+            model.eval()
+            hits["eval_mode_top1"] += int((model(x).argmax(1) == y).sum())
+            for m in bns:
+                m.train()
+                m.momentum = 0.0  # normalise with batch statistics, leave the running ones untouched
+            hits["batch_stats_top1"] += int((model(x).argmax(1) == y).sum())
+            for m, mom in zip(bns, momenta):
+                m.momentum = mom
+            n += len(y)
     model.train(was_training)
+    if share[1] > 1:
+        total = dist.all_sum(torch.tensor([hits["eval_mode_top1"], hits["batch_stats_top1"], n], dtype=torch.float64,
+                                          device=device), "checking BatchNorm statistics")
+        hits, n = dict(zip(hits, total[:2].tolist())), float(total[2])
     return {k: round(100.0 * v / n, 3) for k, v in hits.items()}

@@ -13,7 +13,8 @@ import torch.nn as nn
 from .data import Data, cache_root, load_data
 from .distill import Objective, TeacherSource, teacher_names
 from .fileio import sha256_file, sha256_json
-from .metrics import classification_metrics, model_stats, predict
+from .inference import predict
+from .metrics import classification_metrics, model_stats
 from .models import check_classes, load_model, save_checkpoint
 from .schema import PipelineConfig
 from .train import TrainConfig
@@ -129,7 +130,7 @@ class Context:
         path = self.cache_dir / "eval_logits" / f"{sha256_json([key, split.key])[:32]}.pt"
         if path.exists():
             return torch.load(path, weights_only=True).numpy()
-        logits = predict(model, self.data, split, self.device)
+        logits = predict(model, self.data, split, self.device, frozen=True)  # keyed on its weights: a teacher
         from .fileio import save_torch
 
         save_torch(path, torch.from_numpy(logits))

@@ -7,7 +7,9 @@ training run (`train.fit`: distill and its baseline, every prune fine-tune, QAT,
 is a job rank 0 hands to the others (the model as it stands, the objective with its teachers
 and logit table, the training options); every rank then trains one shard of each global batch
 under DistributedDataParallel (train._fit), so the others get the pruned or fake-quantized model
-with the job and never decide anything themselves. Only rank 0 evaluates, checkpoints and
+with the job and never decide anything themselves. The forward-only work that grows with the
+data is split the same way: a teacher's logit table and BatchNorm re-estimation (each rank
+takes every ranks-th batch, and the shares are summed). Only rank 0 evaluates, checkpoints and
 reports. Single-process runs never touch this module's collectives.
 
 A rank that fails ends the run: rank 0 tells the others to stop when it fails outside a
@@ -136,10 +138,19 @@ def all_sum(t: torch.Tensor, what: str) -> torch.Tensor:
     return t
 
 
+def everywhere(task: str, **job) -> None:
+    """Rank 0, in a torchrun group: have every other rank run `task` (see `serve`) with `job`,
+    alongside the same call here; a no-op in a single process."""
+    if world().size > 1 and world().main:
+        broadcast({"task": task, **job})
+
+
 def serve(cfg, device: torch.device) -> None:
-    """A rank other than 0: train each job rank 0 sends until it sends None (see the module doc)."""
+    """A rank other than 0: run each job rank 0 sends (`everywhere`) until it sends None: train
+    (train.fit), compute a share of a teacher's logit table, or of BatchNorm statistics."""
     from pydantic import TypeAdapter
 
+    from .bn import recalibrate_bn
     from .data import load_data
     from .distill import Objective, term_type
     from .train import fit
@@ -150,9 +161,16 @@ def serve(cfg, device: torch.device) -> None:
     while (job := broadcast()) is not None:  # None: rank 0 has finished the pipeline
         if data is None:  # rank 0 has decoded and cached it by now
             data = load_data(cfg.data, cfg.seed)
-        for src in job["teachers"].values():
-            src.bind(data, device)
-        # options travel as plain data: term classes are made at run time and do not pickle
-        objective = Objective([term.validate_python(t) for t in job["terms"]], lambda name, _: job["teachers"][name])
-        fit(job["model"], data, job["cfg_type"].model_validate(job["cfg"]), device, seed=job["seed"], objective=objective,
-            state_path=job["state_path"], desc=job["desc"])
+        task = job.pop("task")
+        if task == "teacher_logits":
+            job["source"].bind(data, device)
+            job["source"].logit_table(job["views"], together=True)
+        elif task == "recalibrate_bn":
+            recalibrate_bn(job["model"].to(device), data, device, job["images"], job["seed"], together=True)
+        else:
+            for src in job["teachers"].values():
+                src.bind(data, device)
+            # options travel as plain data: term classes are made at run time and do not pickle
+            objective = Objective([term.validate_python(t) for t in job["terms"]], lambda name, _: job["teachers"][name])
+            fit(job["model"], data, job["cfg_type"].model_validate(job["cfg"]), device, seed=job["seed"],
+                objective=objective, state_path=job["state_path"], desc=job["desc"])

@@ -41,28 +41,6 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes: list
     }
 
 
-@torch.no_grad()
-def predict(model: nn.Module, data, split, device: torch.device) -> np.ndarray:
-    """Logits of `model` on a Split, in order (no augmentation). A progress bar appears when
-    this takes over 3 s (a ResNet-50 teacher on 10k CPU images takes minutes)."""
-    from tqdm import tqdm
-
-    from .data import iterate
-
-    model.eval()
-    outs = []
-    with tqdm(total=len(split), desc=f"evaluate {type(model).__name__}", unit="img", leave=False, delay=3) as bar:
-        for x, _, _, _ in iterate(split, data.eval_batch_size):
-            outs.append(model(data.normalize(x.to(device))).float().cpu())
-            bar.update(len(x))
-    return torch.cat(outs).numpy()
-
-
-def evaluate(model: nn.Module, data, device: torch.device, split=None) -> dict:
-    split = split or data.test
-    return classification_metrics(predict(model, data, split, device), split.labels.numpy(), data.classes)
-
-
 def count_params(model: nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 

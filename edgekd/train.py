@@ -22,6 +22,7 @@ from tqdm import tqdm
 from .bn import bn_gap, recalibrate_bn
 from . import dist
 from .data import Data, iterate, train_batches
+from .inference import channels_last, predict
 from .distill import LOSSES, Objective, shorthand_terms, teacher_names, term_type
 from .errors import EdgekdError
 from .fileio import save_torch, sha256_json
@@ -139,9 +140,9 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, *,
             if any(hasattr(src.teacher, "session") for src in objective.teachers.values()):
                 raise EdgekdError(f"{desc}: an ONNX teacher cannot be sent to the other torchrun ranks; give its PyTorch "
                                   "checkpoint")
-            dist.broadcast({"model": model, "cfg_type": type(cfg), "cfg": cfg.model_dump(exclude_unset=True),
-                            "terms": [t.model_dump() for t in objective.specs], "teachers": objective.teachers,
-                            "seed": seed, "state_path": state_path, "desc": desc})
+            dist.everywhere("fit", model=model, cfg_type=type(cfg), cfg=cfg.model_dump(exclude_unset=True),
+                            terms=[t.model_dump() for t in objective.specs], teachers=objective.teachers, seed=seed,
+                            state_path=state_path, desc=desc)
         objective.attach(model)
         try:
             model.to(device)
@@ -150,15 +151,16 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, *,
             if w.size > 1:  # parameters a term sized in prepare start from rank 0's draw everywhere
                 for p in objective.parameters():
                     dist.collective(lambda: torch.distributed.broadcast(p.data, 0), f"starting {desc}")
-            return dist.collective(lambda: _fit(model, data, cfg, device, seed, objective, state_path, desc, on_epoch),
-                                   f"training {desc}")
+            with channels_last(device, model, *(src.teacher for src in objective.teachers.values())):
+                return dist.collective(lambda: _fit(model, data, cfg, device, seed, objective, state_path, desc, on_epoch),
+                                       f"training {desc}")
         finally:
             objective.detach()
 
 
 def _fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, seed: int, objective: Objective,
          state_path: Path | None, desc: str, on_epoch: Callable[[dict], None] | None) -> list[dict]:
-    from .metrics import classification_metrics, predict
+    from .metrics import classification_metrics
 
     bs = cfg.batch_size or data.batch_size
     w = dist.world()
@@ -246,10 +248,10 @@ def _fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, s
                    "lr": round(sched.get_last_lr()[0], 6), "seconds": round(secs, 2), "images_per_s": round(n_seen / secs, 1)}
             last = epoch + 1 == cfg.epochs
             history.append(rec)
-            if not w.main:  # rank 0 evaluates, settles BatchNorm and checkpoints; this rank's model is discarded
-                continue
-            if last:
+            if last:  # every rank checks (and re-estimates) its share of the BatchNorm statistics
                 _settle_bn(model, data, cfg, device, seed, rec, desc)
+            if not w.main:  # rank 0 evaluates and checkpoints; this rank's model is discarded
+                continue
             if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last:
                 m = classification_metrics(predict(model, data, eval_split, device), eval_split.labels.numpy(), data.classes)
                 rec[f"{eval_name}_top1"] = m["top1"]
@@ -278,21 +280,22 @@ def _stop_if_diverged(bad_step: torch.Tensor, desc: str, steps_per_epoch: int, e
 def _settle_bn(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, seed: int, rec: dict,
                desc: str) -> None:
     """End of a run: are the BN running statistics those of the final weights (bn.py)? Where they
-    lag (or always, with "on"), re-estimate them; warn if eval mode is still far off.
+    lag (or always, with "on"), re-estimate them; warn if eval mode is still far off. Under
+    torchrun every rank runs this, on its share of the images.
 
     "auto" leaves statistics that fit alone: averaged over a long run they are better estimates
     than a re-estimate on a thousand images, and a well-converged model keeps its figures."""
-    gap = bn_gap(model, data, device, BN_CHECK_IMAGES, seed + 1)
+    gap = bn_gap(model, data, device, BN_CHECK_IMAGES, seed + 1, together=True)
     if gap is None:
         return
     lag = gap["batch_stats_top1"] - gap["eval_mode_top1"]
     if cfg.bn_recalibration == "on" or (cfg.bn_recalibration == "auto" and lag > BN_GAP_RECALIBRATE):
-        recalibrate_bn(model, data, device, cfg.bn_recalibration_images, seed)
+        recalibrate_bn(model, data, device, cfg.bn_recalibration_images, seed, together=True)
         rec["bn_recalibrated_images"] = min(cfg.bn_recalibration_images, len(data.train))
         rec["train_eval_mode_top1_before_recalibration"] = gap["eval_mode_top1"]
-        gap = bn_gap(model, data, device, BN_CHECK_IMAGES, seed + 1)
+        gap = bn_gap(model, data, device, BN_CHECK_IMAGES, seed + 1, together=True)
     rec.update({f"train_{k}": v for k, v in gap.items()})
-    if gap["eval_mode_top1"] < gap["batch_stats_top1"] - BN_GAP_WARN:
+    if gap["eval_mode_top1"] < gap["batch_stats_top1"] - BN_GAP_WARN and dist.world().main:
         log.warning("%s: eval-mode top-1 %.1f %% is far below %.1f %% with batch statistics on the same training "
                     "images: BatchNorm running statistics do not fit the weights%s", desc, gap["eval_mode_top1"],
                     gap["batch_stats_top1"], " (set bn_recalibration: auto or on to re-estimate them)"

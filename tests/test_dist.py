@@ -118,3 +118,53 @@ def _rank_pid(rank: int) -> int | None:
         if f"RANK={rank}".encode() in env and b"edgekd" in cmd and b"torch.distributed.run" not in cmd:
             return int(p.name)
     return None
+
+
+def _shared_work(rank: int, port: int, out: str) -> None:
+    """One rank of a 2-process gloo group (or, with port 0, a single process): BatchNorm
+    re-estimation, its check and a teacher's logit table, each split over the ranks."""
+    import torch
+
+    from edgekd.bn import bn_gap, recalibrate_bn
+    from edgekd.data import Data, Split
+    from edgekd.distill.teachers import TeacherSource
+    from edgekd.models import build
+
+    if port:
+        os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 256, (150, 3, 16, 16), dtype=torch.uint8, generator=g), torch.arange(150) % 3,
+                  ["a", "b", "c"], "shares")
+    data = Data(split, split, None, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "flip", 16, 32)  # 5 batches: 3 + 2
+    torch.manual_seed(0)
+    model = build({"arch": "mobilenet_v2", "num_classes": 3, "cifar_stem": True, "width_mult": 0.25})
+    cpu = torch.device("cpu")
+    recalibrate_bn(model, data, cpu, 150, 1, together=True)
+    gap = bn_gap(model, data, cpu, 150, 2, together=True)
+    teacher = build({"arch": "resnet18", "num_classes": 3, "cifar_stem": True}).eval()
+    table = TeacherSource(teacher, data, cpu, False, None, None).logit_table(2, together=True)
+    if rank == 0:
+        stats = {k: v for k, v in model.state_dict().items() if "running" in k}
+        torch.save({"stats": stats, "gap": gap, "table": table}, out)
+    if port:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_split_bn_statistics_and_teacher_logits_as_one_process_computes_them(tmp_path):
+    """Each rank takes every other batch (or image) and the shares are summed: the result is
+    the single-process one up to float rounding (different batch shapes in the kernels)."""
+    import torch
+    import torch.multiprocessing as mp
+
+    _shared_work(0, 0, str(tmp_path / "one.pt"))
+    mp.spawn(_shared_work, args=(_port(), str(tmp_path / "two.pt")), nprocs=2)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one["gap"] == two["gap"]
+    assert one["stats"].keys() == two["stats"].keys()
+    for k, v in one["stats"].items():
+        assert torch.allclose(v.double(), two["stats"][k].double(), rtol=1e-4, atol=1e-5), k
+    scale = float(one["table"].abs().max())
+    assert one["table"].shape == (2, 150, 3) and (one["table"] != 0).all()
+    assert torch.allclose(one["table"], two["table"], atol=1e-4 * scale, rtol=0)

@@ -81,7 +81,7 @@ def test_a_short_mobilenet_v3_run_ends_with_bn_statistics_that_fit_its_weights(a
     are still near their initial values and the eval-mode model sits at chance. fit() ends by
     re-estimating them, so eval mode scores what the weights learned (batch statistics)."""
     from edgekd.bn import bn_gap
-    from edgekd.metrics import evaluate
+    from edgekd.inference import predict
 
     data, cpu = learnable_data(), torch.device("cpu")
     figs = {}
@@ -92,7 +92,7 @@ def test_a_short_mobilenet_v3_run_ends_with_bn_statistics_that_fit_its_weights(a
         hist = fit(model, data, TrainConfig(epochs=3, loss="ce", lr=0.05, bn_recalibration=mode), cpu, seed=0)
         test_batch_stats = bn_gap(model, type(data)(data.test, data.test, None, data.mean, data.std, "none", 64, 128),
                                   cpu, 128, 0)["batch_stats_top1"]
-        figs[mode] = (evaluate(model, data, cpu)["top1"], test_batch_stats, hist[-1], caplog.text, model)
+        figs[mode] = (100.0 * float((predict(model, data, data.test, cpu).argmax(1) == data.test.labels.numpy()).mean()), test_batch_stats, hist[-1], caplog.text, model)
     stale, fixed = figs["off"], figs["auto"]
     assert stale[1] > 40 and stale[0] < stale[1] - 10  # the bug: the weights learned, eval mode did not
     assert "BatchNorm running statistics do not fit" in stale[3] and "bn_recalibration: auto or on" in stale[3]
@@ -103,10 +103,15 @@ def test_a_short_mobilenet_v3_run_ends_with_bn_statistics_that_fit_its_weights(a
     assert fixed[2]["train_eval_mode_top1_before_recalibration"] < fixed[2]["train_eval_mode_top1"] - 10
     assert abs(fixed[2]["train_eval_mode_top1"] - fixed[2]["train_batch_stats_top1"]) <= 3
     assert "do not fit" not in fixed[3]
-    # statistics that fit are left alone by "auto" (a long run's averages beat a re-estimate)
-    from edgekd.train import _settle_bn
+    # "auto" re-estimates only statistics that lag by more than BN_GAP_RECALIBRATE and leaves those
+    # that fit alone (a long run's averages beat a re-estimate); whether the re-estimated ones above
+    # are within it on the check's images is a matter of this CPU's float rounding, the rule is not
+    from edgekd.train import BN_CHECK_IMAGES, BN_GAP_RECALIBRATE, _settle_bn
 
+    gap = bn_gap(fixed[4], data, cpu, BN_CHECK_IMAGES, 1)
+    lags = gap["batch_stats_top1"] - gap["eval_mode_top1"] > BN_GAP_RECALIBRATE
     rec, before = {}, {k: v.clone() for k, v in fixed[4].state_dict().items() if "running" in k}
     _settle_bn(fixed[4], data, TrainConfig(), cpu, 0, rec, "again")
-    assert "bn_recalibrated_images" not in rec and "train_eval_mode_top1" in rec
-    assert all(torch.equal(v, fixed[4].state_dict()[k]) for k, v in before.items())
+    assert ("bn_recalibrated_images" in rec) == lags and "train_eval_mode_top1" in rec
+    if not lags:
+        assert all(torch.equal(v, fixed[4].state_dict()[k]) for k, v in before.items())

@@ -14,8 +14,10 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from .. import dist
 from ..data import Data, iterate
 from ..fileio import save_torch, sha256_json
+from ..inference import channels_last, frozen_forward
 from .losses import Outputs
 from .taps import FeatureTaps
 
@@ -44,7 +46,9 @@ class TeacherSource:
 
     @torch.no_grad()
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.teacher(x).float()
+        if self.taps is not None:  # the features come from PyTorch's modules
+            return self.teacher(x).float()
+        return frozen_forward(self.teacher, self.device, x[:8])(x)
 
     def _build_table(self, teacher_key: str | None, cache_dir: Path | None) -> torch.Tensor:
         split = self.data.train
@@ -56,16 +60,32 @@ class TeacherSource:
             except Exception:
                 log.warning("teacher-logit cache %s unreadable; recomputing", path)
         views = 2 if self.data.augment == "flip" else 1
-        table = torch.empty(views, len(split), self.data.num_classes)
-        bar = tqdm(total=len(split) * views, desc=f"{self.name} logits", unit="img", leave=False)
-        for v in range(views):
-            for x, _, idx, _ in iterate(split, self.data.eval_batch_size):
-                x = self.data.normalize(x.to(self.device))
-                table[v, idx] = self._forward(x.flip(-1) if v else x).cpu()
-                bar.update(len(idx))
-        bar.close()
+        with dist.job():
+            dist.everywhere("teacher_logits", source=self, views=views)
+            table = self.logit_table(views, together=True)
         if path:
             save_torch(path, table)
+        return table
+
+    def logit_table(self, views: int, together: bool = False) -> torch.Tensor:
+        """The teacher's logits for every training image (and its mirror image with two views).
+        `together`: every rank of a torchrun group makes this call (dist.everywhere); each
+        computes every ranks-th image of each batch and the shares are summed."""
+        w = dist.world()
+        share = (w.rank, w.size) if together else (0, 1)
+        split = self.data.train
+        table = torch.zeros(views, len(split), self.data.num_classes)
+        bar = tqdm(total=len(split) * views, desc=f"{self.name} logits", unit="img", leave=False, disable=not w.main)
+        with channels_last(self.device, self.teacher):
+            for v in range(views):
+                for x, _, idx, _ in iterate(split, self.data.eval_batch_size, shard=share):
+                    x = self.data.normalize(x.to(self.device))
+                    table[v, idx] = self._forward(x.flip(-1) if v else x).cpu()
+                    bar.update(len(idx) * share[1])
+        bar.close()
+        if share[1] > 1:  # the shares to every rank, one view at a time (NCCL reduces on the GPU)
+            for v in range(views):
+                table[v] = dist.all_sum(table[v].to(self.device), f"computing {self.name} logits").cpu()
         return table
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor, flip: torch.Tensor) -> Outputs:

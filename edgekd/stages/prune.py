@@ -17,6 +17,7 @@ from ..data import iterate
 from ..errors import EdgekdError
 from ..models import rebuild
 from ..pruning import IMPORTANCE, accumulate_taylor_grads, make_pruner, pruning_history, resolve_ignored
+from .. import dist
 from ..bn import recalibrate_bn
 from ..train import TrainConfig, fit
 from .base import Stage, StageResult, register
@@ -160,7 +161,9 @@ class Prune(Stage):
         info = {"step": step, "macs": figs["macs"], "params": figs["params"], "macs_kept": round(figs["macs"] / macs0, 4),
                 "top1_after_prune": figs["top1"]}
         if cfg.bn_recalibration_images:
-            recalibrate_bn(model, data, ctx.device, cfg.bn_recalibration_images, ctx.cfg.seed + step)
+            with dist.job():  # under torchrun every rank re-estimates its share
+                dist.everywhere("recalibrate_bn", model=model, images=cfg.bn_recalibration_images, seed=ctx.cfg.seed + step)
+                recalibrate_bn(model, data, ctx.device, cfg.bn_recalibration_images, ctx.cfg.seed + step, together=True)
             info["top1_after_bn_recalibration"] = ctx.measure(model)["top1"]
         log.info("prune step %d: MACs %.1f%% of input, top-1 %.2f after pruning%s", step, 100 * figs["macs"] / macs0,
                  figs["top1"], f", {info['top1_after_bn_recalibration']:.2f} after BN recalibration"
