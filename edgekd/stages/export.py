@@ -14,6 +14,7 @@ import logging
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
+from tqdm import tqdm
 
 from ..errors import EdgekdError, did_you_mean
 from ..schema import Strict, Switch
@@ -112,25 +113,28 @@ class Export(Stage):
         artifacts, models = {}, {}
         job = ExportJob(data, cfg.opset, cfg.verify_images, cfg.ptq_min_agreement, _calibration_set(ctx), cfg.options)
         quant_plan = _measured_plan(ctx)
-        for v in self._variants(ctx, cfg):
-            rec, models[v.name] = info.setdefault(v.name, {}), {}
-            if v.name in LABELS:
-                models[v.name]["label"] = LABELS[v.name]
-            for fmt in formats:
-                props = metadata(data, v.name)
-                if v.int8 and fmt.own_int8 and quant_plan:  # its own quantizer: planned on its own runtime
-                    same_weights = d / f"student_fp32{fmt.suffix}" if v.qat_model is None else None  # PTQ: the student's
-                    path, rec[fmt.figure("int8_plan")] = plan_int8(fmt, v, d / f"{v.name}{fmt.suffix}", job, quant_plan["plan"],
-                                                                   quant_plan["max_drop_points"], quant_plan["chosen"],
-                                                                   same_weights)
-                    props["edgekd.int8_plan"] = rec[fmt.figure("int8_plan")]["chosen"]
-                else:
-                    path = fmt.export(v, d / f"{v.name}{fmt.suffix}", job)
-                fmt.write_metadata(path, props)
-                rec[fmt.figure("verify")] = {**fmt.verify(path, v, job), **fmt.verified_by()}
-                rec.update(fmt.details(path))
-                artifacts[f"{fmt.key}.{v.name}"] = models[v.name][fmt.key] = ctx.rel(path)
-                models[v.name][fmt.figure("size_bytes")] = path.stat().st_size
+        variants = list(self._variants(ctx, cfg))
+        with tqdm(total=len(variants) * len(formats), desc="export", unit="file", leave=False) as bar:  # minutes on a CPU
+            for v in variants:
+                rec, models[v.name] = info.setdefault(v.name, {}), {}
+                if v.name in LABELS:
+                    models[v.name]["label"] = LABELS[v.name]
+                for fmt in formats:
+                    bar.set_postfix_str(f"{v.name}{fmt.suffix}", refresh=True)
+                    props = metadata(data, v.name)
+                    if v.int8 and fmt.own_int8 and quant_plan:  # its own quantizer: planned on its own runtime
+                        same_weights = d / f"student_fp32{fmt.suffix}" if v.qat_model is None else None  # PTQ: the student's
+                        path, planned = plan_int8(fmt, v, d / f"{v.name}{fmt.suffix}", job, quant_plan["plan"],
+                                                  quant_plan["max_drop_points"], quant_plan["chosen"], same_weights)
+                        rec[fmt.figure("int8_plan")], props["edgekd.int8_plan"] = planned, planned["chosen"]
+                    else:
+                        path = fmt.export(v, d / f"{v.name}{fmt.suffix}", job)
+                    fmt.write_metadata(path, props)
+                    rec[fmt.figure("verify")] = {**fmt.verify(path, v, job), **fmt.verified_by()}
+                    rec.update(fmt.details(path))
+                    artifacts[f"{fmt.key}.{v.name}"] = models[v.name][fmt.key] = ctx.rel(path)
+                    models[v.name][fmt.figure("size_bytes")] = path.stat().st_size
+                    bar.update(1)
         if cfg.temperature_scaling == "on" or (cfg.temperature_scaling == "auto" and data.val is not None):
             self._calibrate(ctx, formats, models, info)
         fp = info["student_fp32"]["verify"]
