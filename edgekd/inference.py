@@ -2,7 +2,7 @@
 tables and BatchNorm statistics, and the training loop's layout.
 
 Two things decide the speed of a convolutional network on a CPU, both measured in
-benchmarks/README.md ("Forward and training speed on the CPU"):
+benchmarks/README.md ("CPU speed", benchmarks/cpu_layout.py):
 
 - the memory layout: PyTorch's CPU convolutions run channels_last (NHWC) tensors well and the
   default NCHW ones poorly, for training steps as for inference. `channels_last` switches a
