@@ -23,13 +23,6 @@ def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
-def _share(together: bool) -> tuple[int, int]:
-    """(rank, ranks) whose share of the batches this process takes: all of them unless every
-    rank of a torchrun group runs the same call (`together`)."""
-    w = dist.world()
-    return (w.rank, w.size) if together else (0, 1)
-
-
 def _batches(data: Data, images: int, seed: int, device: torch.device, share: tuple[int, int] = (0, 1)):
     """`images` training images (a seeded sample, no augmentation) in training-size batches; a
     lone last image joins the batch before it (batch statistics need two). `share` = (rank,
@@ -61,7 +54,7 @@ def recalibrate_bn(model: nn.Module, data: Data, device: torch.device, images: i
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches below
         m.train()
-    share = _share(together)
+    share = dist.share(together)
     with channels_last(device, model):
         for x, _ in _batches(data, images, seed, device, share):
             model(x)
@@ -95,7 +88,7 @@ def bn_gap(model: nn.Module, data: Data, device: torch.device, images: int, seed
     momenta = [m.momentum for m in bns]
     hits = {"eval_mode_top1": 0, "batch_stats_top1": 0}
     n = 0
-    share = _share(together)
+    share = dist.share(together)
     with channels_last(device, model):
         for x, y in _batches(data, images, seed, device, share):
             model.eval()

@@ -138,6 +138,13 @@ def all_sum(t: torch.Tensor, what: str) -> torch.Tensor:
     return t
 
 
+def share(together: bool) -> tuple[int, int]:
+    """(rank, ranks) of the part of a forward-only pass this process takes: all of it, unless
+    every rank of the group makes the same call (`together`, after `everywhere`)."""
+    w = world()
+    return (w.rank, w.size) if together else (0, 1)
+
+
 def everywhere(task: str, **job) -> None:
     """Rank 0, in a torchrun group: have every other rank run `task` (see `serve`) with `job`,
     alongside the same call here; a no-op in a single process."""

@@ -124,7 +124,7 @@ def predict(model: nn.Module, data, split, device: torch.device, frozen: bool = 
     model.eval()
     outs, forward = [], None
     with tqdm(total=len(split), desc=f"evaluate {type(model).__name__}", unit="img", leave=False, delay=3) as bar, \
-            channels_last(device, None if frozen else model):
+            channels_last(device, model):  # once here, not per batch where a frozen model stays in PyTorch
         for x, _, _, _ in iterate(split, data.eval_batch_size):
             x = data.normalize(x.to(device))
             if forward is None:

@@ -71,11 +71,10 @@ class TeacherSource:
         """The teacher's logits for every training image (and its mirror image with two views).
         `together`: every rank of a torchrun group makes this call (dist.everywhere); each
         computes every ranks-th image of each batch and the shares are summed."""
-        w = dist.world()
-        share = (w.rank, w.size) if together else (0, 1)
+        share = dist.share(together)
         split = self.data.train
         table = torch.zeros(views, len(split), self.data.num_classes)
-        bar = tqdm(total=len(split) * views, desc=f"{self.name} logits", unit="img", leave=False, disable=not w.main)
+        bar = tqdm(total=len(split) * views, desc=f"{self.name} logits", unit="img", leave=False, disable=not dist.world().main)
         with channels_last(self.device, self.teacher):
             for v in range(views):
                 for x, _, idx, _ in iterate(split, self.data.eval_batch_size, shard=share):
