@@ -90,7 +90,13 @@ def onnx_logits(path: Path, data, split=None) -> np.ndarray:
 DECISIVE_MARGIN = 0.25  # a reference top-1 margin below this fraction of its logit spread is a near-tie
 
 
-def verify(path: Path, reference: nn.Module, data, n: int = 256, max_abs: float | None = 1e-3,
+def reference_logits(reference: nn.Module, data, n: int) -> np.ndarray:
+    """What a file is verified against: `reference`'s PyTorch logits on the first `n` test images."""
+    with torch.no_grad():
+        return reference.eval().cpu()(data.normalize(data.test.images[:n])).numpy()
+
+
+def verify(path: Path, reference: nn.Module | np.ndarray, data, n: int = 256, max_abs: float | None = 1e-3,
            min_agreement: float = 0.99, run=None, what: str = "ONNX") -> dict:
     """Compare an exported file with its PyTorch reference on `n` real test images; `run` maps a
     batch to logits (default: onnxruntime on `path`).
@@ -99,11 +105,11 @@ def verify(path: Path, reference: nn.Module, data, n: int = 256, max_abs: float 
     DECISIVE_MARGIN of its median per-image logit std): int8 rounding may flip near-ties, and a
     barely trained model is nothing but near-ties. Where the reference decides too few images
     to judge, an int8 file (no `max_abs`) must instead keep its mean |diff| under half the
-    logit spread."""
-    x = data.normalize(data.test.images[:n])
-    with torch.no_grad():
-        ref = reference.eval().cpu()(x).numpy()
-    got = run(x.numpy()) if run is not None else run_onnx(path, x.numpy())
+    logit spread. `reference`: the PyTorch model, or its `reference_logits` where the caller
+    verifies several files against it."""
+    x = data.normalize(data.test.images[:n]).numpy()
+    ref = reference if isinstance(reference, np.ndarray) else reference_logits(reference, data, n)
+    got = run(x) if run is not None else run_onnx(path, x)
     diff = np.abs(ref - got)
     agree = ref.argmax(1) == got.argmax(1)
     top2 = np.sort(ref, 1)[:, -2:]
@@ -131,7 +137,7 @@ def verify(path: Path, reference: nn.Module, data, n: int = 256, max_abs: float 
     return out
 
 
-def verify_int8(path: Path, reference: nn.Module, data, n: int, min_agreement: float) -> dict:
+def verify_int8(path: Path, reference: nn.Module | np.ndarray, data, n: int, min_agreement: float) -> dict:
     """`verify` for an int8 QDQ file, on the arithmetic its target's CPUs compute.
 
     Where this CPU's int8 kernels compute the target's Q/DQ math exactly (quant.targets), the
@@ -145,6 +151,8 @@ def verify_int8(path: Path, reference: nn.Module, data, n: int, min_agreement: f
     m = machine_info()
     target = resolve_target(read_metadata(path).get("edgekd.int8_target", "x86_vnni"))  # files before targets: 8-bit
     here = {"verified_on": int8_class(m["isa"], m["arch"]), "isa": m["isa"], "target": target.name}
+    if not isinstance(reference, np.ndarray):
+        reference = reference_logits(reference, data, n)
     if target.exact_on(m["isa"], m["arch"]):
         return {**verify(path, reference, data, n, max_abs=None, min_agreement=min_agreement), **here,
                 "arithmetic": "this CPU's int8 kernels"}

@@ -27,7 +27,7 @@ def test_a_tiny_model_through_every_installed_format(tiny, tmp_path, name):
     fmt = FORMATS.get(name)()
     job = ExportJob(data, 17, 48, 0.5, lambda: data.normalize(data.train.images[:16]).numpy())
     v = Variant("student_fp32", model, max_abs=1e-3, min_agreement=0.99)
-    path = fmt.export(v, tmp_path / f"m{fmt.suffix}", job)
+    path = fmt.export(v, tmp_path / f"m{fmt.suffix}", job.conversion())
     fmt.write_metadata(path, metadata(data, v.name))
     fmt.write_metadata(path, {"edgekd.temperature": "1.5"})  # merges, as calibration adds its key later
     meta = fmt.read_metadata(path)
@@ -89,7 +89,7 @@ def test_formats_that_quantize_themselves_write_a_verified_int8_file(tiny_traine
     fmt = FORMATS.get(name)()
     job = ExportJob(data, 17, 48, 0.8, lambda: data.normalize(data.train.images[:32]).numpy())
     v = Variant("int8_ptq", model, int8=True, min_agreement=0.8)
-    path = fmt.export(v, tmp_path / f"int8{fmt.suffix}", job)
+    path = fmt.export(v, tmp_path / f"int8{fmt.suffix}", job.conversion())
     check = fmt.verify(path, v, job)
     assert check["decisive_images"] >= 10 and check["decisive_agreement"] >= 0.8
 
@@ -111,8 +111,8 @@ def test_modules_kept_fp32_by_a_plan_stay_float_in_the_formats_own_int8(tiny_tra
     x = data.normalize(data.test.images[:16]).numpy()
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
-    every = fmt.runner(fmt.export(v, tmp_path / f"all{fmt.suffix}", job, keep_fp32=["features", "classifier"]))(x)
-    none = fmt.runner(fmt.export(v, tmp_path / f"int8{fmt.suffix}", job))(x)
+    every = fmt.runner(fmt.export(v, tmp_path / f"all{fmt.suffix}", job.conversion(), keep_fp32=["features", "classifier"]))(x)
+    none = fmt.runner(fmt.export(v, tmp_path / f"int8{fmt.suffix}", job.conversion()))(x)
     rel = lambda out: np.abs(out - ref).max() / np.abs(ref).max()  # noqa: E731
     assert rel(every) < 1e-5 and rel(none) > 1e-3
 
@@ -140,6 +140,17 @@ class _Fake(Format):
         return lambda x: self.logits[name][: len(x)]
 
 
+def _plan_int8(fmt, v, path, job, plan, max_drop, plan_name):
+    """The export stage's two steps for one int8 file: write the candidates, then choose."""
+    from edgekd.formats.int8_plan import choose_int8, int8_candidates
+
+    files = {}
+    for name, (variant, keep, tmp) in int8_candidates(v, path, plan, plan_name).items():
+        fmt.export(variant, tmp, job.conversion(), keep_fp32=keep or [])
+        files[name] = (keep, tmp)
+    return choose_int8(fmt, v, path, files, job, max_drop)
+
+
 @pytest.mark.parametrize("p50,correct,max_drop,want", [
     ({"fp32": 1.0, "int8": 0.5, "quantize plan (p)": 0.7}, {"int8": 40, "plan": 40}, 0.5, "int8"),  # fastest within budget
     ({"fp32": 1.0, "int8": 0.5, "quantize plan (p)": 0.7}, {"int8": 30, "plan": 40}, 0.5, "quantize plan (p)"),  # accuracy
@@ -149,7 +160,6 @@ class _Fake(Format):
 ])  # within the budget: the most accurate int8 that pays
 def test_the_int8_candidate_a_format_ships_follows_the_rule(tiny, tmp_path, monkeypatch, p50, correct, max_drop, want):
     from edgekd.bench import measure
-    from edgekd.formats.int8_plan import plan_int8
 
     model, data = tiny
     y = data.test.labels.numpy()
@@ -158,7 +168,7 @@ def test_the_int8_candidate_a_format_ships_follows_the_rule(tiny, tmp_path, monk
     monkeypatch.setattr(measure, "time_interleaved", _timed(p50))
     job = ExportJob(data, 17, 48, 0.8, lambda: data.normalize(data.train.images[:32]).numpy())
     plan = {"fp32_blocks": {"features.1": "slow"}, "fp32_modules": {"features.0.0": "stem"}}
-    path, rec = plan_int8(_Fake(), Variant("int8_ptq", model, int8=True), tmp_path / "int8_ptq.fake", job, plan, max_drop, "p")
+    path, rec = _plan_int8(_Fake(), Variant("int8_ptq", model, int8=True), tmp_path / "int8_ptq.fake", job, plan, max_drop, "p")
     assert rec["chosen"] == want and path.read_text() == {"quantize plan (p)": "plan"}.get(want, want)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int8_ptq.fake"]  # the other candidates are gone
     assert [c["plan"] for c in rec["candidates"]] == ["int8", "quantize plan (p)", "fp32"]
@@ -170,14 +180,13 @@ def test_the_int8_candidate_a_format_ships_follows_the_rule(tiny, tmp_path, monk
 @pytest.mark.parametrize("name", OWN_INT8[:1])  # the rule is the format's; one real format shows the file is float
 def test_a_format_that_finds_int8_slower_ships_its_float_program(tiny_trained, tmp_path, monkeypatch, name):
     from edgekd.bench import measure
-    from edgekd.formats.int8_plan import plan_int8
 
     model, data = tiny_trained
     fmt = FORMATS.get(name)()
     monkeypatch.setattr(measure, "time_interleaved", _timed({"fp32": 1.0, "int8": 1.5, "quantize plan (p)": 1.2}))
     job = ExportJob(data, 17, 48, 0.8, lambda: data.normalize(data.train.images[:32]).numpy())
     plan = {"fp32_blocks": {"features.1": "slow"}, "fp32_modules": {}}
-    path, rec = plan_int8(fmt, Variant("int8_ptq", model, int8=True), tmp_path / f"int8_ptq{fmt.suffix}", job, plan, 0.5, "p")
+    path, rec = _plan_int8(fmt, Variant("int8_ptq", model, int8=True), tmp_path / f"int8_ptq{fmt.suffix}", job, plan, 0.5, "p")
     assert rec["chosen"] == "fp32" and "does not pay" in rec["verdict"]
     x = data.normalize(data.test.images[:8]).numpy()
     with torch.no_grad():

@@ -41,7 +41,7 @@ def files(tiny, tmp_path_factory):
     for name, int8, io in (("fp32", False, False), ("int8", True, False), ("int8_io", True, True)):
         job = ExportJob(data, 17, 48, 0.8, calib, {"litert": LiteRTOptions(integer_io=io)})
         v = Variant(name, model, int8=int8, max_abs=1e-3, min_agreement=0.8)
-        path = fmt.export(v, d / f"{name}.tflite", job)
+        path = fmt.export(v, d / f"{name}.tflite", job.conversion())
         fmt.write_metadata(path, metadata(data, name))
         out[name] = path
     return out

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -81,9 +83,10 @@ def bench_models(paths: dict[str, Path], runtime: str, threads: int, image_size:
                  eval_x: np.ndarray | None = None, eval_y: np.ndarray | None = None, macs: dict | None = None,
                  peak_memory: bool = True, on_error=None) -> dict[str, dict]:
     """All figures for several model files on one runtime at one thread count: latency timed
-    interleaved (time_interleaved), then throughput, peak memory (a child process, see
-    bench.peak) and accuracy per model. A model that fails to load or run is passed to
-    `on_error(name, exc)` and left out; without `on_error` the error propagates."""
+    interleaved (time_interleaved) and throughput, then, with no timing left to disturb, peak
+    memory (a child process per model, see bench.peak) beside accuracy per model. A model that
+    fails to load or run is passed to `on_error(name, exc)` and left out; without `on_error`
+    the error propagates."""
     rt = RUNTIMES.get(runtime)()
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, 3, image_size, image_size), dtype=np.float32)
@@ -100,7 +103,7 @@ def bench_models(paths: dict[str, Path], runtime: str, threads: int, image_size:
     timed = time_interleaved(runners, x, warmup, runs, rounds)
     xb = rng.standard_normal((throughput_batch, 3, image_size, image_size), dtype=np.float32)
     out = {}
-    for name, run in runners.items():
+    for name, run in list(runners.items()):  # every timing first, on a machine with nothing else of ours running
         path = paths[name]
         try:
             res = {"runtime": runtime, "version": rt.version(), "format": rt.fmt, "file": path.name,
@@ -109,8 +112,6 @@ def bench_models(paths: dict[str, Path], runtime: str, threads: int, image_size:
             res["throughput_batch"] = throughput_batch
             res["throughput_ips"] = round(throughput_batch / (tb["p50_ms"] / 1e3), 1)
             res["batched_inference"] = rt.batched  # False: the program takes one image at a time
-            if peak_memory:
-                res.update(measure_peak(runtime, path, threads, image_size, batch, throughput_batch))
             m = (macs or {}).get(name)
             if m:
                 gmacs = m * batch / (res["p50_ms"] / 1e3) / 1e9
@@ -119,16 +120,32 @@ def bench_models(paths: dict[str, Path], runtime: str, threads: int, image_size:
                 if peak:
                     res["fp32_peak_gmacs_est"], res["fp32_peak_basis"] = round(peak[0], 1), peak[1]
                     res["fraction_of_fp32_peak"] = round(gmacs / peak[0], 4)
-            if eval_x is not None:
-                logits = np.concatenate([run(eval_x[i : i + 250]) for i in range(0, len(eval_x), 250)])
-                res["top1"] = round(100.0 * float((logits.argmax(1) == eval_y).mean()), 3)
-                res["eval_images"] = int(len(eval_y))
         except Exception as e:
             if on_error is None:
                 raise
             on_error(name, e)
+            runners.pop(name)
             continue
         out[name] = res
+    # untimed from here: each model's peak memory in its own child process, beside accuracy here
+    spare = max(1, len(os.sched_getaffinity(0)) - threads) if hasattr(os, "sched_getaffinity") else 1
+    with ThreadPoolExecutor(spare) as pool:
+        peaks = {name: pool.submit(measure_peak, runtime, paths[name], threads, image_size, batch, throughput_batch)
+                 for name in runners} if peak_memory else {}
+        for name, run in runners.items():
+            try:
+                if eval_x is not None:
+                    logits = np.concatenate([run(eval_x[i : i + 250]) for i in range(0, len(eval_x), 250)])
+                    out[name]["top1"] = round(100.0 * float((logits.argmax(1) == eval_y).mean()), 3)
+                    out[name]["eval_images"] = int(len(eval_y))
+            except Exception as e:
+                if on_error is None:
+                    raise
+                on_error(name, e)
+                out.pop(name)
+        for name, f in peaks.items():
+            if name in out:
+                out[name].update(f.result())
     return out
 
 

@@ -33,6 +33,18 @@ class Variant:
     min_agreement: float = 0.99
     qat_model: nn.Module | None = None
     onnx_int8: Path | None = None
+    _logits: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def logits(self, int8_source: bool, data, n: int) -> np.ndarray:
+        """The reference's (or the int8 source's) logits every format's file of this variant is
+        verified against, computed once: a teacher's forward on the verification images takes
+        seconds, and there is one file per format."""
+        key = (int8_source, n)
+        if key not in self._logits:
+            from ..onnx_export import reference_logits
+
+            self._logits[key] = reference_logits(self.int8_source if int8_source else self.reference, data, n)
+        return self._logits[key]
 
     @cached_property
     def int8_source(self) -> nn.Module:
@@ -67,7 +79,7 @@ class Format:
 
     own_int8: bool = False  # quantizes int8 variants itself (PT2E), so it plans its own int8 (formats.int8_plan)
 
-    def export(self, v: Variant, path: Path, job: "ExportJob", keep_fp32: list[str] = ()) -> Path:
+    def export(self, v: Variant, path: Path, job: "ConvertJob", keep_fp32: list[str] = ()) -> Path:
         """Write `v` at `path`; a format with its own int8 leaves the modules in `keep_fp32` float."""
         raise NotImplementedError
 
@@ -84,8 +96,8 @@ class Format:
         """Outputs of the file vs its PyTorch reference on test images (onnx_export.verify)."""
         from ..onnx_export import verify
 
-        src = v.int8_source if v.int8 else v.reference
-        return verify(path, src, job.data, job.verify_images, run=self.runner(path, 1), what=self.what,
+        ref = v.logits(v.int8, job.data, job.verify_images)
+        return verify(path, ref, job.data, job.verify_images, run=self.runner(path, 1), what=self.what,
                       max_abs=None if v.int8 else v.max_abs,
                       min_agreement=job.int8_min_agreement if v.int8 else v.min_agreement)
 
@@ -115,6 +127,20 @@ def format_for(path: Path) -> type[Format]:
                       f"{', '.join(f.suffix for _, f in FORMATS.items())}")
 
 
+@dataclass(frozen=True)
+class ConvertJob:
+    """What writing one file needs (Format.export): small and picklable, so that a worker
+    process can take it (formats.workers)."""
+
+    image_size: int
+    opset: int
+    calibration: Callable[[], np.ndarray]  # the quantize stage's calibration images, for int8 variants
+    options: dict = field(default_factory=dict)  # format name -> its validated Options
+
+    def options_for(self, name: str, model: type):
+        return self.options.get(name) or model()
+
+
 @dataclass
 class ExportJob:
     """What every format's export and verification of one run share."""
@@ -126,8 +152,10 @@ class ExportJob:
     calibration: Callable[[], np.ndarray]  # the quantize stage's calibration images (computed once, on demand)
     options: dict = field(default_factory=dict)  # format name -> its validated Options
 
-    def options_for(self, name: str, model: type):
-        return self.options.get(name) or model()
+    def conversion(self, calibration: Callable[[], np.ndarray] | None = None) -> ConvertJob:
+        """The part a conversion needs, with `calibration` in place of this job's where given
+        (a worker process gets a file to read rather than the stage's data)."""
+        return ConvertJob(self.data.image_size, self.opset, calibration or self.calibration, self.options)
 
 
 def enabled_formats(formats: str | list[str], executorch: str) -> tuple[list[Format], dict[str, str]]:

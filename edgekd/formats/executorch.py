@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from .base import FORMATS, ExportJob, Format, Runner, Variant
+from .base import FORMATS, ConvertJob, Format, Runner, Variant
 
 
 @FORMATS.register("executorch")
@@ -15,11 +15,11 @@ class ExecuTorch(Format):
     key, suffix, module, install_hint, what = "pte", ".pte", "executorch", "pip install 'edgekd[mobile]'", "ExecuTorch"
     runtime, own_int8 = "executorch", True
 
-    def export(self, v: Variant, path: Path, job: ExportJob, keep_fp32: list[str] = ()) -> Path:
+    def export(self, v: Variant, path: Path, job: ConvertJob, keep_fp32: list[str] = ()) -> Path:
         from ..pte_export import export_pte
 
         src = v.int8_source if v.int8 else v.reference
-        return export_pte(copy.deepcopy(src), path, job.data.image_size, job.calibration() if v.int8 else None,
+        return export_pte(copy.deepcopy(src), path, job.image_size, job.calibration() if v.int8 else None,
                           keep_fp32=keep_fp32)
 
     def write_metadata(self, path: Path, props: dict[str, str]) -> None:

@@ -17,13 +17,15 @@ top-1 on the judging split (validation, else test) stays within `quantize.max_dr
 the fp32 program, or, where none does, the most accurate (`within_budget` false, as the quantize
 stage's plan does); where none is faster, the fp32 program, saying why. Timing follows
 quant.plan: 1 thread, batch 1, medians of interleaved rounds, on this machine's CPU (a phone's
-ARM cores run other kernels again)."""
+ARM cores run other kernels again).
+
+The candidates are written first, with every other file of the stage (formats.workers:
+conversions side by side), and judged once all are written (`choose_int8`)."""
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -40,45 +42,44 @@ def kept_modules(plan: dict) -> list[str]:
     return sorted({*plan.get("fp32_blocks", {}), *plan.get("fp32_modules", {})})
 
 
-def plan_int8(fmt: Format, v: Variant, path: Path, job: ExportJob, plan: dict, max_drop: float,
-              plan_name: str, fp32_file: Path | None = None) -> tuple[Path, dict]:
-    """Write `v`'s int8 file for `fmt` at `path` as the candidate that pays (see the module
-    docstring); returns the path and the record (candidates with p50, speed-up and top-1).
-    `fp32_file`: this format's file of the same float weights where one is written already (the
-    PTQ variant's is the student's), copied instead of exported again."""
+def int8_candidates(v: Variant, path: Path, plan: dict, plan_name: str) -> dict[str, tuple[Variant, list[str] | None, Path]]:
+    """The programs `v`'s int8 file for a format is chosen from: name -> (the variant to write,
+    the modules it keeps float, or None for no int8 at all, and a temporary path beside `path`)."""
+    kept = kept_modules(plan)
+    keep: dict[str, list[str] | None] = {"int8": []}
+    if kept and plan_name != "fp32":
+        keep[f"quantize plan ({plan_name})"] = kept
+    keep["fp32"] = None
+    float_variant = Variant(v.name, v.int8_source)
+    return {name: (float_variant if k is None else v, k, path.with_name(f".{path.stem}.plan{i}{path.suffix}"))
+            for i, (name, k) in enumerate(keep.items())}
+
+
+def choose_int8(fmt: Format, v: Variant, path: Path, files: dict[str, tuple[list[str] | None, Path]], job: ExportJob,
+                max_drop: float) -> tuple[Path, dict]:
+    """Time and judge the written candidates `files` (name -> (modules kept float, file)) of
+    `v`'s int8 file for `fmt` (see the module docstring), move the chosen one to `path` and
+    remove the others; returns the path and the record (candidates with p50, speed-up, top-1)."""
     from ..bench.measure import round_ratio, runs_within, time_interleaved
 
     data = job.data
     split = data.val if data.val is not None else data.test
     n = min(len(split), JUDGE_IMAGES)
     x, y = data.normalize(split.images[:n]).numpy(), split.labels[:n].numpy()
-    kept = kept_modules(plan)
-    cands: dict[str, list[str] | None] = {"int8": []}
-    if kept and plan_name != "fp32":
-        cands[f"quantize plan ({plan_name})"] = kept
-    cands["fp32"] = None
-    float_variant = Variant(v.name, v.int8_source)
-    files: dict[str, Path] = {}
     try:
-        for i, (name, keep) in enumerate(cands.items()):
-            tmp = path.with_name(f".{path.stem}.plan{i}{path.suffix}")
-            if keep is None and fp32_file is not None:
-                files[name] = Path(shutil.copyfile(fp32_file, tmp))
-            else:
-                files[name] = fmt.export(float_variant, tmp, job) if keep is None else fmt.export(v, tmp, job, keep_fp32=keep)
-        runners = {name: fmt.runner(f, 1) for name, f in files.items()}
+        runners = {name: fmt.runner(f, 1) for name, (_, f) in files.items()}
         timed = time_interleaved(runners, x[:1], 10, runs_within(runners["fp32"], x[:1], 1000.0), 10)
         top1 = {name: round(100.0 * float((np.asarray(r(x)).argmax(1) == y).mean()), 3) for name, r in runners.items()}
         rows = [{"plan": name, "fp32_modules": "all" if keep is None else keep, "p50_ms": timed[name]["p50_ms"],
                  "speedup_vs_fp32": round_ratio(timed["fp32"], timed[name]), "top1": top1[name],
-                 "drop_points": round(top1["fp32"] - top1[name], 3)} for name, keep in cands.items()]
+                 "drop_points": round(top1["fp32"] - top1[name], 3)} for name, (keep, _) in files.items()]
         paying = [r for r in rows if r["plan"] != "fp32" and r["speedup_vs_fp32"] >= 1 + MARGIN]
         within = [r for r in paying if r["drop_points"] <= max_drop]
         chosen = (min(within, key=lambda r: r["p50_ms"]) if within else max(paying, key=lambda r: r["top1"]) if paying
                   else next(r for r in rows if r["plan"] == "fp32"))
-        os.replace(files[chosen["plan"]], path)
+        os.replace(files[chosen["plan"]][1], path)
     finally:
-        for f in files.values():
+        for _, f in files.values():
             f.unlink(missing_ok=True)
     rec = {"chosen": chosen["plan"], "runtime": fmt.runtime, "judged_on": f"{'val' if data.val is not None else 'test'} "
            f"({n} images)", "max_drop_points": max_drop, "within_budget": chosen["drop_points"] <= max_drop,

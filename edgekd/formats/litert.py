@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import Field
 
 from ..schema import Strict
-from .base import FORMATS, ExportJob, Format, Runner, Variant
+from .base import FORMATS, ConvertJob, Format, Runner, Variant
 
 
 class LiteRTOptions(Strict):
@@ -26,12 +26,12 @@ class LiteRT(Format):
     runtime, own_int8 = "litert", True
     Options = LiteRTOptions
 
-    def export(self, v: Variant, path: Path, job: ExportJob, keep_fp32: list[str] = ()) -> Path:
+    def export(self, v: Variant, path: Path, job: ConvertJob, keep_fp32: list[str] = ()) -> Path:
         from ..litert_export import export_tflite
 
         src = v.int8_source if v.int8 else v.reference
         opts = job.options_for("litert", self.Options)
-        return export_tflite(copy.deepcopy(src), path, job.data.image_size, job.calibration() if v.int8 else None,
+        return export_tflite(copy.deepcopy(src), path, job.image_size, job.calibration() if v.int8 else None,
                              integer_io=opts.integer_io, keep_fp32=keep_fp32)
 
     def write_metadata(self, path: Path, props: dict[str, str]) -> None:

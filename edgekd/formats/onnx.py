@@ -8,7 +8,7 @@ import copy
 import shutil
 from pathlib import Path
 
-from .base import FORMATS, ExportJob, Format, Runner, Variant
+from .base import FORMATS, ConvertJob, ExportJob, Format, Runner, Variant
 
 
 @FORMATS.register("onnx")
@@ -16,13 +16,13 @@ class Onnx(Format):
     key, suffix, module, install_hint, what, primary = "onnx", ".onnx", "onnxruntime", "pip install onnxruntime", "ONNX", True
     runtime = "onnxruntime"
 
-    def export(self, v: Variant, path: Path, job: ExportJob, keep_fp32: list[str] = ()) -> Path:
+    def export(self, v: Variant, path: Path, job: ConvertJob, keep_fp32: list[str] = ()) -> Path:
         if v.onnx_int8 is not None:
             shutil.copyfile(v.onnx_int8, path)
             return path
         from ..onnx_export import export_onnx
 
-        return export_onnx(copy.deepcopy(v.reference), path, job.data.image_size, job.opset)
+        return export_onnx(copy.deepcopy(v.reference), path, job.image_size, job.opset)
 
     def write_metadata(self, path: Path, props: dict[str, str]) -> None:
         from ..onnx_export import set_metadata
@@ -42,9 +42,10 @@ class Onnx(Format):
     def verify(self, path: Path, v: Variant, job: ExportJob) -> dict:
         from ..onnx_export import verify, verify_int8
 
+        ref = v.logits(False, job.data, job.verify_images)
         if v.int8:
-            return verify_int8(path, v.reference, job.data, job.verify_images, v.min_agreement)
-        return verify(path, v.reference, job.data, job.verify_images, max_abs=v.max_abs, min_agreement=v.min_agreement)
+            return verify_int8(path, ref, job.data, job.verify_images, v.min_agreement)
+        return verify(path, ref, job.data, job.verify_images, max_abs=v.max_abs, min_agreement=v.min_agreement)
 
     def input_shape(self, path: Path) -> list[int]:
         import onnx

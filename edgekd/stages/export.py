@@ -11,16 +11,20 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import shutil
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+import numpy as np
+from pydantic import Field, PositiveInt, ValidationError, field_validator
 from tqdm import tqdm
 
 from ..errors import EdgekdError, did_you_mean
 from ..schema import Strict, Switch
 from ..formats import FORMATS, Variant, enabled_formats
+from ..fileio import atomic_path
 from ..formats.base import ExportJob
-from ..formats.int8_plan import plan_int8
+from ..formats.int8_plan import choose_int8, int8_candidates
+from ..formats.workers import Conversion, NpyFile, convert_all, worker_count
 from ..onnx_export import metadata
 from .base import Stage, StageResult, register
 
@@ -84,6 +88,9 @@ class ExportConfig(Strict):
                 raise ValueError(f"{'.'.join(map(str, (name, *err['loc'])))}: {err['msg']}") from None
         return out
 
+    workers: Literal["auto"] | PositiveInt = Field(
+        "auto", description="processes that write the files side by side: auto = one per core (as memory allows), "
+                            "1 = one after another in this process")
     temperature_scaling: Switch = Field(
         "auto", description="fit a softmax temperature per student file on the validation split and store it in the "
                             "file's metadata; auto = when data.val_split > 0")
@@ -114,27 +121,51 @@ class Export(Stage):
         job = ExportJob(data, cfg.opset, cfg.verify_images, cfg.ptq_min_agreement, _calibration_set(ctx), cfg.options)
         quant_plan = _measured_plan(ctx)
         variants = list(self._variants(ctx, cfg))
-        with tqdm(total=len(variants) * len(formats), desc="export", unit="file", leave=False) as bar:  # minutes on a CPU
-            for v in variants:
-                rec, models[v.name] = info.setdefault(v.name, {}), {}
-                if v.name in LABELS:
-                    models[v.name]["label"] = LABELS[v.name]
-                for fmt in formats:
-                    bar.set_postfix_str(f"{v.name}{fmt.suffix}", refresh=True)
-                    props = metadata(data, v.name)
-                    if v.int8 and fmt.own_int8 and quant_plan:  # its own quantizer: planned on its own runtime
-                        same_weights = d / f"student_fp32{fmt.suffix}" if v.qat_model is None else None  # PTQ: the student's
-                        path, planned = plan_int8(fmt, v, d / f"{v.name}{fmt.suffix}", job, quant_plan["plan"],
-                                                  quant_plan["max_drop_points"], quant_plan["chosen"], same_weights)
-                        rec[fmt.figure("int8_plan")], props["edgekd.int8_plan"] = planned, planned["chosen"]
-                    else:
-                        path = fmt.export(v, d / f"{v.name}{fmt.suffix}", job)
-                    fmt.write_metadata(path, props)
-                    rec[fmt.figure("verify")] = {**fmt.verify(path, v, job), **fmt.verified_by()}
-                    rec.update(fmt.details(path))
-                    artifacts[f"{fmt.key}.{v.name}"] = models[v.name][fmt.key] = ctx.rel(path)
-                    models[v.name][fmt.figure("size_bytes")] = path.stat().st_size
-                    bar.update(1)
+        # every file (and every int8 candidate of a format that plans its own) is written first, side by side
+        plans: dict[tuple[str, str], dict] = {}  # (variant, format key) -> formats.int8_plan.int8_candidates
+        todo: list[tuple] = []
+        for v in variants:
+            for fmt in formats:
+                path = d / f"{v.name}{fmt.suffix}"
+                if v.int8 and fmt.own_int8 and quant_plan:  # its own quantizer: planned on its own runtime
+                    plans[v.name, fmt.key] = cands = int8_candidates(v, path, quant_plan["plan"], quant_plan["chosen"])
+                    todo += [(fmt, variant, tmp, keep or []) for variant, keep, tmp in cands.values()
+                             if not (keep is None and v.qat_model is None)]  # PTQ's float program: the student's file
+                else:
+                    todo.append((fmt, v, path, []))
+        workers = worker_count(cfg.workers, len(todo))
+        calib_file = d / ".calibration.npy"
+        try:
+            if workers and any(v.int8 and fmt.own_int8 for fmt, v, _, _ in todo):
+                with atomic_path(calib_file) as tmp, open(tmp, "wb") as f:
+                    np.save(f, job.calibration())
+            convert = job.conversion(NpyFile(calib_file) if workers else None)
+            convert_all([Conversion(type(fmt), v, path, convert, keep) for fmt, v, path, keep in todo], workers)
+            with tqdm(total=len(variants) * len(formats), desc="export: verify", unit="file", leave=False) as bar:
+                for v in variants:
+                    rec, models[v.name] = info.setdefault(v.name, {}), {}
+                    if v.name in LABELS:
+                        models[v.name]["label"] = LABELS[v.name]
+                    for fmt in formats:
+                        bar.set_postfix_str(f"{v.name}{fmt.suffix}", refresh=True)
+                        path, props = d / f"{v.name}{fmt.suffix}", metadata(data, v.name)
+                        if cands := plans.get((v.name, fmt.key)):
+                            files = {name: (keep, tmp) for name, (_, keep, tmp) in cands.items()}
+                            if v.qat_model is None:  # PTQ: the student's float program is the same weights'
+                                shutil.copyfile(d / f"student_fp32{fmt.suffix}", files["fp32"][1])
+                            path, planned = choose_int8(fmt, v, path, files, job, quant_plan["max_drop_points"])
+                            rec[fmt.figure("int8_plan")], props["edgekd.int8_plan"] = planned, planned["chosen"]
+                        fmt.write_metadata(path, props)
+                        rec[fmt.figure("verify")] = {**fmt.verify(path, v, job), **fmt.verified_by()}
+                        rec.update(fmt.details(path))
+                        artifacts[f"{fmt.key}.{v.name}"] = models[v.name][fmt.key] = ctx.rel(path)
+                        models[v.name][fmt.figure("size_bytes")] = path.stat().st_size
+                        bar.update(1)
+        finally:  # no candidate or calibration file outlives the stage, finished or not
+            calib_file.unlink(missing_ok=True)
+            for cands in plans.values():
+                for _, _, tmp in cands.values():
+                    tmp.unlink(missing_ok=True)
         if cfg.temperature_scaling == "on" or (cfg.temperature_scaling == "auto" and data.val is not None):
             self._calibrate(ctx, formats, models, info)
         fp = info["student_fp32"]["verify"]

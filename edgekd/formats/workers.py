@@ -1,0 +1,147 @@
+"""Writing the export stage's files side by side, one worker process per core.
+
+An ExecuTorch or LiteRT conversion is seconds to tens of seconds of single-threaded Python
+(torch.export, decompositions, the delegate's lowering), and a run with per-runtime int8 plans
+(formats.int8_plan) has a dozen or more of them, so on one core they were most of the export
+stage. They are independent, so they run in `spawn`ed worker processes (a fork of a process
+whose thread pools are running is not safe), all of them before anything is verified or timed:
+a plan's timing beside a busy conversion would measure the machine's load, not the program.
+
+One worker per core, at most one per WORKER_MEMORY of available memory (a worker holds torch,
+ExecuTorch and litert-torch, and a teacher being lowered), and none where there are too few
+conversions to repay the workers' start (FEW): then they run here, one after another."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing
+import os
+import pickle
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..errors import EdgekdError
+from .base import ConvertJob, Format, Variant
+
+log = logging.getLogger("edgekd")
+WORKER_MEMORY = 3 * 2**30  # bytes a worker may take at its peak (benchmarks/README.md, "export workers")
+FEW = 3  # this many conversions or fewer run in this process: starting a worker costs about one conversion
+
+
+@dataclass
+class Conversion:
+    """One file to write: `fmt`'s export of `variant` at `path` (picklable, for a worker)."""
+
+    fmt: type[Format]
+    variant: Variant
+    path: Path
+    job: ConvertJob
+    keep_fp32: list[str] = field(default_factory=list)
+
+    def run(self) -> Path:
+        return self.fmt().export(self.variant, self.path, self.job, keep_fp32=self.keep_fp32)
+
+    def cost(self) -> int:
+        """Rank by expected time, for handing the longest out first: a format's own int8 (PT2E:
+        calibration and a larger graph to lower) takes about twice its fp32 conversion, and
+        ONNX (TorchScript export or a copy) is cheap."""
+        own = getattr(self.fmt, "own_int8", False)
+        return 2 if own and self.variant.int8 else 1 if own else 0
+
+
+@dataclass(frozen=True)
+class NpyFile:
+    """Calibration images saved once by the stage and read by each worker (a callable, as
+    ConvertJob.calibration wants), instead of pickling the array into every conversion."""
+
+    path: Path
+
+    def __call__(self) -> np.ndarray:
+        return _load(self.path)
+
+
+@functools.cache
+def _load(path: Path) -> np.ndarray:
+    return np.load(path)
+
+
+def worker_count(setting: int | str, conversions: int) -> int:
+    """How many worker processes write `conversions` files (0: this process does)."""
+    if conversions <= FEW or setting == 1:
+        return 0
+    if setting != "auto":
+        return min(int(setting), conversions)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(cores, conversions, _available_memory() // WORKER_MEMORY)) if cores > 1 else 0
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return WORKER_MEMORY * 2  # unknown (not Linux): two workers
+
+
+def convert_all(todo: list[Conversion], workers: int) -> None:
+    """Write every file of `todo`, `workers` processes at a time (or here, one by one, for 0),
+    with a progress bar; the first failure stops the rest and is raised as it was raised there."""
+    bar = tqdm(total=len(todo), desc="export: convert", unit="file", leave=False)
+    try:
+        if not workers:
+            for c in todo:
+                bar.set_postfix_str(c.path.name, refresh=True)
+                c.run()
+                bar.update(1)
+            return
+        local = [c for c in todo if not _picklable(c)]  # e.g. a model holding a lambda: written here
+        portable = [c for c in todo if all(c is not x for x in local)]
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_start_worker) as pool:
+            running = {pool.submit(c.run): c for c in sorted(portable, key=Conversion.cost, reverse=True)}
+            try:
+                for c in local:
+                    c.run()
+                    bar.update(1)
+                for done in as_completed(running):
+                    done.result()
+                    bar.set_postfix_str(running[done].path.name, refresh=False)
+                    bar.update(1)
+            except BrokenProcessPool:
+                raise EdgekdError(f"export: a conversion worker process died (out of memory?) while writing one of "
+                                  f"{', '.join(c.path.name for f, c in running.items() if not f.done() or f.exception())}; "
+                                  f"set export.workers: 1 to convert in this process") from None
+            finally:
+                for f in running:
+                    f.cancel()
+    finally:
+        bar.close()
+
+
+def _picklable(c: Conversion) -> bool:
+    try:
+        pickle.dumps(c)
+        return True
+    except Exception:  # whatever a model's own __reduce__ raises
+        return False
+
+
+def _start_worker() -> None:
+    """A worker takes one core: its own thread pools would only contend with the other workers."""
+    import torch
+
+    from ..native_logs import quiet_native_output
+
+    torch.set_num_threads(1)
+    with quiet_native_output(stdout=True):  # the toolchains' import-time banners, already shown by the stage
+        for name in ("executorch", "litert_torch"):
+            try:
+                __import__(name)
+            except ImportError:
+                pass
