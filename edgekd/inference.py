@@ -113,22 +113,37 @@ def _ort_forward(model: nn.Module, probe: torch.Tensor) -> Callable[[torch.Tenso
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data, split, device: torch.device, frozen: bool = False) -> np.ndarray:
+def predict(model: nn.Module, data, split, device: torch.device, frozen: bool = False, together: bool = False,
+            what: str = "evaluating") -> np.ndarray:
     """Logits of `model` on a Split, in order (no augmentation); `frozen`: the model's weights
-    no longer change (a teacher), so onnxruntime may run it (`frozen_forward`). A progress bar
-    appears when this takes over 3 s."""
+    no longer change (a teacher), so onnxruntime may run it (`frozen_forward`). `together`:
+    every rank of a torchrun group makes this call with the same model; each computes every
+    ranks-th image of each batch and every rank gets all the logits (`what` the group is doing,
+    for the error if a rank is lost). A progress bar appears when this takes over 3 s."""
     from tqdm import tqdm
 
+    from . import dist
     from .data import iterate
 
     model.eval()
-    outs, forward = [], None
-    with tqdm(total=len(split), desc=f"evaluate {type(model).__name__}", unit="img", leave=False, delay=3) as bar, \
+    share = dist.share(together)
+    out, forward = None, None
+    with tqdm(total=len(split), desc=f"evaluate {type(model).__name__}", unit="img", leave=False, delay=3,
+              disable=not dist.world().main) as bar, \
             channels_last(device, model):  # once here, not per batch where a frozen model stays in PyTorch
-        for x, _, _, _ in iterate(split, data.eval_batch_size):
+        for x, _, idx, _ in iterate(split, data.eval_batch_size, shard=share):
+            if not len(idx):  # a last batch smaller than the group
+                continue
             x = data.normalize(x.to(device))
             if forward is None:
                 forward = frozen_forward(model, device, x[:8]) if frozen else (lambda t: model(t).float())
-            outs.append(forward(x).cpu())
-            bar.update(len(x))
-    return torch.cat(outs).numpy()
+            y = forward(x).cpu()
+            if out is None:
+                out = torch.zeros(len(split), y.shape[1])
+            out[idx] = y
+            bar.update(len(idx) * share[1])
+    if out is None:  # a rank with no image (a split smaller than the group) adds nothing
+        out = torch.zeros(len(split), data.num_classes)
+    if share[1] > 1:
+        out = dist.all_sum(out.to(device), what).cpu()
+    return out.numpy()

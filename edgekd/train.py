@@ -227,7 +227,7 @@ def _fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, s
                 if w.size > 1:  # DDP averages the student's gradients; a term's own parameters likewise
                     for p in objective.parameters():
                         if p.grad is not None:
-                            dist.all_sum(p.grad, desc).div_(w.size)
+                            dist.all_sum(p.grad, f"training {desc}").div_(w.size)
                 opt.step()
                 sched.step()
                 for k, v in parts.items():  # summed on the device: no host sync per step
@@ -240,7 +240,7 @@ def _fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, s
             if w.size > 1:  # the epoch's figures over every rank's shard
                 keys = sorted(sums)
                 total = dist.all_sum(torch.stack([torch.as_tensor(sums[k], device=device, dtype=torch.float32) for k in keys]
-                                                 + [torch.tensor(float(n_seen), device=device)]), desc)
+                                                 + [torch.tensor(float(n_seen), device=device)]), f"training {desc}")
                 sums, n_seen = dict(zip(keys, total[:-1])), int(total[-1])
             sums = {k: float(v) for k, v in sums.items()}
             secs = time.perf_counter() - t0
@@ -250,11 +250,14 @@ def _fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, s
             history.append(rec)
             if last:  # every rank checks (and re-estimates) its share of the BatchNorm statistics
                 _settle_bn(model, data, cfg, device, seed, rec, desc)
-            if not w.main:  # rank 0 evaluates and checkpoints; this rank's model is discarded
+            if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last:  # every rank its share
+                if w.size > 1:  # of rank 0's model: its BatchNorm buffers, which DDP gives every rank's next step
+                    for b in model.buffers():
+                        dist.collective(lambda b=b: torch.distributed.broadcast(b, 0), f"training {desc}")
+                logits = predict(model, data, eval_split, device, together=True, what=f"training {desc}")
+                rec[f"{eval_name}_top1"] = classification_metrics(logits, eval_split.labels.numpy(), data.classes)["top1"]
+            if not w.main:  # rank 0 checkpoints and reports; this rank's model is discarded
                 continue
-            if (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or last:
-                m = classification_metrics(predict(model, data, eval_split, device), eval_split.labels.numpy(), data.classes)
-                rec[f"{eval_name}_top1"] = m["top1"]
             if state_path:
                 save_torch(state_path, {"fingerprint": fingerprint, "epoch": epoch, "model": model.state_dict(),
                                         "objective": objective.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history})

@@ -122,12 +122,13 @@ def _rank_pid(rank: int) -> int | None:
 
 def _shared_work(rank: int, port: int, out: str) -> None:
     """One rank of a 2-process gloo group (or, with port 0, a single process): BatchNorm
-    re-estimation, its check and a teacher's logit table, each split over the ranks."""
+    re-estimation, its check, a teacher's logit table and an evaluation, each split over the ranks."""
     import torch
 
     from edgekd.bn import bn_gap, recalibrate_bn
     from edgekd.data import Data, Split
     from edgekd.distill.teachers import TeacherSource
+    from edgekd.inference import predict
     from edgekd.models import build
 
     if port:
@@ -145,14 +146,15 @@ def _shared_work(rank: int, port: int, out: str) -> None:
     gap = bn_gap(model, data, cpu, 150, 2, together=True)
     teacher = build({"arch": "resnet18", "num_classes": 3, "cifar_stem": True}).eval()
     table = TeacherSource(teacher, data, cpu, False, None, None).logit_table(2, together=True)
+    logits = predict(model, data, split, cpu, together=True)
     if rank == 0:
         stats = {k: v for k, v in model.state_dict().items() if "running" in k}
-        torch.save({"stats": stats, "gap": gap, "table": table}, out)
+        torch.save({"stats": stats, "gap": gap, "table": table, "logits": torch.from_numpy(logits)}, out)
     if port:
         torch.distributed.destroy_process_group()
 
 
-def test_ranks_split_bn_statistics_and_teacher_logits_as_one_process_computes_them(tmp_path):
+def test_ranks_split_bn_statistics_teacher_logits_and_evaluation_as_one_process_computes_them(tmp_path):
     """Each rank takes every other batch (or image) and the shares are summed: the result is
     the single-process one up to float rounding (different batch shapes in the kernels)."""
     import torch
@@ -168,3 +170,6 @@ def test_ranks_split_bn_statistics_and_teacher_logits_as_one_process_computes_th
     scale = float(one["table"].abs().max())
     assert one["table"].shape == (2, 150, 3) and (one["table"] != 0).all()
     assert torch.allclose(one["table"], two["table"], atol=1e-4 * scale, rtol=0)
+    scale = float(one["logits"].abs().max())
+    assert one["logits"].shape == (150, 3) and (one["logits"] != 0).all()  # rank 0 holds every image's
+    assert torch.allclose(one["logits"], two["logits"], atol=1e-4 * scale, rtol=0)
