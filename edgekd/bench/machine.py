@@ -34,6 +34,11 @@ _CPUID = {"sse4_2": "SSE42", "avx": "AVX", "avx2": "AVX2", "fma": "FMA3", "f16c"
           "avx512bw": "AVX512BW", "avx512_vnni": "AVX512VNNI", "avx512_bf16": "AVX512BF16"}
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity, e.g. a container's CPU set), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _with_cpuid(flags: set[str]) -> set[str]:
     try:
         from numpy._core._multiarray_umath import __cpu_features__ as cpuid

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from .machine import machine_info
+from .machine import machine_info, usable_cores
 from .peak import measure_peak
 from .runtimes import RUNTIMES
 
@@ -128,7 +127,7 @@ def bench_models(paths: dict[str, Path], runtime: str, threads: int, image_size:
             continue
         out[name] = res
     # untimed from here: each model's peak memory in its own child process, beside accuracy here
-    spare = max(1, len(os.sched_getaffinity(0)) - threads) if hasattr(os, "sched_getaffinity") else 1
+    spare = max(1, usable_cores() - threads)
     with ThreadPoolExecutor(spare) as pool:
         peaks = {name: pool.submit(measure_peak, runtime, paths[name], threads, image_size, batch, throughput_batch)
                  for name in runners} if peak_memory else {}

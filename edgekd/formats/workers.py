@@ -14,9 +14,7 @@ conversions to repay the workers' start (FEW): then they run here, one after ano
 from __future__ import annotations
 
 import functools
-import logging
 import multiprocessing
-import os
 import pickle
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -26,10 +24,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..bench.machine import usable_cores
 from ..errors import EdgekdError
 from .base import ConvertJob, Format, Variant
 
-log = logging.getLogger("edgekd")
 WORKER_MEMORY = 3 * 2**30  # bytes a worker may take at its peak (benchmarks/README.md, "export workers")
 FEW = 3  # this many conversions or fewer run in this process: starting a worker costs about one conversion
 
@@ -51,7 +49,7 @@ class Conversion:
         """Rank by expected time, for handing the longest out first: a format's own int8 (PT2E:
         calibration and a larger graph to lower) takes about twice its fp32 conversion, and
         ONNX (TorchScript export or a copy) is cheap."""
-        own = getattr(self.fmt, "own_int8", False)
+        own = self.fmt.own_int8
         return 2 if own and self.variant.int8 else 1 if own else 0
 
 
@@ -77,7 +75,7 @@ def worker_count(setting: int | str, conversions: int) -> int:
         return 0
     if setting != "auto":
         return min(int(setting), conversions)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     return max(0, min(cores, conversions, _available_memory() // WORKER_MEMORY)) if cores > 1 else 0
 
 
