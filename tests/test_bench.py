@@ -129,3 +129,21 @@ def test_kd_vs_ce_benchmark_tabulates_every_step():
     assert "| int8 QAT: mean top-1 on corrupted images | 70.00 | 67.00 | +3.00 |" in md
     assert "| int8 QAT: ECE x100 before / after temperature | 8.00 / 2.00 | 8.00 / 2.00 | |" in md
     assert mod.CE == ["prune.finetune.loss=ce", "quantize.qat.loss=ce"]
+
+
+def test_teacher_rows_show_its_pytorch_top1_unless_asked_to_measure_it(minimal_pipeline, write_pipeline, tmp_path):
+    """A teacher on 1 thread is the slowest accuracy pass of the benchmark, and export verified its
+    files against PyTorch: by default its rows carry the PyTorch top-1; `teacher_accuracy: true`
+    measures it on each runtime like every other file."""
+    cfg = minimal_pipeline
+    cfg["stages"] += [{"export": {"formats": ["onnx"], "verify_images": 6}},
+                      {"benchmark": {"runtimes": ["onnxruntime"], "runs": 5, "warmup": 1, "rounds": 1, "throughput_batch": 2}}]
+    out = tmp_path / "run"
+    assert main(["run", str(write_pipeline(cfg)), "--out", str(out)]) == 0
+    models = json.loads((out / "report.json").read_text())["models"]
+    teacher = models["teacher_fp32"]
+    assert teacher["top1"] == models["teacher"]["top1"] and "PyTorch" in teacher["top1_measured_by"]
+    assert "top1" not in teacher["latency"]["onnxruntime/1t"] and "top1" in models["student_fp32"]["latency"]["onnxruntime/1t"]
+    assert main(["run", str(write_pipeline(cfg)), "--resume", str(out), "--set", "benchmark.teacher_accuracy=true"]) == 0
+    models = json.loads((out / "report.json").read_text())["models"]
+    assert models["teacher_fp32"]["latency"]["onnxruntime/1t"]["eval_images"] == 6  # the 6 test images

@@ -4,6 +4,7 @@ workers, the same files as one by one in this process, and failures that stay on
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 import signal
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 
 from edgekd.errors import EdgekdError
 from edgekd.formats import FORMATS, Variant
-from edgekd.formats.base import ExportJob, Format
+from edgekd.formats.base import ConvertJob, Format
 from edgekd.formats import workers
 from edgekd.formats.workers import Conversion, NpyFile, convert_all, worker_count
 
@@ -32,15 +33,15 @@ def test_workers_write_the_files_this_process_writes(tiny_trained, tmp_path):
     """fp32 ONNX and every installed own-int8 format's int8 program, calibration read from a
     file, in two spawned workers: the same outputs as converted here."""
     model, data = tiny_trained
-    job = ExportJob(data, 17, 48, 0.8, lambda: data.normalize(data.train.images[:32]).numpy())
+    job = ConvertJob(data.image_size, 17, lambda: data.normalize(data.train.images[:32]).numpy())
     np.save(tmp_path / "calib.npy", job.calibration())
     own = [FORMATS.get(n) for n in FORMATS.names() if FORMATS.get(n).own_int8 and FORMATS.get(n).available() is None]
     todo = [(FORMATS.get("onnx"), Variant("student_fp32", model))] + [(f, Variant("int8_ptq", model, int8=True)) for f in own]
-    for d, n, calib in (("here", 0, None), ("workers", 2, NpyFile(tmp_path / "calib.npy"))):
+    for d, n, conv in (("here", 0, job), ("workers", 2, replace(job, calibration=NpyFile(tmp_path / "calib.npy")))):
         (tmp_path / d).mkdir()
-        convert_all([Conversion(f, v, tmp_path / d / f"{v.name}{f.suffix}", job.conversion(calib)) for f, v in todo]
+        convert_all([Conversion(f, v, tmp_path / d / f"{v.name}{f.suffix}", conv) for f, v in todo]
                     + [Conversion(FORMATS.get("onnx"), Variant("again", model), tmp_path / d / "again.onnx",
-                                  job.conversion(calib))] * 3, n)  # enough work for the workers
+                                  conv)] * 3, n)  # enough work for the workers
     x = data.normalize(data.test.images[:16]).numpy()
     for f, v in todo:
         here, there = (f().runner(tmp_path / d / f"{v.name}{f.suffix}")(x) for d in ("here", "workers"))
@@ -65,7 +66,7 @@ class _Broken(Format):
 @pytest.mark.parametrize("n", [0, 2])
 def test_a_failing_conversion_is_its_own_one_line_error_here_and_in_a_worker(tiny, tmp_path, n):
     model, data = tiny
-    job = ExportJob(data, 17, 48, 0.8, NpyFile(tmp_path / "unused.npy")).conversion()
+    job = ConvertJob(data.image_size, 17, NpyFile(tmp_path / "unused.npy"))
     todo = [Conversion(_Broken, Variant(name, model), tmp_path / f"{name}.broken", job) for name in ("a", "bad", "c", "d")]
     with pytest.raises(EdgekdError, match=r"^bad\.broken: this model has an op the format cannot write$"):
         convert_all(todo, n)
@@ -73,7 +74,7 @@ def test_a_failing_conversion_is_its_own_one_line_error_here_and_in_a_worker(tin
 
 def test_a_worker_that_dies_stops_the_stage_with_one_line_naming_the_files(tiny, tmp_path):
     model, data = tiny
-    job = ExportJob(data, 17, 48, 0.8, NpyFile(tmp_path / "unused.npy")).conversion()
+    job = ConvertJob(data.image_size, 17, NpyFile(tmp_path / "unused.npy"))
     todo = [Conversion(_Broken, Variant(name, model), tmp_path / f"{name}.broken", job) for name in ("a", "killed", "c", "d")]
     with pytest.raises(EdgekdError, match=r"worker process died.*killed\.broken.*export\.workers: 1"):
         convert_all(todo, 2)
@@ -82,7 +83,7 @@ def test_a_worker_that_dies_stops_the_stage_with_one_line_naming_the_files(tiny,
 def test_a_model_a_worker_cannot_take_is_written_here(tiny, tmp_path):
     """A user's model holding a lambda cannot be pickled: that file is written in this process."""
     model, data = tiny
-    job = ExportJob(data, 17, 48, 0.8, NpyFile(tmp_path / "unused.npy")).conversion()
+    job = ConvertJob(data.image_size, 17, NpyFile(tmp_path / "unused.npy"))
     odd = Variant("odd", model)
     odd.reference = type("Odd", (), {"f": staticmethod(lambda: 0)})  # a local class: not picklable
     todo = [Conversion(_Broken, v, tmp_path / f"{v.name}.broken", job) for v in (Variant("a", model), odd,

@@ -9,7 +9,7 @@ import torch
 
 from edgekd.errors import EdgekdError
 from edgekd.formats import FORMATS, Variant, enabled_formats
-from edgekd.formats.base import ExportJob, Format
+from edgekd.formats.base import ConvertJob, ExportJob, Format
 from edgekd.onnx_export import metadata
 from edgekd.stages.export import ExportConfig
 
@@ -25,9 +25,9 @@ def test_the_registry_lists_onnx_executorch_and_litert_and_onnx_is_primary():
 def test_a_tiny_model_through_every_installed_format(tiny, tmp_path, name):
     model, data = tiny
     fmt = FORMATS.get(name)()
-    job = ExportJob(data, 17, 48, 0.5, lambda: data.normalize(data.train.images[:16]).numpy())
+    job = ExportJob(data, 48, 0.5, ConvertJob(data.image_size, 17, lambda: data.normalize(data.train.images[:16]).numpy()))
     v = Variant("student_fp32", model, max_abs=1e-3, min_agreement=0.99)
-    path = fmt.export(v, tmp_path / f"m{fmt.suffix}", job.conversion())
+    path = fmt.export(v, tmp_path / f"m{fmt.suffix}", job.convert)
     fmt.write_metadata(path, metadata(data, v.name))
     fmt.write_metadata(path, {"edgekd.temperature": "1.5"})  # merges, as calibration adds its key later
     meta = fmt.read_metadata(path)
@@ -87,9 +87,9 @@ def test_formats_that_quantize_themselves_write_a_verified_int8_file(tiny_traine
     """ExecuTorch and LiteRT quantize the float student on the calibration images themselves."""
     model, data = tiny_trained
     fmt = FORMATS.get(name)()
-    job = ExportJob(data, 17, 48, 0.8, lambda: data.normalize(data.train.images[:32]).numpy())
+    job = ExportJob(data, 48, 0.8, ConvertJob(data.image_size, 17, lambda: data.normalize(data.train.images[:32]).numpy()))
     v = Variant("int8_ptq", model, int8=True, min_agreement=0.8)
-    path = fmt.export(v, tmp_path / f"int8{fmt.suffix}", job.conversion())
+    path = fmt.export(v, tmp_path / f"int8{fmt.suffix}", job.convert)
     check = fmt.verify(path, v, job)
     assert check["decisive_images"] >= 10 and check["decisive_agreement"] >= 0.8
 
@@ -106,13 +106,13 @@ def test_modules_kept_fp32_by_a_plan_stay_float_in_the_formats_own_int8(tiny_tra
     float program (same outputs), with none it is not."""
     model, data = tiny_trained
     fmt = FORMATS.get(name)()
-    job = ExportJob(data, 17, 48, 0.8, lambda: data.normalize(data.train.images[:32]).numpy())
+    job = ExportJob(data, 48, 0.8, ConvertJob(data.image_size, 17, lambda: data.normalize(data.train.images[:32]).numpy()))
     v = Variant("int8_ptq", model, int8=True, min_agreement=0.8)
     x = data.normalize(data.test.images[:16]).numpy()
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
-    every = fmt.runner(fmt.export(v, tmp_path / f"all{fmt.suffix}", job.conversion(), keep_fp32=["features", "classifier"]))(x)
-    none = fmt.runner(fmt.export(v, tmp_path / f"int8{fmt.suffix}", job.conversion()))(x)
+    every = fmt.runner(fmt.export(v, tmp_path / f"all{fmt.suffix}", job.convert, keep_fp32=["features", "classifier"]))(x)
+    none = fmt.runner(fmt.export(v, tmp_path / f"int8{fmt.suffix}", job.convert))(x)
     rel = lambda out: np.abs(out - ref).max() / np.abs(ref).max()  # noqa: E731
     assert rel(every) < 1e-5 and rel(none) > 1e-3
 
@@ -146,7 +146,7 @@ def _plan_int8(fmt, v, path, job, plan, max_drop, plan_name):
 
     files = {}
     for name, (variant, keep, tmp) in int8_candidates(v, path, plan, plan_name).items():
-        fmt.export(variant, tmp, job.conversion(), keep_fp32=keep or [])
+        fmt.export(variant, tmp, job.convert, keep_fp32=keep or [])
         files[name] = (keep, tmp)
     return choose_int8(fmt, v, path, files, job, max_drop)
 
@@ -166,7 +166,7 @@ def test_the_int8_candidate_a_format_ships_follows_the_rule(tiny, tmp_path, monk
     onehot = lambda k: np.eye(4, dtype=np.float32)[np.where(np.arange(len(y)) < k, y, (y + 1) % 4)]  # noqa: E731
     _Fake.logits = {"fp32": onehot(40), "int8": onehot(correct["int8"]), "plan": onehot(correct["plan"])}
     monkeypatch.setattr(measure, "time_interleaved", _timed(p50))
-    job = ExportJob(data, 17, 48, 0.8, lambda: data.normalize(data.train.images[:32]).numpy())
+    job = ExportJob(data, 48, 0.8, ConvertJob(data.image_size, 17, lambda: data.normalize(data.train.images[:32]).numpy()))
     plan = {"fp32_blocks": {"features.1": "slow"}, "fp32_modules": {"features.0.0": "stem"}}
     path, rec = _plan_int8(_Fake(), Variant("int8_ptq", model, int8=True), tmp_path / "int8_ptq.fake", job, plan, max_drop, "p")
     assert rec["chosen"] == want and path.read_text() == {"quantize plan (p)": "plan"}.get(want, want)
@@ -184,7 +184,7 @@ def test_a_format_that_finds_int8_slower_ships_its_float_program(tiny_trained, t
     model, data = tiny_trained
     fmt = FORMATS.get(name)()
     monkeypatch.setattr(measure, "time_interleaved", _timed({"fp32": 1.0, "int8": 1.5, "quantize plan (p)": 1.2}))
-    job = ExportJob(data, 17, 48, 0.8, lambda: data.normalize(data.train.images[:32]).numpy())
+    job = ExportJob(data, 48, 0.8, ConvertJob(data.image_size, 17, lambda: data.normalize(data.train.images[:32]).numpy()))
     plan = {"fp32_blocks": {"features.1": "slow"}, "fp32_modules": {}}
     path, rec = _plan_int8(fmt, Variant("int8_ptq", model, int8=True), tmp_path / f"int8_ptq{fmt.suffix}", job, plan, 0.5, "p")
     assert rec["chosen"] == "fp32" and "does not pay" in rec["verdict"]

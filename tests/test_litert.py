@@ -19,7 +19,7 @@ from ai_edge_litert import schema_py_generated as fb  # noqa: E402
 from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 
 from edgekd.formats import FORMATS  # noqa: E402
-from edgekd.formats.base import ExportJob  # noqa: E402
+from edgekd.formats.base import ConvertJob, ExportJob  # noqa: E402
 from edgekd.formats.litert import LiteRTOptions  # noqa: E402
 from edgekd.formats import Variant  # noqa: E402
 from edgekd.litert_export import tflite_runner  # noqa: E402
@@ -39,9 +39,9 @@ def files(tiny, tmp_path_factory):
     calib = lambda: data.normalize(data.train.images[:32]).numpy()  # noqa: E731
     out = {}
     for name, int8, io in (("fp32", False, False), ("int8", True, False), ("int8_io", True, True)):
-        job = ExportJob(data, 17, 48, 0.8, calib, {"litert": LiteRTOptions(integer_io=io)})
+        job = ExportJob(data, 48, 0.8, ConvertJob(data.image_size, 17, calib, {"litert": LiteRTOptions(integer_io=io)}))
         v = Variant(name, model, int8=int8, max_abs=1e-3, min_agreement=0.8)
-        path = fmt.export(v, d / f"{name}.tflite", job.conversion())
+        path = fmt.export(v, d / f"{name}.tflite", job.convert)
         fmt.write_metadata(path, metadata(data, name))
         out[name] = path
     return out

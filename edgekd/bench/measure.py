@@ -80,10 +80,11 @@ def round_ratio(slow: dict, fast: dict) -> float:
 def bench_models(paths: dict[str, Path], runtime: str, threads: int, image_size: int, batch: int = 1,
                  throughput_batch: int = 32, warmup: int = 30, runs: int = 200, rounds: int = 10,
                  eval_x: np.ndarray | None = None, eval_y: np.ndarray | None = None, macs: dict | None = None,
-                 peak_memory: bool = True, on_error=None) -> dict[str, dict]:
+                 peak_memory: bool = True, on_error=None, eval_skip: tuple[str, ...] = ()) -> dict[str, dict]:
     """All figures for several model files on one runtime at one thread count: latency timed
     interleaved (time_interleaved) and throughput, then, with no timing left to disturb, peak
-    memory (a child process per model, see bench.peak) beside accuracy per model. A model that
+    memory (a child process per model, see bench.peak) beside accuracy per model (except those in
+    `eval_skip`). A model that
     fails to load or run is passed to `on_error(name, exc)` and left out; without `on_error`
     the error propagates."""
     rt = RUNTIMES.get(runtime)()
@@ -133,7 +134,7 @@ def bench_models(paths: dict[str, Path], runtime: str, threads: int, image_size:
                  for name in runners} if peak_memory else {}
         for name, run in runners.items():
             try:
-                if eval_x is not None:
+                if eval_x is not None and name not in eval_skip:
                     logits = np.concatenate([run(eval_x[i : i + 250]) for i in range(0, len(eval_x), 250)])
                     out[name]["top1"] = round(100.0 * float((logits.argmax(1) == eval_y).mean()), 3)
                     out[name]["eval_images"] = int(len(eval_y))

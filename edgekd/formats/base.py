@@ -93,11 +93,13 @@ class Format:
         raise NotImplementedError
 
     def verify(self, path: Path, v: Variant, job: "ExportJob") -> dict:
-        """Outputs of the file vs its PyTorch reference on test images (onnx_export.verify)."""
+        """Outputs of the file vs its PyTorch reference on test images (onnx_export.verify), on every
+        core this process may use: nothing is timed while the stage verifies."""
+        from ..bench.machine import usable_cores
         from ..onnx_export import verify
 
         ref = v.logits(v.int8, job.data, job.verify_images)
-        return verify(path, ref, job.data, job.verify_images, run=self.runner(path, 1), what=self.what,
+        return verify(path, ref, job.data, job.verify_images, run=self.runner(path, usable_cores()), what=self.what,
                       max_abs=None if v.int8 else v.max_abs,
                       min_agreement=job.int8_min_agreement if v.int8 else v.min_agreement)
 
@@ -143,19 +145,13 @@ class ConvertJob:
 
 @dataclass
 class ExportJob:
-    """What every format's export and verification of one run share."""
+    """What every format's export and verification of one run share: the conversion (ConvertJob)
+    and what verifying a written file needs."""
 
     data: Any
-    opset: int
     verify_images: int
     int8_min_agreement: float  # a format's own int8 vs its float source
-    calibration: Callable[[], np.ndarray]  # the quantize stage's calibration images (computed once, on demand)
-    options: dict = field(default_factory=dict)  # format name -> its validated Options
-
-    def conversion(self, calibration: Callable[[], np.ndarray] | None = None) -> ConvertJob:
-        """The part a conversion needs, with `calibration` in place of this job's where given
-        (a worker process gets a file to read rather than the stage's data)."""
-        return ConvertJob(self.data.image_size, self.opset, calibration or self.calibration, self.options)
+    convert: ConvertJob
 
 
 def enabled_formats(formats: str | list[str], executorch: str) -> tuple[list[Format], dict[str, str]]:

@@ -22,7 +22,7 @@ from ..robustness import CORRUPTIONS
 from .base import Stage, StageResult, register
 
 log = logging.getLogger("edgekd")
-
+TEACHER = "teacher_fp32"  # the export stage's file of the primary teacher (ctx.variants["teacher"])
 RATIOS = [("int8_qat", "student_fp32"), ("int8_ptq", "student_fp32"), ("student_fp32", "student_unpruned_fp32"),
           ("int8_qat", "student_unpruned_fp32"), ("int8_qat", "teacher_fp32"), ("int8_ptq", "teacher_fp32"),
           ("student_fp32", "teacher_fp32")]
@@ -47,6 +47,9 @@ class BenchmarkConfig(Strict):
     runs: int = Field(200, gt=4, description="timed calls per model, spread over `rounds`")
     rounds: int = Field(10, ge=1, description="interleaved timing rounds (model order rotates each round)")
     eval_images: int | None = Field(None, gt=0, description="test images for per-runtime accuracy (default: all)")
+    teacher_accuracy: bool = Field(False, description="also measure the teacher files' top-1 on every runtime; off: their "
+                                   "rows show the teacher's PyTorch top-1, which export verified each file against (a "
+                                   "teacher's accuracy pass on 1 thread is most of this stage's time)")
     robustness: RobustnessConfig = Field(default_factory=lambda: RobustnessConfig(enabled=False),
                                          description="accuracy on corrupted test images (true | false | options)")
 
@@ -93,7 +96,8 @@ class Benchmark(Stage):
 
                 results = bench_models(files, rt, threads, data.image_size, cfg.batch, cfg.throughput_batch, cfg.warmup,
                                        cfg.runs, cfg.rounds, x, y, {v: ctx.variants.get(v, {}).get("macs") for v in files},
-                                       peak_memory=threads == cfg.threads[0], on_error=failed)
+                                       peak_memory=threads == cfg.threads[0], on_error=failed,
+                                       eval_skip=() if cfg.teacher_accuracy else (TEACHER,))
                 for name, res in results.items():
                     log.info("benchmark %-24s %-18s p50 %.3f ms  top-1 %.2f", name, key, res["p50_ms"], res.get("top1", float("nan")))
                     entry = models.setdefault(name, {"latency": {}})
@@ -106,6 +110,9 @@ class Benchmark(Stage):
                 s = (models.get(slow) or {}).get("latency", {}).get(key)
                 if s:
                     ratios[f"{slow}/{fast}@{key}"] = round_ratio(s, models[fast]["latency"][key])
+        if TEACHER in models and not cfg.teacher_accuracy and "top1" in ctx.variants.get("teacher", {}):
+            models[TEACHER].update(top1=ctx.variants["teacher"]["top1"], top1_measured_by="PyTorch (export verified "
+                                   "every teacher file against it)")
         for name, m in models.items():  # keep earlier figures (top1 by ORT etc.), add latency
             m["latency"] = {**(ctx.variants.get(name, {}).get("latency") or {}), **m["latency"]}
         metrics = {f"speedup.{k}": v for k, v in ratios.items()}

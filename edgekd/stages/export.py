@@ -9,6 +9,7 @@ runtime runs it) and stored in its metadata (edgekd.calibration)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 import shutil
@@ -22,7 +23,7 @@ from ..errors import EdgekdError, did_you_mean
 from ..schema import Strict, Switch
 from ..formats import FORMATS, Variant, enabled_formats
 from ..fileio import atomic_path
-from ..formats.base import ExportJob
+from ..formats.base import ConvertJob, ExportJob
 from ..formats.int8_plan import choose_int8, int8_candidates
 from ..formats.workers import Conversion, NpyFile, convert_all, worker_count
 from ..onnx_export import metadata
@@ -117,50 +118,21 @@ class Export(Stage):
         info: dict = {fmt: f"skipped: {why}" for fmt, why in skipped.items()}
         for fmt, why in skipped.items():
             log.info("export: no %s files: %s %s", FORMATS.get(fmt).suffix, fmt, why)
-        artifacts, models = {}, {}
-        job = ExportJob(data, cfg.opset, cfg.verify_images, cfg.ptq_min_agreement, _calibration_set(ctx), cfg.options)
+        job = ExportJob(data, cfg.verify_images, cfg.ptq_min_agreement,
+                        ConvertJob(data.image_size, cfg.opset, _calibration_set(ctx), cfg.options))
         quant_plan = _measured_plan(ctx)
         variants = list(self._variants(ctx, cfg))
-        # every file (and every int8 candidate of a format that plans its own) is written first, side by side
-        plans: dict[tuple[str, str], dict] = {}  # (variant, format key) -> formats.int8_plan.int8_candidates
-        todo: list[tuple] = []
-        for v in variants:
-            for fmt in formats:
-                path = d / f"{v.name}{fmt.suffix}"
-                if v.int8 and fmt.own_int8 and quant_plan:  # its own quantizer: planned on its own runtime
-                    plans[v.name, fmt.key] = cands = int8_candidates(v, path, quant_plan["plan"], quant_plan["chosen"])
-                    todo += [(fmt, variant, tmp, keep or []) for variant, keep, tmp in cands.values()
-                             if not (keep is None and v.qat_model is None)]  # PTQ's float program: the student's file
-                else:
-                    todo.append((fmt, v, path, []))
-        workers = worker_count(cfg.workers, len(todo))
+        plans, todo = _conversions(variants, formats, d, quant_plan)
         calib_file = d / ".calibration.npy"
-        try:
+        try:  # every file (and every int8 candidate of a format that plans its own) is written first, side by side
+            workers = worker_count(cfg.workers, len(todo))
             if workers and any(v.int8 and fmt.own_int8 for fmt, v, _, _ in todo):
                 with atomic_path(calib_file) as tmp, open(tmp, "wb") as f:
-                    np.save(f, job.calibration())
-            convert = job.conversion(NpyFile(calib_file) if workers else None)
-            convert_all([Conversion(type(fmt), v, path, convert, keep) for fmt, v, path, keep in todo], workers)
-            with tqdm(total=len(variants) * len(formats), desc="export: verify", unit="file", leave=False) as bar:
-                for v in variants:
-                    rec, models[v.name] = info.setdefault(v.name, {}), {}
-                    if v.name in LABELS:
-                        models[v.name]["label"] = LABELS[v.name]
-                    for fmt in formats:
-                        bar.set_postfix_str(f"{v.name}{fmt.suffix}", refresh=True)
-                        path, props = d / f"{v.name}{fmt.suffix}", metadata(data, v.name)
-                        if cands := plans.get((v.name, fmt.key)):
-                            files = {name: (keep, tmp) for name, (_, keep, tmp) in cands.items()}
-                            if v.qat_model is None:  # PTQ: the student's float program is the same weights'
-                                shutil.copyfile(d / f"student_fp32{fmt.suffix}", files["fp32"][1])
-                            path, planned = choose_int8(fmt, v, path, files, job, quant_plan["max_drop_points"])
-                            rec[fmt.figure("int8_plan")], props["edgekd.int8_plan"] = planned, planned["chosen"]
-                        fmt.write_metadata(path, props)
-                        rec[fmt.figure("verify")] = {**fmt.verify(path, v, job), **fmt.verified_by()}
-                        rec.update(fmt.details(path))
-                        artifacts[f"{fmt.key}.{v.name}"] = models[v.name][fmt.key] = ctx.rel(path)
-                        models[v.name][fmt.figure("size_bytes")] = path.stat().st_size
-                        bar.update(1)
+                    np.save(f, job.convert.calibration())
+            # a worker reads the calibration images from that file (the stage's own loader holds the run's data)
+            convert = dataclasses.replace(job.convert, calibration=NpyFile(calib_file)) if workers else job.convert
+            convert_all([Conversion(fmt, v, path, convert, keep) for fmt, v, path, keep in todo], workers)
+            models, artifacts = _verify_all(ctx, variants, formats, plans, job, quant_plan, info)
         finally:  # no candidate or calibration file outlives the stage, finished or not
             calib_file.unlink(missing_ok=True)
             for cands in plans.values():
@@ -216,6 +188,52 @@ class Export(Stage):
                                          "ece_calibrated": res["ece_after"]})
                     log.info("export: %s temperature %.3f, test ECE %.4f -> %.4f", name, res["temperature"],
                              res["ece_before"], res["ece_after"])
+
+
+def _conversions(variants, formats, d, quant_plan) -> tuple[dict, list[tuple]]:
+    """What to write: every variant in every format, and for a format that quantizes itself, each
+    int8 variant's candidates (formats.int8_plan) when the quantize stage measured a plan.
+    Returns ({(variant, format key): candidates}, [(format, variant, path, modules kept float)])."""
+    plans: dict[tuple[str, str], dict] = {}
+    todo: list[tuple] = []
+    for v in variants:
+        for fmt in formats:
+            path = d / f"{v.name}{fmt.suffix}"
+            if v.int8 and fmt.own_int8 and quant_plan:  # its own quantizer: planned on its own runtime
+                plans[v.name, fmt.key] = cands = int8_candidates(v, path, quant_plan["plan"], quant_plan["chosen"])
+                todo += [(type(fmt), variant, tmp, keep or []) for variant, keep, tmp in cands.values()
+                         if not (keep is None and v.qat_model is None)]  # PTQ's float program: the student's file
+            else:
+                todo.append((type(fmt), v, path, []))
+    return plans, todo
+
+
+def _verify_all(ctx, variants, formats, plans, job: ExportJob, quant_plan, info: dict) -> tuple[dict, dict]:
+    """Once every file is written: choose each planned int8 program (formats.int8_plan), stamp
+    the runner metadata and verify every file against its PyTorch reference. Returns (models,
+    artifacts) for the stage result; per-file records go into `info`."""
+    d, artifacts, models = ctx.stage_dir, {}, {}
+    with tqdm(total=len(variants) * len(formats), desc="export: verify", unit="file", leave=False) as bar:
+        for v in variants:
+            rec, models[v.name] = info.setdefault(v.name, {}), {}
+            if v.name in LABELS:
+                models[v.name]["label"] = LABELS[v.name]
+            for fmt in formats:
+                bar.set_postfix_str(f"{v.name}{fmt.suffix}", refresh=True)
+                path, props = d / f"{v.name}{fmt.suffix}", metadata(ctx.data, v.name)
+                if cands := plans.get((v.name, fmt.key)):
+                    files = {name: (keep, tmp) for name, (_, keep, tmp) in cands.items()}
+                    if v.qat_model is None:  # PTQ: the student's float program is the same weights'
+                        shutil.copyfile(d / f"student_fp32{fmt.suffix}", files["fp32"][1])
+                    path, planned = choose_int8(fmt, v, path, files, job, quant_plan["max_drop_points"])
+                    rec[fmt.figure("int8_plan")], props["edgekd.int8_plan"] = planned, planned["chosen"]
+                fmt.write_metadata(path, props)
+                rec[fmt.figure("verify")] = {**fmt.verify(path, v, job), **fmt.verified_by()}
+                rec.update(fmt.details(path))
+                artifacts[f"{fmt.key}.{v.name}"] = models[v.name][fmt.key] = ctx.rel(path)
+                models[v.name][fmt.figure("size_bytes")] = path.stat().st_size
+                bar.update(1)
+    return models, artifacts
 
 
 def _measured_plan(ctx) -> dict | None:
