@@ -101,6 +101,14 @@ def test_run_leaves_manifest_reports_and_artifacts(run_dir):
     documented = set(re.search(r"`latency\.<runtime>/<threads>t`: `([^.]+)`\.", readme).group(1).replace("\n", " ").split(", "))
     assert set(models["int8_qat"]["latency"]["onnxruntime/1t"]) == {k.strip() for k in documented}
     export = next(s for s in report["stages"] if s["name"] == "export")
+    if importlib.util.find_spec("openvino"):  # its int8 files planned on it; the fp32 ones are the ONNX format's
+        for k in ("int8_ptq", "int8_qat"):
+            plan = export["info"][k]["openvino_int8_plan"]
+            assert plan["runtime"] == "openvino" and [c["plan"] for c in plan["candidates"]][-1] == "fp32"
+            assert models[k]["latency"]["openvino/1t"]["file"] == f"{k}.openvino.onnx"
+            assert export["info"][k]["openvino_verify"]["runtime"] == "openvino"
+        assert models["student_fp32"]["latency"]["openvino/1t"]["file"] == "student_fp32.onnx"
+        assert "openvino" not in models["student_fp32"]
     if importlib.util.find_spec("executorch"):
         for k in ("student_fp32", "int8_ptq", "int8_qat", "student_unpruned_fp32"):
             assert export["info"][k]["pte_verify"]["top1_agreement"] >= 0.9

@@ -61,9 +61,9 @@ def run_bench(args) -> int:
     for rt in runtimes:
         runtime = RUNTIMES.get(rt)
         why = runtime.available()
-        mine = {n: p for n, p in files.items() if metas[n]["fmt"] == runtime.fmt}
+        mine = {n: p for n, p in files.items() if metas[n]["fmt"] in (runtime.fmt, *runtime.also)}
         if not why and not mine:
-            why = f"runs .{runtime.fmt} files, none given"
+            why = f"runs {' or '.join((runtime.fmt, *runtime.also))} files, none given"
         if why:
             print(f"skip {rt}: {why}")
             continue

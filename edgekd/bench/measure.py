@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..formats import format_for
 from .machine import machine_info, usable_cores
 from .peak import measure_peak
 from .runtimes import RUNTIMES
@@ -106,7 +107,7 @@ def bench_models(paths: dict[str, Path], runtime: str, threads: int, image_size:
     for name, run in list(runners.items()):  # every timing first, on a machine with nothing else of ours running
         path = paths[name]
         try:
-            res = {"runtime": runtime, "version": rt.version(), "format": rt.fmt, "file": path.name,
+            res = {"runtime": runtime, "version": rt.version(), "format": format_for(path).key, "file": path.name,
                    "size_bytes": path.stat().st_size, "threads": threads, "batch": batch, **timed[name]}
             tb = time_runner(run, xb, max(2, warmup // 10), max(5, runs // 20))
             res["throughput_batch"] = throughput_batch

@@ -21,6 +21,7 @@ class Runtime:
     module: str = ""
     install_hint: str = ""
     fmt: str = "onnx"  # the file format it runs: the artifact prefix and the file suffix
+    also: tuple[str, ...] = ()  # formats it also runs, where a variant has no `fmt` file
     batched: bool = True  # whether one call runs a whole batch
 
     @classmethod
@@ -71,13 +72,14 @@ class OnnxRuntime(Runtime):
 
 @RUNTIMES.register("openvino")
 class OpenVINO(Runtime):
-    """OpenVINO reads ONNX directly and runs QDQ graphs with its int8 kernels.
+    """OpenVINO reads ONNX directly and runs QDQ graphs with its int8 kernels: a run's int8 files
+    planned for it (formats.openvino), and the ONNX format's files of the other variants.
 
     Its CPU plugin silently runs fp32 models in bf16 where the CPU has bf16 units (this VM
     does: 0.59x ORT's fp32 time); f32 is pinned so an "fp32" row means fp32 and its accuracy
     matches the file's."""
 
-    module, install_hint = "openvino", "pip install 'edgekd[mobile]'"
+    module, install_hint, fmt, also = "openvino", "pip install 'edgekd[mobile]'", "openvino", ("onnx",)
 
     def load(self, path: Path, threads: int) -> Runner:
         import openvino as ov

@@ -7,4 +7,4 @@ stage loops over the enabled formats and the variants; adding a format is one ne
 here, imported below."""
 
 from .base import FORMATS, Format, Variant, enabled_formats, format_for  # noqa: F401
-from . import onnx, executorch, litert  # noqa: F401,E402  (each registers itself)
+from . import onnx, executorch, litert, openvino  # noqa: F401,E402  (each registers itself)

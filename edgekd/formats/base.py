@@ -77,7 +77,23 @@ class Format:
     def figure(self, name: str) -> str:
         return name if self.primary else f"{self.key}_{name}"
 
-    own_int8: bool = False  # quantizes int8 variants itself (PT2E), so it plans its own int8 (formats.int8_plan)
+    own_int8: bool = False  # plans its own int8 files on its own runtime (formats.int8_plan)
+    float_files: str | None = None  # writes int8 variants only; its runtime runs this format's fp32 files
+
+    def int8_choices(self, kept: list[str], plan_name: str) -> dict[str, list[str] | None]:
+        """The programs a format with its own int8 chooses each int8 file from (formats.int8_plan):
+        name -> the modules left float (None: no int8 at all). `kept`: what the quantize stage's
+        plan `plan_name` keeps fp32. A format with its own quantizer (PT2E) tries every op int8,
+        the plan's modules left float, and none."""
+        keep: dict[str, list[str] | None] = {"int8": []}
+        if kept and plan_name != "fp32":
+            keep[f"quantize plan ({plan_name})"] = kept
+        keep["fp32"] = None
+        return keep
+
+    def writes(self, v: "Variant") -> bool:
+        """Whether this format has its own file of `v` (see float_files)."""
+        return v.int8 or self.float_files is None
 
     def export(self, v: Variant, path: Path, job: "ConvertJob", keep_fp32: list[str] = ()) -> Path:
         """Write `v` at `path`; a format with its own int8 leaves the modules in `keep_fp32` float."""
@@ -121,9 +137,9 @@ class Format:
 
 
 def format_for(path: Path) -> type[Format]:
-    """The format of a file, by its suffix."""
-    for _, fmt in FORMATS.items():
-        if path.suffix.lower() == fmt.suffix:
+    """The format of a file, by its suffix (the longest that matches: `.openvino.onnx` before `.onnx`)."""
+    for fmt in sorted((f for _, f in FORMATS.items()), key=lambda f: -len(f.suffix)):
+        if path.name.lower().endswith(fmt.suffix):
             return fmt
     raise EdgekdError(f"{path}: unknown model file type '{path.suffix}'; known: "
                       f"{', '.join(f.suffix for _, f in FORMATS.items())}")

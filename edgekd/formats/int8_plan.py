@@ -1,4 +1,4 @@
-"""Which int8 program a format with its own quantizer ships (ExecuTorch/XNNPACK, LiteRT).
+"""Which int8 program a format that plans its own int8 ships (ExecuTorch/XNNPACK, LiteRT, OpenVINO).
 
 The quantize stage plans the ONNX files for onnxruntime or OpenVINO (quant.plan); ExecuTorch and
 LiteRT quantize the model themselves (PT2E), with other kernels, so a plan measured on
@@ -11,6 +11,9 @@ its own candidates, on its own runtime, against its own fp32 program of the same
 - `quantize plan`: the same, with the modules the quantize stage kept fp32 left unannotated, so
   float (through each quantizer's node filter: pte_export, litert_export), when it kept any;
 - `fp32`: no int8 at all.
+
+OpenVINO has no quantizer of its own here: it chooses between the quantize stage's int8 ONNX
+file (planned on `quantize.plan_runtime`) and the fp32 program (formats.openvino).
 
 Of the int8 candidates at least MARGIN faster than the fp32 program it keeps the fastest whose
 top-1 on the judging split (validation, else test) stays within `quantize.max_drop_points` of
@@ -42,16 +45,14 @@ def kept_modules(plan: dict) -> list[str]:
     return sorted({*plan.get("fp32_blocks", {}), *plan.get("fp32_modules", {})})
 
 
-def int8_candidates(v: Variant, path: Path, plan: dict, plan_name: str) -> dict[str, tuple[Variant, list[str] | None, Path]]:
-    """The programs `v`'s int8 file for a format is chosen from: name -> (the variant to write,
-    the modules it keeps float, or None for no int8 at all, and a temporary path beside `path`)."""
-    kept = kept_modules(plan)
-    keep: dict[str, list[str] | None] = {"int8": []}
-    if kept and plan_name != "fp32":
-        keep[f"quantize plan ({plan_name})"] = kept
-    keep["fp32"] = None
-    float_variant = Variant(v.name, v.int8_source)
-    return {name: (float_variant if k is None else v, k, path.with_name(f".{path.stem}.plan{i}{path.suffix}"))
+def int8_candidates(fmt: Format, v: Variant, path: Path, plan: dict, plan_name: str
+                    ) -> dict[str, tuple[Variant, list[str] | None, Path]]:
+    """The programs `v`'s int8 file for `fmt` is chosen from (Format.int8_choices): name -> (the
+    variant to write, the modules it keeps float, or None for no int8 at all, and a temporary
+    path beside `path`)."""
+    keep = fmt.int8_choices(kept_modules(plan), plan_name)
+    float_variant, stem = Variant(v.name, v.int8_source), path.name[: -len(fmt.suffix)]
+    return {name: (float_variant if k is None else v, k, path.with_name(f".{stem}.plan{i}{fmt.suffix}"))
             for i, (name, k) in enumerate(keep.items())}
 
 

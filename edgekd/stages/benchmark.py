@@ -79,9 +79,9 @@ class Benchmark(Stage):
         for rt in resolve(cfg.runtimes):
             runtime = RUNTIMES.get(rt)
             why = runtime.available()
-            files = _files(ctx, runtime.fmt)
+            files = {k: p for fmt in (*reversed(runtime.also), runtime.fmt) for k, p in _files(ctx, fmt).items()}
             if not why and not files:
-                why = f"no .{runtime.fmt} files in this run (see the export stage's info)"
+                why = f"no {' or '.join((runtime.fmt, *runtime.also))} files in this run (see the export stage's info)"
             if why:
                 log.warning("benchmark: runtime %s skipped: %s", rt, why)
                 skipped[rt] = why

@@ -177,7 +177,7 @@ class Export(Stage):
         xv, yv = data.normalize(data.val.images[:]).numpy(), data.val.labels.numpy()
         xt, yt = data.normalize(data.test.images[:]).numpy(), data.test.labels.numpy()
         for name in [n for n in STUDENT_FILES if n in models]:
-            for fmt in formats:
+            for fmt in (f for f in formats if f.key in models[name]):
                 path = ctx.run_dir / models[name][fmt.key]
                 run = fmt.runner(path)
                 res = calibrate(run(xv), yv, run(xt), yt, data.classes)
@@ -197,10 +197,10 @@ def _conversions(variants, formats, d, quant_plan) -> tuple[dict, list[tuple]]:
     plans: dict[tuple[str, str], dict] = {}
     todo: list[tuple] = []
     for v in variants:
-        for fmt in formats:
+        for fmt in (f for f in formats if f.writes(v)):
             path = d / f"{v.name}{fmt.suffix}"
-            if v.int8 and fmt.own_int8 and quant_plan:  # its own quantizer: planned on its own runtime
-                plans[v.name, fmt.key] = cands = int8_candidates(v, path, quant_plan["plan"], quant_plan["chosen"])
+            if v.int8 and fmt.own_int8 and quant_plan:  # planned on its own runtime
+                plans[v.name, fmt.key] = cands = int8_candidates(fmt, v, path, quant_plan["plan"], quant_plan["chosen"])
                 todo += [(type(fmt), variant, tmp, keep or []) for variant, keep, tmp in cands.values()
                          if not (keep is None and v.qat_model is None)]  # PTQ's float program: the student's file
             else:
@@ -213,18 +213,20 @@ def _verify_all(ctx, variants, formats, plans, job: ExportJob, quant_plan, info:
     the runner metadata and verify every file against its PyTorch reference. Returns (models,
     artifacts) for the stage result; per-file records go into `info`."""
     d, artifacts, models = ctx.stage_dir, {}, {}
-    with tqdm(total=len(variants) * len(formats), desc="export: verify", unit="file", leave=False) as bar:
+    with tqdm(total=sum(f.writes(v) for v in variants for f in formats), desc="export: verify", unit="file",
+              leave=False) as bar:
         for v in variants:
             rec, models[v.name] = info.setdefault(v.name, {}), {}
             if v.name in LABELS:
                 models[v.name]["label"] = LABELS[v.name]
-            for fmt in formats:
+            for fmt in (f for f in formats if f.writes(v)):
                 bar.set_postfix_str(f"{v.name}{fmt.suffix}", refresh=True)
                 path, props = d / f"{v.name}{fmt.suffix}", metadata(ctx.data, v.name)
                 if cands := plans.get((v.name, fmt.key)):
                     files = {name: (keep, tmp) for name, (_, keep, tmp) in cands.items()}
                     if v.qat_model is None:  # PTQ: the student's float program is the same weights'
-                        shutil.copyfile(d / f"student_fp32{fmt.suffix}", files["fp32"][1])
+                        own = FORMATS.get(fmt.float_files) if fmt.float_files else fmt
+                        shutil.copyfile(d / f"student_fp32{own.suffix}", files["fp32"][1])
                     path, planned = choose_int8(fmt, v, path, files, job, quant_plan["max_drop_points"])
                     rec[fmt.figure("int8_plan")], props["edgekd.int8_plan"] = planned, planned["chosen"]
                 fmt.write_metadata(path, props)
