@@ -206,7 +206,7 @@ def _format_plans_table(info: dict) -> list[str]:
             for key, rec in figs.items() if key.endswith("_int8_plan") and isinstance(rec, dict)]
     if not rows:
         return []
-    L = ["", "int8 programs of the formats that quantize themselves, each timed on its own runtime against its fp32 "
+    L = ["", "int8 programs of the formats that plan their own, each timed on its own runtime against its fp32 "
              "program (1 thread, batch 1); the kept one in bold:", "",
          "| file | runtime | candidate | p50 ms | vs fp32 | top-1 % |", "|---|---|---|---|---|---|"]
     for variant, fmt, rec in rows:

@@ -102,6 +102,9 @@ def test_headline_says_when_int8_is_not_faster():
     assert h.startswith("int8 QAT: 100.0x faster than teacher, 45x smaller, -3.0 points (executorch/1t)")
     assert "int8 is 3.33x the speed of the fp32 student on executorch/1t, 2.50x on onnxruntime/1t" in h
     assert h.endswith("NOTE: int8 is not faster than the fp32 student on openvino/1t (0.91x)")
+    models["int8_qat"]["fp32_program_on"] = {"openvino": 0.55}  # its own plan shipped the fp32 program: it says why
+    assert headline_sentence(models).endswith("on openvino/1t (0.91x: its file is the fp32 program, int8 ran at 0.55x "
+                                              "there)")
     del models["teacher_fp32"]["top1"]  # a teacher only the benchmark measured: its runtime's top-1
     assert headline_sentence(models).startswith("int8 QAT: 100.0x faster than teacher, 45x smaller, -3.0 points")
 

@@ -101,6 +101,9 @@ def test_run_leaves_manifest_reports_and_artifacts(run_dir):
     documented = set(re.search(r"`latency\.<runtime>/<threads>t`: `([^.]+)`\.", readme).group(1).replace("\n", " ").split(", "))
     assert set(models["int8_qat"]["latency"]["onnxruntime/1t"]) == {k.strip() for k in documented}
     export = next(s for s in report["stages"] if s["name"] == "export")
+    for plan in (export["info"]["int8_qat"].get(f"{f}_int8_plan") for f in ("pte", "tflite", "openvino")):
+        if plan:  # a runtime whose file is the fp32 program is named, for the headline's NOTE
+            assert (plan["runtime"] in models["int8_qat"].get("fp32_program_on", {})) == (plan["chosen"] == "fp32")
     if importlib.util.find_spec("openvino"):  # its int8 files planned on it; the fp32 ones are the ONNX format's
         for k in ("int8_ptq", "int8_qat"):
             plan = export["info"][k]["openvino_int8_plan"]

@@ -229,6 +229,9 @@ def _verify_all(ctx, variants, formats, plans, job: ExportJob, quant_plan, info:
                         shutil.copyfile(d / f"student_fp32{own.suffix}", files["fp32"][1])
                     path, planned = choose_int8(fmt, v, path, files, job, quant_plan["max_drop_points"])
                     rec[fmt.figure("int8_plan")], props["edgekd.int8_plan"] = planned, planned["chosen"]
+                    if planned["chosen"] == "fp32":  # for the headline's NOTE on that runtime
+                        models[v.name].setdefault("fp32_program_on", {})[fmt.runtime] = max(
+                            c["speedup_vs_fp32"] for c in planned["candidates"] if c["plan"] != "fp32")
                 fmt.write_metadata(path, props)
                 rec[fmt.figure("verify")] = {**fmt.verify(path, v, job), **fmt.verified_by()}
                 rec.update(fmt.details(path))
