@@ -96,6 +96,28 @@ def reference_logits(reference: nn.Module, data, n: int) -> np.ndarray:
         return reference.eval().cpu()(data.normalize(data.test.images[:n])).numpy()
 
 
+def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict:
+    """How far `got` is from the reference logits `ref` (see verify): max |diff|, top-1
+    agreement overall and on the images `ref` decides clearly, mean |diff| over the logit spread."""
+    diff = np.abs(ref - got)
+    agree = ref.argmax(1) == got.argmax(1)
+    top2 = np.sort(ref, 1)[:, -2:]
+    spread = float(np.median(ref.std(1)))
+    decisive = (top2[:, 1] - top2[:, 0]) > DECISIVE_MARGIN * spread
+    rel = float(diff.mean() / spread) if spread > 0 else 0.0 if diff.mean() == 0 else float("inf")
+    k = int(decisive.sum())
+    return {"images": int(len(ref)), "max_abs_diff": round(float(diff.max()), 6), "top1_agreement": round(float(agree.mean()), 4),
+            "decisive_images": k, "decisive_agreement": round(float(agree[decisive].mean()), 4) if k else None,
+            "mean_abs_diff_vs_spread": round(rel, 4)}
+
+
+def judged_agreement(cmp: dict) -> float | None:
+    """compare_logits' top-1 agreement on clearly decided images, where there are enough of them
+    to judge by (10, and 5 % of the images), else None."""
+    enough = cmp["decisive_images"] >= max(10, 0.05 * cmp["images"])
+    return cmp["decisive_agreement"] if enough else None
+
+
 def verify(path: Path, reference: nn.Module | np.ndarray, data, n: int = 256, max_abs: float | None = 1e-3,
            min_agreement: float = 0.99, run=None, what: str = "ONNX") -> dict:
     """Compare an exported file with its PyTorch reference on `n` real test images; `run` maps a
@@ -109,21 +131,12 @@ def verify(path: Path, reference: nn.Module | np.ndarray, data, n: int = 256, ma
     verifies several files against it."""
     x = data.normalize(data.test.images[:n]).numpy()
     ref = reference if isinstance(reference, np.ndarray) else reference_logits(reference, data, n)
-    got = run(x) if run is not None else run_onnx(path, x)
-    diff = np.abs(ref - got)
-    agree = ref.argmax(1) == got.argmax(1)
-    top2 = np.sort(ref, 1)[:, -2:]
-    spread = float(np.median(ref.std(1)))
-    decisive = (top2[:, 1] - top2[:, 0]) > DECISIVE_MARGIN * spread
-    rel = float(diff.mean() / spread) if spread > 0 else 0.0 if diff.mean() == 0 else float("inf")
-    k = int(decisive.sum())
-    out = {"images": int(len(x)), "max_abs_diff": round(float(diff.max()), 6), "top1_agreement": round(float(agree.mean()), 4),
-           "decisive_images": k, "decisive_agreement": round(float(agree[decisive].mean()), 4) if k else None,
-           "mean_abs_diff_vs_spread": round(rel, 4)}
+    out = compare_logits(ref, run(x) if run is not None else run_onnx(path, x))
+    k, rel = out["decisive_images"], out["mean_abs_diff_vs_spread"]
     problems = []
-    if max_abs is not None and diff.max() > max_abs:
-        problems.append(f"max |diff| {diff.max():.3g} > {max_abs:g}")
-    if k >= max(10, 0.05 * len(x)):
+    if max_abs is not None and out["max_abs_diff"] > max_abs:
+        problems.append(f"max |diff| {out['max_abs_diff']:.3g} > {max_abs:g}")
+    if judged_agreement(out) is not None:
         if out["decisive_agreement"] < min_agreement:
             problems.append(f"top-1 agreement {out['decisive_agreement']:.2%} < {min_agreement:.0%} on the {k} images "
                             "the reference decides clearly")

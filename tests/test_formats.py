@@ -158,8 +158,10 @@ def _plan_int8(fmt, v, path, job, plan, max_drop, plan_name):
     ({"fp32": 1.0, "int8": 0.5, "quantize plan (p)": 0.7}, {"int8": 30, "plan": 40}, 0.5, "quantize plan (p)"),  # accuracy
     ({"fp32": 1.0, "int8": 0.99, "quantize plan (p)": 0.7}, {"int8": 40, "plan": 40}, 0.5, "quantize plan (p)"),  # margin
     ({"fp32": 1.0, "int8": 1.4, "quantize plan (p)": 1.2}, {"int8": 40, "plan": 40}, 0.5, "fp32"),  # nothing pays
-    ({"fp32": 1.0, "int8": 0.5, "quantize plan (p)": 0.7}, {"int8": 20, "plan": 30}, 0.5, "quantize plan (p)"),  # none
-])  # within the budget: the most accurate int8 that pays
+    ({"fp32": 1.0, "int8": 0.5, "quantize plan (p)": 0.7}, {"int8": 34, "plan": 38}, 0.5, "quantize plan (p)"),  # none
+    # within the budget: the most accurate int8 that pays; below, both would fail verification (agreement 79 % < 80 %)
+    ({"fp32": 1.0, "int8": 0.5, "quantize plan (p)": 0.7}, {"int8": 30, "plan": 30}, 20.0, "fp32"),
+])
 def test_the_int8_candidate_a_format_ships_follows_the_rule(tiny, tmp_path, monkeypatch, p50, correct, max_drop, want):
     from edgekd.bench import measure
 
@@ -176,6 +178,8 @@ def test_the_int8_candidate_a_format_ships_follows_the_rule(tiny, tmp_path, monk
     assert [c["plan"] for c in rec["candidates"]] == ["int8", "quantize plan (p)", "fp32"]
     assert rec["candidates"][1]["fp32_modules"] == ["features.0.0", "features.1"]
     assert ("verdict" in rec) == (want == "fp32") and rec["runtime"] == "fakert"
+    if want == "fp32" and max_drop > 1:  # fast and accurate enough, but verification would reject them: it says so
+        assert "agrees with the fp32 program on only 79.2%" in rec["verdict"]
     assert rec["within_budget"] == ({"int8": correct["int8"], "quantize plan (p)": correct["plan"], "fp32": 40}[want] >= 40)
 
 

@@ -15,7 +15,9 @@ its own candidates, on its own runtime, against its own fp32 program of the same
 OpenVINO has no quantizer of its own here: it chooses between the quantize stage's int8 ONNX
 file (planned on `quantize.plan_runtime`) and the fp32 program (formats.openvino).
 
-Of the int8 candidates at least MARGIN faster than the fp32 program it keeps the fastest whose
+Of the int8 candidates at least MARGIN faster than the fp32 program, and agreeing with it as
+verification will require (`export.ptq_min_agreement` on the verification images it decides
+clearly), it keeps the fastest whose
 top-1 on the judging split (validation, else test) stays within `quantize.max_drop_points` of
 the fp32 program, or, where none does, the most accurate (`within_budget` false, as the quantize
 stage's plan does); where none is faster, the fp32 program, saying why. Timing follows
@@ -62,6 +64,7 @@ def choose_int8(fmt: Format, v: Variant, path: Path, files: dict[str, tuple[list
     `v`'s int8 file for `fmt` (see the module docstring), move the chosen one to `path` and
     remove the others; returns the path and the record (candidates with p50, speed-up, top-1)."""
     from ..bench.measure import round_ratio, runs_within, time_interleaved
+    from ..onnx_export import compare_logits, judged_agreement
 
     data = job.data
     split = data.val if data.val is not None else data.test
@@ -71,10 +74,17 @@ def choose_int8(fmt: Format, v: Variant, path: Path, files: dict[str, tuple[list
         runners = {name: fmt.runner(f, 1) for name, (_, f) in files.items()}
         timed = time_interleaved(runners, x[:1], 10, runs_within(runners["fp32"], x[:1], 1000.0), 10)
         top1 = {name: round(100.0 * float((np.asarray(r(x)).argmax(1) == y).mean()), 3) for name, r in runners.items()}
+        # and on the images verification will judge the shipped file on
+        xv = data.normalize(data.test.images[: job.verify_images]).numpy()
+        outs = {name: np.asarray(r(xv)) for name, r in runners.items()}
         rows = [{"plan": name, "fp32_modules": "all" if keep is None else keep, "p50_ms": timed[name]["p50_ms"],
                  "speedup_vs_fp32": round_ratio(timed["fp32"], timed[name]), "top1": top1[name],
-                 "drop_points": round(top1["fp32"] - top1[name], 3)} for name, (keep, _) in files.items()]
-        paying = [r for r in rows if r["plan"] != "fp32" and r["speedup_vs_fp32"] >= 1 + MARGIN]
+                 "drop_points": round(top1["fp32"] - top1[name], 3),
+                 "agreement_vs_fp32": judged_agreement(compare_logits(outs["fp32"], outs[name]))}
+                for name, (keep, _) in files.items()]
+        # a program verification would reject (its top-1 agreement with the float program) is no candidate
+        passes = lambda r: r["agreement_vs_fp32"] is None or r["agreement_vs_fp32"] >= job.int8_min_agreement  # noqa: E731
+        paying = [r for r in rows if r["plan"] != "fp32" and r["speedup_vs_fp32"] >= 1 + MARGIN and passes(r)]
         within = [r for r in paying if r["drop_points"] <= max_drop]
         chosen = (min(within, key=lambda r: r["p50_ms"]) if within else max(paying, key=lambda r: r["top1"]) if paying
                   else next(r for r in rows if r["plan"] == "fp32"))
@@ -87,8 +97,13 @@ def choose_int8(fmt: Format, v: Variant, path: Path, files: dict[str, tuple[list
            "candidates": rows}
     if chosen["plan"] == "fp32":
         best = max((r for r in rows if r["plan"] != "fp32"), key=lambda r: r["speedup_vs_fp32"])
-        rec["verdict"] = (f"int8 does not pay on {fmt.runtime} here: the best int8 program ({best['plan']}) ran at "
-                          f"{best['speedup_vs_fp32']}x the fp32 speed with top-1 {best['top1']} vs {top1['fp32']}, so "
-                          f"{v.name}{fmt.suffix} is the fp32 program of the same weights")
+        if best["speedup_vs_fp32"] >= 1 + MARGIN and not passes(best):
+            why = (f"the fastest int8 program ({best['plan']}, {best['speedup_vs_fp32']}x) agrees with the fp32 program on "
+                   f"only {best['agreement_vs_fp32']:.1%} of the images it decides clearly (verification needs "
+                   f"{job.int8_min_agreement:.0%}: export.ptq_min_agreement)")
+        else:
+            why = (f"int8 does not pay on {fmt.runtime} here: the best int8 program ({best['plan']}) ran at "
+                   f"{best['speedup_vs_fp32']}x the fp32 speed with top-1 {best['top1']} vs {top1['fp32']}")
+        rec["verdict"] = f"{why}, so {v.name}{fmt.suffix} is the fp32 program of the same weights"
         log.warning("export: %s", rec["verdict"])
     return path, rec
