@@ -14,13 +14,15 @@ reports. Single-process runs never touch this module's collectives.
 
 A rank that fails ends the run: rank 0 tells the others to stop when it fails outside a
 training job; inside one, the surviving ranks' next collective fails (gloo: the peer closed the
-connection; NCCL: its timeout) and each says so in one line, and torchrun ends the group."""
+connection; NCCL: its timeout) and each says so in one line, and torchrun ends the group. When
+torchrun's SIGTERM to the survivors comes first, they end with the same kind of line (`_stopped`)."""
 
 from __future__ import annotations
 
 import io
 import logging
 import os
+import signal
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -71,7 +73,21 @@ def init(device: torch.device) -> torch.device:
         raise EdgekdError(f"{w}: cannot join the torchrun process group ({str(e).splitlines()[0][:200]})") from None
     if not w.main:
         logging.getLogger("edgekd").setLevel(logging.WARNING)  # rank 0 reports; the others speak up only to warn
+    signal.signal(signal.SIGTERM, _stopped)
     return device
+
+
+_doing: list[str] = []  # what this rank's open collectives are for, innermost last
+
+
+def _stopped(signum, frame) -> None:
+    """SIGTERM in a torchrun group: torchrun sends it to the surviving ranks when one dies, and it
+    may come before this rank's own collective notices the lost peer. Without a handler the rank
+    would vanish without a word (and rank 0 without marking the run failed); this ends it with one
+    line, through the usual error path (manifest, exit status)."""
+    what = _doing[-1] if _doing else "waiting for the other ranks"
+    raise EdgekdError(f"{world()}: stopped while {what}: torchrun ended the group (another rank failed, its own "
+                      "error is above, or the job was cancelled)")
 
 
 _failed_in_job: list[bool] = []  # set when a training job (train.fit) of this rank raised
@@ -123,6 +139,7 @@ PEER_LOST = ("Connection closed by peer", "Connection reset", "Broken pipe", "NC
 def collective(op, what: str):
     """Run `op` (collectives, or training that runs them inside DDP); a rank that stopped turns
     the error into one line naming this rank (other errors pass unchanged)."""
+    _doing.append(what)
     try:
         return op()
     except (RuntimeError, ConnectionError) as e:  # gloo: "Connection closed by peer", NCCL: timeouts
@@ -130,6 +147,8 @@ def collective(op, what: str):
         if world().size == 1 or not any(m in first for m in PEER_LOST):
             raise
         raise EdgekdError(f"{world()}: lost another rank while {what} ({first[:120]}); its own error is above") from None
+    finally:
+        _doing.pop()
 
 
 def all_sum(t: torch.Tensor, what: str) -> torch.Tensor:

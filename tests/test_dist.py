@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -100,9 +101,27 @@ def test_a_rank_that_dies_ends_the_run_with_one_line(work):
     finally:
         proc.kill()
     assert proc.returncode != 0
-    assert "edgekd: error: rank 0/2: lost another rank while training distill" in err, err[-3000:]
+    # rank 0's collective notices the lost peer, or torchrun's SIGTERM to the survivors comes first
+    line = r"rank 0/2: (lost another rank|stopped) while training distill"
+    assert re.search(rf"edgekd: error: {line}", err), err[-3000:]
     manifest = json.loads((work / "runs/killed/manifest.json").read_text())
-    assert manifest["status"] == "failed" and "lost another rank" in manifest["error"]
+    assert manifest["status"] == "failed" and re.search(line, manifest["error"])
+
+
+def test_torchruns_sigterm_ends_a_rank_with_one_line_naming_what_it_was_doing(monkeypatch):
+    """The SIGTERM handler a rank installs in a group (dist._stopped), called as Python would
+    call it inside a collective: the same one-line error as a lost peer, through the usual path."""
+    from edgekd import dist
+    from edgekd.errors import EdgekdError
+
+    monkeypatch.setattr(dist, "world", lambda: dist.World(0, 2))
+
+    def training():
+        dist._stopped(signal.SIGTERM, None)
+
+    with pytest.raises(EdgekdError, match=r"^rank 0/2: stopped while training distill\[kd\]: torchrun ended the group"):
+        dist.collective(training, "training distill[kd]")
+    assert dist._doing == []
 
 
 def _rank_pid(rank: int) -> int | None:

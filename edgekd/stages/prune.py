@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 from ..schema import Fraction, Strict
 from ..data import iterate
 from ..errors import EdgekdError
-from ..models import rebuild
+from ..models import rebuild, save_checkpoint
 from ..pruning import IMPORTANCE, accumulate_taylor_grads, make_pruner, pruning_history, resolve_ignored
 from .. import dist
 from ..bn import recalibrate_bn
@@ -94,8 +94,6 @@ class Prune(Stage):
                 info = self._prune_step(ctx, model, pruner, step, before["macs"])
                 ctx.pruning_history = base_history + pruning_history(pruner)
                 ctx.model = model
-                from ..models import save_checkpoint
-
                 save_checkpoint(pruned_path, model, ctx.spec, ctx.pruning_history, ctx.transforms,
                                 {"image_size": size, "step_info": info})
             ft_hist = []
@@ -110,8 +108,6 @@ class Prune(Stage):
             info.update({"top1_after_finetune": after["top1"], "recovered_points": round(after["top1"] - start, 3)})
             steps_info.append(info)
             history += ft_hist
-            from ..models import save_checkpoint
-
             save_checkpoint(done_path, model, ctx.spec, ctx.pruning_history, ctx.transforms,
                             {"image_size": size, "step_info": info, "history": ft_hist})
         ctx.model = model
