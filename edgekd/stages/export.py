@@ -1,7 +1,8 @@
 """export: every model variant (student fp32, the quantize stage's int8 files, the unpruned
 student, the teacher) in every enabled file format (edgekd.formats: ONNX with onnxruntime's
-int8, ExecuTorch/XNNPACK .pte and LiteRT .tflite each with its own int8), each with runner metadata and verified
-against its PyTorch counterpart on real test images.
+int8, ExecuTorch/XNNPACK .pte and LiteRT .tflite each with its own int8, OpenVINO's int8 files
+chosen on OpenVINO), each with runner metadata and verified against its PyTorch counterpart on
+real test images.
 
 With a validation split, each student file also gets a softmax temperature fit on it (as its
 runtime runs it) and stored in its metadata (edgekd.calibration)."""
@@ -191,8 +192,8 @@ class Export(Stage):
 
 
 def _conversions(variants, formats, d, quant_plan) -> tuple[dict, list[tuple]]:
-    """What to write: every variant in every format, and for a format that quantizes itself, each
-    int8 variant's candidates (formats.int8_plan) when the quantize stage measured a plan.
+    """What to write: every variant in every format that writes it, and for a format that plans its
+    own int8, each int8 variant's candidates (formats.int8_plan) when the quantize stage measured a plan.
     Returns ({(variant, format key): candidates}, [(format, variant, path, modules kept float)])."""
     plans: dict[tuple[str, str], dict] = {}
     todo: list[tuple] = []
