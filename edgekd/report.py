@@ -117,7 +117,8 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
 
     L.append(f"Run {report['created']} on {mach.get('cpu')}, {int8_class(mach.get('isa', []), mach.get('arch', ''))} "
              f"({', '.join(mach.get('isa', [])) or 'no SIMD flags found'}), "
-             f"{mach.get('cores')} cores, device `{report['device']}`, torch threads {report['threads']}, seed {report['seed']}.")
+             f"{mach.get('cores')} cores, device `{report['device']}`, torch threads {report['threads']}"
+             f"{', PyTorch CPU kernels ' + mach['torch_kernels'] if mach.get('torch_kernels') else ''}, seed {report['seed']}.")
     L.append("")
     skipped = report.get("skipped_images") or {}
     if skipped.get("count"):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -150,3 +153,19 @@ def test_teacher_rows_show_its_pytorch_top1_unless_asked_to_measure_it(minimal_p
     assert main(["run", str(write_pipeline(cfg)), "--resume", str(out), "--set", "benchmark.teacher_accuracy=true"]) == 0
     models = json.loads((out / "report.json").read_text())["models"]
     assert models["teacher_fp32"]["latency"]["onnxruntime/1t"]["eval_images"] == 6  # the 6 test images
+
+
+def test_reports_name_the_kernels_pytorch_ran_where_they_are_capped_below_the_cpu():
+    """ATEN_CPU_CAPABILITY holds PyTorch's own kernels below the CPU's best (an AVX2 stand-in on an
+    AVX-512 machine): the machine record says so, so a figure is not quoted for the wrong ISA."""
+    from edgekd.bench.machine import machine_info
+
+    if "avx2" not in machine_info()["isa"]:
+        pytest.skip("not an x86 CPU with AVX2")
+    code = "import torch; from edgekd.bench.machine import machine_info; print(machine_info()['torch_kernels'])"
+
+    def kernels(**env) -> str:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, **env}).stdout.strip()
+
+    assert kernels() in ("AVX2", "AVX512") and kernels(ATEN_CPU_CAPABILITY="avx2") == "AVX2"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from functools import lru_cache
 
 _ISA = ["sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16", "neon", "asimd", "asimddp"]
@@ -27,7 +28,11 @@ def machine_info() -> dict:
     except OSError:
         pass
     flags = _with_cpuid(flags)
-    return {"cpu": cpu, "arch": platform.machine(), "cores": os.cpu_count(), "isa": [f for f in _ISA if f in flags]}
+    info = {"cpu": cpu, "arch": platform.machine(), "cores": os.cpu_count(), "isa": [f for f in _ISA if f in flags]}
+    torch = sys.modules.get("torch")  # where this process runs PyTorch (`edgekd bench` of a file need not import it)
+    if torch is not None and hasattr(torch.backends, "cpu"):  # below the CPU's best where ATEN_CPU_CAPABILITY caps it
+        info["torch_kernels"] = torch.backends.cpu.get_cpu_capability()
+    return info
 
 
 _CPUID = {"sse4_2": "SSE42", "avx": "AVX", "avx2": "AVX2", "fma": "FMA3", "f16c": "F16C", "avx512f": "AVX512F",

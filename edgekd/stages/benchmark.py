@@ -99,7 +99,9 @@ class Benchmark(Stage):
                                        peak_memory=threads == cfg.threads[0], on_error=failed,
                                        eval_skip=() if cfg.teacher_accuracy else (TEACHER,))
                 for name, res in results.items():
-                    log.info("benchmark %-24s %-18s p50 %.3f ms  top-1 %.2f", name, key, res["p50_ms"], res.get("top1", float("nan")))
+                    top1 = (f"top-1 {res['top1']:.2f}" if "top1" in res
+                            else "top-1 not run here (benchmark.teacher_accuracy: false)")
+                    log.info("benchmark %-24s %-18s p50 %.3f ms  %s", name, key, res["p50_ms"], top1)
                     entry = models.setdefault(name, {"latency": {}})
                     if runtime.fmt == "onnx":
                         entry["size_bytes"] = res["size_bytes"]
