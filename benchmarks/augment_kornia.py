@@ -14,6 +14,7 @@ works on float images, so its conversion is counted), per device:
 A/B in one process, interleaved rounds (the order rotates each round), medians after warm-up,
 threads pinned and printed with the ISA (CPU) or the GPU's name.
 
+    pip install kornia   # not a dependency of edgekd
     python benchmarks/augment_kornia.py --threads 2
 """
 

@@ -23,6 +23,7 @@ import io
 import logging
 import os
 import signal
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -85,9 +86,17 @@ def _stopped(signum, frame) -> None:
     may come before this rank's own collective notices the lost peer. Without a handler the rank
     would vanish without a word (and rank 0 without marking the run failed); this ends it with one
     line, through the usual error path (manifest, exit status)."""
+    failing()
     what = _doing[-1] if _doing else "waiting for the other ranks"
     raise EdgekdError(f"{world()}: stopped while {what}: torchrun ended the group (another rank failed, its own "
                       "error is above, or the job was cancelled)")
+
+
+def failing() -> None:
+    """This rank is ending with an error: a SIGTERM from torchrun now (it sends one to every
+    survivor) must not interrupt recording it (the manifest) with a second error."""
+    if signal.getsignal(signal.SIGTERM) is _stopped and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 _failed_in_job: list[bool] = []  # set when a training job (train.fit) of this rank raised
@@ -146,6 +155,7 @@ def collective(op, what: str):
         first = (str(e).splitlines() or [""])[0]
         if world().size == 1 or not any(m in first for m in PEER_LOST):
             raise
+        failing()
         raise EdgekdError(f"{world()}: lost another rank while {what} ({first[:120]}); its own error is above") from None
     finally:
         _doing.pop()

@@ -88,6 +88,7 @@ class Runner:
             dist.release_ranks()
             return out
         except BaseException as e:
+            dist.failing()
             dist.release_ranks(failed=True)
             self.manifest["status"] = "failed"
             self.manifest.setdefault("error", f"{type(e).__name__}: {e}"[:2000])

@@ -118,8 +118,14 @@ def test_torchruns_sigterm_ends_a_rank_with_one_line_naming_what_it_was_doing(mo
     def training():
         dist._stopped(signal.SIGTERM, None)
 
-    with pytest.raises(EdgekdError, match=r"^rank 0/2: stopped while training distill\[kd\]: torchrun ended the group"):
-        dist.collective(training, "training distill[kd]")
+    before = signal.signal(signal.SIGTERM, dist._stopped)
+    try:
+        with pytest.raises(EdgekdError, match=r"^rank 0/2: stopped while training distill\[kd\]: torchrun ended the group"):
+            dist.collective(training, "training distill[kd]")
+        # torchrun's next SIGTERM must not cut short the recording of this failure (the manifest)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
     assert dist._doing == []
 
 
