@@ -13,7 +13,15 @@ tolerance alone either flaps on small test splits or misses real drops on large 
 
 Speed ratios depend on the CPU class (int8 gains far more with VNNI than on AVX2-only x86),
 so a baseline keeps them per class (`by_cpu`, written by --update-baseline on each class); on
-a class it has no figure for, a speedup must only stay above 1x."""
+a class it has no figure for, a speedup must only stay above 1x. Within a class, machines and
+their load still differ, and the figure is the median of ten per-round ratios of models timed
+for milliseconds each, so a ratio below its bound is a regression only where the rounds agree:
+their upper quartile is below the bound too (a real loss, e.g. an int8 file that stopped
+paying, moves every round; a noisy moment moves a few).
+
+Robustness is gated as mean top-1 on corrupted images. The drop from clean top-1 is reported
+but not gated: it is the difference of two gated figures, and it grows when clean top-1
+improves, which is no regression."""
 
 from __future__ import annotations
 
@@ -22,6 +30,8 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from .errors import EdgekdError
 from .fileio import write_json
 
@@ -29,7 +39,6 @@ from .fileio import write_json
 RULES = [
     (".top1", "higher", {"abs": 2.0}),
     (".corruption_top1", "higher", {"abs": 2.0}),
-    (".corruption_drop_points", "lower", {"abs": 2.0}),
     (".ece", "lower", {"abs": 0.05}),
     ("speedup.", "higher", {"rel": 0.30}),
     (".size_bytes", "lower", {"rel": 0.05}),
@@ -125,6 +134,19 @@ def _paired_verdict(key: str, delta: float, baseline: dict, predictions: dict | 
     return "ok", f"McNemar p={t['p_worse']:.2g} ({t['worse']} worse, {t['better']} better)"
 
 
+def round_ratios(report: dict, key: str) -> list[float] | None:
+    """The per-round ratios behind a speed-ratio metric (`stage.<stage>.speedup.<slow>/<fast>@<setting>`),
+    from the two models' round medians in that stage's record, where both were timed in the same rounds."""
+    stage, _, rest = key.removeprefix("stage.").partition(".speedup.")
+    pair, _, setting = rest.partition("@")
+    slow, _, fast = pair.partition("/")
+    rec = next((s for s in report.get("stages", []) if isinstance(s, dict) and s.get("name") == stage), {})
+    lat = [rec.get("models", {}).get(m, {}).get("latency", {}).get(setting, {}).get("round_p50_ms") for m in (slow, fast)]
+    if not (lat[0] and lat[1] and len(lat[0]) == len(lat[1])):
+        return None
+    return [a / b for a, b in zip(*lat)]
+
+
 def compare(report: dict, baseline: dict, predictions: dict | None = None) -> tuple[list[dict], bool]:
     rows, failed = [], False
     now = report.get("metrics", {})
@@ -146,6 +168,11 @@ def compare(report: dict, baseline: dict, predictions: dict | None = None) -> tu
         delta = value - base
         worse = -delta if direction == "higher" else delta
         verdict = "REGRESSION" if worse > allowed else "improved" if -worse > allowed else "ok"
+        if verdict == "REGRESSION" and "speedup." in key and (rounds := round_ratios(report, key)):
+            q75 = float(np.percentile(rounds, 75))
+            tol_text += f", rounds' q75 {q75:.3g}"
+            if q75 >= base - allowed:  # most rounds are within bounds: a noisy moment, not a slower file
+                verdict = "ok"
         by_images = _paired_verdict(key, delta, baseline, predictions)
         if by_images:
             verdict, tol_text = by_images
