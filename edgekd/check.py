@@ -14,8 +14,8 @@ tolerance alone either flaps on small test splits or misses real drops on large 
 Speed ratios depend on the CPU class (int8 gains far more with VNNI than on AVX2-only x86),
 so a baseline keeps them per class (`by_cpu`, written by --update-baseline on each class); on
 a class it has no figure for, a speedup must only stay above 1x. Within a class, machines and
-their load still differ, and the figure is the median of ten per-round ratios of models timed
-for milliseconds each, so a ratio below its bound is a regression only where the rounds agree:
+their load still differ, and the figure is the median of per-round ratios of models timed for
+milliseconds each, so a ratio below its bound is a regression only where the rounds agree:
 their upper quartile is below the bound too (a real loss, e.g. an int8 file that stopped
 paying, moves every round; a noisy moment moves a few).
 
@@ -134,17 +134,17 @@ def _paired_verdict(key: str, delta: float, baseline: dict, predictions: dict | 
     return "ok", f"McNemar p={t['p_worse']:.2g} ({t['worse']} worse, {t['better']} better)"
 
 
-def round_ratios(report: dict, key: str) -> list[float] | None:
+def round_ratios(report: dict, key: str) -> np.ndarray | None:
     """The per-round ratios behind a speed-ratio metric (`stage.<stage>.speedup.<slow>/<fast>@<setting>`),
-    from the two models' round medians in that stage's record, where both were timed in the same rounds."""
+    from the two models' timing records in that stage's record (bench.measure.per_round_ratios)."""
+    from .bench.measure import per_round_ratios
+
     stage, _, rest = key.removeprefix("stage.").partition(".speedup.")
     pair, _, setting = rest.partition("@")
     slow, _, fast = pair.partition("/")
     rec = next((s for s in report.get("stages", []) if isinstance(s, dict) and s.get("name") == stage), {})
-    lat = [rec.get("models", {}).get(m, {}).get("latency", {}).get(setting, {}).get("round_p50_ms") for m in (slow, fast)]
-    if not (lat[0] and lat[1] and len(lat[0]) == len(lat[1])):
-        return None
-    return [a / b for a, b in zip(*lat)]
+    timed = lambda m: rec.get("models", {}).get(m, {}).get("latency", {}).get(setting, {})  # noqa: E731
+    return per_round_ratios(timed(slow), timed(fast))
 
 
 def compare(report: dict, baseline: dict, predictions: dict | None = None) -> tuple[list[dict], bool]:
@@ -168,10 +168,10 @@ def compare(report: dict, baseline: dict, predictions: dict | None = None) -> tu
         delta = value - base
         worse = -delta if direction == "higher" else delta
         verdict = "REGRESSION" if worse > allowed else "improved" if -worse > allowed else "ok"
-        if verdict == "REGRESSION" and "speedup." in key and (rounds := round_ratios(report, key)):
+        if verdict == "REGRESSION" and "speedup." in key and (rounds := round_ratios(report, key)) is not None:
             q75 = float(np.percentile(rounds, 75))
             tol_text += f", rounds' q75 {q75:.3g}"
-            if q75 >= base - allowed:  # most rounds are within bounds: a noisy moment, not a slower file
+            if q75 >= base - allowed:  # a quarter of the rounds or more reach the bound: a noisy moment
                 verdict = "ok"
         by_images = _paired_verdict(key, delta, baseline, predictions)
         if by_images:

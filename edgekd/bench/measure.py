@@ -69,13 +69,17 @@ def runs_within(run, x: np.ndarray, budget_ms: float, lo: int = 40, hi: int = 20
     return int(max(lo, min(hi, budget_ms / max(t0, 1e-3))))
 
 
+def per_round_ratios(slow: dict, fast: dict) -> np.ndarray | None:
+    """slow/fast round by round, where both were timed in the same rounds (time_interleaved)."""
+    a, b = slow.get("round_p50_ms"), fast.get("round_p50_ms")
+    return np.array(a) / np.array(b) if a and b and len(a) == len(b) else None
+
+
 def round_ratio(slow: dict, fast: dict) -> float:
     """slow/fast speed ratio: the median of the per-round ratios when both were timed in the same
-    rounds (time_interleaved), else the ratio of their p50s."""
-    a, b = slow.get("round_p50_ms"), fast.get("round_p50_ms")
-    if a and b and len(a) == len(b):
-        return round(float(np.median(np.array(a) / np.array(b))), 3)
-    return round(slow["p50_ms"] / fast["p50_ms"], 3)
+    rounds, else the ratio of their p50s."""
+    rounds = per_round_ratios(slow, fast)
+    return round(float(np.median(rounds) if rounds is not None else slow["p50_ms"] / fast["p50_ms"]), 3)
 
 
 def bench_models(paths: dict[str, Path], runtime: str, threads: int, image_size: int, batch: int = 1,
