@@ -1,14 +1,25 @@
-"""Do the int8 files compute the same thing on every x86 CPU? The shared student quantized
-with each target (and with the stem conv int8 or fp32), PTQ and a short QAT, each file's
-top-1 on the test split and its top-1 agreement with the reference Q/DQ math (what the
-fake-quant model computes), run by onnxruntime's int8 kernels on this CPU and, under
-qemu-x86_64 emulating an AVX2-only EPYC (Rome), on AVX2's kernels.
+"""Do the int8 files compute the same thing on every CPU they ship to? The shared student
+quantized with each target (and with the stem conv int8 or fp32), PTQ and a short QAT, plus
+LiteRT's own int8 program, each file's top-1 on the test split and its top-1 agreement with
+the reference Q/DQ math (what the fake-quant model computes; for a .tflite file, which has no
+such switch, its own output on this CPU), run natively and on emulated CPUs:
+
+- x86 AVX2 without VNNI (qemu-x86_64 -cpu EPYC-Rome): onnxruntime's u8s8 kernels pair
+  products in int16 and can saturate (edgekd.quant.targets);
+- ARM64 phone cores (qemu-aarch64): cortex-a53 (plain NEON, no dot product) and cortex-a76
+  (SDOT/UDOT), onnxruntime's and LiteRT/XNNPACK's ARM kernels in an aarch64 Python.
 
     python benchmarks/portable_int8.py [--test-images 10000] [--emulated-images 1000] [--qat-images 5000]
+                                       [--no-avx2] [--arm cortex-a53,cortex-a76] [--arm-python PATH] [--reuse]
 
-Needs ../shared (EDGEKD_SHARED) and, for the AVX2 column, Debian's qemu-user. Emulation is
-about 100x slower than native (TCG), so the AVX2 column runs on the first
-`--emulated-images` test images, with the reference math on the same images beside it.
+Needs ../shared (EDGEKD_SHARED); for the AVX2 column Debian's qemu-user; for the ARM columns
+an aarch64 Python with onnxruntime and ai-edge-litert (`bash benchmarks/arm64/setup.sh` builds
+one from Debian's and PyPI's arm64 packages; --arm-python or $EDGEKD_ARM64_PYTHON names it).
+Emulation is 100-250x slower than native (TCG), so the emulated columns run on the first
+`--emulated-images` test images, with the reference's top-1 on the same images beside them.
+Name ARM cores (`qemu-aarch64 -cpu help`) rather than `max`: its SME makes onnxruntime take an
+SME int8 path whose output under qemu 7.2 differs from every other core's (emulator or kernel: not
+known; benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -20,52 +31,80 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 CHILD = """
 import sys, json, numpy as np
+from pathlib import Path
 sys.path.insert(0, {repo!r})
 from edgekd.bench.machine import int8_class, machine_info
-from edgekd.onnx_export import run_onnx
-x = np.load({x!r}, mmap_mode="r")
+from edgekd.formats.base import format_for
+x = np.ascontiguousarray(np.load({x!r}))
 m = machine_info()
-out = {{"cpu": int8_class(m["isa"], m["arch"])}}
 for p in {files!r}:
-    np.save(p + ".{tag}.npy", run_onnx(p, np.ascontiguousarray(x), batch=500, threads=1))
-print(json.dumps(out))
+    np.save(p + ".{tag}.npy", format_for(Path(p))().runner(Path(p), 1)(x))
+print(json.dumps({{"cpu": int8_class(m["isa"], m["arch"])}}))
+"""
+
+# The aarch64 child imports no edgekd (its Python has no torch): onnxruntime with its default
+# graph optimizations (the int8 kernels) and LiteRT's Interpreter (XNNPACK), one thread each.
+ARM_CHILD = """
+import json, numpy as np
+x = np.ascontiguousarray(np.load({x!r}))
+for p in {files!r}:
+    if p.endswith(".onnx"):
+        import onnxruntime as ort
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = so.inter_op_num_threads = 1
+        s = ort.InferenceSession(p, so, providers=["CPUExecutionProvider"])
+        name = s.get_inputs()[0].name
+        z = np.concatenate([s.run(None, {{name: x[i:i + 250]}})[0] for i in range(0, len(x), 250)])
+    else:
+        from ai_edge_litert.interpreter import Interpreter
+        it = Interpreter(model_path=p, num_threads=1)
+        it.allocate_tensors()
+        inp, out = it.get_input_details()[0], it.get_output_details()[0]
+        b, nhwc = int(inp["shape"][0]), int(inp["shape"][-1]) == 3
+        rows = []
+        for i in range(0, len(x), b):
+            c = x[i:i + b]
+            n = len(c)
+            c = np.concatenate([c, np.zeros((b - n, *c.shape[1:]), np.float32)]) if n < b else c
+            it.set_tensor(inp["index"], np.ascontiguousarray(c.transpose(0, 2, 3, 1) if nhwc else c))
+            it.invoke()
+            rows.append(it.get_tensor(out["index"])[:n].astype(np.float32))
+        z = np.concatenate(rows)
+    np.save(p + ".{tag}.npy", z)
+print(json.dumps({{"cpu": "arm64"}}))
 """
 
 
-def run_files(files: list[str], x_path: str, tag: str, emulate: bool) -> str:
-    """Logits of every file (saved beside it as <file>.<tag>.npy), natively or on an emulated AVX2 CPU."""
+def run_files(files: list[str], x_path: str, tag: str, emulate: str | None = None, arm_python: str | None = None) -> str:
+    """Logits of every file, saved beside it as <file>.<tag>.npy: natively, on an emulated AVX2
+    x86 (`emulate="avx2"`) or in the aarch64 Python on the emulated ARM core `emulate`.
+    Returns the int8 class of the CPU the child saw."""
     repo = str(Path(__file__).resolve().parents[1])
-    code = CHILD.format(repo=repo, x=x_path, files=files, tag=tag)
-    cmd = [str(Path(sys.executable).resolve()), "-c", code]
-    if emulate:
-        cmd = ["qemu-x86_64", "-cpu", "EPYC-Rome"] + cmd
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if arm_python:
+        cmd, env = [arm_python, "-c", ARM_CHILD.format(x=x_path, files=files, tag=tag)], {**os.environ, "QEMU_CPU": emulate}
+    else:
+        cmd, env = [str(Path(sys.executable).resolve()), "-c", CHILD.format(repo=repo, x=x_path, files=files, tag=tag)], None
+        if emulate:
+            cmd = ["qemu-x86_64", "-cpu", "EPYC-Rome"] + cmd
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
-        raise SystemExit(proc.stderr[-3000:])
+        raise SystemExit(f"{tag}: " + proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])["cpu"]
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--test-images", type=int, default=10000)
-    ap.add_argument("--emulated-images", type=int, default=1000)
-    ap.add_argument("--qat-images", type=int, default=5000)
-    ap.add_argument("--qat-epochs", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=Path("runs/portable_int8"))
-    args = ap.parse_args()
-
+def make_files(args, model, data, x, out: Path) -> tuple[dict, dict]:
+    """The fp32 control, PTQ per target with the stem conv fp32 or int8, a short QAT per target
+    (and its fake-quant logits on `x`) and LiteRT's own int8 program: {row name: file}, {row name: logits}."""
     import torch
 
-    from edgekd.schema import DataConfig, ModelConfig
-    from edgekd.data import load_data
-    from edgekd.models import load_model
-    from edgekd.onnx_export import export_onnx, run_onnx
+    from edgekd.onnx_export import export_onnx
     from edgekd.quant.ptq import quantize_onnx
     from edgekd.quant.plan import load_graph, rule_plan
     from edgekd.quant.qat import apply_transform, qat_transform, snap_weights
@@ -73,24 +112,9 @@ def main() -> int:
     from edgekd.stages.quantize import calibration_images
     from edgekd.train import TrainConfig, fit
 
-    shared = Path(os.environ.get("EDGEKD_SHARED", "../shared"))
-    torch.set_num_threads(2)
-    data = load_data(DataConfig(source=str(shared / "data/cifar10-jpg.tar.gz"), subset=args.qat_images,
-                                test_subset=args.test_images if args.test_images < 10000 else None,
-                                augment="flip", batch_size=128), seed=0)
-    model, _ = load_model(ModelConfig(arch="mobilenet_v2", cifar_stem=True,
-                                      checkpoint=str(shared / "models/mobilenet_v2_cifar10.pt")), 10, "student")
-    model.eval()
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    x = data.normalize(data.test.images).numpy()
-    y = data.test.labels.numpy()
-    np.save(out / "x.npy", x)
-    ne = min(args.emulated_images, len(y))
-    np.save(out / "x_emulated.npy", x[:ne])
     calib = calibration_images(data, 500, 0)
     fp32 = export_onnx(copy.deepcopy(model), out / "fp32.onnx", 32)
-    files, fake_quant = {}, {}
+    files, fake_quant = {"fp32 (control)": fp32}, {}
     stem_fp32 = rule_plan(load_graph(fp32), True, [])
     for target in ("portable", "x86_vnni"):
         t = TARGETS[target]
@@ -111,41 +135,120 @@ def main() -> int:
         snapped = export_onnx(snap_weights(copy.deepcopy(q)), out / f"qat_{target}_float.onnx", 32)
         files[f"qat {target} stem-fp32"] = quantize_onnx(snapped, out / f"qat_{target}_stemfp32.onnx", calib, target=t,
                                                           keep_first_conv_fp32=True)
+    if args.litert:
+        from edgekd.formats import FORMATS
+        from edgekd.formats.base import ConvertJob, Variant
+
+        tfl = FORMATS.get("litert")()
+        job = ConvertJob(32, 17, lambda: calib)
+        files["litert int8 (PT2E, every op)"] = tfl.export(Variant("int8", model, int8=True), out / "litert_int8.tflite", job)
+    return files, fake_quant
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--test-images", type=int, default=10000)
+    ap.add_argument("--emulated-images", type=int, default=1000)
+    ap.add_argument("--qat-images", type=int, default=5000)
+    ap.add_argument("--qat-epochs", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path("runs/portable_int8"))
+    ap.add_argument("--avx2", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the files on an emulated AVX2-only x86 (qemu-x86_64)")
+    ap.add_argument("--arm", default="cortex-a53,cortex-a76", help="emulated ARM64 cores, comma-separated ('' = none)")
+    ap.add_argument("--arm-python", default=os.environ.get("EDGEKD_ARM64_PYTHON", "/opt/arm64/python"),
+                    help="the aarch64 Python (benchmarks/arm64/setup.sh)")
+    ap.add_argument("--litert", action=argparse.BooleanOptionalAction, default=True,
+                    help="also LiteRT's int8 program of the student (litert-torch PT2E)")
+    ap.add_argument("--reuse", action="store_true", help="measure the files an earlier run left in --out again "
+                                                         "(e.g. with other --emulated-images or --arm cores)")
+    args = ap.parse_args()
+
+    import torch
+
+    from edgekd.data import load_data
+    from edgekd.models import load_model
+    from edgekd.onnx_export import run_onnx
+    from edgekd.schema import DataConfig, ModelConfig
+
+    shared = Path(os.environ.get("EDGEKD_SHARED", "../shared"))
+    torch.set_num_threads(2)
+    data = load_data(DataConfig(source=str(shared / "data/cifar10-jpg.tar.gz"), subset=args.qat_images,
+                                test_subset=args.test_images if args.test_images < 10000 else None,
+                                augment="flip", batch_size=128), seed=0)
+    model, _ = load_model(ModelConfig(arch="mobilenet_v2", cifar_stem=True,
+                                      checkpoint=str(shared / "models/mobilenet_v2_cifar10.pt")), 10, "student")
+    model.eval()
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    x = data.normalize(data.test.images).numpy()
+    y = data.test.labels.numpy()
+    np.save(out / "x.npy", x)
+    ne = min(args.emulated_images, len(y))
+    np.save(out / "x_emulated.npy", x[:ne])
+    manifest = out / "files.json"
+    if args.reuse and manifest.exists():
+        saved = json.loads(manifest.read_text())
+        files = {name: Path(p) for name, p in saved.items()}
+        fake_quant = {name: np.load(out / f"{Path(p).name}.fake_quant.npy") for name, p in saved.items()
+                      if (out / f"{Path(p).name}.fake_quant.npy").exists()}
+    else:
+        files, fake_quant = make_files(args, model, data, x, out)
+        for name, z in fake_quant.items():
+            np.save(out / f"{files[name].name}.fake_quant.npy", z)
+        manifest.write_text(json.dumps({name: str(p) for name, p in files.items()}, indent=1))
+    fp32 = files["fp32 (control)"]
     paths = [str(p) for p in files.values()]
-    native = run_files(paths, str(out / "x.npy"), "native", emulate=False)
-    emulated = None
-    if shutil.which("qemu-x86_64"):
-        print("running the int8 files on an emulated AVX2-only CPU (qemu; minutes per file) ...", flush=True)
-        emulated = run_files(paths, str(out / "x_emulated.npy"), "avx2", emulate=True)
+    native = run_files(paths, str(out / "x.npy"), "native")
+    columns = [("native", f"{native}, {len(y)} images")]
+    if args.avx2 and shutil.which("qemu-x86_64"):
+        print("running the files on an emulated AVX2-only x86 (qemu; minutes per file) ...", flush=True)
+        columns.append(("avx2", f"{run_files(paths, str(out / 'x_emulated.npy'), 'avx2', 'avx2')} without VNNI (qemu), "
+                                f"first {ne}"))
+    arm_cores = [c for c in args.arm.split(",") if c]
+    if arm_cores and not Path(args.arm_python).exists():
+        print(f"no aarch64 Python at {args.arm_python} (bash benchmarks/arm64/setup.sh): no ARM columns", flush=True)
+        arm_cores = []
+    if arm_cores:  # one single-threaded emulator per core model, side by side
+        print(f"running the files on emulated ARM64 {', '.join(arm_cores)} (qemu; minutes per file) ...", flush=True)
+        with ThreadPoolExecutor(len(arm_cores)) as pool:
+            list(pool.map(lambda core: run_files(paths, str(out / "x_emulated.npy"), f"arm-{core}", core,
+                                                 args.arm_python), arm_cores))
+        columns += [(f"arm-{core}", f"ARM64 {core} (qemu), first {ne}") for core in arm_cores]
     fp32_top1 = 100 * float((run_onnx(fp32, x).argmax(1) == y).mean())
     rows = []
     for name, p in files.items():
-        ref = run_onnx(p, x, int8_kernels=False)  # reference Q/DQ math: what the fake-quant model computes
-        row = {"file": name, "reference_top1": 100 * float((ref.argmax(1) == y).mean())}
+        # the reference: Q/DQ as float math (what the fake-quant model computes); a .tflite has no
+        # such switch, so its own output on this CPU is what the other CPUs are compared with
+        ref = run_onnx(p, x, int8_kernels=False) if p.suffix == ".onnx" else np.load(f"{p}.native.npy")
+        row = {"file": name, "reference": "Q/DQ float math" if p.suffix == ".onnx" else "this CPU",
+               "reference_top1": 100 * float((ref.argmax(1) == y).mean()),
+               "reference_top1_emulated_images": 100 * float((ref[:ne].argmax(1) == y[:ne]).mean())}
         if name in fake_quant:
             row["torch_fake_quant_top1"] = 100 * float((fake_quant[name].argmax(1) == y).mean())
-        row["reference_top1_emulated_images"] = 100 * float((ref[:ne].argmax(1) == y[:ne]).mean())
-        for tag in ("native", "avx2"):
-            f = Path(f"{p}.{tag}.npy")
-            if f.exists():
-                z = np.load(f)
-                k = len(z)
-                row[f"{tag}_top1"] = 100 * float((z.argmax(1) == y[:k]).mean())
-                row[f"{tag}_agreement"] = 100 * float((z.argmax(1) == ref[:k].argmax(1)).mean())
-                row[f"{tag}_max_abs_diff"] = float(np.abs(z - ref[:k]).max())
+        for tag, _ in columns:
+            z = np.load(f"{p}.{tag}.npy")
+            k = len(z)
+            row[f"{tag}_top1"] = 100 * float((z.argmax(1) == y[:k]).mean())
+            row[f"{tag}_agreement"] = 100 * float((z.argmax(1) == ref[:k].argmax(1)).mean())
+            row[f"{tag}_max_abs_diff"] = float(np.abs(z - ref[:k]).max())
+            if tag != "native":  # the same file here and on the emulated CPU
+                here = np.load(f"{p}.native.npy")[:k]
+                row[f"{tag}_vs_native_agreement"] = 100 * float((z.argmax(1) == here.argmax(1)).mean())
+                row[f"{tag}_vs_native_max_abs_diff"] = float(np.abs(z - here).max())
         rows.append(row)
-    result = {"fp32_top1": fp32_top1, "test_images": int(len(y)), "emulated_images": ne, "native_cpu": native,
-              "emulated_cpu": emulated, "rows": rows}
+    result = {"fp32_top1": fp32_top1, "test_images": int(len(y)), "emulated_images": ne,
+              "columns": dict(columns), "rows": rows}
     (out / "portable_int8.json").write_text(json.dumps(result, indent=2))
     lines = [f"fp32 student (onnxruntime): {fp32_top1:.2f} % on {len(y)} test images; top-1 % / top-1 agreement % with "
-             f"the reference Q/DQ math", "",
-             f"| file | reference math, {len(y)} images | {native}, {len(y)} | QAT fake-quant (torch) | reference math, "
-             f"first {ne} | AVX2 without VNNI (qemu), first {ne} |", "|---|---|---|---|---|---|"]
+             f"the reference (Q/DQ float math; for .tflite its output on {native}) / max |logit diff|", "",
+             f"| file | reference, {len(y)} images | QAT fake-quant (torch) | reference, first {ne} | "
+             + " | ".join(label for _, label in columns) + " |",
+             "|---|---|---|---|" + "---|" * len(columns)]
     for r in rows:
-        avx = f"{r['avx2_top1']:.2f} / {r['avx2_agreement']:.2f}" if "avx2_top1" in r else "–"
         fq = f"{r['torch_fake_quant_top1']:.2f}" if "torch_fake_quant_top1" in r else "–"
-        lines.append(f"| {r['file']} | {r['reference_top1']:.2f} | {r['native_top1']:.2f} / {r['native_agreement']:.2f} | "
-                     f"{fq} | {r['reference_top1_emulated_images']:.2f} | {avx} |")
+        cells = [f"{r[f'{t}_top1']:.2f} / {r[f'{t}_agreement']:.2f} / {r[f'{t}_max_abs_diff']:.3f}" for t, _ in columns]
+        lines.append(f"| {r['file']} | {r['reference_top1']:.2f} | {fq} | {r['reference_top1_emulated_images']:.2f} | "
+                     + " | ".join(cells) + " |")
     print("\n".join(lines))
     (out / "portable_int8.md").write_text("\n".join(lines) + "\n")
     return 0
