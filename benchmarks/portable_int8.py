@@ -49,34 +49,22 @@ for p in {files!r}:
 print(json.dumps({{"cpu": int8_class(m["isa"], m["arch"])}}))
 """
 
-# The aarch64 child imports no edgekd (its Python has no torch): onnxruntime with its default
-# graph optimizations (the int8 kernels) and LiteRT's Interpreter (XNNPACK), one thread each.
+# The aarch64 child's Python has no torch: it takes edgekd's torch-free runners, onnxruntime's
+# session with its default graph optimizations (the int8 kernels) and LiteRT's Interpreter
+# (XNNPACK), one thread each.
 ARM_CHILD = """
-import json, numpy as np
+import sys, json, numpy as np
+sys.path.insert(0, {repo!r})
+from edgekd.bench.runtimes import ort_session
+from edgekd.litert_export import tflite_runner
 x = np.ascontiguousarray(np.load({x!r}))
 for p in {files!r}:
     if p.endswith(".onnx"):
-        import onnxruntime as ort
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = so.inter_op_num_threads = 1
-        s = ort.InferenceSession(p, so, providers=["CPUExecutionProvider"])
+        s = ort_session(p, threads=1)
         name = s.get_inputs()[0].name
         z = np.concatenate([s.run(None, {{name: x[i:i + 250]}})[0] for i in range(0, len(x), 250)])
     else:
-        from ai_edge_litert.interpreter import Interpreter
-        it = Interpreter(model_path=p, num_threads=1)
-        it.allocate_tensors()
-        inp, out = it.get_input_details()[0], it.get_output_details()[0]
-        b, nhwc = int(inp["shape"][0]), int(inp["shape"][-1]) == 3
-        rows = []
-        for i in range(0, len(x), b):
-            c = x[i:i + b]
-            n = len(c)
-            c = np.concatenate([c, np.zeros((b - n, *c.shape[1:]), np.float32)]) if n < b else c
-            it.set_tensor(inp["index"], np.ascontiguousarray(c.transpose(0, 2, 3, 1) if nhwc else c))
-            it.invoke()
-            rows.append(it.get_tensor(out["index"])[:n].astype(np.float32))
-        z = np.concatenate(rows)
+        z = tflite_runner(p, threads=1)(x)
     np.save(p + ".{tag}.npy", z)
 print(json.dumps({{"cpu": "arm64"}}))
 """
@@ -88,7 +76,7 @@ def run_files(files: list[str], x_path: str, tag: str, emulate: str | None = Non
     Returns the int8 class of the CPU the child saw."""
     repo = str(Path(__file__).resolve().parents[1])
     if arm_python:
-        cmd, env = [arm_python, "-c", ARM_CHILD.format(x=x_path, files=files, tag=tag)], {**os.environ, "QEMU_CPU": emulate}
+        cmd, env = [arm_python, "-c", ARM_CHILD.format(repo=repo, x=x_path, files=files, tag=tag)], {**os.environ, "QEMU_CPU": emulate}
     else:
         cmd, env = [str(Path(sys.executable).resolve()), "-c", CHILD.format(repo=repo, x=x_path, files=files, tag=tag)], None
         if emulate:
@@ -196,7 +184,6 @@ def main() -> int:
         for name, z in fake_quant.items():
             np.save(out / f"{files[name].name}.fake_quant.npy", z)
         manifest.write_text(json.dumps({name: str(p) for name, p in files.items()}, indent=1))
-    fp32 = files["fp32 (control)"]
     paths = [str(p) for p in files.values()]
     native = run_files(paths, str(out / "x.npy"), "native")
     columns = [("native", f"{native}, {len(y)} images")]
@@ -214,12 +201,13 @@ def main() -> int:
             list(pool.map(lambda core: run_files(paths, str(out / "x_emulated.npy"), f"arm-{core}", core,
                                                  args.arm_python), arm_cores))
         columns += [(f"arm-{core}", f"ARM64 {core} (qemu), first {ne}") for core in arm_cores]
-    fp32_top1 = 100 * float((run_onnx(fp32, x).argmax(1) == y).mean())
+    fp32_top1 = 100 * float((np.load(f"{files['fp32 (control)']}.native.npy").argmax(1) == y).mean())
     rows = []
     for name, p in files.items():
+        here = np.load(f"{p}.native.npy")
         # the reference: Q/DQ as float math (what the fake-quant model computes); a .tflite has no
         # such switch, so its own output on this CPU is what the other CPUs are compared with
-        ref = run_onnx(p, x, int8_kernels=False) if p.suffix == ".onnx" else np.load(f"{p}.native.npy")
+        ref = run_onnx(p, x, int8_kernels=False) if p.suffix == ".onnx" else here
         row = {"file": name, "reference": "Q/DQ float math" if p.suffix == ".onnx" else "this CPU",
                "reference_top1": 100 * float((ref.argmax(1) == y).mean()),
                "reference_top1_emulated_images": 100 * float((ref[:ne].argmax(1) == y[:ne]).mean())}
@@ -232,9 +220,8 @@ def main() -> int:
             row[f"{tag}_agreement"] = 100 * float((z.argmax(1) == ref[:k].argmax(1)).mean())
             row[f"{tag}_max_abs_diff"] = float(np.abs(z - ref[:k]).max())
             if tag != "native":  # the same file here and on the emulated CPU
-                here = np.load(f"{p}.native.npy")[:k]
-                row[f"{tag}_vs_native_agreement"] = 100 * float((z.argmax(1) == here.argmax(1)).mean())
-                row[f"{tag}_vs_native_max_abs_diff"] = float(np.abs(z - here).max())
+                row[f"{tag}_vs_native_agreement"] = 100 * float((z.argmax(1) == here[:k].argmax(1)).mean())
+                row[f"{tag}_vs_native_max_abs_diff"] = float(np.abs(z - here[:k]).max())
         rows.append(row)
     result = {"fp32_top1": fp32_top1, "test_images": int(len(y)), "emulated_images": ne,
               "columns": dict(columns), "rows": rows}
