@@ -36,25 +36,13 @@ from pathlib import Path
 
 import numpy as np
 
+# What runs each file, natively, under qemu-x86_64 and in the aarch64 Python (which has no torch):
+# edgekd's torch-free runners, onnxruntime's session with its default graph optimizations (the
+# int8 kernels) and LiteRT's Interpreter (XNNPACK), one thread each.
 CHILD = """
 import sys, json, numpy as np
-from pathlib import Path
 sys.path.insert(0, {repo!r})
 from edgekd.bench.machine import int8_class, machine_info
-from edgekd.formats.base import format_for
-x = np.ascontiguousarray(np.load({x!r}))
-m = machine_info()
-for p in {files!r}:
-    np.save(p + ".{tag}.npy", format_for(Path(p))().runner(Path(p), 1)(x))
-print(json.dumps({{"cpu": int8_class(m["isa"], m["arch"])}}))
-"""
-
-# The aarch64 child's Python has no torch: it takes edgekd's torch-free runners, onnxruntime's
-# session with its default graph optimizations (the int8 kernels) and LiteRT's Interpreter
-# (XNNPACK), one thread each.
-ARM_CHILD = """
-import sys, json, numpy as np
-sys.path.insert(0, {repo!r})
 from edgekd.bench.runtimes import ort_session
 from edgekd.litert_export import tflite_runner
 x = np.ascontiguousarray(np.load({x!r}))
@@ -66,7 +54,8 @@ for p in {files!r}:
     else:
         z = tflite_runner(p, threads=1)(x)
     np.save(p + ".{tag}.npy", z)
-print(json.dumps({{"cpu": "arm64"}}))
+m = machine_info()
+print(json.dumps({{"cpu": int8_class(m["isa"], m["arch"])}}))
 """
 
 
@@ -74,11 +63,11 @@ def run_files(files: list[str], x_path: str, tag: str, emulate: str | None = Non
     """Logits of every file, saved beside it as <file>.<tag>.npy: natively, on an emulated AVX2
     x86 (`emulate="avx2"`) or in the aarch64 Python on the emulated ARM core `emulate`.
     Returns the int8 class of the CPU the child saw."""
-    repo = str(Path(__file__).resolve().parents[1])
+    code = CHILD.format(repo=str(Path(__file__).resolve().parents[1]), x=x_path, files=files, tag=tag)
     if arm_python:
-        cmd, env = [arm_python, "-c", ARM_CHILD.format(repo=repo, x=x_path, files=files, tag=tag)], {**os.environ, "QEMU_CPU": emulate}
+        cmd, env = [arm_python, "-c", code], {**os.environ, "QEMU_CPU": emulate}
     else:
-        cmd, env = [str(Path(sys.executable).resolve()), "-c", CHILD.format(repo=repo, x=x_path, files=files, tag=tag)], None
+        cmd, env = [str(Path(sys.executable).resolve()), "-c", code], None
         if emulate:
             cmd = ["qemu-x86_64", "-cpu", "EPYC-Rome"] + cmd
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -198,9 +187,9 @@ def main() -> int:
     if arm_cores:  # one single-threaded emulator per core model, side by side
         print(f"running the files on emulated ARM64 {', '.join(arm_cores)} (qemu; minutes per file) ...", flush=True)
         with ThreadPoolExecutor(len(arm_cores)) as pool:
-            list(pool.map(lambda core: run_files(paths, str(out / "x_emulated.npy"), f"arm-{core}", core,
-                                                 args.arm_python), arm_cores))
-        columns += [(f"arm-{core}", f"ARM64 {core} (qemu), first {ne}") for core in arm_cores]
+            seen = pool.map(lambda core: run_files(paths, str(out / "x_emulated.npy"), f"arm-{core}", core,
+                                                   args.arm_python), arm_cores)
+            columns += [(f"arm-{core}", f"{cpu}, {core} (qemu), first {ne}") for core, cpu in zip(arm_cores, seen)]
     fp32_top1 = 100 * float((np.load(f"{files['fp32 (control)']}.native.npy").argmax(1) == y).mean())
     rows = []
     for name, p in files.items():
