@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import time
 from pathlib import Path
@@ -38,16 +39,23 @@ def reference_epoch(student, teacher, folder: Path, idx: list[int], size: int, b
     ds = torch.utils.data.Subset(torchvision.datasets.ImageFolder(str(folder), transform=tf), idx)
     dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=os.cpu_count() or 1,
                                      pin_memory=device.type == "cuda", drop_last=False)
+    from edgekd.inference import layout_pays
+
+    fmt = torch.channels_last if layout_pays(device) else torch.contiguous_format
+    student, teacher = student.to(memory_format=fmt), teacher.to(memory_format=fmt)
     opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     student.train()
+    amp = device.type == "cuda"  # bf16 autocast on a GPU, as edgekd's loop
     n, t0 = 0, time.perf_counter()
     for x, y in dl:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = student(x)
+        x, y = x.to(device, non_blocking=True).contiguous(memory_format=fmt), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = student(x).float()
+            if loss == "kd":
+                with torch.inference_mode():
+                    t = teacher(x).float()
         ce = F.cross_entropy(out, y)
         if loss == "kd":
-            with torch.inference_mode():
-                t = teacher(x)
             t = t.clone()
             kd = F.kl_div(F.log_softmax(out / 4, 1), F.log_softmax(t / 4, 1), reduction="batchmean", log_target=True) * 16
             ce = 0.9 * kd + 0.1 * ce
@@ -71,6 +79,10 @@ def main() -> int:
     ap.add_argument("--loss", choices=["ce", "kd", "both"], default="both")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--layouts", choices=["auto", "both"], default="auto",
+                    help="auto: the memory layout edgekd picks for the device; both: each run in NCHW and in channels_last")
+    ap.add_argument("--no-reference", dest="reference", action="store_false", help="time edgekd's loop alone")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
 
     from edgekd.data import _extract_archive, _find_split_dir, cache_root, load_data
@@ -98,22 +110,39 @@ def main() -> int:
     print(f"{args.images} images at {args.size} px, batch {args.batch}, {args.student} <- {args.teacher} (live), "
           f"device {device}, torch threads {torch.get_num_threads()}, loader workers {os.cpu_count()}; "
           f"edgekd's one-time decode {decode_s:.1f} s (cached after the first run)")
+    import edgekd.inference as inference
+
+    edgekd_pick = inference.layout_pays
+    layouts = {"auto": edgekd_pick} if args.layouts == "auto" else {
+        "nchw": lambda d: False, "channels_last": lambda d: True}
+    results = []
     for loss in losses:
-        best = {"edgekd": 0.0, "torchvision reference": 0.0}
-        for _ in range(args.repeats):
-            cfg = TrainConfig(epochs=1, loss=loss, lr=0.05, schedule="constant", eval_every=0, cache_teacher=False,
-                              bn_recalibration="off")
-            objective = None
-            if loss == "kd":
-                terms = [t.model_copy(update={"teacher": "t"}) if hasattr(t, "teacher") else t for t in cfg.terms()]
-                source = TeacherSource(teacher, data, device, False, None, None)
-                objective = Objective(terms, lambda name, features: source)
-            hist = fit(copy.deepcopy(student0), data, cfg, device, seed=0, objective=objective, desc=f"edgekd {loss}")
-            best["edgekd"] = max(best["edgekd"], hist[-1]["images_per_s"])
-            best["torchvision reference"] = max(best["torchvision reference"], reference_epoch(
-                copy.deepcopy(student0), teacher, folder, idx, args.size, args.batch, data.mean, data.std, loss, device))
-        e, r = best["edgekd"], best["torchvision reference"]
-        print(f"{loss}: edgekd {e:.1f} img/s, torchvision reference {r:.1f} img/s, edgekd/reference {e / r:.2f}x")
+        for layout, pays in layouts.items():
+            inference.layout_pays = pays  # the loop's and the reference's layout for this row
+            best = {"edgekd": 0.0, "torchvision reference": 0.0}
+            for _ in range(args.repeats):
+                cfg = TrainConfig(epochs=1, loss=loss, lr=0.05, schedule="constant", eval_every=0, cache_teacher=False,
+                                  bn_recalibration="off")
+                objective = None
+                if loss == "kd":
+                    terms = [t.model_copy(update={"teacher": "t"}) if hasattr(t, "teacher") else t for t in cfg.terms()]
+                    source = TeacherSource(teacher, data, device, False, None, None)
+                    objective = Objective(terms, lambda name, features: source)
+                hist = fit(copy.deepcopy(student0), data, cfg, device, seed=0, objective=objective, desc=f"edgekd {loss}")
+                best["edgekd"] = max(best["edgekd"], hist[-1]["images_per_s"])
+                if args.reference:
+                    best["torchvision reference"] = max(best["torchvision reference"], reference_epoch(
+                        copy.deepcopy(student0), teacher, folder, idx, args.size, args.batch, data.mean, data.std, loss,
+                        device))
+            inference.layout_pays = edgekd_pick
+            e, r = best["edgekd"], best["torchvision reference"] or None
+            name = "channels_last" if layout == "auto" and pays(device) else ("nchw" if layout == "auto" else layout)
+            versus = f", torchvision reference {r:.1f} img/s, edgekd/reference {e / r:.2f}x" if r else ""
+            print(f"{loss} ({name}): edgekd {e:.1f} img/s ({len(data.train) / e:.2f} s per epoch){versus}", flush=True)
+            results.append({"loss": loss, "layout": name, "edgekd_images_per_s": e, "reference_images_per_s": r,
+                            "images": len(data.train), "size": args.size, "batch": args.batch, "device": str(device)})
+    if args.json:
+        args.json.write_text(json.dumps({"decode_s": round(decode_s, 1), "results": results}, indent=1))
     return 0
 
 

@@ -215,8 +215,9 @@ def _fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, s
             for x, y, idx, flip in iterate(data.train, bs, shuffle=True, augment=data.augment, gen=gen, device=device,
                                            prefetch=device.type == "cuda", shard=(w.rank, w.size)):
                 x, y = data.normalize(x), y.to(device, non_blocking=True)
-                teachers = objective.teacher_outputs(x, idx, flip)
+                # the live teacher under the student's bf16 autocast too (a GPU's tensor cores; its logits come back float)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    teachers = objective.teacher_outputs(x, idx, flip)
                     logits = train_model(x)
                 parts = objective(objective.student_outputs(logits), teachers, y, epoch)
                 bad_step = _first_nonfinite(parts["loss"], bar.n, bad_step)
