@@ -19,6 +19,7 @@ streams to disk, so it never holds the split in memory either.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -160,9 +161,23 @@ class Data:
         return int(self.train.full.shape[-1])
 
     def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, device=x_uint8.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x_uint8.device).view(1, 3, 1, 1)
+        mean, std = _channel_constants(tuple(self.mean), tuple(self.std), x_uint8.device)
         return (x_uint8.float() / 255.0 - mean) / std
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std as 1x3x1x1 tensors on `device`, made once: building them from Python lists on
+    every batch is a blocking host-to-GPU copy, which keeps the host from queueing the next step."""
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor (random draws, labels) on `device` without making the host wait for the
+    GPU: from pinned memory the copy is queued on the stream like any kernel."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def cache_root(cfg_dir: str | None = None) -> Path:
@@ -519,19 +534,20 @@ def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator, pad: int = 4
         from torchvision.ops import roi_align
 
         boxes = torch.cat([torch.arange(b, dtype=torch.float32)[:, None], resized_crop_boxes(b, h, w, gen)], dim=1)
-        x = roi_align(x.float(), boxes.to(x.device), output_size=(oh, ow), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+        x = roi_align(x.float(), to_device(boxes, x.device), output_size=(oh, ow), spatial_scale=1.0, sampling_ratio=2,
+                      aligned=True)
     elif mode == "crop_flip":
         pad = pad if (h, w) == (oh, ow) else 0  # stored images larger than the crop need no padding
         padded = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect") if pad else x.float()
         dev = x.device
-        oy = torch.randint(0, h + 2 * pad - oh + 1, (b,), generator=gen).to(dev)
-        ox = torch.randint(0, w + 2 * pad - ow + 1, (b,), generator=gen).to(dev)
+        oy = to_device(torch.randint(0, h + 2 * pad - oh + 1, (b,), generator=gen), dev)
+        ox = to_device(torch.randint(0, w + 2 * pad - ow + 1, (b,), generator=gen), dev)
         rows = (oy[:, None] + torch.arange(oh, device=dev))[:, None, :, None]
         cols = (ox[:, None] + torch.arange(ow, device=dev))[:, None, None, :]
         x = padded[torch.arange(b, device=dev)[:, None, None, None], torch.arange(x.shape[1], device=dev)[None, :, None, None],
                    rows, cols]
     flip = torch.rand(b, generator=gen) < 0.5
-    x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+    x = torch.where(to_device(flip, x.device)[:, None, None, None], x.flip(-1), x)
     return x, flip
 
 

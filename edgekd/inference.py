@@ -7,7 +7,8 @@ benchmarks/README.md ("CPU speed", benchmarks/cpu_layout.py):
 - the memory layout: PyTorch's CPU convolutions run channels_last (NHWC) tensors well and the
   default NCHW ones poorly, for training steps as for inference. `channels_last` switches a
   model for the length of a block and back after it, so checkpoints, pruning and the exporters
-  only ever see the default layout. On a GPU the layout is left alone (not measured here);
+  only ever see the default layout. A GPU's bf16 tensor-core convolutions run NHWC as well
+  (benchmarks/README.md, "GPU");
 - onnxruntime for a frozen model over many images (a teacher's test figures and logit table, its
   live forward under random crops): several times faster than PyTorch on a CPU. The model is
   exported once, in memory, and kept only where onnxruntime's logits match PyTorch's on a
@@ -36,7 +37,7 @@ _runners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # frozen mode
 
 def layout_pays(device: torch.device) -> bool:
     """Whether channels_last is used on `device` (see the module docstring)."""
-    return device.type == "cpu"
+    return device.type in ("cpu", "cuda")
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .bn import bn_gap, recalibrate_bn
 from . import dist
-from .data import Data, iterate, train_batches
+from .data import Data, iterate, to_device, train_batches
 from .inference import channels_last, predict
 from .distill import LOSSES, Objective, shorthand_terms, teacher_names, term_type
 from .errors import EdgekdError
@@ -214,7 +214,7 @@ def _fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, s
             # reading ahead pays while a GPU computes; on a CPU the thread takes cores from the step (20 % slower on 2)
             for x, y, idx, flip in iterate(data.train, bs, shuffle=True, augment=data.augment, gen=gen, device=device,
                                            prefetch=device.type == "cuda", shard=(w.rank, w.size)):
-                x, y = data.normalize(x), y.to(device, non_blocking=True)
+                x, y = data.normalize(x), to_device(y, device)
                 # the live teacher under the student's bf16 autocast too (a GPU's tensor cores; its logits come back float)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     teachers = objective.teacher_outputs(x, idx, flip)

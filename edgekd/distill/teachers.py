@@ -15,7 +15,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .. import dist
-from ..data import Data, iterate
+from ..data import Data, iterate, to_device
 from ..fileio import save_torch, sha256_json
 from ..inference import channels_last, frozen_forward
 from .losses import Outputs
@@ -90,7 +90,7 @@ class TeacherSource:
     def __call__(self, x: torch.Tensor, idx: torch.Tensor, flip: torch.Tensor) -> Outputs:
         if self.table is not None:
             view = flip.long() if self.table.shape[0] == 2 else torch.zeros_like(idx)
-            return Outputs(self.table[view, idx].to(x.device))
+            return Outputs(to_device(self.table[view, idx], x.device))
         logits = self._forward(x)
         features = {k: v.float() for k, v in self.taps.take().items()} if self.taps else {}
         return Outputs(logits, features)
