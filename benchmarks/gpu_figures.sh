@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 10's GPU figures in one call on a lent GPU, inside a fixed time budget:
 #   1. training images/s at 32 px on the full 50k CIFAR-10 train split, CE and KD with a live
-#      ResNet-50 teacher, NCHW vs channels_last;
+#      ResNet-50 teacher, NCHW vs channels_last (edgekd's choice on a GPU);
 #   2. the flagship pipeline, its distillation epochs sized from (1) to fit what is left
 #      (no CE baseline, only onnxruntime: the machine has no other runtime), all of it timed;
 #   3. images/s at 224 px (CIFAR-10 upscaled), KD, edgekd vs the reference.
@@ -33,44 +33,30 @@ echo "== 1. images/s at 32 px, full train split ($(left) s left)"
 timeout 150 $py benchmarks/train_throughput.py --data "$shared/data/cifar10-jpg.tar.gz" --size 32 --images "$n32" \
     --batch 256 --repeats 1 --layouts both --no-reference --device "$dev" --json "$out/tp32.json"
 
-# the layout that won KD at 32 px, and the distillation epochs that fit the time left
-read -r layout epochs < <($py - "$out/tp32.json" "$(left)" <<'EOF'
+# the distillation epochs that fit the time left, from the KD epoch in edgekd's own layout
+epochs=$($py - "$out/tp32.json" "$(left)" <<'EOF'
 import json, sys
 try:
     rows = [r for r in json.load(open(sys.argv[1]))["results"] if r["loss"] == "kd"]
-    best = max(rows, key=lambda r: r["edgekd_images_per_s"])
-    layout, epoch_s = best["layout"], 45000 / best["edgekd_images_per_s"]
+    epoch_s = 45000 / next(r for r in rows if r["layout"] == "channels_last")["edgekd_images_per_s"]
 except Exception:
-    layout, epoch_s = "nchw", 8.0
+    epoch_s = 8.0
 # besides distillation: 2 x 8 prune fine-tune epochs, 3 QAT epochs (~2x an epoch each), ~150 s of
 # decoding, evaluation, export and benchmark, and 100 s kept for step 3
 spare = int(sys.argv[2]) - 100 - 150
-print(layout, max(10, min(200, int(spare / epoch_s) - 22)))
+print(max(10, min(200, int(spare / epoch_s) - 22)))
 EOF
 )
-echo "== 2. flagship: distill.epochs=$epochs, layout $layout ($(left) s left)"
+echo "== 2. flagship: distill.epochs=$epochs ($(left) s left)"
 t0=$(date +%s)
-# edgekd's CLI with the layout that won (export's worker processes re-import this file: keep the guard)
-cat > /tmp/edgekd_with_layout.py <<'EOF'
-import sys
-
-import edgekd.inference as inference
-
-if sys.argv[1] == "channels_last":
-    inference.layout_pays = lambda device: True
-if __name__ == "__main__":
-    from edgekd.cli import main
-
-    sys.exit(main(sys.argv[2:]))
-EOF
-timeout $(($(left) - 95)) $py /tmp/edgekd_with_layout.py "$layout" run pipelines/mobile_vision.yaml \
-    --out "$out/flagship" --set device="$dev" --set distill.epochs="$epochs" --set distill.compare_baseline=false \
-    --set "benchmark.runtimes=[onnxruntime]" --set benchmark.robustness=false ${FLAGSHIP_SETS:-}
+timeout $(($(left) - 95)) $py -m edgekd run pipelines/mobile_vision.yaml --out "$out/flagship" --set device="$dev" \
+    --set distill.epochs="$epochs" --set distill.compare_baseline=false --set "benchmark.runtimes=[onnxruntime]" \
+    --set benchmark.robustness=false ${FLAGSHIP_SETS:-}
 echo "flagship exit $? after $(($(date +%s) - t0)) s"
 tar -czf "$out/flagship.tar.gz" --exclude='*.onnx' --exclude='*.pt' --exclude='*.pte' --exclude='*.tflite' \
     -C "$out" flagship && rm -rf "$out/flagship"
 
 echo "== 3. images/s at 224 px ($(left) s left)"
 timeout $(($(left) - 5)) $py benchmarks/train_throughput.py --data "$shared/data/cifar10-jpg.tar.gz" --size 224 \
-    --images "$n224" --batch 256 --loss kd --repeats 2 --layouts both --device "$dev" --json "$out/tp224.json"
+    --images "$n224" --batch 256 --loss kd --repeats 2 --device "$dev" --json "$out/tp224.json"
 echo "== done ($(left) s left)"

@@ -550,3 +550,19 @@ def test_a_failing_read_ahead_reaches_the_caller():
     split.images = None  # indexing it raises in the read-ahead thread
     with pytest.raises(TypeError):
         list(iterate(split, 4, True, "flip", torch.Generator().manual_seed(0), prefetch=True))
+
+
+def test_to_device_and_normalize_keep_values_and_make_constants_once():
+    """The GPU path's copies (pinned, queued on the stream) must hand over the same values; on a
+    CPU they are plain copies. The normalisation constants are built once per device."""
+    from edgekd.data import _channel_constants, to_device
+
+    t = torch.randint(0, 255, (7,))
+    assert torch.equal(to_device(t, torch.device("cpu")), t)
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    assert _channel_constants(mean, std, torch.device("cpu"))[0] is _channel_constants(mean, std, torch.device("cpu"))[0]
+    x = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    ref = (x.float() / 255.0 - m) / s
+    got = (x.float() / 255.0 - _channel_constants(mean, std, x.device)[0]) / _channel_constants(mean, std, x.device)[1]
+    assert torch.equal(got, ref)

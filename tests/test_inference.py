@@ -27,7 +27,10 @@ def test_channels_last_lasts_for_the_outermost_block_only(tiny):
             pass
         assert _is_cl(model), "an inner block must not switch the model back"
     assert not _is_cl(model) and all(p.is_contiguous() for p in model.parameters())
-    with channels_last(torch.device("cuda"), model):  # not measured on a GPU: left alone
+    with channels_last(torch.device("cuda"), model):  # bf16 convolutions on a GPU run NHWC too
+        assert _is_cl(model)
+    assert not _is_cl(model)
+    with channels_last(torch.device("mps"), model):  # not measured there: left alone
         assert not _is_cl(model)
 
 
