@@ -29,6 +29,7 @@ class Table:
 
     def __init__(self, table):
         self.table = table
+        self.teacher = None  # no live model behind a table (fit switches live teachers' layout)
 
     def __call__(self, x, idx, flip):
         return Outputs(self.table[flip.long(), idx])
