@@ -72,6 +72,29 @@ def table(kd: dict[str, float], ce: dict[str, float], teacher: float | None) -> 
     return "\n".join(lines)
 
 
+def robustness_table(kd: dict, ce: dict) -> str:
+    """Clean and corrupted top-1 per variant (benchmark.robustness), each corruption averaged
+    over its severities: the teacher and unpruned student once, the compressed files per run."""
+    rows_ = [("teacher fp32", kd, "teacher_fp32"), ("unpruned student fp32", kd, "student_unpruned_fp32")]
+    for tag, rep in (("KD", kd), ("CE", ce)):
+        rows_ += [(f"{label}, {tag} in the loop", rep, key) for label, key in
+                  (("pruned fp32", "student_fp32"), ("int8 PTQ", "int8_ptq"), ("int8 QAT", "int8_qat"))]
+    found = [(label, rep["models"][key]["robustness"]) for label, rep, key in rows_
+             if "robustness" in rep["models"].get(key, {})]
+    if not found:
+        return ""
+    corruptions = list(found[0][1]["by_corruption"])
+    r0 = found[0][1]
+    lines = [f"{r0['images']} test images, severities {', '.join(map(str, next(iter(r0['by_corruption'].values()))))}",
+             "", "| model | clean | mean corrupted | drop | " + " | ".join(c.replace("_", " ") for c in corruptions) + " |",
+             "|---|---|---|---|" + "---|" * len(corruptions)]
+    for label, r in found:
+        per = [sum(v.values()) / len(v) for v in r["by_corruption"].values()]
+        lines.append(f"| {label} | {r['clean_top1']:.2f} | {r['corruption_top1']:.2f} | "
+                     f"{r['clean_top1'] - r['corruption_top1']:.2f} | " + " | ".join(f"{a:.1f}" for a in per) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pipeline", default="pipelines/compress_shared_student.yaml")
@@ -84,6 +107,8 @@ def main() -> int:
     md = (f"# KD vs CE in the loop: {kd['pipeline']}\n\n"
           f"overrides: {' '.join(args.sets) or '(none)'}; seed {kd['seed']}; {kd['machine'].get('cpu', '')}\n\n"
           + table(rows(kd), rows(ce), teacher) + "\n")
+    if rob := robustness_table(kd, ce):
+        md += "\n## Robustness\n\n" + rob + "\n"
     (args.out / "kd_vs_ce.md").write_text(md)
     print(md)
     return 0
