@@ -42,7 +42,7 @@ def reference_epoch(student, teacher, folder: Path, idx: list[int], size: int, b
     from edgekd.inference import layout_pays
 
     fmt = torch.channels_last if layout_pays(device) else torch.contiguous_format
-    student, teacher = student.to(memory_format=fmt), teacher.to(memory_format=fmt)
+    student, teacher = student.to(memory_format=fmt), copy.deepcopy(teacher).to(memory_format=fmt)  # edgekd's stays as is
     opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     student.train()
     amp = device.type == "cuda"  # bf16 autocast on a GPU, as edgekd's loop
