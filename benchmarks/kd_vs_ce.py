@@ -83,8 +83,8 @@ def robustness_table(kd: dict, ce: dict) -> str:
              if "robustness" in rep["models"].get(key, {})]
     if not found:
         return ""
-    corruptions = list(found[0][1]["by_corruption"])
     r0 = found[0][1]
+    corruptions = list(r0["by_corruption"])
     lines = [f"{r0['images']} test images, severities {', '.join(map(str, next(iter(r0['by_corruption'].values()))))}",
              "", "| model | clean | mean corrupted | drop | " + " | ".join(c.replace("_", " ") for c in corruptions) + " |",
              "|---|---|---|---|" + "---|" * len(corruptions)]

@@ -136,7 +136,7 @@ def main() -> int:
                         device))
             inference.layout_pays = edgekd_pick
             e, r = best["edgekd"], best["torchvision reference"] or None
-            name = "channels_last" if layout == "auto" and pays(device) else ("nchw" if layout == "auto" else layout)
+            name = layout if layout != "auto" else ("channels_last" if pays(device) else "nchw")
             versus = f", torchvision reference {r:.1f} img/s, edgekd/reference {e / r:.2f}x" if r else ""
             print(f"{loss} ({name}): edgekd {e:.1f} img/s ({len(data.train) / e:.2f} s per epoch){versus}", flush=True)
             results.append({"loss": loss, "layout": name, "edgekd_images_per_s": e, "reference_images_per_s": r,
