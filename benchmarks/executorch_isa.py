@@ -57,7 +57,7 @@ def main() -> int:
     x = data.normalize(data.test.images[:]).numpy()
     y = data.test.labels.numpy()
     np.save(out / "x.npy", x)
-    calib = data.normalize(data.train.images[:256]).numpy()
+    calib = data.normalize(data.train.sample(256).images[:]).numpy()
     files = [export_pte(model, out / "fp32.pte", 32), export_pte(model, out / "int8.pte", 32, calib),
              export_pte(model, out / "int8_stem_fp32.pte", 32, calib, keep_fp32=["features.0"])]
     with torch.no_grad():

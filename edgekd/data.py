@@ -113,6 +113,15 @@ class Split:
         full = self.full.select(idx_t) if isinstance(self.full, MappedImages) else self.full[idx_t]
         return Split.at_size(full, self.labels[idx_t], self.classes, key, self.skipped, self.size)
 
+    def sample(self, n: int | None) -> "Split":
+        """At most `n` of this split's images in its class proportions (a fixed seeded stratified
+        subset), for every place that judges on part of a split: splits are stored class by
+        class, so their first n images are the first classes only. The whole split where `n`
+        covers it (or is None)."""
+        if n is None or n >= len(self):
+            return self
+        return self.select(stratified_indices(self.labels.numpy(), n, SAMPLE_SEED), f"sample{n}")
+
     @property
     def size(self) -> int:
         return int(self.images.shape[-1])
@@ -443,6 +452,9 @@ def _load_torchvision(name: str, cfg: DataConfig, train: bool) -> Split:
 
 
 # ----------------------------------------------------------------------------- selection
+
+
+SAMPLE_SEED = 0  # Split.sample: the same images for every stage and run, so figures stay comparable
 
 
 def stratified_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:

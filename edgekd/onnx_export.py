@@ -91,9 +91,9 @@ DECISIVE_MARGIN = 0.25  # a reference top-1 margin below this fraction of its lo
 
 
 def reference_logits(reference: nn.Module, data, n: int) -> np.ndarray:
-    """What a file is verified against: `reference`'s PyTorch logits on the first `n` test images."""
+    """What a file is verified against: `reference`'s PyTorch logits on `n` test images (Split.sample)."""
     with torch.no_grad():
-        return reference.eval().cpu()(data.normalize(data.test.images[:n])).numpy()
+        return reference.eval().cpu()(data.normalize(data.test.sample(n).images[:])).numpy()
 
 
 def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict:
@@ -129,7 +129,7 @@ def verify(path: Path, reference: nn.Module | np.ndarray, data, n: int = 256, ma
     to judge, an int8 file (no `max_abs`) must instead keep its mean |diff| under half the
     logit spread. `reference`: the PyTorch model, or its `reference_logits` where the caller
     verifies several files against it."""
-    x = data.normalize(data.test.images[:n]).numpy()
+    x = data.normalize(data.test.sample(n).images[:]).numpy()
     ref = reference if isinstance(reference, np.ndarray) else reference_logits(reference, data, n)
     out = compare_logits(ref, run(x) if run is not None else run_onnx(path, x))
     k, rel = out["decisive_images"], out["mean_abs_diff_vs_spread"]

@@ -385,6 +385,18 @@ def test_stratified_indices_seed_determinism():
     assert np.bincount(labels[c], minlength=3).tolist() == [5, 3, 2]
 
 
+def test_split_sample_covers_every_class_of_a_split_stored_class_by_class():
+    labels = torch.arange(4).repeat_interleave(25)  # as ImageFolder stores them: class by class
+    images = torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1).expand(100, 3, 2, 2).contiguous()
+    split = Split(images, labels, list("abcd"), key="k")
+    part = split.sample(20)
+    assert np.bincount(part.labels.numpy(), minlength=4).tolist() == [5, 5, 5, 5]  # the first 20 would be all "a"
+    assert (part.images[1:, 0, 0, 0] > part.images[:-1, 0, 0, 0]).all()  # kept in stored order
+    assert torch.equal(part.labels, labels[part.images[:, 0, 0, 0].long()])  # pixels and labels stay paired
+    assert torch.equal(split.sample(20).images, part.images) and part.key == split.sample(20).key != split.key
+    assert split.sample(100) is split and split.sample(None) is split and split.sample(1000) is split
+
+
 def test_stratified_indices_n_larger_than_data():
     labels = np.array([0, 1, 1, 2])
     assert stratified_indices(labels, 100, seed=0).tolist() == [0, 1, 2, 3]

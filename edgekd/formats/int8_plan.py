@@ -67,15 +67,14 @@ def choose_int8(fmt: Format, v: Variant, path: Path, files: dict[str, tuple[list
     from ..onnx_export import compare_logits, judged_agreement
 
     data = job.data
-    split = data.val if data.val is not None else data.test
-    n = min(len(split), JUDGE_IMAGES)
-    x, y = data.normalize(split.images[:n]).numpy(), split.labels[:n].numpy()
+    split = (data.val if data.val is not None else data.test).sample(JUDGE_IMAGES)
+    x, y = data.normalize(split.images[:]).numpy(), split.labels.numpy()
     try:
         runners = {name: fmt.runner(f, 1) for name, (_, f) in files.items()}
         timed = time_interleaved(runners, x[:1], 10, runs_within(runners["fp32"], x[:1], 1000.0), 10)
         top1 = {name: round(100.0 * float((np.asarray(r(x)).argmax(1) == y).mean()), 3) for name, r in runners.items()}
         # and on the images verification will judge the shipped file on
-        xv = data.normalize(data.test.images[: job.verify_images]).numpy()
+        xv = data.normalize(data.test.sample(job.verify_images).images[:]).numpy()
         outs = {name: np.asarray(r(xv)) for name, r in runners.items()}
         rows = [{"plan": name, "fp32_modules": "all" if keep is None else keep, "p50_ms": timed[name]["p50_ms"],
                  "speedup_vs_fp32": round_ratio(timed["fp32"], timed[name]), "top1": top1[name],
@@ -93,7 +92,7 @@ def choose_int8(fmt: Format, v: Variant, path: Path, files: dict[str, tuple[list
         for _, f in files.values():
             f.unlink(missing_ok=True)
     rec = {"chosen": chosen["plan"], "runtime": fmt.runtime, "judged_on": f"{'val' if data.val is not None else 'test'} "
-           f"({n} images)", "max_drop_points": max_drop, "within_budget": chosen["drop_points"] <= max_drop,
+           f"({len(split)} images)", "max_drop_points": max_drop, "within_budget": chosen["drop_points"] <= max_drop,
            "candidates": rows}
     if chosen["plan"] == "fp32":
         best = max((r for r in rows if r["plan"] != "fp32"), key=lambda r: r["speedup_vs_fp32"])

@@ -33,7 +33,7 @@ class RobustnessConfig(Strict):
     corruptions: list[Literal[tuple(CORRUPTIONS)]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: list(CORRUPTIONS), min_length=1, description="CIFAR-10-C style corruptions")
     severities: list[Literal[1, 2, 3, 4, 5]] = Field(default_factory=lambda: [1, 2, 3, 4, 5], min_length=1)
-    images: int | None = Field(1000, gt=0, description="test images corrupted (default 1000; null: all)")
+    images: int | None = Field(1000, gt=0, description="test images corrupted, a stratified sample (default 1000; null: all)")
 
 
 class BenchmarkConfig(Strict):
@@ -46,7 +46,7 @@ class BenchmarkConfig(Strict):
     warmup: int = Field(30, ge=0)
     runs: int = Field(200, gt=4, description="timed calls per model, spread over `rounds`")
     rounds: int = Field(10, ge=1, description="interleaved timing rounds (model order rotates each round)")
-    eval_images: int | None = Field(None, gt=0, description="test images for per-runtime accuracy (default: all)")
+    eval_images: int | None = Field(None, gt=0, description="test images for per-runtime accuracy, a stratified sample (default: all)")
     teacher_accuracy: bool = Field(False, description="also measure the teacher files' top-1 on every runtime; off: their "
                                    "rows show the teacher's PyTorch top-1, which export verified each file against (a "
                                    "teacher's accuracy pass on 1 thread is most of this stage's time)")
@@ -72,9 +72,10 @@ class Benchmark(Stage):
     def run(self, ctx) -> StageResult:
         cfg: BenchmarkConfig = self.config
         data = ctx.data
-        n = cfg.eval_images or len(data.test)
-        x = data.normalize(data.test.images[:n]).numpy()
-        y = data.test.labels[:n].numpy()
+        test = data.test.sample(cfg.eval_images)
+        n = len(test)
+        x = data.normalize(test.images[:]).numpy()
+        y = test.labels.numpy()
         skipped, models = {}, {}
         for rt in resolve(cfg.runtimes):
             runtime = RUNTIMES.get(rt)
@@ -132,11 +133,11 @@ class Benchmark(Stage):
 
         rc: RobustnessConfig = self.config.robustness
         data = ctx.data
-        n = min(rc.images or len(data.test), len(data.test))
+        test = data.test.sample(rc.images)
         files = _files(ctx, "onnx")
         runners = {v: (lambda x, p=p: run_onnx(p, x, batch=250)) for v, p in files.items()}
         with tqdm(total=len(rc.corruptions) * len(rc.severities), desc="robustness", unit="corruption") as bar:
-            res = evaluate_robustness(runners, data.test.images[:n], data.test.labels[:n].numpy(), data.normalize,
+            res = evaluate_robustness(runners, test.images[:], test.labels.numpy(), data.normalize,
                                       rc.corruptions, rc.severities, ctx.cfg.seed, bar.update)
         for r in res.values():
             r["drop_points"] = round(r["clean_top1"] - r["corruption_top1"], 3)
@@ -149,4 +150,4 @@ class Benchmark(Stage):
             entry["corruption_top1"], entry["corruption_drop_points"] = r["corruption_top1"], r["drop_points"]
             log.info("robustness %-24s clean %.2f  corrupted %.2f  (drop %.2f points)", v, r["clean_top1"],
                      r["corruption_top1"], r["drop_points"])
-        return {"corruptions": rc.corruptions, "severities": rc.severities, "images": n, "runtime": "onnxruntime"}
+        return {"corruptions": rc.corruptions, "severities": rc.severities, "images": len(test), "runtime": "onnxruntime"}
