@@ -15,8 +15,9 @@ such switch, its own output on this CPU), run natively and on emulated CPUs:
 Needs ../shared (EDGEKD_SHARED); for the AVX2 column Debian's qemu-user; for the ARM columns
 an aarch64 Python with onnxruntime and ai-edge-litert (`bash benchmarks/arm64/setup.sh` builds
 one from Debian's and PyPI's arm64 packages; --arm-python or $EDGEKD_ARM64_PYTHON names it).
-Emulation is 100-250x slower than native (TCG), so the emulated columns run on the first
-`--emulated-images` test images, with the reference's top-1 on the same images beside them.
+Emulation is 100-250x slower than native (TCG), so the emulated columns run on
+`--emulated-images` test images (a stratified sample, as Split.sample takes), with the
+reference's top-1 on the same images beside them.
 Name ARM cores (`qemu-aarch64 -cpu help`) rather than `max`: its SME makes onnxruntime take an
 SME int8 path whose output under qemu 7.2 differs from every other core's (emulator or kernel: not
 known; benchmarks/README.md).
@@ -142,7 +143,7 @@ def main() -> int:
 
     import torch
 
-    from edgekd.data import load_data
+    from edgekd.data import SAMPLE_SEED, load_data, stratified_indices
     from edgekd.models import load_model
     from edgekd.onnx_export import run_onnx
     from edgekd.schema import DataConfig, ModelConfig
@@ -161,7 +162,8 @@ def main() -> int:
     y = data.test.labels.numpy()
     np.save(out / "x.npy", x)
     ne = min(args.emulated_images, len(y))
-    np.save(out / "x_emulated.npy", x[:ne])
+    em = stratified_indices(y, ne, SAMPLE_SEED)  # every class, not the first ones: the split is stored by class
+    np.save(out / "x_emulated.npy", x[em])
     manifest = out / "files.json"
     if args.reuse and manifest.exists():
         saved = json.loads(manifest.read_text())
@@ -179,7 +181,7 @@ def main() -> int:
     if args.avx2 and shutil.which("qemu-x86_64"):
         print("running the files on an emulated AVX2-only x86 (qemu; minutes per file) ...", flush=True)
         columns.append(("avx2", f"{run_files(paths, str(out / 'x_emulated.npy'), 'avx2', 'avx2')} without VNNI (qemu), "
-                                f"first {ne}"))
+                                f"{ne} stratified"))
     arm_cores = [c for c in args.arm.split(",") if c]
     if arm_cores and not Path(args.arm_python).exists():
         print(f"no aarch64 Python at {args.arm_python} (bash benchmarks/arm64/setup.sh): no ARM columns", flush=True)
@@ -189,7 +191,7 @@ def main() -> int:
         with ThreadPoolExecutor(len(arm_cores)) as pool:
             seen = pool.map(lambda core: run_files(paths, str(out / "x_emulated.npy"), f"arm-{core}", core,
                                                    args.arm_python), arm_cores)
-            columns += [(f"arm-{core}", f"{cpu}, {core} (qemu), first {ne}") for core, cpu in zip(arm_cores, seen)]
+            columns += [(f"arm-{core}", f"{cpu}, {core} (qemu), {ne} stratified") for core, cpu in zip(arm_cores, seen)]
     fp32_top1 = 100 * float((np.load(f"{files['fp32 (control)']}.native.npy").argmax(1) == y).mean())
     rows = []
     for name, p in files.items():
@@ -199,25 +201,25 @@ def main() -> int:
         ref = run_onnx(p, x, int8_kernels=False) if p.suffix == ".onnx" else here
         row = {"file": name, "reference": "Q/DQ float math" if p.suffix == ".onnx" else "this CPU",
                "reference_top1": 100 * float((ref.argmax(1) == y).mean()),
-               "reference_top1_emulated_images": 100 * float((ref[:ne].argmax(1) == y[:ne]).mean())}
+               "reference_top1_emulated_images": 100 * float((ref[em].argmax(1) == y[em]).mean())}
         if name in fake_quant:
             row["torch_fake_quant_top1"] = 100 * float((fake_quant[name].argmax(1) == y).mean())
         for tag, _ in columns:
             z = np.load(f"{p}.{tag}.npy")
-            k = len(z)
-            row[f"{tag}_top1"] = 100 * float((z.argmax(1) == y[:k]).mean())
-            row[f"{tag}_agreement"] = 100 * float((z.argmax(1) == ref[:k].argmax(1)).mean())
-            row[f"{tag}_max_abs_diff"] = float(np.abs(z - ref[:k]).max())
+            k = slice(None) if len(z) == len(y) else em  # the rows this column ran on
+            row[f"{tag}_top1"] = 100 * float((z.argmax(1) == y[k]).mean())
+            row[f"{tag}_agreement"] = 100 * float((z.argmax(1) == ref[k].argmax(1)).mean())
+            row[f"{tag}_max_abs_diff"] = float(np.abs(z - ref[k]).max())
             if tag != "native":  # the same file here and on the emulated CPU
-                row[f"{tag}_vs_native_agreement"] = 100 * float((z.argmax(1) == here[:k].argmax(1)).mean())
-                row[f"{tag}_vs_native_max_abs_diff"] = float(np.abs(z - here[:k]).max())
+                row[f"{tag}_vs_native_agreement"] = 100 * float((z.argmax(1) == here[k].argmax(1)).mean())
+                row[f"{tag}_vs_native_max_abs_diff"] = float(np.abs(z - here[k]).max())
         rows.append(row)
     result = {"fp32_top1": fp32_top1, "test_images": int(len(y)), "emulated_images": ne,
               "columns": dict(columns), "rows": rows}
     (out / "portable_int8.json").write_text(json.dumps(result, indent=2))
     lines = [f"fp32 student (onnxruntime): {fp32_top1:.2f} % on {len(y)} test images; top-1 % / top-1 agreement % with "
              f"the reference (Q/DQ float math; for .tflite its output on {native}) / max |logit diff|", "",
-             f"| file | reference, {len(y)} images | QAT fake-quant (torch) | reference, first {ne} | "
+             f"| file | reference, {len(y)} images | QAT fake-quant (torch) | reference, {ne} stratified | "
              + " | ".join(label for _, label in columns) + " |",
              "|---|---|---|---|" + "---|" * len(columns)]
     for r in rows:
