@@ -180,7 +180,7 @@ def main() -> int:
     columns = [("native", f"{native}, {len(y)} images")]
     if args.avx2 and shutil.which("qemu-x86_64"):
         print("running the files on an emulated AVX2-only x86 (qemu; minutes per file) ...", flush=True)
-        columns.append(("avx2", f"{run_files(paths, str(out / 'x_emulated.npy'), 'avx2', 'avx2')} without VNNI (qemu), "
+        columns.append(("avx2", f"{run_files(paths, str(out / 'x_emulated.npy'), 'avx2', 'avx2')} (qemu), "
                                 f"{ne} stratified"))
     arm_cores = [c for c in args.arm.split(",") if c]
     if arm_cores and not Path(args.arm_python).exists():
