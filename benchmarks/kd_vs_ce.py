@@ -73,26 +73,17 @@ def table(kd: dict[str, float], ce: dict[str, float], teacher: float | None) -> 
 
 
 def robustness_table(kd: dict, ce: dict) -> str:
-    """Clean and corrupted top-1 per variant (benchmark.robustness), each corruption averaged
-    over its severities: the teacher and unpruned student once, the compressed files per run."""
+    """The report's robustness table (edgekd.bench.quality) over both runs: the teacher and
+    unpruned student once, the compressed files per run."""
+    from edgekd.bench.quality import quality_markdown
+
     rows_ = [("teacher fp32", kd, "teacher_fp32"), ("unpruned student fp32", kd, "student_unpruned_fp32")]
     for tag, rep in (("KD", kd), ("CE", ce)):
         rows_ += [(f"{label}, {tag} in the loop", rep, key) for label, key in
                   (("pruned fp32", "student_fp32"), ("int8 PTQ", "int8_ptq"), ("int8 QAT", "int8_qat"))]
-    found = [(label, rep["models"][key]["robustness"]) for label, rep, key in rows_
-             if "robustness" in rep["models"].get(key, {})]
-    if not found:
-        return ""
-    r0 = found[0][1]
-    corruptions = list(r0["by_corruption"])
-    lines = [f"{r0['images']} test images, severities {', '.join(map(str, next(iter(r0['by_corruption'].values()))))}",
-             "", "| model | clean | mean corrupted | drop | " + " | ".join(c.replace("_", " ") for c in corruptions) + " |",
-             "|---|---|---|---|" + "---|" * len(corruptions)]
-    for label, r in found:
-        per = [sum(v.values()) / len(v) for v in r["by_corruption"].values()]
-        lines.append(f"| {label} | {r['clean_top1']:.2f} | {r['corruption_top1']:.2f} | "
-                     f"{r['clean_top1'] - r['corruption_top1']:.2f} | " + " | ".join(f"{a:.1f}" for a in per) + " |")
-    return "\n".join(lines)
+    models = {label: {"label": label, "robustness": rep["models"][key]["robustness"]} for label, rep, key in rows_
+              if "robustness" in rep["models"].get(key, {})}
+    return "\n".join(quality_markdown(models)).strip()
 
 
 def main() -> int:
@@ -108,7 +99,7 @@ def main() -> int:
           f"overrides: {' '.join(args.sets) or '(none)'}; seed {kd['seed']}; {kd['machine'].get('cpu', '')}\n\n"
           + table(rows(kd), rows(ce), teacher) + "\n")
     if rob := robustness_table(kd, ce):
-        md += "\n## Robustness\n\n" + rob + "\n"
+        md += "\n" + rob + "\n"
     (args.out / "kd_vs_ce.md").write_text(md)
     print(md)
     return 0

@@ -136,13 +136,15 @@ def test_kd_vs_ce_benchmark_tabulates_every_step():
     assert "| int8 QAT: ECE x100 before / after temperature | 8.00 / 2.00 | 8.00 / 2.00 | |" in md
     assert mod.CE == ["prune.finetune.loss=ce", "quantize.qat.loss=ce"]
     rob = lambda clean, by: {"robustness": {"images": 4, "clean_top1": clean, "corruption_top1": 60.0,  # noqa: E731
+                                            "drop_points": clean - 60.0, "by_severity": {"1": 65.0, "3": 55.0},
                                             "by_corruption": {"jpeg": by, "occlusion": {"1": 50.0, "3": 40.0}}}}
     kd = {"models": {"teacher_fp32": rob(90.0, {"1": 80.0, "3": 70.0}), "int8_qat": rob(85.0, {"1": 70.0, "3": 60.0})}}
     ce = {"models": {"int8_qat": rob(80.0, {"1": 60.0, "3": 50.0})}}
     md = mod.robustness_table(kd, ce)
-    assert "| teacher fp32 | 90.00 | 60.00 | 30.00 | 75.0 | 45.0 |" in md
-    assert "| int8 QAT, KD in the loop | 85.00 | 60.00 | 25.00 | 65.0 | 45.0 |" in md
-    assert "| int8 QAT, CE in the loop | 80.00 | 60.00 | 20.00 | 55.0 | 45.0 |" in md
+    assert md.startswith("## Robustness") and "Top-1 % on 4 test images" in md and "severities 1, 3" in md
+    assert "| teacher fp32 | 90.00 | 60.00 | 30.00 | – | 75.0 | 45.0 |" in md
+    assert "| int8 QAT, KD in the loop | 85.00 | 60.00 | 25.00 | – | 65.0 | 45.0 |" in md
+    assert "| int8 QAT, CE in the loop | 80.00 | 60.00 | 20.00 | – | 55.0 | 45.0 |" in md
     assert "unpruned" not in md and mod.robustness_table({"models": {}}, {"models": {}}) == ""
 
 
