@@ -90,10 +90,17 @@ def onnx_logits(path: Path, data, split=None) -> np.ndarray:
 DECISIVE_MARGIN = 0.25  # a reference top-1 margin below this fraction of its logit spread is a near-tie
 
 
-def reference_logits(reference: nn.Module, data, n: int) -> np.ndarray:
-    """What a file is verified against: `reference`'s PyTorch logits on `n` test images (Split.sample)."""
+def verification_images(data, n: int) -> np.ndarray:
+    """The `n` test images (Split.sample) a file is verified on, normalised like training."""
+    return data.normalize(data.test.sample(n).images[:]).numpy()
+
+
+def reference_logits(reference: nn.Module, data, n: int, x: np.ndarray | None = None) -> np.ndarray:
+    """What a file is verified against: `reference`'s PyTorch logits on verification_images
+    (`x`, where the caller has them already)."""
+    x = verification_images(data, n) if x is None else x
     with torch.no_grad():
-        return reference.eval().cpu()(data.normalize(data.test.sample(n).images[:])).numpy()
+        return reference.eval().cpu()(torch.from_numpy(x)).numpy()
 
 
 def compare_logits(ref: np.ndarray, got: np.ndarray) -> dict:
@@ -129,8 +136,8 @@ def verify(path: Path, reference: nn.Module | np.ndarray, data, n: int = 256, ma
     to judge, an int8 file (no `max_abs`) must instead keep its mean |diff| under half the
     logit spread. `reference`: the PyTorch model, or its `reference_logits` where the caller
     verifies several files against it."""
-    x = data.normalize(data.test.sample(n).images[:]).numpy()
-    ref = reference if isinstance(reference, np.ndarray) else reference_logits(reference, data, n)
+    x = verification_images(data, n)
+    ref = reference if isinstance(reference, np.ndarray) else reference_logits(reference, data, n, x)
     out = compare_logits(ref, run(x) if run is not None else run_onnx(path, x))
     k, rel = out["decisive_images"], out["mean_abs_diff_vs_spread"]
     problems = []

@@ -64,7 +64,7 @@ def choose_int8(fmt: Format, v: Variant, path: Path, files: dict[str, tuple[list
     `v`'s int8 file for `fmt` (see the module docstring), move the chosen one to `path` and
     remove the others; returns the path and the record (candidates with p50, speed-up, top-1)."""
     from ..bench.measure import round_ratio, runs_within, time_interleaved
-    from ..onnx_export import compare_logits, judged_agreement
+    from ..onnx_export import compare_logits, judged_agreement, verification_images
 
     data = job.data
     split = (data.val if data.val is not None else data.test).sample(JUDGE_IMAGES)
@@ -74,7 +74,7 @@ def choose_int8(fmt: Format, v: Variant, path: Path, files: dict[str, tuple[list
         timed = time_interleaved(runners, x[:1], 10, runs_within(runners["fp32"], x[:1], 1000.0), 10)
         top1 = {name: round(100.0 * float((np.asarray(r(x)).argmax(1) == y).mean()), 3) for name, r in runners.items()}
         # and on the images verification will judge the shipped file on
-        xv = data.normalize(data.test.sample(job.verify_images).images[:]).numpy()
+        xv = verification_images(data, job.verify_images)
         outs = {name: np.asarray(r(xv)) for name, r in runners.items()}
         rows = [{"plan": name, "fp32_modules": "all" if keep is None else keep, "p50_ms": timed[name]["p50_ms"],
                  "speedup_vs_fp32": round_ratio(timed["fp32"], timed[name]), "top1": top1[name],
