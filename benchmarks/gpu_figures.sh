@@ -2,6 +2,7 @@
 # Issue 10's GPU figures in one call on a lent GPU, inside a fixed time budget:
 #   1. training images/s at 32 px on the full 50k CIFAR-10 train split, CE and KD with a live
 #      ResNet-50 teacher, NCHW vs channels_last (edgekd's choice on a GPU);
+#   1b. the same KD epoch with `compile: default` and `reduce-overhead` (CUDA graphs) against eager;
 #   2. the flagship pipeline, its distillation epochs sized from (1) to fit what is left
 #      (no CE baseline, only onnxruntime: the machine has no other runtime), all of it timed;
 #   3. images/s at 224 px (CIFAR-10 upscaled), KD, edgekd vs the reference.
@@ -9,7 +10,7 @@
 #
 #   EDGEKD_SHARED=/path/to/shared bash benchmarks/gpu_figures.sh OUT_DIR SECONDS
 #
-# OUT_DIR gets log.txt, tp32.json, tp224.json and flagship.tar.gz (the run directory's reports).
+# OUT_DIR gets log.txt, tp32.json, tp32_compile.json, tp224.json and flagship.tar.gz (the run directory's reports).
 set -u
 out=$1
 budget=$2
@@ -32,6 +33,11 @@ git rev-parse --short HEAD 2>/dev/null || true
 echo "== 1. images/s at 32 px, full train split ($(left) s left)"
 timeout 150 $py benchmarks/train_throughput.py --data "$shared/data/cifar10-jpg.tar.gz" --size 32 --images "$n32" \
     --batch 256 --repeats 1 --layouts both --no-reference --device "$dev" --json "$out/tp32.json"
+
+echo "== 1b. torch.compile at 32 px, KD ($(left) s left)"
+timeout 180 $py benchmarks/train_throughput.py --data "$shared/data/cifar10-jpg.tar.gz" --size 32 --images "$n32" \
+    --batch 256 --repeats 1 --loss kd --compile off,default,reduce-overhead --no-reference --device "$dev" \
+    --json "$out/tp32_compile.json"
 
 # the distillation epochs that fit the time left, from the KD epoch in edgekd's own layout
 epochs=$($py - "$out/tp32.json" "$(left)" <<'EOF'

@@ -8,6 +8,7 @@ last completed epoch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -62,6 +63,10 @@ class TrainConfig(Strict):
     batch_size: int | None = Field(None, gt=0, description="defaults to data.batch_size")
     cache_teacher: bool = Field(True, description="cache teacher logits on disk when augment is 'flip' or 'none'")
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off", description="torch.compile the student's training step and a live PyTorch teacher's forward with this "
+                           "mode (reduce-overhead adds CUDA graphs); off by default: compiling takes a minute or more "
+                           "per run and it did not pay on a CPU (benchmarks/README.md, 'torch.compile')")
     eval_every: int = Field(1, ge=0, description="evaluate every N epochs (0: only at the end)")
     bn_recalibration: Switch = Field(
         "auto", description="re-estimate BatchNorm statistics when the run ends; auto = when eval-mode top-1 on training "
@@ -151,11 +156,42 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, *,
             if w.size > 1:  # parameters a term sized in prepare start from rank 0's draw everywhere
                 for p in objective.parameters():
                     dist.collective(lambda: torch.distributed.broadcast(p.data, 0), f"starting {desc}")
-            with channels_last(device, model, *(src.teacher for src in objective.teachers.values())):
+            with channels_last(device, model, *(src.teacher for src in objective.teachers.values())), \
+                    _compiling(objective, cfg, desc):
                 return dist.collective(lambda: _fit(model, data, cfg, device, seed, objective, state_path, desc, on_epoch),
                                        f"training {desc}")
         finally:
             objective.detach()
+
+
+def _compile_options(cfg: TrainConfig) -> dict:
+    # one batch shape (a last, smaller batch compiles once more): no dynamic shapes, which CUDA graphs cannot take
+    return {"mode": None if cfg.compile == "default" else cfg.compile, "dynamic": False}
+
+
+@contextlib.contextmanager
+def _compiling(objective: Objective, cfg: TrainConfig, desc: str):
+    """With `compile` set, the live teachers' forwards compiled for the run; a compiler that fails
+    (no C++ compiler, an op it cannot lower) named in one line instead of its traceback; and the
+    compiled graphs dropped after the run, so the next run on a pruned or quantized model starts
+    afresh instead of piling up guards until torch.compile gives up and runs eager."""
+    if cfg.compile == "off":
+        yield
+        return
+    import torch._dynamo  # a second's import: only for runs that compile
+
+    with contextlib.ExitStack() as stack:
+        stack.callback(torch._dynamo.reset)
+        for src in objective.teachers.values():
+            stack.enter_context(src.compiled(**_compile_options(cfg)))
+        try:
+            yield
+        except torch._dynamo.exc.TorchDynamoException as e:
+            inner = getattr(e, "inner_exception", None) or e  # the backend's own error, not dynamo's wrapper
+            first = next((line.strip() for line in str(inner).splitlines() if line.strip()), "")
+            reason = f"{type(inner).__name__}: {first}" if first else type(inner).__name__
+            raise EdgekdError(f"{desc}: torch.compile (compile: {cfg.compile}) failed: {reason[:300]}; set compile: off "
+                              "to train without it") from None
 
 
 def _fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, seed: int, objective: Objective,
@@ -173,6 +209,8 @@ def _fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, s
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile != "off":  # the model itself stays eager: evaluation, BatchNorm statistics and checkpoints use it
+        train_model = torch.compile(train_model, **_compile_options(cfg))
     opt = _optimizer([model, objective], cfg)
     sched = _scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
     history: list[dict] = []

@@ -115,3 +115,70 @@ def test_a_short_mobilenet_v3_run_ends_with_bn_statistics_that_fit_its_weights(a
     assert ("bn_recalibrated_images" in rec) == lags and "train_eval_mode_top1" in rec
     if not lags:
         assert all(torch.equal(v, fixed[4].state_dict()[k]) for k, v in before.items())
+
+
+def _small_net(width: int = 8) -> torch.nn.Module:
+    """conv-bn-relu blocks and a head: what compiles in seconds on a CPU."""
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, 4))
+
+
+def test_compile_trains_as_eager_does_and_checkpoints_the_plain_model(tmp_path, monkeypatch):
+    """compile: the student's step and a live teacher (feature taps, so it runs in PyTorch) go
+    through torch.compile; the loss curve is eager's up to float reordering, the checkpoint holds
+    the model's own keys (resume reads it into an uncompiled model) and the run leaves no compiled
+    wrapper behind."""
+    from edgekd.distill import Objective, TeacherSource
+
+    data = learnable_data(96, 32, size=16)
+    torch.manual_seed(1)
+    teacher = _small_net(16).eval()
+    terms = [{"loss": "kd", "weight": 0.5, "teacher": "t"}, {"loss": "ce", "weight": 0.5},
+             {"loss": "fitnet", "student_layer": "3", "teacher_layer": "3", "teacher": "t", "weight": 0.1}]
+
+    def run(mode, state=None):
+        cfg = TrainConfig(epochs=2, objective=terms, lr=0.05, eval_every=0, bn_recalibration="off", compile=mode)
+        src = TeacherSource(teacher, data, torch.device("cpu"), True, None, None, features=["3"], name="t")
+        torch.manual_seed(0)
+        model = _small_net()
+        hist = fit(model, data, cfg, torch.device("cpu"), seed=0, objective=Objective(cfg.terms(), lambda n, f: src),
+                   state_path=state)
+        assert src._compiled is None  # dropped with the run
+        return hist, model
+
+    eager, _ = run("off")
+    real_compile, compiled_calls = torch.compile, []
+
+    def spy(module, **options):  # torch.compile itself, its calls recorded
+        compiled_calls.append((module, options))
+        return real_compile(module, **options)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    state = tmp_path / "state.pt"
+    compiled, model = run("default", state)
+    assert [(m, o) for m, o in compiled_calls] == [(teacher, {"mode": None, "dynamic": False}),
+                                                   (model, {"mode": None, "dynamic": False})]
+    for a, b in zip(eager, compiled):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-3) and b["fitnet"] == pytest.approx(a["fitnet"], rel=2e-3)
+    saved = torch.load(state, weights_only=True)["model"]
+    assert saved.keys() == model.state_dict().keys() and not any("_orig_mod" in k for k in saved)
+    assert not hasattr(model, "_orig_mod") and type(model) is torch.nn.Sequential
+
+
+def test_a_compiler_that_fails_is_one_line_naming_the_option(monkeypatch):
+    """No C++ compiler, an op inductor cannot lower: the run stops with one line that says how to
+    train without compiling, not the compiler's traceback."""
+    import edgekd.train as train
+    from edgekd.errors import EdgekdError
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("cc1plus: not found\ncompilation terminated")
+
+    monkeypatch.setattr(train, "_compile_options", lambda cfg: {"backend": broken_backend, "dynamic": False})
+    with pytest.raises(EdgekdError, match=r"^train: torch\.compile \(compile: default\) failed: .*cc1plus: not found.*; "
+                                          r"set compile: off to train without it$") as e:
+        fit(_small_net(), learnable_data(16, 8, size=8), TrainConfig(epochs=1, loss="ce", eval_every=0, compile="default"),
+            torch.device("cpu"), seed=0)
+    assert "\n" not in str(e.value)

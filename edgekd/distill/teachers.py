@@ -8,6 +8,7 @@ teacher's and the data's bytes."""
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,12 +32,25 @@ class TeacherSource:
         self.teacher, self.data, self.device, self.name = teacher.eval(), data, device, name
         self.taps = FeatureTaps(teacher, features, name) if features else None
         self.table: torch.Tensor | None = None
+        self._compiled: nn.Module | None = None  # set for a training run with `compile` (compiled)
         if cache and self.taps is None and data.augment in ("none", "flip"):
             self.table = self._build_table(teacher_key, cache_dir)
 
     def __getstate__(self) -> dict:
         """Sent to the other ranks of a torchrun group (dist) without the dataset: each has its own."""
-        return {**self.__dict__, "data": None}
+        return {**self.__dict__, "data": None, "_compiled": None}
+
+    @contextmanager
+    def compiled(self, **options):
+        """The live forward through torch.compile(**options) for the block (a training run's
+        `compile`), where PyTorch runs it: not from a logit table, an ONNX teacher, or a CPU's
+        onnxruntime runner (frozen_forward), which outruns both."""
+        if self.table is None and not hasattr(self.teacher, "session") and (self.taps or self.device.type != "cpu"):
+            self._compiled = torch.compile(self.teacher, **options)
+        try:
+            yield
+        finally:
+            self._compiled = None
 
     def bind(self, data: Data, device: torch.device) -> None:
         """Attach a received source to this rank's data and device."""
@@ -46,6 +60,8 @@ class TeacherSource:
 
     @torch.no_grad()
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._compiled is not None:
+            return self._compiled(x).float()
         if self.taps is not None:  # the features come from PyTorch's modules
             return self.teacher(x).float()
         return frozen_forward(self.teacher, self.device, x[:8])(x)
