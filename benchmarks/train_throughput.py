@@ -88,7 +88,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
 
-    from edgekd.data import _extract_archive, _find_split_dir, cache_root, load_data
+    from edgekd.archive import extract_archive
+    from edgekd.data import _find_split_dir, cache_root, load_data
     from edgekd.distill import Objective
     from edgekd.distill.teachers import TeacherSource
     from edgekd.models import build
@@ -102,7 +103,7 @@ def main() -> int:
     data = load_data(DataConfig(source=str(src), image_size=args.size, subset=args.images, test_subset=args.batch,
                                 augment="crop_flip", batch_size=args.batch), seed=0)
     decode_s = time.perf_counter() - t0
-    root = src if src.is_dir() else _extract_archive(src, cache_root(), ArchiveLimits())
+    root = src if src.is_dir() else extract_archive(src, cache_root(), ArchiveLimits())
     folder = _find_split_dir(root, None, ("train",))
     idx = _subset_indices(folder, data)
     small = args.size < 64

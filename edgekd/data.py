@@ -2,7 +2,7 @@
 
 JPEG decoding dominates CPU training time on small images, so every split is decoded
 once into a uint8 N x C x H x W array and cached on disk under a key derived from the
-input *bytes* (archive hash, or the hash of every image file), never from a name.
+input *bytes* (every image file's, in a folder or a tar archive: edgekd.archive), never from a name.
 Augmentation (padded random crop, horizontal flip) then runs on whole batches of tensors.
 
 Images keep their aspect ratio: each is resized so its short side is `data.store_size`
@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import logging
 import os
 import shutil
-import tarfile
-import tempfile
-import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,13 +33,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .schema import ArchiveLimits, DataConfig
+from .archive import ARCHIVES, ArchiveEntry, open_archive
+from .schema import DataConfig
 from .errors import EdgekdError, InputError
-from .fileio import atomic_path, save_torch, sha256_file
+from .fileio import atomic_path, save_torch
 
 log = logging.getLogger("edgekd")
-ARCHIVES = (".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tar")  # what tarfile reads ("r:*")
 
+Folder = Path | ArchiveEntry  # an ImageFolder on disk, or inside an archive read into memory
 IMG_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 
 
@@ -197,92 +196,7 @@ def cache_root(cfg_dir: str | None = None) -> Path:
 # ----------------------------------------------------------------------------- sources
 
 
-class _Budget:
-    """tarfile extraction filter: tarfile's "data" filter (no traversal, links or devices) plus
-    limits on the total unpacked size and member count, checked on each member's header before
-    its bytes are written."""
-
-    SLACK = 64 << 20
-
-    def __init__(self, archive: Path, limits: ArchiveLimits, dest: Path):
-        self.archive, self.files, self.bytes = archive, 0, 0
-        by_ratio = int(limits.max_ratio * archive.stat().st_size) + self.SLACK
-        self.max_bytes = min(by_ratio, limits.max_bytes or by_ratio)
-        self.free = shutil.disk_usage(dest).free
-        self.max_files = limits.max_files
-
-    def __call__(self, member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
-        member = tarfile.data_filter(member, path)
-        self.files += 1
-        self.bytes += member.size
-        if self.files > self.max_files:
-            raise InputError(f"{self.archive}: more than data.archive.max_files ({self.max_files:,}) members; "
-                             "raise it if the archive is trusted")
-        if self.bytes > self.max_bytes:
-            raise InputError(f"{self.archive}: unpacks to more than {self.max_bytes:,} bytes (at {member.name}), over "
-                             "data.archive.max_ratio / max_bytes; refused as an archive bomb (raise them if it is trusted)")
-        if self.bytes > self.free:
-            raise EdgekdError(f"{self.archive}: unpacks to more than the {self.free:,} bytes free in the cache "
-                              f"({member.name}); free space or set data.cache_dir")
-        return member
-
-
-def _extract_archive(archive: Path, cache: Path, limits: ArchiveLimits) -> Path:
-    """Extract a tar archive (any of ARCHIVES) once into the cache, keyed on the archive's bytes.
-
-    Several processes may extract the same archive at once: each unpacks into its own temporary
-    folder and publishes it with one rename; the first rename wins and the others drop their
-    copy. A published folder is never deleted, since another process may be reading it."""
-    digest = sha256_file(archive)[:20]
-    parent = cache / "extracted"
-    dest = parent / digest
-    if (dest / ".complete").exists():
-        return dest
-    parent.mkdir(parents=True, exist_ok=True)
-    _remove_orphans(parent, digest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.{os.getpid()}.", suffix=".tmp", dir=parent))
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            tar.extractall(tmp, filter=_Budget(archive, limits, parent))
-        (tmp / ".complete").write_text(str(archive))
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise InputError(f"{archive}: cannot extract archive ({e})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for _ in range(2):
-        try:
-            os.rename(tmp, dest)
-            break
-        except OSError:
-            if (dest / ".complete").exists():  # another process published the same bytes first
-                shutil.rmtree(tmp, ignore_errors=True)
-                break
-            try:  # an unfinished folder left by an edgekd that did not publish by rename
-                aside = Path(tempfile.mkdtemp(prefix=f".{digest}.{os.getpid()}.", suffix=".tmp", dir=parent))
-                os.replace(dest, aside)
-                shutil.rmtree(aside, ignore_errors=True)
-            except OSError:
-                pass
-    return dest
-
-
-def _remove_orphans(parent: Path, digest: str) -> None:
-    """Temporary folders of extractions whose process is gone (killed mid-way)."""
-    for p in parent.glob(f".{digest}.*.tmp"):
-        try:
-            pid = int(p.name.split(".")[2])
-            os.kill(pid, 0)
-        except (ValueError, IndexError):
-            continue
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except PermissionError:  # alive, another user's
-            continue
-
-
-def _find_split_dir(root: Path, wanted: str | None, candidates: tuple[str, ...]) -> Path:
+def _find_split_dir(root: Folder, wanted: str | None, candidates: tuple[str, ...]) -> Folder:
     if wanted:
         p = root / wanted
         if not p.is_dir():
@@ -295,7 +209,7 @@ def _find_split_dir(root: Path, wanted: str | None, candidates: tuple[str, ...])
     raise InputError(f"{root}: no '{candidates[0]}' folder found (ImageFolder layout: {candidates[0]}/<class>/<image>)")
 
 
-def _list_image_folder(folder: Path) -> tuple[list[Path], list[int], list[str]]:
+def _list_image_folder(folder: Folder) -> tuple[list[Folder], list[int], list[str]]:
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise InputError(f"{folder}: no class folders found (ImageFolder layout: <class>/<image>)")
@@ -310,14 +224,15 @@ def _list_image_folder(folder: Path) -> tuple[list[Path], list[int], list[str]]:
     return files, labels, classes
 
 
-def _decode(args: tuple[str, int, int]) -> np.ndarray | str:
-    """One image as uint8 3 x size x size: short side resized to `size` (bilinear), centre crop."""
+def _decode(args: tuple[str | bytes, int, int]) -> np.ndarray | str:
+    """One image (a file, or the bytes of an archive member) as uint8 3 x size x size: short
+    side resized to `size` (bilinear), centre crop."""
     from PIL import Image
 
-    path, size, max_pixels = args
+    src, size, max_pixels = args
     Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's own bomb check then agrees with ours
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
             w, h = im.size
             if w * h > max_pixels:  # the header alone: nothing decoded yet
                 return f"{w}x{h} pixels, over data.max_image_pixels ({max_pixels:,})"
@@ -333,7 +248,7 @@ def _decode(args: tuple[str, int, int]) -> np.ndarray | str:
         return f"{type(e).__name__}: {e}"
 
 
-def _check_classes(folder: Path, labels: torch.Tensor, classes: list[str]) -> None:
+def _check_classes(folder: Folder, labels: torch.Tensor, classes: list[str]) -> None:
     """A split a classifier cannot be trained or judged on is refused, not run to 100 %."""
     counts = torch.bincount(labels, minlength=len(classes)).tolist()
     filled = [c for c, n in zip(classes, counts) if n]
@@ -345,7 +260,7 @@ def _check_classes(folder: Path, labels: torch.Tensor, classes: list[str]) -> No
             log.warning("%s: class folder %r holds no readable images", folder, c)
 
 
-def _load_image_folder(folder: Path, cfg: DataConfig, cache: Path) -> Split:
+def _load_image_folder(folder: Folder, cfg: DataConfig, cache: Path) -> Split:
     files, labels, classes = _list_image_folder(folder)
     store = cfg.store_size or cfg.image_size
     h = hashlib.sha256(f"size={store} fit=short_side_centre_crop skip_bad={cfg.skip_bad_images} "
@@ -363,7 +278,7 @@ def _load_image_folder(folder: Path, cfg: DataConfig, cache: Path) -> Split:
     from tqdm import tqdm
 
     _check_free_space(pixels.parent, len(files) * 3 * store * store)
-    jobs = [(str(f), store, cfg.max_image_pixels) for f in files]
+    jobs = [(f.read_bytes() if isinstance(f, ArchiveEntry) else str(f), store, cfg.max_image_pixels) for f in files]
     workers = min(4, os.cpu_count() or 1)
     keep, bad = [], []
     # pixels stream to the file as they are decoded (in order); it takes its name only when complete
@@ -482,7 +397,7 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
         if path.is_file():
             if not path.name.endswith(ARCHIVES):
                 raise InputError(f"data.source: {path} is a file but not a {'/'.join(ARCHIVES)} archive")
-            path = _extract_archive(path, cache, cfg.archive)
+            path = open_archive(path, cache, cfg.archive)
         train_dir = _find_split_dir(path, cfg.train_dir, ("train",))
         test_dir = _find_split_dir(path, cfg.test_dir, ("test", "val", "validation"))
         train, test = _load_image_folder(train_dir, cfg, cache), _load_image_folder(test_dir, cfg, cache)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import CLASSES, TEST_COUNTS, TRAIN_COUNTS, write_image
+from edgekd import archive as archive_mod
 from edgekd import data as data_mod
 from edgekd.schema import DataConfig
 from edgekd.data import Split, augment_batch, cache_root, iterate, load_data, stratified_indices
@@ -290,24 +291,69 @@ def _make_tar(folder: Path, dest: Path, top: str | None, mode: str = "w:gz") -> 
     return dest
 
 
+@pytest.fixture(params=["in-memory", "extracted"])
+def archive_route(request, monkeypatch):
+    """Both ways an archive is read (edgekd.archive): in memory, and extracted once (an archive
+    over IN_MEMORY_BYTES)."""
+    if request.param == "extracted":
+        monkeypatch.setattr(archive_mod, "IN_MEMORY_BYTES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("top,name,mode", [("mini-set", "mini.tar.gz", "w:gz"), (None, "mini.tar.gz", "w:gz"),
                                            (None, "mini.tar.xz", "w:xz")], ids=["top-folder", "flat", "xz"])
-def test_tar_gz_matches_folder(image_folder, tmp_path, top, name, mode):
+def test_tar_gz_matches_folder(image_folder, tmp_path, top, name, mode, archive_route):
     cache = tmp_path / "cache"
     archive = _make_tar(image_folder, tmp_path / name, top, mode)
-    from_folder = load_data(cfg_for(image_folder, cache, image_size=8), seed=0)
+    from_folder = load_data(cfg_for(image_folder, tmp_path / "folder-cache", image_size=8), seed=0)
     from_tar = load_data(cfg_for(archive, cache, image_size=8), seed=0)
     assert from_tar.classes == CLASSES
     assert from_tar.train.images.shape == (N_TRAIN, 3, 8, 8)
     assert torch.equal(from_tar.train.images, from_folder.train.images)
     assert torch.equal(from_tar.test.labels, from_folder.test.labels)
     assert from_tar.train.key == from_folder.train.key  # keyed on bytes, not on where they came from
+    # in memory the cache holds the decoded splits and nothing unpacked
+    assert (cache / "extracted").exists() == (archive_route == "extracted")
 
 
-def test_tar_gz_is_extracted_once(image_folder, tmp_path, monkeypatch):
+def test_a_small_archive_is_read_in_one_pass_without_unpacking_a_file(image_folder, tmp_path, monkeypatch):
+    """Unpacking writes a file per image, which is what costs on small images: a small archive
+    is read as one stream, and a bad image inside it is named by its place in the archive."""
+    archive = _make_tar(image_folder, tmp_path / "mini.tar.gz", "mini-set")
+    opened = []
+    real_open = archive_mod.tarfile.open
+    monkeypatch.setattr(archive_mod.tarfile, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+    load_data(cfg_for(archive, tmp_path / "cache", image_size=8), seed=0)
+    assert len(opened) == 1 and not (tmp_path / "cache" / "extracted").exists()
+    write_image(image_folder / "train" / "ant" / "img_0.png", np.zeros((8, 8, 3), np.uint8))
+    (image_folder / "train" / "ant" / "img_0.png").write_bytes(b"not a png")
+    _make_tar(image_folder, archive, "mini-set")
+    with pytest.raises(EdgekdError, match=r"mini\.tar\.gz/mini-set/train/ant/img_0\.png: unreadable image"):
+        load_data(cfg_for(archive, tmp_path / "cache", image_size=8), seed=0)
+
+
+def test_an_archive_with_links_or_over_the_memory_bound_is_extracted(image_folder, tmp_path, monkeypatch):
+    with tarfile.open(tmp_path / "links.tar.gz", "w:gz") as tar:
+        tar.add(image_folder, arcname="set")
+        link = tarfile.TarInfo("set/train/ant/link.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "img_0.png"
+        tar.addfile(link)
+    linked = load_data(cfg_for(tmp_path / "links.tar.gz", tmp_path / "cache", image_size=8), seed=0)
+    assert (tmp_path / "cache" / "extracted").is_dir() and len(linked.train) == N_TRAIN + 1  # the link is an image too
+    (image_folder / "notes.txt").write_bytes(bytes(1 << 20))  # compresses to a few KB
+    packed = _make_tar(image_folder, tmp_path / "packed.tar.gz", "set")
+    monkeypatch.setattr(archive_mod, "IN_MEMORY_BYTES", packed.stat().st_size)  # the archive fits, its bytes do not
+    monkeypatch.setattr(archive_mod, "extract_archive", lambda *a: (_ for _ in ()).throw(AssertionError("extracted")))
+    with pytest.raises(AssertionError, match="extracted"):
+        load_data(cfg_for(packed, tmp_path / "cache2", image_size=8), seed=0)
+
+
+def test_tar_gz_is_extracted_once(image_folder, tmp_path, monkeypatch, archive_route):
     cache = tmp_path / "cache"
     archive = _make_tar(image_folder, tmp_path / "mini.tar.gz", "mini-set")
     first = load_data(cfg_for(archive, cache, image_size=8), seed=0)
+    if archive_route == "in-memory":
+        return  # nothing extracted: the test above
     extracted = list((cache / "extracted").iterdir())
     assert len(extracted) == 1
     dest = extracted[0]
@@ -317,14 +363,14 @@ def test_tar_gz_is_extracted_once(image_folder, tmp_path, monkeypatch):
     def no_reextract(*a, **k):
         raise AssertionError("archive extracted a second time")
 
-    monkeypatch.setattr(data_mod.tarfile, "open", no_reextract)
+    monkeypatch.setattr(archive_mod.tarfile, "open", no_reextract)
     second = load_data(cfg_for(archive, cache, image_size=8), seed=0)
     assert second.train.key == first.train.key
     assert list((cache / "extracted").iterdir()) == [dest]
     assert (dest.stat().st_mtime_ns, (dest / ".complete").stat().st_mtime_ns) == stamps
 
 
-def test_changed_archive_is_extracted_again(image_folder, tmp_path):
+def test_changed_archive_is_read_again(image_folder, tmp_path, archive_route):
     cache = tmp_path / "cache"
     archive = tmp_path / "mini.tar.gz"
     _make_tar(image_folder, archive, "mini-set")
@@ -332,18 +378,19 @@ def test_changed_archive_is_extracted_again(image_folder, tmp_path):
     write_image(image_folder / "train" / "ant" / "img_0.png", np.zeros((8, 8, 3), np.uint8))
     _make_tar(image_folder, archive, "mini-set")
     second = load_data(cfg_for(archive, cache, image_size=8), seed=0)
-    assert len(list((cache / "extracted").iterdir())) == 2
+    if archive_route == "extracted":
+        assert len(list((cache / "extracted").iterdir())) == 2
     assert second.train.key != first.train.key
     assert (second.train.images[0] == 0).all()
 
 
-def test_corrupt_archive(tmp_path):
+def test_corrupt_archive(tmp_path, archive_route):
     archive = tmp_path / "broken.tar.gz"
     archive.write_bytes(b"\x1f\x8b\x08\x00garbage" * 10)
-    with pytest.raises(EdgekdError, match=r"broken\.tar\.gz: cannot extract archive"):
+    with pytest.raises(EdgekdError, match=r"^\S*broken\.tar\.gz: cannot (read|extract) archive \("):
         load_data(cfg_for(archive, tmp_path / "cache"), seed=0)
-    leftovers = list((tmp_path / "cache" / "extracted").iterdir())
-    assert leftovers == []  # no half-extracted folder left behind
+    extracted = tmp_path / "cache" / "extracted"
+    assert not extracted.exists() or list(extracted.iterdir()) == []  # no half-extracted folder left behind
 
 
 # ----------------------------------------------------------------------------- selection

@@ -1,0 +1,218 @@
+"""Tar archives of an ImageFolder (data.source: set.tar.gz): read in place, or extracted once.
+
+Extracting writes one file per image, and on a small-image dataset creating the files is what
+costs: CIFAR-10's 60 000 JPEGs took most of a minute to unpack and under two seconds to read as
+one stream (benchmarks/README.md). So an archive no larger than IN_MEMORY_BYTES is read in one
+pass into memory (`read_archive`) and the ImageFolder reader walks it through `ArchiveEntry`, a
+stand-in for the few `Path` methods it uses; a larger one is extracted into the cache once,
+keyed on its bytes (`extract_archive`), so RAM use does not grow with the dataset. Both read the
+same members with the same checks (`Budget`), and the decoded splits are keyed on the image
+bytes either way, so the two give the same cache entries.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+import tempfile
+import zlib
+from pathlib import Path, PurePosixPath
+
+from .errors import EdgekdError, InputError
+from .fileio import sha256_file
+from .schema import ArchiveLimits
+
+ARCHIVES = (".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tar")  # what tarfile reads ("r:*")
+IN_MEMORY_BYTES = 1 << 30  # archives up to this size (and their members' bytes) are read into memory, larger extracted
+
+
+class Budget:
+    """Checked on each member's header before its bytes are read: tarfile's "data" filter (no
+    traversal, links or devices) plus limits on the total unpacked size and member count, and,
+    where the members are written to disk, the free space there."""
+
+    SLACK = 64 << 20
+
+    def __init__(self, archive: Path, limits: ArchiveLimits, dest: Path | None):
+        self.archive, self.files, self.bytes = archive, 0, 0
+        by_ratio = int(limits.max_ratio * archive.stat().st_size) + self.SLACK
+        self.max_bytes = min(by_ratio, limits.max_bytes or by_ratio)
+        self.free = shutil.disk_usage(dest).free if dest else None
+        self.max_files = limits.max_files
+
+    def __call__(self, member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+        member = tarfile.data_filter(member, path)
+        self.files += 1
+        self.bytes += member.size
+        if self.files > self.max_files:
+            raise InputError(f"{self.archive}: more than data.archive.max_files ({self.max_files:,}) members; "
+                             "raise it if the archive is trusted")
+        if self.bytes > self.max_bytes:
+            raise InputError(f"{self.archive}: unpacks to more than {self.max_bytes:,} bytes (at {member.name}), over "
+                             "data.archive.max_ratio / max_bytes; refused as an archive bomb (raise them if it is trusted)")
+        if self.free is not None and self.bytes > self.free:
+            raise EdgekdError(f"{self.archive}: unpacks to more than the {self.free:,} bytes free in the cache "
+                              f"({member.name}); free space or set data.cache_dir")
+        return member
+
+
+def open_archive(archive: Path, cache: Path, limits: ArchiveLimits) -> Path | ArchiveEntry:
+    """The archive's top folder: read into memory where it is small enough, else extracted."""
+    return (archive.stat().st_size <= IN_MEMORY_BYTES and read_archive(archive, limits)) or \
+        extract_archive(archive, cache, limits)
+
+
+# ----------------------------------------------------------------------------- read in place
+
+
+class _Tree:
+    def __init__(self, archive: Path):
+        self.archive = archive
+        self.files: dict[PurePosixPath, bytes] = {}
+        self.children: dict[PurePosixPath, set[PurePosixPath]] = {PurePosixPath("."): set()}
+
+    def add(self, rel: PurePosixPath, data: bytes | None) -> None:
+        """A file (data) or folder (None) and every folder above it."""
+        if data is not None:
+            self.files[rel] = data
+        node = rel
+        while node != PurePosixPath("."):
+            parent = node.parent
+            self.children.setdefault(parent, set()).add(node)
+            if data is None or node != rel:
+                self.children.setdefault(node, set())
+            node = parent
+
+
+class ArchiveEntry:
+    """A file or folder inside an archive read into memory, answering the `Path` calls the
+    ImageFolder reader makes (data._find_split_dir, _list_image_folder, _load_image_folder). It
+    prints as `<archive>/<member>`, so messages name the image inside the archive."""
+
+    def __init__(self, tree: _Tree, rel: PurePosixPath = PurePosixPath(".")):
+        self._tree, self.rel = tree, rel
+
+    @property
+    def name(self) -> str:
+        return self.rel.name
+
+    @property
+    def suffix(self) -> str:
+        return self.rel.suffix
+
+    def __truediv__(self, part: str) -> ArchiveEntry:
+        return ArchiveEntry(self._tree, self.rel / part)
+
+    def __str__(self) -> str:
+        return str(self._tree.archive) if self.rel == PurePosixPath(".") else f"{self._tree.archive}/{self.rel}"
+
+    def __lt__(self, other: ArchiveEntry) -> bool:
+        return self.rel < other.rel
+
+    def is_dir(self) -> bool:
+        return self.rel in self._tree.children
+
+    def is_file(self) -> bool:
+        return self.rel in self._tree.files
+
+    def iterdir(self) -> list[ArchiveEntry]:
+        return [ArchiveEntry(self._tree, c) for c in self._tree.children.get(self.rel, ())]
+
+    def rglob(self, pattern: str) -> list[ArchiveEntry]:
+        if pattern != "*":
+            raise ValueError("ArchiveEntry.rglob takes '*' only")
+        out, todo = [], list(self._tree.children.get(self.rel, ()))
+        while todo:
+            node = todo.pop()
+            out.append(ArchiveEntry(self._tree, node))
+            todo.extend(self._tree.children.get(node, ()))
+        return out
+
+    def relative_to(self, other: ArchiveEntry) -> PurePosixPath:
+        return self.rel.relative_to(other.rel)
+
+    def read_bytes(self) -> bytes:
+        return self._tree.files[self.rel]
+
+
+def read_archive(archive: Path, limits: ArchiveLimits) -> ArchiveEntry | None:
+    """The archive's top folder, every regular file's bytes read in one pass into memory; None
+    where it holds links (extraction resolves them) or more than IN_MEMORY_BYTES of files."""
+    budget, tree, held = Budget(archive, limits, None), _Tree(archive), 0
+    nowhere = os.path.join(tempfile.gettempdir(), "edgekd-archive-check")  # members are checked as if extracted here
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            for member in tar:
+                member = budget(member, nowhere)
+                if member.issym() or member.islnk():
+                    return None
+                rel = PurePosixPath(os.path.normpath(member.name.lstrip("/")))
+                if member.isdir():
+                    tree.add(rel, None)
+                elif member.isfile():
+                    held += member.size
+                    if held > IN_MEMORY_BYTES:
+                        return None
+                    tree.add(rel, tar.extractfile(member).read())
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise InputError(f"{archive}: cannot read archive ({e})") from None
+    return ArchiveEntry(tree)
+
+
+# ----------------------------------------------------------------------------- extracted once
+
+
+def extract_archive(archive: Path, cache: Path, limits: ArchiveLimits) -> Path:
+    """Extract a tar archive (any of ARCHIVES) once into the cache, keyed on the archive's bytes.
+
+    Several processes may extract the same archive at once: each unpacks into its own temporary
+    folder and publishes it with one rename; the first rename wins and the others drop their
+    copy. A published folder is never deleted, since another process may be reading it."""
+    digest = sha256_file(archive)[:20]
+    parent = cache / "extracted"
+    dest = parent / digest
+    if (dest / ".complete").exists():
+        return dest
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(parent, digest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.{os.getpid()}.", suffix=".tmp", dir=parent))
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            tar.extractall(tmp, filter=Budget(archive, limits, parent))
+        (tmp / ".complete").write_text(str(archive))
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise InputError(f"{archive}: cannot extract archive ({e})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for _ in range(2):
+        try:
+            os.rename(tmp, dest)
+            break
+        except OSError:
+            if (dest / ".complete").exists():  # another process published the same bytes first
+                shutil.rmtree(tmp, ignore_errors=True)
+                break
+            try:  # an unfinished folder left by an edgekd that did not publish by rename
+                aside = Path(tempfile.mkdtemp(prefix=f".{digest}.{os.getpid()}.", suffix=".tmp", dir=parent))
+                os.replace(dest, aside)
+                shutil.rmtree(aside, ignore_errors=True)
+            except OSError:
+                pass
+    return dest
+
+
+def _remove_orphans(parent: Path, digest: str) -> None:
+    """Temporary folders of extractions whose process is gone (killed mid-way)."""
+    for p in parent.glob(f".{digest}.*.tmp"):
+        try:
+            pid = int(p.name.split(".")[2])
+            os.kill(pid, 0)
+        except (ValueError, IndexError):
+            continue
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            continue
