@@ -11,13 +11,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Literal
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from tqdm import tqdm
 
 from .bn import bn_gap, recalibrate_bn
@@ -72,6 +74,16 @@ class TrainConfig(Strict):
         "auto", description="re-estimate BatchNorm statistics when the run ends; auto = when eval-mode top-1 on training "
                             "images is below batch-statistics top-1 (the running averages lag the weights)")
     bn_recalibration_images: int = Field(1024, gt=0, description="training images BatchNorm statistics are re-estimated on")
+
+    @field_validator("compile")
+    @classmethod
+    def _compiler_present(cls, v):
+        """torch.compile writes C++ (a CPU) or Triton kernels with C launchers (a GPU): without a
+        compiler the run would fail at its first step, after the data and teacher work."""
+        if v != "off" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++", "clang++") if c):
+            raise ValueError(f"{v!r} needs a C++ compiler (g++ or clang++, or $CXX) on this machine and none was found; "
+                             "install one or set compile: off")
+        return v
 
     @model_validator(mode="after")
     def _objective_or_shorthand(self):

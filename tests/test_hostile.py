@@ -370,3 +370,14 @@ def test_a_read_only_out_is_one_line(tmp_path, image_folder, capsys, small_tmpfs
     subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
     code, msg = one_error(capsys, "run", str(write(tmp_path, tiny(image_folder))), "--out", str(small_tmpfs / "run"))
     assert code == 2 and "Read-only file system" in msg
+
+
+def test_compile_without_a_cpp_compiler_fails_validation_naming_the_key(tmp_path, image_folder, capsys, monkeypatch):
+    """torch.compile needs a C++ compiler: without one, `validate` says so before any data is read."""
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    cfg = tiny(image_folder)
+    cfg["stages"][0]["distill"]["compile"] = "default"
+    code, msg = one_error(capsys, "validate", str(write(tmp_path, cfg)))
+    assert code == 2 and "stages[0].distill.compile" in msg and "needs a C++ compiler" in msg
