@@ -14,6 +14,7 @@ lines of tensor math.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -197,3 +198,45 @@ def evaluate_robustness(runners: dict[str, Callable[[np.ndarray], np.ndarray]], 
                   "by_severity": {s: round(float(np.mean([by[c][s] for c in corruptions])), 3) for s in severities},
                   "images": n}
     return out
+
+
+def cached_robustness(files: dict[str, Path], run: Callable[[Path, np.ndarray], np.ndarray], images: torch.Tensor,
+                      labels: np.ndarray, normalize: Callable[[torch.Tensor], torch.Tensor], corruptions: list[str],
+                      severities: list[int], seed: int, cache: Path | None, images_key: str,
+                      progress=None) -> dict[str, dict]:
+    """`evaluate_robustness` of model files (variant -> file, run by `run(file, batch)`), where a
+    file's figures for the same images, corruptions, severities and seed are taken from `cache`
+    (an earlier run's) instead of being measured again: the teacher's file is the same every run
+    and the one that costs most (its ResNet-50 forward over every corrupted image). Keyed on the
+    file's bytes, the images, this module's code, the runtime's version and the CPU's ISA (int8
+    kernels round differently per CPU class)."""
+    from .bench.machine import machine_info
+    from .fileio import sha256_file, sha256_json, write_json
+
+    def key(path: Path) -> str:
+        import onnxruntime
+
+        return sha256_json([sha256_file(path), images_key, list(images.shape), corruptions, severities, seed,
+                            sha256_file(__file__), onnxruntime.__version__, machine_info()["isa"]])[:32]
+
+    paths = {v: cache / "robustness" / f"{key(p)}.json" for v, p in files.items()} if cache else {}
+    known = {v: r for v, p in paths.items() if (r := _read_figures(p)) is not None}
+    todo = {v: (lambda x, p=p: run(p, x)) for v, p in files.items() if v not in known}
+    measured = evaluate_robustness(todo, images, labels, normalize, corruptions, severities, seed, progress) if todo else {}
+    for v, r in measured.items():
+        if v in paths:
+            write_json(paths[v], r)
+    return {v: known[v] if v in known else measured[v] for v in files}
+
+
+def _read_figures(path: Path) -> dict | None:
+    """A cached result with its severities as numbers again (JSON keys are strings), or None."""
+    import json
+
+    try:
+        r = json.loads(path.read_text())
+        r["by_corruption"] = {c: {int(s): a for s, a in by.items()} for c, by in r["by_corruption"].items()}
+        r["by_severity"] = {int(s): a for s, a in r["by_severity"].items()}
+        return {**r, "cached": True}
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return None

@@ -40,9 +40,12 @@ def test_workers_write_the_files_this_process_writes(tiny_trained, tmp_path):
     todo = [(FORMATS.get("onnx"), Variant("student_fp32", model))] + [(f, Variant("int8_ptq", model, int8=True)) for f in own]
     for d, n, conv in (("here", 0, job), ("workers", 2, replace(job, calibration=NpyFile(tmp_path / "calib.npy")))):
         (tmp_path / d).mkdir()
-        convert_all([Conversion(f, v, tmp_path / d / f"{v.name}{f.suffix}", conv) for f, v in todo]
-                    + [Conversion(FORMATS.get("onnx"), Variant("again", model), tmp_path / d / "again.onnx",
-                                  conv)] * 3, n)  # enough work for the workers
+        took = convert_all([Conversion(f, v, tmp_path / d / f"{v.name}{f.suffix}", conv) for f, v in todo]
+                           + [Conversion(FORMATS.get("onnx"), Variant("again", model), tmp_path / d / "again.onnx",
+                                         conv)] * 3, n)  # enough work for the workers
+        # seconds per file written, slowest first (the export stage's log line and report.json)
+        assert set(took) == {f"{v.name}{f.suffix}" for f, v in todo} | {"again.onnx"}
+        assert list(took.values()) == sorted(took.values(), reverse=True) and min(took.values()) >= 0
     x = data.normalize(data.test.images[:16]).numpy()
     for f, v in todo:
         here, there = (f().runner(tmp_path / d / f"{v.name}{f.suffix}")(x) for d in ("here", "workers"))

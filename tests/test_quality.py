@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from edgekd.calibration import calibrate, fit_temperature, reliability
-from edgekd.robustness import CORRUPTIONS, corrupt, evaluate_robustness
+from edgekd.robustness import CORRUPTIONS, cached_robustness, corrupt, evaluate_robustness
 
 
 def images(n=16, size=32, seed=0) -> torch.Tensor:
@@ -63,6 +63,38 @@ def test_evaluate_robustness_scores_every_runner_on_the_same_pixels():
     assert set(res["fragile"]["by_corruption"]) == {"contrast", "jpeg"}
     assert set(res["fragile"]["by_severity"]) == {1, 5} and res["fragile"]["images"] == 20
     assert res["fragile"]["by_corruption"]["contrast"][5] <= res["fragile"]["by_corruption"]["contrast"][1]
+
+
+def test_robustness_figures_of_an_unchanged_file_come_from_the_cache(tmp_path):
+    """The teacher's file is the same every run: its corrupted pass is measured once per images,
+    corruptions and seed, and a file whose bytes change is measured again."""
+    x, labels = images(20), np.zeros(20, dtype=int)
+    norm = lambda t: t.float() / 255.0  # noqa: E731
+    files = {"teacher": tmp_path / "teacher.onnx", "student": tmp_path / "student.onnx"}
+    files["teacher"].write_bytes(b"teacher weights")
+    files["student"].write_bytes(b"student weights")
+    calls = []
+
+    def run(path, a):  # "class 0 if bright enough", a different line per file
+        calls.append(path.name)
+        cut = 0.45 if path.name == "teacher.onnx" else 0.5
+        return np.stack([a.mean((1, 2, 3)) - cut, np.zeros(len(a))], 1)
+
+    def measure(**kw):
+        calls.clear()
+        args = dict(corruptions=["contrast", "jpeg"], severities=[1, 5], seed=0, cache=tmp_path / "cache", images_key="k")
+        return cached_robustness(files, run, x, labels, norm, **{**args, **kw})
+
+    first = measure()
+    assert set(calls) == {"teacher.onnx", "student.onnx"}
+    second = measure()
+    assert calls == [] and all(second[v].pop("cached") for v in files) and second == first  # severities still numbers
+    files["student"].write_bytes(b"student weights, fine-tuned again")
+    third = measure()
+    assert set(calls) == {"student.onnx"} and third["teacher"]["cached"] and "cached" not in third["student"]
+    measure(severities=[1, 3])  # other corruptions, severities, seed or images: measured
+    assert set(calls) == {"teacher.onnx", "student.onnx"}
+    assert set(measure(cache=None)) == set(files) and set(calls) == {"teacher.onnx", "student.onnx"}
 
 
 def _overconfident(n=4000, classes=10, true_t=2.5, seed=0):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import pickle
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -42,8 +43,11 @@ class Conversion:
     job: ConvertJob
     keep_fp32: list[str] = field(default_factory=list)
 
-    def run(self) -> Path:
-        return self.fmt().export(self.variant, self.path, self.job, keep_fp32=self.keep_fp32)
+    def run(self) -> float:
+        """Write the file; returns the seconds it took."""
+        t0 = time.perf_counter()
+        self.fmt().export(self.variant, self.path, self.job, keep_fp32=self.keep_fp32)
+        return time.perf_counter() - t0
 
     def cost(self) -> int:
         """Rank by expected time, for handing the longest out first: a format's own int8 (PT2E:
@@ -87,17 +91,19 @@ def _available_memory() -> int:
         return WORKER_MEMORY * 2  # unknown (not Linux): two workers
 
 
-def convert_all(todo: list[Conversion], workers: int) -> None:
+def convert_all(todo: list[Conversion], workers: int) -> dict[str, float]:
     """Write every file of `todo`, `workers` processes at a time (or here, one by one, for 0),
-    with a progress bar; the first failure stops the rest and is raised as it was raised there."""
+    with a progress bar; the first failure stops the rest and is raised as it was raised there.
+    Returns the seconds each file took (file name -> seconds), slowest first."""
     bar = tqdm(total=len(todo), desc="export: convert", unit="file", leave=False)
+    seconds: dict[str, float] = {}
     try:
         if not workers:
             for c in todo:
                 bar.set_postfix_str(c.path.name, refresh=True)
-                c.run()
+                seconds[c.path.name] = c.run()
                 bar.update(1)
-            return
+            return _slowest_first(seconds)
         local = [c for c in todo if not _picklable(c)]  # e.g. a model holding a lambda: written here
         portable = [c for c in todo if all(c is not x for x in local)]
         spawn = multiprocessing.get_context("spawn")
@@ -105,10 +111,10 @@ def convert_all(todo: list[Conversion], workers: int) -> None:
             running = {pool.submit(c.run): c for c in sorted(portable, key=Conversion.cost, reverse=True)}
             try:
                 for c in local:
-                    c.run()
+                    seconds[c.path.name] = c.run()
                     bar.update(1)
                 for done in as_completed(running):
-                    done.result()
+                    seconds[running[done].path.name] = done.result()
                     bar.set_postfix_str(running[done].path.name, refresh=False)
                     bar.update(1)
             except BrokenProcessPool:
@@ -118,8 +124,13 @@ def convert_all(todo: list[Conversion], workers: int) -> None:
             finally:
                 for f in running:
                     f.cancel()
+        return _slowest_first(seconds)
     finally:
         bar.close()
+
+
+def _slowest_first(seconds: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 1) for k, v in sorted(seconds.items(), key=lambda kv: -kv[1])}
 
 
 def _picklable(c: Conversion) -> bool:

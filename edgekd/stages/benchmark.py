@@ -17,6 +17,7 @@ from pydantic import Field, field_validator
 
 from ..bench.measure import bench_models, round_ratio
 from ..bench.runtimes import RUNTIMES, resolve
+from ..fileio import sha256_json
 from ..schema import Strict
 from ..robustness import CORRUPTIONS
 from .base import Stage, StageResult, register
@@ -129,16 +130,16 @@ class Benchmark(Stage):
         from tqdm import tqdm
 
         from ..onnx_export import run_onnx
-        from ..robustness import evaluate_robustness
+        from ..robustness import cached_robustness
 
         rc: RobustnessConfig = self.config.robustness
         data = ctx.data
         test = data.test.sample(rc.images)
         files = _files(ctx, "onnx")
-        runners = {v: (lambda x, p=p: run_onnx(p, x, batch=250)) for v, p in files.items()}
         with tqdm(total=len(rc.corruptions) * len(rc.severities), desc="robustness", unit="corruption") as bar:
-            res = evaluate_robustness(runners, test.images[:], test.labels.numpy(), data.normalize,
-                                      rc.corruptions, rc.severities, ctx.cfg.seed, bar.update)
+            res = cached_robustness(files, lambda p, x: run_onnx(p, x, batch=250), test.images[:], test.labels.numpy(),
+                                    data.normalize, rc.corruptions, rc.severities, ctx.cfg.seed, ctx.cache_dir,
+                                    sha256_json([test.key, data.mean, data.std]), bar.update)
         for r in res.values():
             r["drop_points"] = round(r["clean_top1"] - r["corruption_top1"], 3)
         teacher = res.get("teacher_fp32")
@@ -148,6 +149,7 @@ class Benchmark(Stage):
             entry = models.setdefault(v, {"latency": {}})
             entry["robustness"] = r
             entry["corruption_top1"], entry["corruption_drop_points"] = r["corruption_top1"], r["drop_points"]
-            log.info("robustness %-24s clean %.2f  corrupted %.2f  (drop %.2f points)", v, r["clean_top1"],
-                     r["corruption_top1"], r["drop_points"])
+            log.info("robustness %-24s clean %.2f  corrupted %.2f  (drop %.2f points)%s", v, r["clean_top1"],
+                     r["corruption_top1"], r["drop_points"], "  [an earlier run's figures: same file and images]"
+                     if r.get("cached") else "")
         return {"corruptions": rc.corruptions, "severities": rc.severities, "images": len(test), "runtime": "onnxruntime"}

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import logging
 import shutil
+import time
 from typing import Any, Literal
 
 import numpy as np
@@ -132,7 +133,13 @@ class Export(Stage):
                     np.save(f, job.convert.calibration())
             # a worker reads the calibration images from that file (the stage's own loader holds the run's data)
             convert = dataclasses.replace(job.convert, calibration=NpyFile(calib_file)) if workers else job.convert
-            convert_all([Conversion(fmt, v, path, convert, keep) for fmt, v, path, keep in todo], workers)
+            t0 = time.perf_counter()
+            took = convert_all([Conversion(fmt, v, path, convert, keep) for fmt, v, path, keep in todo], workers)
+            # where export time goes (int8 candidates are the dot-files): the slowest files, in the log and the report
+            log.info("export: %d files written in %.0f s on %s; slowest: %s", len(took), time.perf_counter() - t0,
+                     f"{workers} worker processes" if workers else "this process",
+                     ", ".join(f"{name} {s:.0f} s" for name, s in list(took.items())[:3]))
+            info["convert_seconds"] = took
             models, artifacts = _verify_all(ctx, variants, formats, plans, job, quant_plan, info)
         finally:  # no candidate or calibration file outlives the stage, finished or not
             calib_file.unlink(missing_ok=True)
