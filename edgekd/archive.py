@@ -67,48 +67,56 @@ def open_archive(archive: Path, cache: Path, limits: ArchiveLimits) -> Path | Ar
 
 
 class _Tree:
+    """The archive's files (bytes) and folders (children), keyed by normalised member path as a
+    string ("" for the top): plain strings, as `PurePosixPath` keys cost more than reading the
+    archive on a small-image dataset."""
+
     def __init__(self, archive: Path):
         self.archive = archive
-        self.files: dict[PurePosixPath, bytes] = {}
-        self.children: dict[PurePosixPath, set[PurePosixPath]] = {PurePosixPath("."): set()}
+        self.files: dict[str, bytes] = {}
+        self.children: dict[str, set[str]] = {"": set()}
 
-    def add(self, rel: PurePosixPath, data: bytes | None) -> None:
+    def add(self, rel: str, data: bytes | None) -> None:
         """A file (data) or folder (None) and every folder above it."""
         if data is not None:
             self.files[rel] = data
+        elif rel not in self.children:
+            self.children[rel] = set()
         node = rel
-        while node != PurePosixPath("."):
-            parent = node.parent
-            self.children.setdefault(parent, set()).add(node)
-            if data is None or node != rel:
-                self.children.setdefault(node, set())
+        while node:
+            parent = node.rpartition("/")[0]
+            if parent in self.children:
+                self.children[parent].add(node)
+                break  # the folders above it are known already
+            self.children[parent] = {node}
             node = parent
 
 
 class ArchiveEntry:
     """A file or folder inside an archive read into memory, answering the `Path` calls the
-    ImageFolder reader makes (data._find_split_dir, _list_image_folder, _load_image_folder). It
-    prints as `<archive>/<member>`, so messages name the image inside the archive."""
+    ImageFolder reader makes (data._find_split_dir, _list_image_folder, _load_image_folder) as
+    `Path` answers them for the extracted folder, so both give the same files in the same order.
+    It prints as `<archive>/<member>`, so messages name the image inside the archive."""
 
-    def __init__(self, tree: _Tree, rel: PurePosixPath = PurePosixPath(".")):
+    def __init__(self, tree: _Tree, rel: str = ""):
         self._tree, self.rel = tree, rel
 
     @property
     def name(self) -> str:
-        return self.rel.name
+        return self.rel.rpartition("/")[2]
 
     @property
     def suffix(self) -> str:
-        return self.rel.suffix
+        return PurePosixPath(self.name).suffix if "." in self.rel else ""
 
     def __truediv__(self, part: str) -> ArchiveEntry:
-        return ArchiveEntry(self._tree, self.rel / part)
+        return ArchiveEntry(self._tree, _normal(f"{self.rel}/{part}"))
 
     def __str__(self) -> str:
-        return str(self._tree.archive) if self.rel == PurePosixPath(".") else f"{self._tree.archive}/{self.rel}"
+        return f"{self._tree.archive}/{self.rel}" if self.rel else str(self._tree.archive)
 
-    def __lt__(self, other: ArchiveEntry) -> bool:
-        return self.rel < other.rel
+    def __lt__(self, other: ArchiveEntry) -> bool:  # as Path orders: part by part
+        return self.rel.split("/") < other.rel.split("/")
 
     def is_dir(self) -> bool:
         return self.rel in self._tree.children
@@ -130,10 +138,16 @@ class ArchiveEntry:
         return out
 
     def relative_to(self, other: ArchiveEntry) -> PurePosixPath:
-        return self.rel.relative_to(other.rel)
+        return PurePosixPath(self.rel).relative_to(other.rel or ".")
 
     def read_bytes(self) -> bytes:
         return self._tree.files[self.rel]
+
+
+def _normal(member: str) -> str:
+    """A member path as the tree keys it: normalised, relative, "" for the top."""
+    rel = os.path.normpath(member.lstrip("/"))
+    return "" if rel == "." else rel
 
 
 def read_archive(archive: Path, limits: ArchiveLimits) -> ArchiveEntry | None:
@@ -147,7 +161,7 @@ def read_archive(archive: Path, limits: ArchiveLimits) -> ArchiveEntry | None:
                 member = budget(member, nowhere)
                 if member.issym() or member.islnk():
                     return None
-                rel = PurePosixPath(os.path.normpath(member.name.lstrip("/")))
+                rel = _normal(member.name)
                 if member.isdir():
                     tree.add(rel, None)
                 elif member.isfile():

@@ -316,6 +316,22 @@ def test_tar_gz_matches_folder(image_folder, tmp_path, top, name, mode, archive_
     assert (cache / "extracted").exists() == (archive_route == "extracted")
 
 
+def test_nested_images_in_an_archive_come_in_the_extracted_folder_order(image_folder, tmp_path, archive_route):
+    """Images in subfolders of a class, beside files whose names sort differently as strings
+    ("a-b.png" < "a/x.png") than as paths ("a" < "a-b.png"): both routes list them as `Path`
+    does, so labels, pixels and the cache key match the folder's."""
+    rng = np.random.default_rng(1)
+    for rel in ("ant/a/x.png", "ant/a-b.png", "ant/a/y/z.png", "moose/b.c.png"):
+        write_image(image_folder / "train" / rel, rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8))
+    archive = _make_tar(image_folder, tmp_path / "nested.tar.gz", "top")
+    from_folder = load_data(cfg_for(image_folder, tmp_path / "folder-cache", image_size=8), seed=0)
+    from_tar = load_data(cfg_for(archive, tmp_path / "cache", image_size=8), seed=0)
+    assert len(from_tar.train) == N_TRAIN + 4
+    assert from_tar.train.key == from_folder.train.key
+    assert torch.equal(from_tar.train.images, from_folder.train.images)
+    assert torch.equal(from_tar.train.labels, from_folder.train.labels)
+
+
 def test_a_small_archive_is_read_in_one_pass_without_unpacking_a_file(image_folder, tmp_path, monkeypatch):
     """Unpacking writes a file per image, which is what costs on small images: a small archive
     is read as one stream, and a bad image inside it is named by its place in the archive."""
