@@ -213,13 +213,14 @@ def cached_robustness(files: dict[str, Path], run: Callable[[Path, np.ndarray], 
     from .bench.machine import machine_info
     from .fileio import sha256_file, sha256_json, write_json
 
-    def key(path: Path) -> str:
+    paths: dict[str, Path] = {}
+    if cache:
         import onnxruntime
 
-        return sha256_json([sha256_file(path), images_key, list(images.shape), corruptions, severities, seed,
-                            sha256_file(__file__), onnxruntime.__version__, machine_info()["isa"]])[:32]
-
-    paths = {v: cache / "robustness" / f"{key(p)}.json" for v, p in files.items()} if cache else {}
+        # what every file's figures depend on besides its own bytes, computed once
+        same = [images_key, list(images.shape), corruptions, severities, seed, sha256_file(__file__),
+                onnxruntime.__version__, machine_info()["isa"]]
+        paths = {v: cache / "robustness" / f"{sha256_json([sha256_file(p), *same])[:32]}.json" for v, p in files.items()}
     known = {v: r for v, p in paths.items() if (r := _read_figures(p)) is not None}
     todo = {v: (lambda x, p=p: run(p, x)) for v, p in files.items() if v not in known}
     measured = evaluate_robustness(todo, images, labels, normalize, corruptions, severities, seed, progress) if todo else {}
