@@ -138,3 +138,27 @@ def test_a_speed_ratio_fails_when_its_rounds_agree_not_on_a_noisy_moment():
     assert failed and rows[0]["verdict"] == "REGRESSION"
     # a report without the rounds (an older one) is judged on its figure alone
     assert compare({"machine": vnni, "metrics": noisy["metrics"]}, base)[1]
+
+
+def test_a_planned_int8_file_size_is_bounded_by_its_fp32_source_not_held_to_a_stored_figure():
+    """`plan: auto` keeps fp32 the blocks where int8 does not pay (or costs accuracy) where it is
+    timed, so the file's size moves with the CPU class and with timing noise: it must only be no
+    larger than the fp32 file it was quantized from. A fixed plan's size keeps its stored figure."""
+    from edgekd.check import baseline_from_report
+
+    vnni = {"isa": ["avx2", "avx512f", "avx512bw", "avx512_vnni"], "arch": "x86_64"}
+    key, fp32_key = "model.int8_ptq.size_bytes", "model.student_fp32.size_bytes"
+
+    def report(int8_bytes, plan="auto"):
+        return {"machine": vnni, "metrics": {key: int8_bytes, fp32_key: 4_640_000},
+                "models": {"int8_ptq": {"plan": plan, "quantized_from": "student_fp32"}, "student_fp32": {}}}
+
+    base = baseline_from_report(report(1_460_000))
+    rows, failed = compare(report(1_940_000), base)  # the same machine's plan kept two more blocks fp32
+    row = next(r for r in rows if r["metric"] == key)
+    assert not failed and row["verdict"] == "ok" and row["baseline"] == 4_640_000 and "student_fp32" in row["tolerance"]
+    assert next(r for r in compare(report(1_000_000), base)[0] if r["metric"] == key)["verdict"] == "ok"  # not "improved"
+    rows, failed = compare(report(4_700_000), base)  # larger than the fp32 file it came from
+    assert failed and next(r for r in rows if r["metric"] == key)["verdict"] == "REGRESSION"
+    fixed = baseline_from_report(report(1_460_000, plan="int8"))
+    assert compare(report(1_940_000, plan="int8"), fixed)[1]  # a fixed plan: ±5 % of its figure

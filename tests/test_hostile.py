@@ -374,8 +374,6 @@ def test_a_read_only_out_is_one_line(tmp_path, image_folder, capsys, small_tmpfs
 
 def test_compile_without_a_cpp_compiler_fails_validation_naming_the_key(tmp_path, image_folder, capsys, monkeypatch):
     """torch.compile needs a C++ compiler: without one, `validate` says so before any data is read."""
-    import shutil
-
     monkeypatch.setattr(shutil, "which", lambda name: None)
     cfg = tiny(image_folder)
     cfg["stages"][0]["distill"]["compile"] = "default"

@@ -142,7 +142,8 @@ class Quantize(Stage):
         for k in ("int8_ptq", "int8_qat"):
             if k in models:
                 models[k].update({"params": models["student_fp32"].get("params"), "macs": models["student_fp32"].get("macs"),
-                                  "int8_layers": record["int8_layers"], "plan_runtime": record["runtime"]})
+                                  "int8_layers": record["int8_layers"], "plan": cfg.plan, "plan_runtime": record["runtime"],
+                                  "quantized_from": "student_fp32"})
                 info[f"{k}_drop_points"] = round(models["student_fp32"]["top1"] - models[k]["top1"], 3)
         best = max((k for k in models if k.startswith("int8")), key=lambda k: models[k]["top1"])
         metrics = {k: v for k, v in models[best].items() if k != "label"}
