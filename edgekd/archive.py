@@ -107,7 +107,7 @@ class ArchiveEntry:
 
     @property
     def suffix(self) -> str:
-        return PurePosixPath(self.name).suffix if "." in self.rel else ""
+        return PurePosixPath(self.name).suffix if "." in self.name else ""
 
     def __truediv__(self, part: str) -> ArchiveEntry:
         return ArchiveEntry(self._tree, _normal(f"{self.rel}/{part}"))

@@ -202,24 +202,22 @@ def evaluate_robustness(runners: dict[str, Callable[[np.ndarray], np.ndarray]], 
 
 def cached_robustness(files: dict[str, Path], run: Callable[[Path, np.ndarray], np.ndarray], images: torch.Tensor,
                       labels: np.ndarray, normalize: Callable[[torch.Tensor], torch.Tensor], corruptions: list[str],
-                      severities: list[int], seed: int, cache: Path | None, images_key: str,
+                      severities: list[int], seed: int, cache: Path | None, images_key: str, runtime: str,
                       progress=None) -> dict[str, dict]:
     """`evaluate_robustness` of model files (variant -> file, run by `run(file, batch)`), where a
     file's figures for the same images, corruptions, severities and seed are taken from `cache`
     (an earlier run's) instead of being measured again: the teacher's file is the same every run
     and the one that costs most (its ResNet-50 forward over every corrupted image). Keyed on the
-    file's bytes, the images, this module's code, the runtime's version and the CPU's ISA (int8
-    kernels round differently per CPU class)."""
+    file's bytes, the images, this module's code, `runtime` (what `run` runs the files on, with its
+    version) and the CPU's ISA (int8 kernels round differently per CPU class)."""
     from .bench.machine import machine_info
     from .fileio import sha256_file, sha256_json, write_json
 
     paths: dict[str, Path] = {}
     if cache:
-        import onnxruntime
-
         # what every file's figures depend on besides its own bytes, computed once
-        same = [images_key, list(images.shape), corruptions, severities, seed, sha256_file(__file__),
-                onnxruntime.__version__, machine_info()["isa"]]
+        same = [images_key, list(images.shape), corruptions, severities, seed, sha256_file(__file__), runtime,
+                machine_info()["isa"]]
         paths = {v: cache / "robustness" / f"{sha256_json([sha256_file(p), *same])[:32]}.json" for v, p in files.items()}
     known = {v: r for v, p in paths.items() if (r := _read_figures(p)) is not None}
     todo = {v: (lambda x, p=p: run(p, x)) for v, p in files.items() if v not in known}

@@ -82,7 +82,8 @@ def test_robustness_figures_of_an_unchanged_file_come_from_the_cache(tmp_path):
 
     def measure(**kw):
         calls.clear()
-        args = dict(corruptions=["contrast", "jpeg"], severities=[1, 5], seed=0, cache=tmp_path / "cache", images_key="k")
+        args = dict(corruptions=["contrast", "jpeg"], severities=[1, 5], seed=0, cache=tmp_path / "cache", images_key="k",
+                    runtime="a runtime 1.0")
         return cached_robustness(files, run, x, labels, norm, **{**args, **kw})
 
     first = measure()

@@ -136,10 +136,11 @@ class Benchmark(Stage):
         data = ctx.data
         test = data.test.sample(rc.images)
         files = _files(ctx, "onnx")
+        runtime = f"onnxruntime {RUNTIMES.get('onnxruntime').version()}"
         with tqdm(total=len(rc.corruptions) * len(rc.severities), desc="robustness", unit="corruption") as bar:
             res = cached_robustness(files, lambda p, x: run_onnx(p, x, batch=250), test.images[:], test.labels.numpy(),
                                     data.normalize, rc.corruptions, rc.severities, ctx.cfg.seed, ctx.cache_dir,
-                                    sha256_json([test.key, data.mean, data.std]), bar.update)
+                                    sha256_json([test.key, data.mean, data.std]), runtime, bar.update)
         for r in res.values():
             r["drop_points"] = round(r["clean_top1"] - r["corruption_top1"], 3)
         teacher = res.get("teacher_fp32")
