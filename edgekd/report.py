@@ -116,7 +116,8 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
     from .bench.machine import int8_class
 
     L.append(f"Run {report['created']} on {mach.get('cpu')}, {int8_class(mach.get('isa', []), mach.get('arch', ''))} "
-             f"({', '.join(mach.get('isa', [])) or 'no SIMD flags found'}), "
+             f"({', '.join(mach.get('isa', [])) or 'no SIMD flags found'}"
+             f"{'; CPUID hides ' + ', '.join(mach['hidden_isa']) + ' (emulated or masked CPU)' if mach.get('hidden_isa') else ''}), "
              f"{mach.get('cores')} cores, device `{report['device']}`, torch threads {report['threads']}"
              f"{', PyTorch CPU kernels ' + mach['torch_kernels'] if mach.get('torch_kernels') else ''}, seed {report['seed']}.")
     L.append("")

@@ -1,8 +1,9 @@
 """int8 targets: the weight grid each target writes, the rule that makes `portable` files
 compute the same numbers on every CPU, QAT simulating the target, and verification that
 names the CPU it ran on. Every assertion is a rule that holds on AVX2-only, AVX-512 and
-VNNI/AMX machines alike; the AVX2 kernels themselves are exercised under qemu where it is
-installed (.ci/run installs it)."""
+VNNI/AMX machines alike; the AVX2 kernels themselves are exercised on an AVX2-only CPU made
+from this one: under qemu where it is installed (.ci/run installs it), and natively with CPUID
+masked where the CPU can fault CPUID (benchmarks/avx2)."""
 
 from __future__ import annotations
 
@@ -112,11 +113,15 @@ def _saturating_model(path: Path) -> Path:
     return path
 
 
-QEMU_CHECK = """
+AVX2_CHECK = """
 import sys, numpy as np
 from edgekd.bench.machine import machine_info
 from edgekd.onnx_export import run_onnx
-assert "avx512f" not in machine_info()["isa"] and "avx2" in machine_info()["isa"], machine_info()
+m = machine_info()
+assert "avx512f" not in m["isa"] and "avx2" in m["isa"], m
+# the report names what the CPU has and CPUID hides (the kernel's /proc/cpuinfo is not masked)
+host = set(open("/proc/cpuinfo").read().split())
+assert set(m.get("hidden_isa", [])) == host & {"avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"}, m
 x = np.ones((1, 64, 4, 4), np.float32)
 for p in sys.argv[1:]:
     k, r = run_onnx(p, x), run_onnx(p, x, int8_kernels=False)
@@ -124,14 +129,37 @@ for p in sys.argv[1:]:
 """
 
 
-@pytest.mark.skipif(shutil.which("qemu-x86_64") is None or machine_info()["arch"] != "x86_64",
-                    reason="qemu-x86_64 (Debian qemu-user) not installed: no emulated AVX2-only CPU")
-def test_on_an_emulated_avx2_cpu_8bit_weights_saturate_and_portable_ones_do_not(tmp_path):
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _has_cpuid_fault() -> bool:
+    try:
+        return "cpuid_fault" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+# two ways to run Python on this x86 CPU seen as an AVX2-only one: emulated (slow, works anywhere
+# qemu-user is installed) and native with CPUID masked (benchmarks/avx2, where the CPU can fault CPUID)
+AVX2_CPUS = {
+    "qemu": (lambda: shutil.which("qemu-x86_64") is not None, "qemu-x86_64 (Debian qemu-user) not installed",
+             lambda tmp: ["qemu-x86_64", "-cpu", "EPYC-Rome"]),
+    "cpuid_mask": (lambda: _has_cpuid_fault() and shutil.which("cc") is not None,
+                   "no CPUID faulting (cpuid_fault) or no C compiler",
+                   lambda tmp: ["env", f"EDGEKD_CPUID_MASK={tmp / 'mask.so'}", "sh", str(REPO / "benchmarks/avx2/run.sh")]),
+}
+
+
+@pytest.mark.parametrize("cpu", list(AVX2_CPUS))
+def test_on_an_avx2_only_cpu_8bit_weights_saturate_and_portable_ones_do_not(tmp_path, cpu):
+    available, why, prefix = AVX2_CPUS[cpu]
+    if machine_info()["arch"] != "x86_64" or not available():
+        pytest.skip(f"no {cpu} AVX2-only CPU here: {why}")
     f = _saturating_model(tmp_path / "sat.onnx")
     calib = np.ones((4, 64, 4, 4), np.float32)
     files = [quantize_onnx(f, tmp_path / f"{t}.onnx", calib, target=TARGETS[t]) for t in ("portable", "x86_vnni")]
-    proc = subprocess.run(["qemu-x86_64", "-cpu", "EPYC-Rome", str(Path(sys.executable).resolve()), "-c", QEMU_CHECK,
-                           *map(str, files)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*prefix(tmp_path), str(Path(sys.executable).resolve()), "-c", AVX2_CHECK, *map(str, files)],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rel = {Path(line.split()[0]).stem: float(line.split()[1]) for line in proc.stdout.splitlines() if line.strip()}
     assert rel["portable"] < 1e-3, rel  # the same numbers as the reference math

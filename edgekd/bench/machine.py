@@ -2,7 +2,9 @@
 
 The flags come from the CPUID instruction as numpy's runtime dispatch reads it (what the
 kernels themselves dispatch on, also under an emulator or a masked virtual CPU), with
-/proc/cpuinfo for the flags numpy does not report (AMX, AVX-VNNI, ARM features)."""
+/proc/cpuinfo for the flags numpy does not report (AMX, AVX-VNNI, ARM features). Flags the
+kernel lists but CPUID hides are named (`hidden_isa`), so a figure taken on a masked or
+emulated CPU says so."""
 
 from __future__ import annotations
 
@@ -27,8 +29,10 @@ def machine_info() -> dict:
                     flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    flags = _with_cpuid(flags)
-    info = {"cpu": cpu, "arch": platform.machine(), "cores": os.cpu_count(), "isa": [f for f in _ISA if f in flags]}
+    seen = _with_cpuid(flags)
+    info = {"cpu": cpu, "arch": platform.machine(), "cores": os.cpu_count(), "isa": [f for f in _ISA if f in seen]}
+    if hidden := [f for f in _ISA if f in flags and f not in seen and f in _CPUID]:
+        info["hidden_isa"] = hidden  # the CPU has them, CPUID hides them here: an emulator or benchmarks/avx2's mask
     torch = sys.modules.get("torch")  # where this process runs PyTorch (`edgekd bench` of a file need not import it)
     if torch is not None and hasattr(torch.backends, "cpu"):  # below the CPU's best where ATEN_CPU_CAPABILITY caps it
         info["torch_kernels"] = torch.backends.cpu.get_cpu_capability()
