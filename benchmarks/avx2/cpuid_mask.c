@@ -15,12 +15,15 @@
  * unchanged. Timings are the AVX2 kernels on this core's micro-architecture, not on a real Rome.
  *
  * SIGSEGV handlers the program installs (Python's faulthandler, pytest) are kept and called for
- * every fault that is not a CPUID, so crash reports still work. */
+ * every fault that is not a CPUID, so crash reports still work, except for a stack overflow (the
+ * handler runs on the thread's stack; EDGEKD_CPUID_MASK_DEBUG=1 prints where a real fault hit). */
 #define _GNU_SOURCE
 #include <asm/prctl.h>
 #include <cpuid.h>
 #include <dlfcn.h>
 #include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <ucontext.h>
@@ -65,7 +68,18 @@ static void on_segv(int sig, siginfo_t *info, void *context) {
         uc->uc_mcontext.gregs[REG_RIP] += 2;
         return;
     }
-    /* a real fault: the program's handler, or the default action (the instruction faults again) */
+    /* a real fault: say where (a crash under the mask should not look like the mask's), then the
+     * program's handler, or the default action (the instruction faults again) */
+    if (getenv("EDGEKD_CPUID_MASK_DEBUG")) {
+        Dl_info where;
+        char line[512];
+        int n = dladdr(ip, &where) && where.dli_fname
+            ? snprintf(line, sizeof line, "cpuid_mask: SIGSEGV (code %d) at %s+0x%lx, address %p\n", info->si_code,
+                       where.dli_fname, (unsigned long)((const char *)ip - (const char *)where.dli_fbase), info->si_addr)
+            : snprintf(line, sizeof line, "cpuid_mask: SIGSEGV (code %d) at %p, address %p\n", info->si_code,
+                       (const void *)ip, info->si_addr);
+        if (write(2, line, (size_t)n) < 0) { /* nothing to do */ }
+    }
     if (program_handler.sa_flags & SA_SIGINFO) {
         program_handler.sa_sigaction(sig, info, context);
     } else if (program_handler.sa_handler != SIG_DFL && program_handler.sa_handler != SIG_IGN) {
@@ -82,7 +96,9 @@ static void install(void) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = on_segv;
-    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    /* on the thread's own stack: an alternate stack some library set up may be too small for the
+     * AVX-512 register frame, and the kernel then kills the process instead of calling us */
+    sa.sa_flags = SA_SIGINFO;
     sigemptyset(&sa.sa_mask);
     real_sigaction(SIGSEGV, &sa, NULL);
 }
@@ -91,13 +107,46 @@ static void install(void) {
 int sigaction(int signum, const struct sigaction *act, struct sigaction *old) {
     if (!real_sigaction)
         real_sigaction = (sigaction_fn)dlsym(RTLD_NEXT, "sigaction");
-    if (signum != SIGSEGV)
-        return real_sigaction(signum, act, old);
+    if (signum != SIGSEGV) { /* a handler running with SIGSEGV blocked could not answer a CPUID either */
+        struct sigaction copy;
+        if (act) {
+            copy = *act;
+            sigdelset(&copy.sa_mask, SIGSEGV);
+        }
+        return real_sigaction(signum, act ? &copy : NULL, old);
+    }
     if (old)
         *old = program_handler;
     if (act)
         program_handler = *act;
     return 0;
+}
+
+/* A thread that blocks SIGSEGV (thread pools do, e.g. TBB's workers in OpenVINO) would be killed by
+ * its first CPUID: a synchronous fault cannot wait while blocked. Blocking it defers nothing, so it is
+ * left out of every mask the program sets. */
+typedef int (*sigmask_fn)(int, const sigset_t *, sigset_t *);
+
+static int without_segv(sigmask_fn real, int how, const sigset_t *set, sigset_t *old) {
+    if (!set || how == SIG_UNBLOCK)
+        return real(how, set, old);
+    sigset_t copy = *set;
+    sigdelset(&copy, SIGSEGV);
+    return real(how, &copy, old);
+}
+
+int pthread_sigmask(int how, const sigset_t *set, sigset_t *old) {
+    static sigmask_fn real;
+    if (!real)
+        real = (sigmask_fn)dlsym(RTLD_NEXT, "pthread_sigmask");
+    return without_segv(real, how, set, old);
+}
+
+int sigprocmask(int how, const sigset_t *set, sigset_t *old) {
+    static sigmask_fn real;
+    if (!real)
+        real = (sigmask_fn)dlsym(RTLD_NEXT, "sigprocmask");
+    return without_segv(real, how, set, old);
 }
 
 sighandler_t signal(int signum, sighandler_t handler) {
