@@ -23,4 +23,7 @@ if [ ! -f "$lib" ] || [ "$here/cpuid_mask.c" -nt "$lib" ]; then
     cc -O2 -Wall -shared -fPIC -o "$lib.$$" "$here/cpuid_mask.c" -ldl
     mv -f "$lib.$$" "$lib"   # atomic: a concurrent run never loads a half-written library
 fi
+# torch.compile's cache must not be shared with unmasked runs: a graph cached for AVX-512 and reused
+# by a process that sees AVX2 trained to NaN at its first step (torch 2.14.1)
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-${TMPDIR:-/tmp}/torchinductor_$(id -un)}/avx2-mask"
 LD_PRELOAD="$lib${LD_PRELOAD:+:$LD_PRELOAD}" exec "$@"
