@@ -25,5 +25,5 @@ if [ ! -f "$lib" ] || [ "$here/cpuid_mask.c" -nt "$lib" ]; then
 fi
 # torch.compile's cache must not be shared with unmasked runs: a graph cached for AVX-512 and reused
 # by a process that sees AVX2 trained to NaN at its first step (torch 2.14.1)
-export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-${TMPDIR:-/tmp}/torchinductor_$(id -un)}/avx2-mask"
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-${TMPDIR:-/tmp}/torchinductor_$(id -un)}-avx2-mask"
 LD_PRELOAD="$lib${LD_PRELOAD:+:$LD_PRELOAD}" exec "$@"
