@@ -113,11 +113,10 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
 
     L = [f"# edgekd report: {report['pipeline']}", "", f"**{report['headline']}**", ""]
     mach = report["machine"]
-    from .bench.machine import int8_class
+    from .bench.machine import int8_class, isa_text
 
     L.append(f"Run {report['created']} on {mach.get('cpu')}, {int8_class(mach.get('isa', []), mach.get('arch', ''))} "
-             f"({', '.join(mach.get('isa', [])) or 'no SIMD flags found'}"
-             f"{'; CPUID hides ' + ', '.join(mach['hidden_isa']) + ' (emulated or masked CPU)' if mach.get('hidden_isa') else ''}), "
+             f"({isa_text(mach)}), "
              f"{mach.get('cores')} cores, device `{report['device']}`, torch threads {report['threads']}"
              f"{', PyTorch CPU kernels ' + mach['torch_kernels'] if mach.get('torch_kernels') else ''}, seed {report['seed']}.")
     L.append("")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import EdgekdError
 from ..fileio import write_json
-from .machine import machine_info
+from .machine import isa_text, machine_info
 from .measure import bench_models, round_ratio
 from .runtimes import RUNTIMES, resolve
 
@@ -82,8 +82,7 @@ def run_bench(args) -> int:
                                    args.rounds, x, y, peak_memory=args.peak_memory, on_error=fail)
                 results += [{"model": str(files[n]), **r} for n, r in res.items()]
     mi = machine_info()
-    hidden = f"; CPUID hides {', '.join(mi['hidden_isa'])}" if mi.get("hidden_isa") else ""
-    print(f"# {mi['cpu']} ({', '.join(mi['isa'])}{hidden}), {mi['cores']} cores")
+    print(f"# {mi['cpu']} ({isa_text(mi)}), {mi['cores']} cores")
     print(f"{'model':40s} {'runtime':12s} {'thr':>3s} {'p50 ms':>9s} {'p90 ms':>9s} {'p99 ms':>9s} {'img/s@b':>10s} {'peak MB':>8s} {'top-1':>7s}")
     for r in results:
         top1 = f"{r['top1']:.2f}" if "top1" in r else "–"

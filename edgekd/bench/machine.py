@@ -68,6 +68,13 @@ def _with_cpuid(flags: set[str]) -> set[str]:
     return out
 
 
+def isa_text(info: dict) -> str:
+    """The ISA flags of a `machine_info()` (a report's `machine`) in words, with those CPUID hid."""
+    hidden = info.get("hidden_isa")
+    return (", ".join(info.get("isa", [])) or "no SIMD flags found") + \
+        (f"; CPUID hides {', '.join(hidden)} (emulated or masked CPU)" if hidden else "")
+
+
 def int8_class(isa: list[str], arch: str) -> str:
     """The CPU class that decides int8 kernels and their rounding, in words."""
     if arch not in ("x86_64", "AMD64", "i686", "x86"):
