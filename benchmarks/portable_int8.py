@@ -2,20 +2,23 @@
 quantized with each target (and with the stem conv int8 or fp32), PTQ and a short QAT, plus
 LiteRT's own int8 program, each file's top-1 on the test split and its top-1 agreement with
 the reference Q/DQ math (what the fake-quant model computes; for a .tflite file, which has no
-such switch, its own output on this CPU), run natively and on emulated CPUs:
+such switch, its own output on this CPU), run natively and on other CPU classes:
 
-- x86 AVX2 without VNNI (qemu-x86_64 -cpu EPYC-Rome): onnxruntime's u8s8 kernels pair
-  products in int16 and can saturate (edgekd.quant.targets);
+- x86 AVX2 without VNNI: onnxruntime's u8s8 kernels pair products in int16 and can saturate
+  (edgekd.quant.targets). Natively with CPUID masked (benchmarks/avx2) where this CPU can fault
+  CPUID, on every test image; else under qemu-x86_64 -cpu EPYC-Rome on a sample (avx2/launch.py);
 - ARM64 phone cores (qemu-aarch64): cortex-a53 (plain NEON, no dot product) and cortex-a76
   (SDOT/UDOT), onnxruntime's and LiteRT/XNNPACK's ARM kernels in an aarch64 Python.
 
     python benchmarks/portable_int8.py [--test-images 10000] [--emulated-images 1000] [--qat-images 5000]
-                                       [--no-avx2] [--arm cortex-a53,cortex-a76] [--arm-python PATH] [--reuse]
+                                       [--avx2 auto|mask|qemu|off] [--arm cortex-a53,cortex-a76]
+                                       [--arm-python PATH] [--reuse]
 
-Needs ../shared (EDGEKD_SHARED); for the AVX2 column Debian's qemu-user; for the ARM columns
+Needs ../shared (EDGEKD_SHARED); for the AVX2 column CPUID faulting and a C compiler, or Debian's
+qemu-user; for the ARM columns
 an aarch64 Python with onnxruntime and ai-edge-litert (`bash benchmarks/arm64/setup.sh` builds
 one from Debian's and PyPI's arm64 packages; --arm-python or $EDGEKD_ARM64_PYTHON names it).
-Emulation is 100-250x slower than native (TCG), so the emulated columns run on
+Emulation is 100-250x slower than native (TCG), so the emulated columns (qemu) run on
 `--emulated-images` test images (a stratified sample, as Split.sample takes), with the
 reference's top-1 on the same images beside them.
 Name ARM cores (`qemu-aarch64 -cpu help`) rather than `max`: its SME makes onnxruntime take an
@@ -29,13 +32,13 @@ import argparse
 import copy
 import json
 import os
-import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from avx2.launch import WAYS, avx2_prefix
 
 # What runs each file, natively, under qemu-x86_64 and in the aarch64 Python (which has no torch):
 # edgekd's torch-free runners, onnxruntime's session with its default graph optimizations (the
@@ -60,17 +63,16 @@ print(json.dumps({{"cpu": int8_class(m["isa"], m["arch"])}}))
 """
 
 
-def run_files(files: list[str], x_path: str, tag: str, emulate: str | None = None, arm_python: str | None = None) -> str:
-    """Logits of every file, saved beside it as <file>.<tag>.npy: natively, on an emulated AVX2
-    x86 (`emulate="avx2"`) or in the aarch64 Python on the emulated ARM core `emulate`.
+def run_files(files: list[str], x_path: str, tag: str, prefix: list[str] = (), arm_core: str | None = None,
+              arm_python: str | None = None) -> str:
+    """Logits of every file, saved beside it as <file>.<tag>.npy: natively, behind `prefix` (an
+    AVX2-only x86: avx2/launch.py) or in the aarch64 Python on the emulated ARM core `arm_core`.
     Returns the int8 class of the CPU the child saw."""
     code = CHILD.format(repo=str(Path(__file__).resolve().parents[1]), x=x_path, files=files, tag=tag)
     if arm_python:
-        cmd, env = [arm_python, "-c", code], {**os.environ, "QEMU_CPU": emulate}
+        cmd, env = [arm_python, "-c", code], {**os.environ, "QEMU_CPU": arm_core}
     else:
-        cmd, env = [str(Path(sys.executable).resolve()), "-c", code], None
-        if emulate:
-            cmd = ["qemu-x86_64", "-cpu", "EPYC-Rome"] + cmd
+        cmd, env = [*prefix, str(Path(sys.executable).resolve()), "-c", code], None
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise SystemExit(f"{tag}: " + proc.stderr[-3000:])
@@ -130,8 +132,9 @@ def main() -> int:
     ap.add_argument("--qat-images", type=int, default=5000)
     ap.add_argument("--qat-epochs", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("runs/portable_int8"))
-    ap.add_argument("--avx2", action=argparse.BooleanOptionalAction, default=True,
-                    help="run the files on an emulated AVX2-only x86 (qemu-x86_64)")
+    ap.add_argument("--avx2", default="auto", choices=WAYS,
+                    help="run the files on an AVX2-only x86: CPUID masked (every test image), qemu (a sample), "
+                         "auto (the mask where this CPU can fault CPUID) or off")
     ap.add_argument("--arm", default="cortex-a53,cortex-a76", help="emulated ARM64 cores, comma-separated ('' = none)")
     ap.add_argument("--arm-python", default=os.environ.get("EDGEKD_ARM64_PYTHON", "/opt/arm64/python"),
                     help="the aarch64 Python (benchmarks/arm64/setup.sh)")
@@ -178,10 +181,13 @@ def main() -> int:
     paths = [str(p) for p in files.values()]
     native = run_files(paths, str(out / "x.npy"), "native")
     columns = [("native", f"{native}, {len(y)} images")]
-    if args.avx2 and shutil.which("qemu-x86_64"):
-        print("running the files on an emulated AVX2-only x86 (qemu; minutes per file) ...", flush=True)
-        columns.append(("avx2", f"{run_files(paths, str(out / 'x_emulated.npy'), 'avx2', 'avx2')} (qemu), "
-                                f"{ne} stratified"))
+    avx2 = avx2_prefix(args.avx2)
+    if avx2:
+        way, prefix, how = avx2
+        masked = way == "mask"
+        print(f"running the files on an AVX2-only x86, {how} ...", flush=True)
+        cpu = run_files(paths, str(out / ("x.npy" if masked else "x_emulated.npy")), "avx2", prefix)
+        columns.append(("avx2", f"{cpu}, {how}, " + (f"{len(y)} images" if masked else f"{ne} stratified")))
     arm_cores = [c for c in args.arm.split(",") if c]
     if arm_cores and not Path(args.arm_python).exists():
         print(f"no aarch64 Python at {args.arm_python} (bash benchmarks/arm64/setup.sh): no ARM columns", flush=True)
@@ -189,8 +195,8 @@ def main() -> int:
     if arm_cores:  # one single-threaded emulator per core model, side by side
         print(f"running the files on emulated ARM64 {', '.join(arm_cores)} (qemu; minutes per file) ...", flush=True)
         with ThreadPoolExecutor(len(arm_cores)) as pool:
-            seen = pool.map(lambda core: run_files(paths, str(out / "x_emulated.npy"), f"arm-{core}", core,
-                                                   args.arm_python), arm_cores)
+            seen = pool.map(lambda core: run_files(paths, str(out / "x_emulated.npy"), f"arm-{core}", arm_core=core,
+                                                   arm_python=args.arm_python), arm_cores)
             columns += [(f"arm-{core}", f"{cpu}, {core} (qemu), {ne} stratified") for core, cpu in zip(arm_cores, seen)]
     fp32_top1 = 100 * float((np.load(f"{files['fp32 (control)']}.native.npy").argmax(1) == y).mean())
     rows = []

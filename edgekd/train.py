@@ -272,7 +272,7 @@ def _fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, s
                 parts = objective(objective.student_outputs(logits), teachers, y, epoch)
                 bad_step = _first_nonfinite(parts["loss"], bar.n, bad_step)
                 if device.type == "cpu" or bar.n % POSTFIX_EVERY == 0:  # a GPU checks where it syncs anyway
-                    _stop_if_diverged(bad_step, desc, steps_per_epoch, cfg.epochs)
+                    _stop_if_diverged(bad_step, desc, steps_per_epoch, cfg)
                 opt.zero_grad(set_to_none=True)
                 parts["loss"].backward()
                 if w.size > 1:  # DDP averages the student's gradients; a term's own parameters likewise
@@ -287,7 +287,7 @@ def _fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, s
                 bar.update(1)
                 if bar.n % POSTFIX_EVERY == 0:
                     bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{float(sums['loss']) / n_seen:.3f}", refresh=False)
-            _stop_if_diverged(bad_step, desc, steps_per_epoch, cfg.epochs)
+            _stop_if_diverged(bad_step, desc, steps_per_epoch, cfg)
             if w.size > 1:  # the epoch's figures over every rank's shard
                 keys = sorted(sums)
                 total = dist.all_sum(torch.stack([torch.as_tensor(sums[k], device=device, dtype=torch.float32) for k in keys]
@@ -324,11 +324,16 @@ def _first_nonfinite(loss: torch.Tensor, step: int, bad_step: torch.Tensor) -> t
     return torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step, bad_step)
 
 
-def _stop_if_diverged(bad_step: torch.Tensor, desc: str, steps_per_epoch: int, epochs: int) -> None:
+def _stop_if_diverged(bad_step: torch.Tensor, desc: str, steps_per_epoch: int, cfg: TrainConfig) -> None:
     if (step := int(bad_step)) >= 0:
         epoch, in_epoch = divmod(step, steps_per_epoch)
-        raise EdgekdError(f"{desc}: the training loss became NaN or infinite at epoch {epoch + 1}/{epochs}, step "
-                          f"{in_epoch + 1}/{steps_per_epoch}; lower the learning rate (or check the data and teacher)")
+        # a compiled step can be wrong rather than the recipe: torch.compile reuses kernels cached on
+        # disk, and a graph cached on a CPU with other vector instructions trained to NaN (torch 2.14.1)
+        hint = ("; or, since it ran compiled, try compile: off or an empty $TORCHINDUCTOR_CACHE_DIR (a kernel cached "
+                "for another CPU can compute wrongly)" if cfg.compile != "off" else "")
+        raise EdgekdError(f"{desc}: the training loss became NaN or infinite at epoch {epoch + 1}/{cfg.epochs}, step "
+                          f"{in_epoch + 1}/{steps_per_epoch}; lower the learning rate (or check the data and teacher)"
+                          + hint)
 
 
 def _settle_bn(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, seed: int, rec: dict,

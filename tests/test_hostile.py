@@ -325,6 +325,22 @@ def test_a_diverging_loss_stops_at_once_naming_stage_epoch_and_step(tmp_path, im
     assert manifest["status"] == "failed" and "NaN or infinite" in manifest["stages"][0]["error"]
 
 
+@pytest.mark.parametrize("compile_mode", ["off", "default"])
+def test_a_diverged_compiled_run_also_points_at_the_compile_cache(compile_mode):
+    # a kernel cached by torch.compile for another CPU trained to NaN once; lowering the LR would not help
+    from edgekd.errors import EdgekdError
+    from edgekd.train import TrainConfig, _stop_if_diverged
+
+    # unvalidated: the compile validator wants a C++ compiler, which this rule does not need
+    cfg = TrainConfig.model_construct(**{**TrainConfig(epochs=3).model_dump(), "compile": compile_mode})
+    _stop_if_diverged(torch.tensor(-1), "distill", 10, cfg)  # finite: nothing to say
+    with pytest.raises(EdgekdError) as e:
+        _stop_if_diverged(torch.tensor(23), "distill", 10, cfg)
+    msg = str(e.value)
+    assert "at epoch 3/3, step 4/10; lower the learning rate" in msg
+    assert ("compile: off" in msg and "TORCHINDUCTOR_CACHE_DIR" in msg) == (compile_mode != "off")
+
+
 def test_skipped_images_are_listed_on_every_run_cached_or_not(tmp_path, make_image_folder):
     root = make_image_folder()
     (root / "train" / "ant" / "broken.jpg").write_bytes(b"not a jpeg")

@@ -8,7 +8,6 @@ masked where the CPU can fault CPUID (benchmarks/avx2)."""
 from __future__ import annotations
 
 import copy
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,29 +133,24 @@ for p in sys.argv[1:]:
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _has_cpuid_fault() -> bool:
-    try:
-        return "cpuid_fault" in Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
+sys.path.insert(0, str(REPO / "benchmarks"))
+from avx2 import launch  # noqa: E402  how the benchmarks run a program on an AVX2-only x86
 
-
-# two ways to run Python on this x86 CPU seen as an AVX2-only one: emulated (slow, works anywhere
-# qemu-user is installed) and native with CPUID masked (benchmarks/avx2, where the CPU can fault CPUID)
+# the two ways to run Python on this x86 CPU seen as an AVX2-only one: emulated (slow, works anywhere
+# qemu-user is installed) and native with CPUID masked (benchmarks/avx2, where the CPU can fault CPUID);
+# the mask's library is built into tmp, so parallel test runs never share one
 AVX2_CPUS = {
-    "qemu": (lambda: shutil.which("qemu-x86_64") is not None, "qemu-x86_64 (Debian qemu-user) not installed",
-             lambda tmp: ["qemu-x86_64", "-cpu", "EPYC-Rome"]),
-    "cpuid_mask": (lambda: _has_cpuid_fault() and shutil.which("cc") is not None,
-                   "no CPUID faulting (cpuid_fault) or no C compiler",
-                   lambda tmp: ["env", f"EDGEKD_CPUID_MASK={tmp / 'mask.so'}", "sh", str(REPO / "benchmarks/avx2/run.sh")]),
+    "qemu": lambda tmp: launch.PREFIX["qemu"],
+    "mask": lambda tmp: ["env", f"EDGEKD_CPUID_MASK={tmp / 'mask.so'}", *launch.PREFIX["mask"]],
 }
 
 
 @pytest.mark.parametrize("cpu", list(AVX2_CPUS))
 def test_on_an_avx2_only_cpu_8bit_weights_saturate_and_portable_ones_do_not(tmp_path, cpu):
-    available, why, prefix = AVX2_CPUS[cpu]
-    if machine_info()["arch"] != "x86_64" or not available():
+    why = "not an x86-64 CPU" if machine_info()["arch"] != "x86_64" else launch.missing(cpu)
+    if why:
         pytest.skip(f"no {cpu} AVX2-only CPU here: {why}")
+    prefix = AVX2_CPUS[cpu]
     f = _saturating_model(tmp_path / "sat.onnx")
     calib = np.ones((4, 64, 4, 4), np.float32)
     files = [quantize_onnx(f, tmp_path / f"{t}.onnx", calib, target=TARGETS[t]) for t in ("portable", "x86_vnni")]
