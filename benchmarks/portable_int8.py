@@ -15,9 +15,9 @@ such switch, its own output on this CPU), run natively and on other CPU classes:
                                        [--arm-python PATH] [--reuse]
 
 Needs ../shared (EDGEKD_SHARED); for the AVX2 column CPUID faulting and a C compiler, or Debian's
-qemu-user; for the ARM columns
-an aarch64 Python with onnxruntime and ai-edge-litert (`bash benchmarks/arm64/setup.sh` builds
-one from Debian's and PyPI's arm64 packages; --arm-python or $EDGEKD_ARM64_PYTHON names it).
+qemu-user; for the ARM columns an aarch64 Python with onnxruntime and ai-edge-litert (`bash
+benchmarks/arm64/setup.sh` builds one from Debian's and PyPI's arm64 packages; --arm-python or
+$EDGEKD_ARM64_PYTHON names it).
 Emulation is 100-250x slower than native (TCG), so the emulated columns (qemu) run on
 `--emulated-images` test images (a stratified sample, as Split.sample takes), with the
 reference's top-1 on the same images beside them.

@@ -197,6 +197,35 @@ def test_check_passes_on_itself_and_fails_on_a_degraded_run(run_dir, tmp_path, c
     assert header.split() == ["metric", "baseline", "now", "delta", "tolerance", "verdict"]
 
 
+def test_a_plan_pinned_from_an_earlier_run_is_reused_untimed_by_every_format(run_dir, tmp_path, capsys):
+    # quantize.plan: <quant_plan.json>: a rerun (or another machine) ships the same int8 structure
+    first = json.loads((run_dir / "02_quantize/quant_plan.json").read_text())
+    cfg = pipeline()
+    cfg["stages"] = [{"quantize": {"method": "ptq", "calibration": {"samples": 100},
+                                   "plan": str(run_dir / "02_quantize/quant_plan.json")}},
+                     {"export": {"include_teacher": False, "verify_images": 100, "formats": ["onnx", "executorch"]}}]
+    out = tmp_path / "pinned"
+    assert main(["run", str(write(tmp_path, cfg)), "--out", str(out)]) == 0
+    plan = json.loads((out / "00_quantize/quant_plan.json").read_text())
+    assert plan["mode"] == "pinned" and "candidates" not in plan and plan["chosen"] == f"{first['chosen']} (pinned)"
+    assert plan["plan"]["fp32_blocks"] == first["plan"]["fp32_blocks"]
+    assert set(plan["plan"]["fp32_modules"]) == set(first["plan"]["fp32_modules"])
+    export = json.loads((out / "report.json").read_text())["stages"][1]
+    if importlib.util.find_spec("executorch"):  # its int8 program is the plan's, written once, not chosen by timing
+        assert "pte_int8_plan" not in export["info"]["int8_ptq"] and (out / "01_export/int8_ptq.pte").exists()
+    # a plan of another model, or a file that is no plan, is named with the key that points at it
+    first["plan"]["fp32_blocks"] = {"features.99": "measured elsewhere"}
+    (tmp_path / "other.json").write_text(json.dumps(first))
+    cfg["stages"][0]["quantize"]["plan"] = str(tmp_path / "other.json")
+    capsys.readouterr()
+    assert main(["run", str(write(tmp_path, cfg)), "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "quantize.plan: " in err and "'features.99' fp32, which this model does not have" in err
+    cfg["stages"][0]["quantize"]["plan"] = str(tmp_path / "p.yaml")
+    assert main(["validate", str(write(tmp_path, cfg, "q.yaml"))]) == 2
+    assert "stages[0].quantize.plan" in capsys.readouterr().err
+
+
 def test_resume_after_an_interrupted_stage(tmp_path, monkeypatch, capsys):
     from edgekd.stages.quantize import Quantize
 

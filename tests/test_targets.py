@@ -8,6 +8,7 @@ masked where the CPU can fault CPUID (benchmarks/avx2)."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -133,8 +134,10 @@ for p in sys.argv[1:]:
 REPO = Path(__file__).resolve().parents[1]
 
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-from avx2 import launch  # noqa: E402  how the benchmarks run a program on an AVX2-only x86
+# how the benchmarks run a program on an AVX2-only x86 (loaded from its file: benchmarks/ is no package)
+_spec = importlib.util.spec_from_file_location("avx2_launch", REPO / "benchmarks/avx2/launch.py")
+launch = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(launch)
 
 # the two ways to run Python on this x86 CPU seen as an AVX2-only one: emulated (slow, works anywhere
 # qemu-user is installed) and native with CPUID masked (benchmarks/avx2, where the CPU can fault CPUID);

@@ -26,7 +26,7 @@ from ..schema import Strict, Switch
 from ..formats import FORMATS, Variant, enabled_formats
 from ..fileio import atomic_path
 from ..formats.base import ConvertJob, ExportJob
-from ..formats.int8_plan import choose_int8, int8_candidates
+from ..formats.int8_plan import choose_int8, int8_candidates, kept_modules
 from ..formats.workers import Conversion, NpyFile, convert_all, worker_count
 from ..onnx_export import metadata
 from .base import Stage, StageResult, register
@@ -207,7 +207,9 @@ def _conversions(variants, formats, d, quant_plan) -> tuple[dict, list[tuple]]:
     for v in variants:
         for fmt in (f for f in formats if f.writes(v)):
             path = d / f"{v.name}{fmt.suffix}"
-            if v.int8 and fmt.own_int8 and quant_plan:  # planned on its own runtime
+            if v.int8 and fmt.own_int8 and quant_plan and quant_plan["mode"] == "pinned":  # no timing: the plan's program
+                todo.append((type(fmt), v, path, kept_modules(quant_plan["plan"])))
+            elif v.int8 and fmt.own_int8 and quant_plan:  # planned on its own runtime
                 plans[v.name, fmt.key] = cands = int8_candidates(fmt, v, path, quant_plan["plan"], quant_plan["chosen"])
                 todo += [(type(fmt), variant, tmp, keep or []) for variant, keep, tmp in cands.values()
                          if not (keep is None and v.qat_model is None)]  # PTQ's float program: the student's file
@@ -251,14 +253,15 @@ def _verify_all(ctx, variants, formats, plans, job: ExportJob, quant_plan, info:
 
 def _measured_plan(ctx) -> dict | None:
     """The quantize stage's plan record where it measured one (`quantize.plan: auto`): formats
-    with their own int8 then measure theirs too (formats.int8_plan)."""
+    with their own int8 then measure theirs too (formats.int8_plan); or where it was pinned to an
+    earlier run's plan: they write that plan's program, untimed, so reruns ship the same structure."""
     from ..rundir import read_json
 
     rel = ctx.artifacts.get("quant_plan")
     if not rel:
         return None
     rec = read_json(ctx.run_dir / rel, "quantization plan")
-    return rec if rec.get("mode") == "auto" else None
+    return rec if rec.get("mode") in ("auto", "pinned") else None
 
 
 def _calibration_set(ctx):

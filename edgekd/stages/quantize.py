@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..schema import Strict
 from ..data import stratified_indices
@@ -24,8 +25,8 @@ from ..bench.machine import int8_class, machine_info
 from ..fileio import write_json
 from ..onnx_export import export_onnx, onnx_logits, run_onnx
 from ..errors import ConfigError
-from ..quant.plan import (WEIGHTED, Plan, blocks, choose, float_cost, load_graph, op_profile, recover_accuracy,
-                          rule_plan, search, time_plans, unmatched_patterns)
+from ..quant.plan import (WEIGHTED, Plan, blocks, choose, float_cost, load_graph, module_path, op_profile,
+                          recover_accuracy, rule_plan, search, time_plans, unmatched_patterns)
 from ..quant.ptq import quantize_onnx
 from ..quant.qat import activation_ranges, apply_transform, qat_transform, snap_weights
 from ..quant.targets import TARGET_NAMES, resolve_target
@@ -58,15 +59,25 @@ class QuantizeConfig(Strict):
     activation_type: Literal["uint8", "int8"] = "uint8"
     exclude_depthwise: bool = Field(False, description="keep depthwise convs in fp32 (slower on ORT; for debugging accuracy)")
     keep_first_conv_fp32: bool = Field(True, description="keep the stem conv (raw pixels in) in fp32, in PTQ and QAT alike")
-    plan: Literal["auto", "int8"] = Field(
+    plan: str = Field(
         "auto", description="auto: time per-block int8/fp32 plans on plan_runtime (1 thread, batch 1) and keep the fastest "
-                            "within max_drop_points of fp32 (quant_plan.json); int8: every op the quantizer knows is int8")
+                            "within max_drop_points of fp32 (quant_plan.json); int8: every op the quantizer knows is int8; "
+                            "or the path of a quant_plan.json an earlier run wrote: that plan again, untimed, so a rerun "
+                            "or another machine ships the same int8 structure")
     plan_runtime: Literal["onnxruntime", "openvino"] = Field(
         "onnxruntime", description="the runtime `plan: auto` times the ONNX files on (the one you deploy them with)")
     keep_fp32: list[str] = Field(default_factory=list, description="op types (HardSigmoid), module paths or ONNX node "
                                  "names (fnmatch patterns: features.1*, /classifier/*) that stay fp32 in every plan")
     max_drop_points: float = Field(0.5, ge=0, description="top-1 points a plan may lose against fp32 (plan: auto)")
     qat: QATConfig = Field(default_factory=QATConfig)
+
+    @field_validator("plan")
+    @classmethod
+    def _plan_mode_or_file(cls, v: str) -> str:
+        """A pinned plan is read before any data is decoded: a wrong path fails here, not after training."""
+        if v not in ("auto", "int8"):
+            pinned_plan(v)
+        return v
 
     def pipeline_problems(self, pipeline) -> list[tuple[str, str]]:
         """Checked before any data is decoded: the runtime that times the plans must be installed."""
@@ -77,6 +88,20 @@ class QuantizeConfig(Strict):
 
     def teachers_used(self) -> list[tuple[str, str | None, bool, bool]]:
         return [(f"qat.{k}", *rest) for k, *rest in self.qat.teachers_used()] if self.method != "ptq" and self.qat.epochs else []
+
+
+def pinned_plan(path: str) -> Plan:
+    """The plan of an earlier run's quant_plan.json (`quantize.plan: <file>`)."""
+    f = Path(path).expanduser()
+    try:
+        rec = json.loads(f.read_text(encoding="utf-8"))
+        return Plan.from_json(rec["plan"])
+    except FileNotFoundError:
+        raise ValueError("expected auto, int8 or the path of a quant_plan.json from an earlier run, and no such file "
+                         "exists") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"not a quant_plan.json an edgekd run wrote (expected a 'plan' with fp32_blocks and "
+                         f"fp32_modules; {type(e).__name__}: {e})") from None
 
 
 def calibration_images(data, samples: int, seed: int) -> np.ndarray:
@@ -154,8 +179,9 @@ class Quantize(Stage):
     def _plan(self, ctx, fp32: Path, calib: np.ndarray, qopts: dict) -> tuple[Plan, Path, dict, Path]:
         """The quantization plan (quant.plan), its record (quant_plan.json) and the PTQ file of the
         plan (`int8_ptq.onnx`, fully calibrated: the file the plan was judged and profiled on):
-        measured on plan_runtime for `plan: auto`, the fixed rules for `plan: int8`. Candidates are
-        judged on the validation split where there is one, else on the test split."""
+        measured on plan_runtime for `plan: auto`, the fixed rules for `plan: int8`, an earlier run's
+        plan for `plan: <quant_plan.json>` (with this config's rules added). Candidates are judged on
+        the validation split where there is one, else on the test split."""
         cfg: QuantizeConfig = self.config
         d, data = ctx.stage_dir, ctx.data
         graph = load_graph(fp32)
@@ -168,10 +194,14 @@ class Quantize(Stage):
                         "machine": int8_class(m["isa"], m["arch"]), "max_drop_points": cfg.max_drop_points,
                         "executorch_litert": "their own PT2E quantizers; with plan: auto the export stage times their "
                                              "int8 candidates (every op, this plan's fp32 modules, none) on their own "
-                                             "runtimes (export info <format>_int8_plan)",
+                                             "runtimes (export info <format>_int8_plan); with a pinned plan they "
+                                             "write its program, untimed",
                         "onnx_files_run_by": "onnxruntime and OpenVINO: one ONNX file per variant, planned for plan_runtime",
                         "int8_file_time_on": "onnxruntime (its profiler)"}
         plan = base
+        if cfg.plan not in ("auto", "int8"):
+            plan = _pin(pinned_plan(cfg.plan), base, graph, cfg.plan)
+            record.update({"mode": "pinned", "pinned_from": str(Path(cfg.plan).expanduser().resolve())})
         if cfg.plan == "auto":
             split = data.val if data.val is not None else data.test
             x, y = data.normalize(split.images[:]).numpy(), split.labels.numpy()
@@ -219,6 +249,19 @@ class Quantize(Stage):
         path = d / "quant_plan.json"
         write_json(path, record)
         return plan, path, record, planned
+
+
+def _pin(pinned: Plan, base: Plan, graph, source: str) -> Plan:
+    """`pinned` with this config's rules (the stem, keep_fp32) added; every block and module it
+    keeps fp32 must be this model's, since a plan is measured on one architecture and pruning."""
+    known = set(blocks(graph)) | {module_path(n) for n in graph.node} | {n.name for n in graph.node}
+    for name in [*pinned.fp32_blocks, *pinned.fp32_modules]:
+        if name not in known:
+            raise ConfigError(f"quantize.plan: {source} keeps {name!r} fp32, which this model does not have (its blocks: "
+                              f"{', '.join(blocks(graph)[:12])}{' ...' if len(blocks(graph)) > 12 else ''}); a plan "
+                              "fits the model it was measured on")
+    return Plan(f"{pinned.name} (pinned)", dict(pinned.fp32_blocks), {**pinned.fp32_modules, **base.fp32_modules},
+                list(dict.fromkeys([*pinned.fp32_patterns, *base.fp32_patterns])))
 
 
 def _top1(path: Path, x: np.ndarray, y: np.ndarray) -> float:
