@@ -228,3 +228,22 @@ def test_openvino_ships_the_quantize_stage_int8_file_where_it_pays_there_else_th
         assert rec["chosen"] == want and [c["plan"] for c in rec["candidates"]] == ["quantize plan (p)", "fp32"]
         assert (path.read_bytes() == int8.read_bytes()) == (want != "fp32") and format_for(path) is type(fmt)
         assert fmt.verify(path, v, job)["decisive_agreement"] >= 0.8
+
+
+def test_untimed_plans_give_formats_that_quantize_themselves_the_plans_float_modules(tmp_path):
+    # plan: int8 or a pinned plan: ExecuTorch and LiteRT write one program with the plan's fp32 modules
+    # (the stem) float, as the ONNX files keep them; plan: auto times their candidates instead
+    from edgekd.stages.export import _conversions
+
+    v = Variant("int8_ptq", torch.nn.Conv2d(3, 4, 3), int8=True)
+    fmts = [FORMATS.get(k)() for k in ("executorch", "litert")]
+    rec = {"mode": "int8", "chosen": "int8", "max_drop_points": 0.5,
+           "plan": {"name": "int8", "fp32_blocks": {"features.4": "slow"}, "fp32_modules": {"features.0.0": "stem"}}}
+    for mode in ("int8", "pinned"):
+        plans, todo = _conversions([v], fmts, tmp_path, {**rec, "mode": mode})
+        assert plans == {} and [(t[2].name, t[3]) for t in todo] == [
+            ("int8_ptq.pte", ["features.0.0", "features.4"]), ("int8_ptq.tflite", ["features.0.0", "features.4"])]
+    plans, todo = _conversions([v], fmts, tmp_path, {**rec, "mode": "auto"})
+    assert set(plans) == {("int8_ptq", "pte"), ("int8_ptq", "tflite")}
+    assert sorted(t[3] for t in todo if t[2].suffix == ".pte") == [[], ["features.0.0", "features.4"]]
+    assert _conversions([v], fmts, tmp_path, None)[1][0][3] == []  # no quantize stage: every op int8

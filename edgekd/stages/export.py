@@ -122,7 +122,7 @@ class Export(Stage):
             log.info("export: no %s files: %s %s", FORMATS.get(fmt).suffix, fmt, why)
         job = ExportJob(data, cfg.verify_images, cfg.ptq_min_agreement,
                         ConvertJob(data.image_size, cfg.opset, _calibration_set(ctx), cfg.options))
-        quant_plan = _measured_plan(ctx)
+        quant_plan = _quant_plan(ctx)
         variants = list(self._variants(ctx, cfg))
         plans, todo = _conversions(variants, formats, d, quant_plan)
         calib_file = d / ".calibration.npy"
@@ -207,7 +207,7 @@ def _conversions(variants, formats, d, quant_plan) -> tuple[dict, list[tuple]]:
     for v in variants:
         for fmt in (f for f in formats if f.writes(v)):
             path = d / f"{v.name}{fmt.suffix}"
-            if v.int8 and fmt.own_int8 and quant_plan and quant_plan["mode"] == "pinned":  # no timing: the plan's program
+            if v.int8 and fmt.own_int8 and quant_plan and quant_plan.get("mode") != "auto":  # no timing: the plan's program
                 todo.append((type(fmt), v, path, kept_modules(quant_plan["plan"])))
             elif v.int8 and fmt.own_int8 and quant_plan:  # planned on its own runtime
                 plans[v.name, fmt.key] = cands = int8_candidates(fmt, v, path, quant_plan["plan"], quant_plan["chosen"])
@@ -251,17 +251,19 @@ def _verify_all(ctx, variants, formats, plans, job: ExportJob, quant_plan, info:
     return models, artifacts
 
 
-def _measured_plan(ctx) -> dict | None:
-    """The quantize stage's plan record where it measured one (`quantize.plan: auto`): formats
-    with their own int8 then measure theirs too (formats.int8_plan); or where it was pinned to an
-    earlier run's plan: they write that plan's program, untimed, so reruns ship the same structure."""
+def _quant_plan(ctx) -> dict | None:
+    """The quantize stage's plan record, if the pipeline has one. Where it measured the plan
+    (`quantize.plan: auto`), formats with their own int8 measure theirs too (formats.int8_plan);
+    otherwise (`int8`, or pinned to an earlier run's plan) they write the plan's program untimed,
+    with the same modules float (the stem, unless keep_first_conv_fp32 is off), so reruns ship the
+    same structure."""
     from ..rundir import read_json
 
     rel = ctx.artifacts.get("quant_plan")
     if not rel:
         return None
     rec = read_json(ctx.run_dir / rel, "quantization plan")
-    return rec if rec.get("mode") in ("auto", "pinned") else None
+    return rec
 
 
 def _calibration_set(ctx):

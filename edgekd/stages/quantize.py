@@ -194,8 +194,8 @@ class Quantize(Stage):
                         "machine": int8_class(m["isa"], m["arch"]), "max_drop_points": cfg.max_drop_points,
                         "executorch_litert": "their own PT2E quantizers; with plan: auto the export stage times their "
                                              "int8 candidates (every op, this plan's fp32 modules, none) on their own "
-                                             "runtimes (export info <format>_int8_plan); with a pinned plan they "
-                                             "write its program, untimed",
+                                             "runtimes (export info <format>_int8_plan); otherwise they write this "
+                                             "plan's program (its fp32 modules float), untimed",
                         "onnx_files_run_by": "onnxruntime and OpenVINO: one ONNX file per variant, planned for plan_runtime",
                         "int8_file_time_on": "onnxruntime (its profiler)"}
         plan = base
