@@ -207,12 +207,12 @@ def _conversions(variants, formats, d, quant_plan) -> tuple[dict, list[tuple]]:
     for v in variants:
         for fmt in (f for f in formats if f.writes(v)):
             path = d / f"{v.name}{fmt.suffix}"
-            if v.int8 and fmt.own_int8 and quant_plan and quant_plan.get("mode") != "auto":  # no timing: the plan's program
-                todo.append((type(fmt), v, path, kept_modules(quant_plan["plan"])))
-            elif v.int8 and fmt.own_int8 and quant_plan:  # planned on its own runtime
+            if v.int8 and fmt.own_int8 and quant_plan and quant_plan.get("mode") == "auto":  # planned on its own runtime
                 plans[v.name, fmt.key] = cands = int8_candidates(fmt, v, path, quant_plan["plan"], quant_plan["chosen"])
                 todo += [(type(fmt), variant, tmp, keep or []) for variant, keep, tmp in cands.values()
                          if not (keep is None and v.qat_model is None)]  # PTQ's float program: the student's file
+            elif v.int8 and fmt.own_int8 and quant_plan:  # no timing: the plan's program
+                todo.append((type(fmt), v, path, kept_modules(quant_plan["plan"])))
             else:
                 todo.append((type(fmt), v, path, []))
     return plans, todo
@@ -262,8 +262,7 @@ def _quant_plan(ctx) -> dict | None:
     rel = ctx.artifacts.get("quant_plan")
     if not rel:
         return None
-    rec = read_json(ctx.run_dir / rel, "quantization plan")
-    return rec
+    return read_json(ctx.run_dir / rel, "quantization plan")
 
 
 def _calibration_set(ctx):

@@ -34,6 +34,7 @@ from ..train import TrainConfig, fit
 from .base import Stage, StageResult, register
 
 log = logging.getLogger("edgekd")
+PLAN_MODES = ("auto", "int8")  # quantize.plan's words; anything else is the path of a plan to pin
 
 
 class CalibrationConfig(Strict):
@@ -75,7 +76,7 @@ class QuantizeConfig(Strict):
     @classmethod
     def _plan_mode_or_file(cls, v: str) -> str:
         """A pinned plan is read before any data is decoded: a wrong path fails here, not after training."""
-        if v not in ("auto", "int8"):
+        if v not in PLAN_MODES:
             pinned_plan(v)
         return v
 
@@ -190,7 +191,8 @@ class Quantize(Stage):
             raise ConfigError(f"quantize.keep_fp32[{i}]: {p!r} matches no op type, module path or node name of the "
                               f"model (its blocks: {', '.join(blocks(graph)[:12])}{' ...' if len(blocks(graph)) > 12 else ''})")
         m = machine_info()
-        record: dict = {"mode": cfg.plan, "runtime": cfg.plan_runtime, "threads": 1, "batch": 1,
+        pinned = cfg.plan not in PLAN_MODES
+        record: dict = {"mode": "pinned" if pinned else cfg.plan, "runtime": cfg.plan_runtime, "threads": 1, "batch": 1,
                         "machine": int8_class(m["isa"], m["arch"]), "max_drop_points": cfg.max_drop_points,
                         "executorch_litert": "their own PT2E quantizers; with plan: auto the export stage times their "
                                              "int8 candidates (every op, this plan's fp32 modules, none) on their own "
@@ -199,9 +201,9 @@ class Quantize(Stage):
                         "onnx_files_run_by": "onnxruntime and OpenVINO: one ONNX file per variant, planned for plan_runtime",
                         "int8_file_time_on": "onnxruntime (its profiler)"}
         plan = base
-        if cfg.plan not in ("auto", "int8"):
+        if pinned:
             plan = _pin(pinned_plan(cfg.plan), base, graph, cfg.plan)
-            record.update({"mode": "pinned", "pinned_from": str(Path(cfg.plan).expanduser().resolve())})
+            record["pinned_from"] = str(Path(cfg.plan).expanduser().resolve())
         if cfg.plan == "auto":
             split = data.val if data.val is not None else data.test
             x, y = data.normalize(split.images[:]).numpy(), split.labels.numpy()
