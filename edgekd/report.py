@@ -211,6 +211,9 @@ def _format_plans_table(info: dict) -> list[str]:
              "program (1 thread, batch 1); the kept one in bold:", "",
          "| file | runtime | candidate | p50 ms | vs fp32 | top-1 % |", "|---|---|---|---|---|---|"]
     for variant, fmt, rec in rows:
+        if "candidates" not in rec:  # untimed: the program the plan it follows gives (formats.int8_plan.ship_untimed)
+            L.append(f"| {variant} ({fmt}) | {rec.get('runtime', '')} | **{rec['chosen']}** (untimed, {rec.get('source')}) "
+                     "| – | – | – |")
         for c in rec.get("candidates", []):
             name = f"**{c['plan']}**" if c["plan"] == rec.get("chosen") else c["plan"]
             L.append(f"| {variant} ({fmt}) | {rec.get('runtime', '')} | {name} | {c['p50_ms']} | {c['speedup_vs_fp32']}x | "

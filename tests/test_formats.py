@@ -11,6 +11,7 @@ from edgekd.errors import EdgekdError
 from edgekd.formats import FORMATS, Variant, enabled_formats
 from edgekd.formats.base import ConvertJob, ExportJob, Format
 from edgekd.onnx_export import metadata
+from edgekd.quant.plan import PATTERN
 from edgekd.stages.export import ExportConfig
 
 INSTALLED = [n for n in FORMATS.names() if FORMATS.get(n).available() is None]
@@ -104,8 +105,9 @@ OWN_INT8 = [n for n in INSTALLED if FORMATS.get(n).own_int8]
 
 @pytest.mark.parametrize("name", QUANTIZERS)
 def test_modules_kept_fp32_by_a_plan_stay_float_in_the_formats_own_int8(tiny_trained, tmp_path, name):
-    """The quantizer's per-module override: with every block kept fp32 the int8 export is the
-    float program (same outputs), with none it is not."""
+    """The quantizer's per-module override: with every block kept fp32 (by module path, and by one
+    of the user's keep_fp32 patterns) the int8 export is the float program (same outputs), with
+    none it is not."""
     model, data = tiny_trained
     fmt = FORMATS.get(name)()
     job = ExportJob(data, 48, 0.8, ConvertJob(data.image_size, 17, lambda: data.normalize(data.train.images[:32]).numpy()))
@@ -113,7 +115,7 @@ def test_modules_kept_fp32_by_a_plan_stay_float_in_the_formats_own_int8(tiny_tra
     x = data.normalize(data.test.images[:16]).numpy()
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
-    every = fmt.runner(fmt.export(v, tmp_path / f"all{fmt.suffix}", job.convert, keep_fp32=["features", "classifier"]))(x)
+    every = fmt.runner(fmt.export(v, tmp_path / f"all{fmt.suffix}", job.convert, keep_fp32=["features", PATTERN + "classifier*"]))(x)
     none = fmt.runner(fmt.export(v, tmp_path / f"int8{fmt.suffix}", job.convert))(x)
     rel = lambda out: np.abs(out - ref).max() / np.abs(ref).max()  # noqa: E731
     assert rel(every) < 1e-5 and rel(none) > 1e-3
@@ -232,17 +234,37 @@ def test_openvino_ships_the_quantize_stage_int8_file_where_it_pays_there_else_th
 
 def test_untimed_plans_give_formats_that_quantize_themselves_the_plans_float_modules(tmp_path):
     # plan: int8 or a pinned plan: ExecuTorch and LiteRT write one program with the plan's fp32 modules
-    # (the stem) float, as the ONNX files keep them; plan: auto times their candidates instead
+    # (the stem) float, as the ONNX files keep them, or the program a pinned run's format shipped;
+    # plan: auto times their candidates instead
+    from edgekd.formats.int8_plan import program, ship_untimed
     from edgekd.stages.export import _conversions
 
     v = Variant("int8_ptq", torch.nn.Conv2d(3, 4, 3), int8=True)
     fmts = [FORMATS.get(k)() for k in ("executorch", "litert")]
     rec = {"mode": "int8", "chosen": "int8", "max_drop_points": 0.5,
            "plan": {"name": "int8", "fp32_blocks": {"features.4": "slow"}, "fp32_modules": {"features.0.0": "stem"}}}
+    # the user's keep_fp32 patterns stay fp32 in every program, timed or not
+    with_user = {**rec, "plan": {**rec["plan"], "keep_fp32": ["classifier*"]}}
+    for mode in ("int8", "auto"):
+        plans, todo = _conversions([v], fmts, tmp_path, {**with_user, "mode": mode})
+        assert all(t[3][-1] == PATTERN + "classifier*" for t in todo)
     for mode in ("int8", "pinned"):
         plans, todo = _conversions([v], fmts, tmp_path, {**rec, "mode": mode})
-        assert plans == {} and [(t[2].name, t[3]) for t in todo] == [
-            ("int8_ptq.pte", ["features.0.0", "features.4"]), ("int8_ptq.tflite", ["features.0.0", "features.4"])]
+        assert [list(c) for c in plans.values()] == [["quantize plan (int8)"]] * 2
+        assert [(t[2].name, t[3]) for t in todo] == [
+            (".int8_ptq.plan0.pte", ["features.0.0", "features.4"]), (".int8_ptq.plan0.tflite", ["features.0.0", "features.4"])]
+    # pinned to a run whose ExecuTorch file was all int8 and whose LiteRT file was the fp32 program
+    shipped = {"pte": {"int8_ptq": {"program": "int8", "fp32_modules": []}},
+               "tflite": {"int8_ptq": {"program": "fp32", "fp32_modules": "all"}}}
+    plans, todo = _conversions([v], fmts, tmp_path, {**rec, "mode": "pinned", "programs": shipped})
+    assert [list(c) for c in plans.values()] == [["int8"], ["fp32"]]
+    assert [(t[2].name, t[3]) for t in todo] == [(".int8_ptq.plan0.pte", [])]  # PTQ's fp32 program: the student's file
+    (tmp_path / ".int8_ptq.plan0.tflite").write_bytes(b"float")
+    path, out = ship_untimed(fmts[1], v, tmp_path / "int8_ptq.tflite", {"fp32": (None, tmp_path / ".int8_ptq.plan0.tflite")},
+                             {**rec, "mode": "pinned", "pinned_from": "/runs/a/quant_plan.json"})
+    assert path.read_bytes() == b"float" and not (tmp_path / ".int8_ptq.plan0.tflite").exists()
+    assert out["timed"] is False and "fp32 program" in out["verdict"] and "/runs/a/quant_plan.json" in out["source"]
+    assert program(out) == {"program": "fp32", "fp32_modules": "all", "timed": False}  # pinned again, the same
     plans, todo = _conversions([v], fmts, tmp_path, {**rec, "mode": "auto"})
     assert set(plans) == {("int8_ptq", "pte"), ("int8_ptq", "tflite")}
     assert sorted(t[3] for t in todo if t[2].suffix == ".pte") == [[], ["features.0.0", "features.4"]]

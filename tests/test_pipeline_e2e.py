@@ -198,11 +198,13 @@ def test_check_passes_on_itself_and_fails_on_a_degraded_run(run_dir, tmp_path, c
 
 
 def test_a_plan_pinned_from_an_earlier_run_is_reused_untimed_by_every_format(run_dir, tmp_path, capsys):
-    # quantize.plan: <quant_plan.json>: a rerun (or another machine) ships the same int8 structure
-    first = json.loads((run_dir / "02_quantize/quant_plan.json").read_text())
+    # quantize.plan: <int8_plan.json>: a rerun (or another machine) ships the same int8 structure
+    first = json.loads((run_dir / "03_export/int8_plan.json").read_text())
+    assert {k: v for k, v in first.items() if k != "programs"} == json.loads((run_dir / "02_quantize/quant_plan.json").read_text())
+    first_export = json.loads((run_dir / "report.json").read_text())["stages"][3]
     cfg = pipeline()
     cfg["stages"] = [{"quantize": {"method": "ptq", "calibration": {"samples": 100},
-                                   "plan": str(run_dir / "02_quantize/quant_plan.json")}},
+                                   "plan": str(run_dir / "03_export/int8_plan.json")}},
                      {"export": {"include_teacher": False, "verify_images": 100, "formats": ["onnx", "executorch"]}}]
     out = tmp_path / "pinned"
     assert main(["run", str(write(tmp_path, cfg)), "--out", str(out)]) == 0
@@ -211,8 +213,14 @@ def test_a_plan_pinned_from_an_earlier_run_is_reused_untimed_by_every_format(run
     assert plan["plan"]["fp32_blocks"] == first["plan"]["fp32_blocks"]
     assert set(plan["plan"]["fp32_modules"]) == set(first["plan"]["fp32_modules"])
     export = json.loads((out / "report.json").read_text())["stages"][1]
-    if importlib.util.find_spec("executorch"):  # its int8 program is the plan's, written once, not chosen by timing
-        assert "pte_int8_plan" not in export["info"]["int8_ptq"] and (out / "01_export/int8_ptq.pte").exists()
+    if importlib.util.find_spec("executorch"):  # the program the first run's ExecuTorch shipped, written once, untimed
+        shipped = first["programs"]["pte"]["int8_ptq"]
+        assert shipped["timed"] and shipped["program"] == first_export["info"]["int8_ptq"]["pte_int8_plan"]["chosen"]
+        again = export["info"]["int8_ptq"]["pte_int8_plan"]
+        assert again["timed"] is False and again["chosen"] == shipped["program"] and (out / "01_export/int8_ptq.pte").exists()
+        assert again["fp32_modules"] == shipped["fp32_modules"] and "pinned: " in again["source"]
+        assert json.loads((out / "01_export/int8_plan.json").read_text())["programs"]["pte"]["int8_ptq"]["program"] == \
+            shipped["program"]  # and a run pinned to this one's file ships it again
     # a plan of another model, or a file that is no plan, is named with the key that points at it
     first["plan"]["fp32_blocks"] = {"features.99": "measured elsewhere"}
     (tmp_path / "other.json").write_text(json.dumps(first))

@@ -87,6 +87,52 @@ def test_a_keep_fp32_pattern_that_matches_nothing_is_reported(tmp_path):
     assert unmatched_patterns(plan, graph) == [(1, "featurs.2*"), (2, "HardSwish")]
 
 
+@pytest.mark.parametrize("pattern", ["classifier*", "/features/features.1/*", "*fc1*", "HardSigmoid", "Mul", "Add",
+                                     "/features/features.4/block/block.2/Mul"])
+def test_keep_fp32_patterns_name_the_same_ops_in_the_pt2e_graph_as_in_the_onnx_graph(tmp_path, pattern):
+    # ExecuTorch and LiteRT quantize a torch.export graph (PT2E): the user's keep_fp32 patterns must leave
+    # the ops float there that they leave float in the ONNX files (same module, same op type)
+    from collections import Counter
+
+    from edgekd.quant.plan import PATTERN, _matches, in_modules, onnx_op_type
+
+    model, fp32 = _export(V3, tmp_path)
+    graph = load_graph(fp32)
+    traced = torch.export.export(model, (torch.randn(1, 3, 32, 32),)).module().graph
+    ops = {"Conv", "Gemm", "Mul", "Add", "HardSigmoid", "HardSwish", "Relu", "GlobalAveragePool"}
+    in_onnx = Counter((module_path(n), n.op_type) for n in graph.node if n.op_type in ops and _matches(pattern, module_path(n), n))
+    in_pt2e = Counter(([p for p, _ in n.meta["nn_module_stack"].values()][-1], onnx_op_type(n)) for n in traced.nodes
+                      if n.op == "call_function" and onnx_op_type(n) in ops and in_modules(n, [PATTERN + pattern]))
+    assert in_onnx and in_pt2e == in_onnx
+
+
+def test_a_pinned_plan_and_its_formats_programs_must_fit_the_model(tmp_path):
+    # quantize.plan: <quant_plan.json> repeats the plan and what each format shipped; a block or module
+    # this model lacks (another architecture, another pruning) is refused, wherever the file names it
+    import json
+
+    from edgekd.errors import ConfigError
+    from edgekd.stages.quantize import _pin, pinned_plan
+
+    _, fp32 = _export(V2, tmp_path)
+    graph = load_graph(fp32)
+    base = rule_plan(graph, True, [])
+    rec = {"plan": Plan("a", {"features.3": "slow"}).to_json(),
+           "programs": {"pte": {"int8_qat": {"program": "quantize plan (a)", "fp32_modules": ["features.3"]}}}}
+    (tmp_path / "q.json").write_text(json.dumps(rec))
+    plan, programs = pinned_plan(str(tmp_path / "q.json"))
+    pinned = _pin(plan, programs, base, graph, "q.json")
+    assert pinned.fp32_blocks == {"features.3": "slow"} and set(pinned.fp32_modules) == set(base.fp32_modules)
+    assert programs == rec["programs"]
+    rec["programs"]["pte"]["int8_qat"]["fp32_modules"] = ["features.30"]
+    with pytest.raises(ConfigError, match="keeps 'features.30' fp32, which this model does not have"):
+        _pin(plan, rec["programs"], base, graph, "q.json")
+    rec["programs"]["pte"]["int8_qat"] = {"program": "int8"}  # hand-edited: no fp32_modules
+    (tmp_path / "q.json").write_text(json.dumps(rec))
+    with pytest.raises(ValueError, match="not a plan file an edgekd run wrote"):
+        pinned_plan(str(tmp_path / "q.json"))
+
+
 def test_qat_follows_the_plan_so_its_int8_file_has_the_ptq_files_structure(tmp_path):
     model, fp32 = _export(V2, tmp_path)
     data, calib = _calib()

@@ -73,12 +73,13 @@ def headline_sentence(models: dict[str, dict]) -> str:
         if fast:
             text += f"; int8 is {fast[0][0]:.2f}x the speed of the fp32 student{where(fast[0][1])}"
             text += "".join(f", {r:.2f}x on {k}" for r, k in fast[1:])
-        shipped_fp32 = m.get("fp32_program_on") or {}  # runtime -> its best int8 speed-up (formats.int8_plan)
+        shipped_fp32 = m.get("fp32_program_on") or {}  # runtime -> its best int8 speed-up, None untimed (formats.int8_plan)
         for r, k in ratios:
             if r < 1.1:
                 rt_name = k.split("/")[0]
-                why = (f": its file is the fp32 program, int8 ran at {shipped_fp32[rt_name]:.2f}x there"
-                       if rt_name in shipped_fp32 else "")
+                why = ("" if rt_name not in shipped_fp32 else ": its file is the fp32 program, as the plan it follows says"
+                       if shipped_fp32[rt_name] is None else
+                       f": its file is the fp32 program, int8 ran at {shipped_fp32[rt_name]:.2f}x there")
                 text += (f"; NOTE: int8 is not faster than the fp32 student {'on ' + k if len(ratios) > 1 else 'here'} "
                          f"({r:.2f}x{why})")
         if str(m.get("int8_layers", "")).startswith("0/") and any(r < 1.1 for r, _ in ratios):

@@ -25,7 +25,12 @@ quant.plan: 1 thread, batch 1, medians of interleaved rounds, on this machine's 
 ARM cores run other kernels again).
 
 The candidates are written first, with every other file of the stage (formats.workers:
-conversions side by side), and judged once all are written (`choose_int8`)."""
+conversions side by side), and judged once all are written (`choose_int8`).
+
+The export stage writes the quantize stage's plan record with what each format shipped
+(`programs`) as its int8_plan.json, so a run pinned to that file (`quantize.plan:
+<int8_plan.json>`) writes the same programs untimed (`untimed_program`), as its ONNX files repeat
+the plan: the same int8 structure on every runtime, on any machine."""
 
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..quant.plan import PATTERN
 from .base import ExportJob, Format, Variant
 
 log = logging.getLogger("edgekd")
@@ -47,6 +53,12 @@ def kept_modules(plan: dict) -> list[str]:
     return sorted({*plan.get("fp32_blocks", {}), *plan.get("fp32_modules", {})})
 
 
+def with_patterns(keep: list[str], plan: dict) -> list[str]:
+    """`keep` and the user's keep_fp32 patterns of `plan` (quant.plan.in_modules matches them as the
+    ONNX plan does): they stay fp32 in every program, as in every plan."""
+    return list(dict.fromkeys([*keep, *(PATTERN + p for p in plan.get("keep_fp32", []))]))
+
+
 def int8_candidates(fmt: Format, v: Variant, path: Path, plan: dict, plan_name: str
                     ) -> dict[str, tuple[Variant, list[str] | None, Path]]:
     """The programs `v`'s int8 file for `fmt` is chosen from (Format.int8_choices): name -> (the
@@ -54,8 +66,50 @@ def int8_candidates(fmt: Format, v: Variant, path: Path, plan: dict, plan_name: 
     path beside `path`)."""
     keep = fmt.int8_choices(kept_modules(plan), plan_name)
     float_variant, stem = Variant(v.name, v.int8_source), path.name[: -len(fmt.suffix)]
-    return {name: (float_variant if k is None else v, k, path.with_name(f".{stem}.plan{i}{fmt.suffix}"))
+    return {name: (float_variant if k is None else v, None if k is None else with_patterns(k, plan),
+                   path.with_name(f".{stem}.plan{i}{fmt.suffix}"))
             for i, (name, k) in enumerate(keep.items())}
+
+
+def untimed_program(fmt: Format, v: Variant, path: Path, quant_plan: dict
+                    ) -> dict[str, tuple[Variant, list[str] | None, Path]]:
+    """The one program `v`'s int8 file for `fmt` is where the plan is not timed here (`plan: int8`,
+    or pinned), in int8_candidates' shape: what the pinned run's format shipped (its int8_plan.json
+    `programs`), else the plan's fp32 modules left float."""
+    shipped, plan = quant_plan.get("programs", {}).get(fmt.key, {}).get(v.name), quant_plan["plan"]
+    if shipped:  # with this run's keep_fp32 patterns too (they are in the pinned plan)
+        keep = None if shipped["fp32_modules"] == "all" else with_patterns(shipped["fp32_modules"], plan)
+        name = "fp32" if keep is None else shipped["program"]
+    else:
+        name = f"quantize plan ({quant_plan['chosen']})" if kept_modules(plan) else "int8"
+        keep = with_patterns(kept_modules(plan), plan)
+    stem = path.name[: -len(fmt.suffix)]
+    return {name: (Variant(v.name, v.int8_source) if keep is None else v, keep,
+                   path.with_name(f".{stem}.plan0{fmt.suffix}"))}
+
+
+def ship_untimed(fmt: Format, v: Variant, path: Path, files: dict[str, tuple[list[str] | None, Path]],
+                 quant_plan: dict) -> tuple[Path, dict]:
+    """Move the one written program of `untimed_program` to `path`; returns the path and its record."""
+    (name, (keep, tmp)), = files.items()
+    os.replace(tmp, path)
+    source = (f"pinned: {quant_plan.get('pinned_from', 'an earlier run')}" if quant_plan.get("mode") == "pinned"
+              else f"quantize.plan: {quant_plan.get('mode')}")
+    rec = {"chosen": name, "runtime": fmt.runtime, "timed": False, "fp32_modules": "all" if keep is None else keep,
+           "source": source}
+    if keep is None:
+        rec["verdict"] = f"{v.name}{fmt.suffix} is the fp32 program of the same weights, as the plan it follows says ({source})"
+    return path, rec
+
+
+def program(rec: dict) -> dict:
+    """What a format's int8 record (choose_int8, ship_untimed) says it shipped, for int8_plan.json
+    `programs`: the candidate's name and the modules it leaves float ("all": the fp32 program)."""
+    if "candidates" in rec:
+        chosen = next(c for c in rec["candidates"] if c["plan"] == rec["chosen"])
+        return {"program": rec["chosen"], "fp32_modules": chosen["fp32_modules"], "timed": True,
+                "speedup_vs_fp32": chosen["speedup_vs_fp32"]}
+    return {"program": rec["chosen"], "fp32_modules": rec["fp32_modules"], "timed": False}
 
 
 def choose_int8(fmt: Format, v: Variant, path: Path, files: dict[str, tuple[list[str] | None, Path]], job: ExportJob,

@@ -50,11 +50,52 @@ def module_path(node) -> str:
     return ".".join(path)
 
 
-def in_modules(node, paths) -> bool:
-    """Whether a node of a torch.export graph (PT2E quantizers annotate these) was traced inside
-    one of the modules at `paths`: how ExecuTorch's and LiteRT's own int8 follow a plan."""
+PATTERN = "keep_fp32:"  # marks one of the user's patterns among the module paths a PT2E quantizer leaves float
+
+# torch.export's aten ops as the ONNX op types the TorchScript exporter gives them, so that an op-type
+# pattern of quantize.keep_fp32 (`HardSigmoid`, `Mul`) names the same ops in a PT2E graph
+ONNX_OP_OF_ATEN = {"conv1d": "Conv", "conv2d": "Conv", "convolution": "Conv", "linear": "Gemm", "addmm": "Gemm",
+                   "matmul": "MatMul", "mm": "MatMul", "bmm": "MatMul", "add": "Add", "sub": "Sub", "mul": "Mul",
+                   "div": "Div", "relu": "Relu", "hardtanh": "Clip", "clamp": "Clip", "sigmoid": "Sigmoid",
+                   "hardsigmoid": "HardSigmoid", "hardswish": "HardSwish", "cat": "Concat",
+                   "adaptive_avg_pool2d": "GlobalAveragePool", "mean": "ReduceMean", "max_pool2d": "MaxPool",
+                   "avg_pool2d": "AveragePool", "flatten": "Flatten", "reshape": "Reshape", "view": "Reshape"}
+
+
+def onnx_op_type(node) -> str:
+    """The ONNX op type of a torch.export graph node (ONNX_OP_OF_ATEN; in-place ops as their
+    out-of-place op), or '' for an op the table does not know."""
+    name = getattr(node.target, "_opname", "") or ""
+    return ONNX_OP_OF_ATEN.get(name.rstrip("_"), "")
+
+
+def onnx_node_name(path: str, op_type: str) -> str:
+    """The name the TorchScript exporter gives an op of the module at `path` (module_path's
+    inverse): `features.1.conv.0` and Conv give `/features/features.1/conv/conv.0/Conv`."""
+    scope: list[str] = []
+    for part in path.split(".") if path else []:
+        scope.append(f"{scope[-1]}.{part}" if part.isdigit() and scope else part)
+    return "/" + "/".join([*scope, op_type or "*"])
+
+
+def in_modules(node, keep) -> bool:
+    """Whether a node of a torch.export graph (PT2E quantizers annotate these) stays float: it was
+    traced inside one of the modules at the module paths in `keep` (a plan's blocks and modules), or
+    one of the user's keep_fp32 patterns in `keep` (PATTERN + the pattern) matches it as it matches
+    the ONNX graph (an op type, or fnmatch on its module path or ONNX node name). How ExecuTorch's
+    and LiteRT's own int8 follow a plan."""
     stack = [p for p, _ in (node.meta.get("nn_module_stack") or {}).values()]
-    return any(p == k or p.startswith(k + ".") for p in stack for k in paths)
+    path = stack[-1] if stack else ""
+    for k in keep:
+        if k.startswith(PATTERN):
+            pattern = k[len(PATTERN):]
+            op = onnx_op_type(node)
+            if (op == pattern if _is_op_type(pattern) else
+                    fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(onnx_node_name(path, op), pattern)):
+                return True
+        elif any(p == k or p.startswith(k + ".") for p in stack):
+            return True
+    return False
 
 
 def block_of(path: str) -> str:

@@ -24,9 +24,9 @@ from tqdm import tqdm
 from ..errors import EdgekdError, did_you_mean
 from ..schema import Strict, Switch
 from ..formats import FORMATS, Variant, enabled_formats
-from ..fileio import atomic_path
+from ..fileio import atomic_path, write_json
 from ..formats.base import ConvertJob, ExportJob
-from ..formats.int8_plan import choose_int8, int8_candidates, kept_modules
+from ..formats.int8_plan import choose_int8, int8_candidates, program, ship_untimed, untimed_program
 from ..formats.workers import Conversion, NpyFile, convert_all, worker_count
 from ..onnx_export import metadata
 from .base import Stage, StageResult, register
@@ -200,19 +200,20 @@ class Export(Stage):
 
 def _conversions(variants, formats, d, quant_plan) -> tuple[dict, list[tuple]]:
     """What to write: every variant in every format that writes it, and for a format that plans its
-    own int8, each int8 variant's candidates (formats.int8_plan) when the quantize stage measured a plan.
+    own int8, each int8 variant's candidates (formats.int8_plan) when the quantize stage measured a plan,
+    or the one program an untimed plan gives it (int8_plan.untimed_program).
     Returns ({(variant, format key): candidates}, [(format, variant, path, modules kept float)])."""
     plans: dict[tuple[str, str], dict] = {}
     todo: list[tuple] = []
     for v in variants:
         for fmt in (f for f in formats if f.writes(v)):
             path = d / f"{v.name}{fmt.suffix}"
-            if v.int8 and fmt.own_int8 and quant_plan and quant_plan.get("mode") == "auto":  # planned on its own runtime
-                plans[v.name, fmt.key] = cands = int8_candidates(fmt, v, path, quant_plan["plan"], quant_plan["chosen"])
+            if v.int8 and fmt.own_int8 and quant_plan:  # timed on its own runtime, or the plan's program untimed
+                plans[v.name, fmt.key] = cands = (
+                    int8_candidates(fmt, v, path, quant_plan["plan"], quant_plan["chosen"]) if quant_plan.get("mode") == "auto"
+                    else untimed_program(fmt, v, path, quant_plan))
                 todo += [(type(fmt), variant, tmp, keep or []) for variant, keep, tmp in cands.values()
                          if not (keep is None and v.qat_model is None)]  # PTQ's float program: the student's file
-            elif v.int8 and fmt.own_int8 and quant_plan:  # no timing: the plan's program
-                todo.append((type(fmt), v, path, kept_modules(quant_plan["plan"])))
             else:
                 todo.append((type(fmt), v, path, []))
     return plans, todo
@@ -222,7 +223,7 @@ def _verify_all(ctx, variants, formats, plans, job: ExportJob, quant_plan, info:
     """Once every file is written: choose each planned int8 program (formats.int8_plan), stamp
     the runner metadata and verify every file against its PyTorch reference. Returns (models,
     artifacts) for the stage result; per-file records go into `info`."""
-    d, artifacts, models = ctx.stage_dir, {}, {}
+    d, artifacts, models, programs = ctx.stage_dir, {}, {}, {}
     with tqdm(total=sum(f.writes(v) for v in variants for f in formats), desc="export: verify", unit="file",
               leave=False) as bar:
         for v in variants:
@@ -234,29 +235,36 @@ def _verify_all(ctx, variants, formats, plans, job: ExportJob, quant_plan, info:
                 path, props = d / f"{v.name}{fmt.suffix}", metadata(ctx.data, v.name)
                 if cands := plans.get((v.name, fmt.key)):
                     files = {name: (keep, tmp) for name, (_, keep, tmp) in cands.items()}
-                    if v.qat_model is None:  # PTQ: the student's float program is the same weights'
+                    if v.qat_model is None and "fp32" in files:  # PTQ: the student's float program is the same weights'
                         own = FORMATS.get(fmt.float_files) if fmt.float_files else fmt
                         shutil.copyfile(d / f"student_fp32{own.suffix}", files["fp32"][1])
-                    path, planned = choose_int8(fmt, v, path, files, job, quant_plan["max_drop_points"])
+                    path, planned = (choose_int8(fmt, v, path, files, job, quant_plan["max_drop_points"])
+                                     if quant_plan.get("mode") == "auto" else ship_untimed(fmt, v, path, files, quant_plan))
                     rec[fmt.figure("int8_plan")], props["edgekd.int8_plan"] = planned, planned["chosen"]
-                    if planned["chosen"] == "fp32":  # for the headline's NOTE on that runtime
+                    programs.setdefault(fmt.key, {})[v.name] = program(planned)
+                    if planned["chosen"] == "fp32":  # for the headline's NOTE on that runtime (None: untimed here)
                         models[v.name].setdefault("fp32_program_on", {})[fmt.runtime] = max(
-                            c["speedup_vs_fp32"] for c in planned["candidates"] if c["plan"] != "fp32")
+                            (c["speedup_vs_fp32"] for c in planned.get("candidates", []) if c["plan"] != "fp32"),
+                            default=None)
                 fmt.write_metadata(path, props)
                 rec[fmt.figure("verify")] = {**fmt.verify(path, v, job), **fmt.verified_by()}
                 rec.update(fmt.details(path))
                 artifacts[f"{fmt.key}.{v.name}"] = models[v.name][fmt.key] = ctx.rel(path)
                 models[v.name][fmt.figure("size_bytes")] = path.stat().st_size
                 bar.update(1)
+    if programs:  # the run's int8 structure on every runtime, in one file a later run can pin (quantize.plan)
+        write_json(d / "int8_plan.json", {**quant_plan, "programs": programs})
+        artifacts["int8_plan"] = ctx.rel(d / "int8_plan.json")
     return models, artifacts
 
 
 def _quant_plan(ctx) -> dict | None:
     """The quantize stage's plan record, if the pipeline has one. Where it measured the plan
     (`quantize.plan: auto`), formats with their own int8 measure theirs too (formats.int8_plan);
-    otherwise (`int8`, or pinned to an earlier run's plan) they write the plan's program untimed,
-    with the same modules float (the stem, unless keep_first_conv_fp32 is off), so reruns ship the
-    same structure."""
+    otherwise (`int8`, or pinned to an earlier run's plan) they write one program untimed: the one
+    the pinned run shipped (its `programs`), else the plan's, with the same modules float (the
+    stem, unless keep_first_conv_fp32 is off), so reruns ship the same structure. Export writes
+    the record with what each format shipped (`programs`) as int8_plan.json."""
     from ..rundir import read_json
 
     rel = ctx.artifacts.get("quant_plan")

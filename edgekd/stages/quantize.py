@@ -25,7 +25,7 @@ from ..bench.machine import int8_class, machine_info
 from ..fileio import write_json
 from ..onnx_export import export_onnx, onnx_logits, run_onnx
 from ..errors import ConfigError
-from ..quant.plan import (WEIGHTED, Plan, blocks, choose, float_cost, load_graph, module_path, op_profile,
+from ..quant.plan import (PATTERN, WEIGHTED, Plan, blocks, choose, float_cost, load_graph, module_path, op_profile,
                           recover_accuracy, rule_plan, search, time_plans, unmatched_patterns)
 from ..quant.ptq import quantize_onnx
 from ..quant.qat import activation_ranges, apply_transform, qat_transform, snap_weights
@@ -63,12 +63,14 @@ class QuantizeConfig(Strict):
     plan: str = Field(
         "auto", description="auto: time per-block int8/fp32 plans on plan_runtime (1 thread, batch 1) and keep the fastest "
                             "within max_drop_points of fp32 (quant_plan.json); int8: every op the quantizer knows is int8; "
-                            "or the path of a quant_plan.json an earlier run wrote: that plan again, untimed, so a rerun "
-                            "or another machine ships the same int8 structure")
+                            "or the path of an earlier run's int8_plan.json (export; quant_plan.json: the ONNX plan only): "
+                            "that plan and each format's program again, untimed, so a rerun or another machine ships the "
+                            "same int8 structure")
     plan_runtime: Literal["onnxruntime", "openvino"] = Field(
         "onnxruntime", description="the runtime `plan: auto` times the ONNX files on (the one you deploy them with)")
     keep_fp32: list[str] = Field(default_factory=list, description="op types (HardSigmoid), module paths or ONNX node "
-                                 "names (fnmatch patterns: features.1*, /classifier/*) that stay fp32 in every plan")
+                                 "names (fnmatch patterns: features.1*, /classifier/*) that stay fp32 in every plan, and in "
+                                 "ExecuTorch's and LiteRT's own int8")
     max_drop_points: float = Field(0.5, ge=0, description="top-1 points a plan may lose against fp32 (plan: auto)")
     qat: QATConfig = Field(default_factory=QATConfig)
 
@@ -91,18 +93,23 @@ class QuantizeConfig(Strict):
         return [(f"qat.{k}", *rest) for k, *rest in self.qat.teachers_used()] if self.method != "ptq" and self.qat.epochs else []
 
 
-def pinned_plan(path: str) -> Plan:
-    """The plan of an earlier run's quant_plan.json (`quantize.plan: <file>`)."""
+def pinned_plan(path: str) -> tuple[Plan, dict]:
+    """The plan of an earlier run's plan file (`quantize.plan: <file>`) and the int8 program each
+    of its formats shipped: the export stage's int8_plan.json has both (`programs`), the quantize
+    stage's quant_plan.json the plan only."""
     f = Path(path).expanduser()
     try:
         rec = json.loads(f.read_text(encoding="utf-8"))
-        return Plan.from_json(rec["plan"])
+        programs = rec.get("programs", {})
+        if not all(isinstance(p.get("fp32_modules"), (list, str)) for per in programs.values() for p in per.values()):
+            raise TypeError("its programs name no fp32_modules")
+        return Plan.from_json(rec["plan"]), programs
     except FileNotFoundError:
-        raise ValueError("expected auto, int8 or the path of a quant_plan.json from an earlier run, and no such file "
-                         "exists") from None
+        raise ValueError("expected auto, int8 or the path of an earlier run's int8_plan.json (export) or "
+                         "quant_plan.json (quantize), and no such file exists") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"not a quant_plan.json an edgekd run wrote (expected a 'plan' with fp32_blocks and "
-                         f"fp32_modules; {type(e).__name__}: {e})") from None
+        raise ValueError(f"not a plan file an edgekd run wrote (int8_plan.json, quant_plan.json: expected a 'plan' "
+                         f"with fp32_blocks and fp32_modules; {type(e).__name__}: {e})") from None
 
 
 def calibration_images(data, samples: int, seed: int) -> np.ndarray:
@@ -196,14 +203,17 @@ class Quantize(Stage):
                         "machine": int8_class(m["isa"], m["arch"]), "max_drop_points": cfg.max_drop_points,
                         "executorch_litert": "their own PT2E quantizers; with plan: auto the export stage times their "
                                              "int8 candidates (every op, this plan's fp32 modules, none) on their own "
-                                             "runtimes (export info <format>_int8_plan); otherwise they write this "
-                                             "plan's program (its fp32 modules float), untimed",
+                                             "runtimes (export info <format>_int8_plan); otherwise they write the "
+                                             "program a pinned run shipped, else this plan's (its fp32 modules float), "
+                                             "untimed; export's int8_plan.json is this record with what each format shipped",
                         "onnx_files_run_by": "onnxruntime and OpenVINO: one ONNX file per variant, planned for plan_runtime",
                         "int8_file_time_on": "onnxruntime (its profiler)"}
         plan = base
         if pinned:
-            plan = _pin(pinned_plan(cfg.plan), base, graph, cfg.plan)
+            earlier, programs = pinned_plan(cfg.plan)
+            plan = _pin(earlier, programs, base, graph, cfg.plan)
             record["pinned_from"] = str(Path(cfg.plan).expanduser().resolve())
+            record["programs"] = programs  # what its formats shipped: export writes the same programs, untimed
         if cfg.plan == "auto":
             split = data.val if data.val is not None else data.test
             x, y = data.normalize(split.images[:]).numpy(), split.labels.numpy()
@@ -253,11 +263,14 @@ class Quantize(Stage):
         return plan, path, record, planned
 
 
-def _pin(pinned: Plan, base: Plan, graph, source: str) -> Plan:
-    """`pinned` with this config's rules (the stem, keep_fp32) added; every block and module it
-    keeps fp32 must be this model's, since a plan is measured on one architecture and pruning."""
+def _pin(pinned: Plan, programs: dict, base: Plan, graph, source: str) -> Plan:
+    """`pinned` with this config's rules (the stem, keep_fp32) added; every block and module it (or
+    a program of its formats) keeps fp32 must be this model's, since a plan is measured on one
+    architecture and pruning."""
     known = set(blocks(graph)) | {module_path(n) for n in graph.node} | {n.name for n in graph.node}
-    for name in [*pinned.fp32_blocks, *pinned.fp32_modules]:
+    shipped = [m for per in programs.values() for p in per.values() if p["fp32_modules"] != "all"
+               for m in p["fp32_modules"] if not m.startswith(PATTERN)]  # patterns: the plan's keep_fp32, matched per graph
+    for name in dict.fromkeys([*pinned.fp32_blocks, *pinned.fp32_modules, *shipped]):
         if name not in known:
             raise ConfigError(f"quantize.plan: {source} keeps {name!r} fp32, which this model does not have (its blocks: "
                               f"{', '.join(blocks(graph)[:12])}{' ...' if len(blocks(graph)) > 12 else ''}); a plan "
