@@ -108,8 +108,10 @@ def test_headline_says_when_int8_is_not_faster():
     models["int8_qat"]["fp32_program_on"] = {"openvino": 0.55}  # its own plan shipped the fp32 program: it says why
     assert headline_sentence(models).endswith("on openvino/1t (0.91x: its file is the fp32 program, int8 ran at 0.55x "
                                               "there)")
-    models["int8_qat"]["fp32_program_on"] = {"openvino": None}  # untimed here: a pinned plan's program
-    assert headline_sentence(models).endswith("(0.91x: its file is the fp32 program, as the plan it follows says)")
+    del models["int8_qat"]["fp32_program_on"]
+    models["int8_qat"]["plan"] = "runs/a/03_export/int8_plan.json"  # pinned: no program was timed here
+    assert headline_sentence(models).endswith("(0.91x: its program follows a pinned plan, untimed on this machine; "
+                                              "plan: auto chooses per runtime)")
     del models["teacher_fp32"]["top1"]  # a teacher only the benchmark measured: its runtime's top-1
     assert headline_sentence(models).startswith("int8 QAT: 100.0x faster than teacher, 45x smaller, -3.0 points")
 

@@ -73,13 +73,15 @@ def headline_sentence(models: dict[str, dict]) -> str:
         if fast:
             text += f"; int8 is {fast[0][0]:.2f}x the speed of the fp32 student{where(fast[0][1])}"
             text += "".join(f", {r:.2f}x on {k}" for r, k in fast[1:])
-        shipped_fp32 = m.get("fp32_program_on") or {}  # runtime -> its best int8 speed-up, None untimed (formats.int8_plan)
+        shipped_fp32 = m.get("fp32_program_on") or {}  # runtime -> its best int8 speed-up (formats.int8_plan)
+        plan = str(m.get("plan", "auto"))  # untimed: every program is the plan's (int8) or a pinned run's
+        untimed = None if plan == "auto" else "quantize.plan: int8" if plan == "int8" else "a pinned plan"
         for r, k in ratios:
             if r < 1.1:
                 rt_name = k.split("/")[0]
-                why = ("" if rt_name not in shipped_fp32 else ": its file is the fp32 program, as the plan it follows says"
-                       if shipped_fp32[rt_name] is None else
-                       f": its file is the fp32 program, int8 ran at {shipped_fp32[rt_name]:.2f}x there")
+                why = (f": its file is the fp32 program, int8 ran at {shipped_fp32[rt_name]:.2f}x there"
+                       if rt_name in shipped_fp32 else f": its program follows {untimed}, untimed on this machine; "
+                       "plan: auto chooses per runtime" if untimed else "")
                 text += (f"; NOTE: int8 is not faster than the fp32 student {'on ' + k if len(ratios) > 1 else 'here'} "
                          f"({r:.2f}x{why})")
         if str(m.get("int8_layers", "")).startswith("0/") and any(r < 1.1 for r, _ in ratios):

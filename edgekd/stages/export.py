@@ -242,10 +242,9 @@ def _verify_all(ctx, variants, formats, plans, job: ExportJob, quant_plan, info:
                                      if quant_plan.get("mode") == "auto" else ship_untimed(fmt, v, path, files, quant_plan))
                     rec[fmt.figure("int8_plan")], props["edgekd.int8_plan"] = planned, planned["chosen"]
                     programs.setdefault(fmt.key, {})[v.name] = program(planned)
-                    if planned["chosen"] == "fp32":  # for the headline's NOTE on that runtime (None: untimed here)
+                    if planned["chosen"] == "fp32" and "candidates" in planned:  # for the headline's NOTE on that runtime
                         models[v.name].setdefault("fp32_program_on", {})[fmt.runtime] = max(
-                            (c["speedup_vs_fp32"] for c in planned.get("candidates", []) if c["plan"] != "fp32"),
-                            default=None)
+                            c["speedup_vs_fp32"] for c in planned["candidates"] if c["plan"] != "fp32")
                 fmt.write_metadata(path, props)
                 rec[fmt.figure("verify")] = {**fmt.verify(path, v, job), **fmt.verified_by()}
                 rec.update(fmt.details(path))
