@@ -101,8 +101,9 @@ def pinned_plan(path: str) -> tuple[Plan, dict]:
     try:
         rec = json.loads(f.read_text(encoding="utf-8"))
         programs = rec.get("programs", {})
-        if not all(isinstance(p.get("fp32_modules"), (list, str)) for per in programs.values() for p in per.values()):
-            raise TypeError("its programs name no fp32_modules")
+        if not all(isinstance(p.get("fp32_modules"), list) or p.get("fp32_modules") == "all"
+                   for per in programs.values() for p in per.values()):
+            raise TypeError("a program's fp32_modules is neither a list of module paths nor 'all'")
         return Plan.from_json(rec["plan"]), programs
     except FileNotFoundError:
         raise ValueError("expected auto, int8 or the path of an earlier run's int8_plan.json (export) or "
