@@ -65,10 +65,16 @@ def int8_candidates(fmt: Format, v: Variant, path: Path, plan: dict, plan_name: 
     variant to write, the modules it keeps float, or None for no int8 at all, and a temporary
     path beside `path`)."""
     keep = fmt.int8_choices(kept_modules(plan), plan_name)
-    float_variant, stem = Variant(v.name, v.int8_source), path.name[: -len(fmt.suffix)]
-    return {name: (float_variant if k is None else v, None if k is None else with_patterns(k, plan),
-                   path.with_name(f".{stem}.plan{i}{fmt.suffix}"))
+    return {name: _program(fmt, v, path, i, None if k is None else with_patterns(k, plan))
             for i, (name, k) in enumerate(keep.items())}
+
+
+def _program(fmt: Format, v: Variant, path: Path, i: int, keep: list[str] | None
+             ) -> tuple[Variant, list[str] | None, Path]:
+    """One program to write for `v`'s int8 file: the variant (its float source where `keep` is None:
+    no int8 at all), the modules left float, and its temporary path beside `path`."""
+    stem = path.name[: -len(fmt.suffix)]
+    return Variant(v.name, v.int8_source) if keep is None else v, keep, path.with_name(f".{stem}.plan{i}{fmt.suffix}")
 
 
 def untimed_program(fmt: Format, v: Variant, path: Path, quant_plan: dict
@@ -81,11 +87,9 @@ def untimed_program(fmt: Format, v: Variant, path: Path, quant_plan: dict
         keep = None if shipped["fp32_modules"] == "all" else with_patterns(shipped["fp32_modules"], plan)
         name = "fp32" if keep is None else shipped["program"]
     else:
-        name = f"quantize plan ({quant_plan['chosen']})" if kept_modules(plan) else "int8"
-        keep = with_patterns(kept_modules(plan), plan)
-    stem = path.name[: -len(fmt.suffix)]
-    return {name: (Variant(v.name, v.int8_source) if keep is None else v, keep,
-                   path.with_name(f".{stem}.plan0{fmt.suffix}"))}
+        kept = kept_modules(plan)
+        name, keep = f"quantize plan ({quant_plan['chosen']})" if kept else "int8", with_patterns(kept, plan)
+    return {name: _program(fmt, v, path, 0, keep)}
 
 
 def ship_untimed(fmt: Format, v: Variant, path: Path, files: dict[str, tuple[list[str] | None, Path]],

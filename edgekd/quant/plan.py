@@ -85,11 +85,10 @@ def in_modules(node, keep) -> bool:
     the ONNX graph (an op type, or fnmatch on its module path or ONNX node name). How ExecuTorch's
     and LiteRT's own int8 follow a plan."""
     stack = [p for p, _ in (node.meta.get("nn_module_stack") or {}).values()]
-    path = stack[-1] if stack else ""
+    path, op = stack[-1] if stack else "", onnx_op_type(node)
     for k in keep:
         if k.startswith(PATTERN):
             pattern = k[len(PATTERN):]
-            op = onnx_op_type(node)
             if (op == pattern if _is_op_type(pattern) else
                     fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(onnx_node_name(path, op), pattern)):
                 return True
