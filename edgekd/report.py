@@ -109,9 +109,16 @@ def _fmt_bytes(n) -> str:
 
 
 def render_markdown(report: dict, plots: dict[str, str]) -> str:
-    from .bench.summary import latency_columns, shown_top1
+    from .bench.summary import NOT_FASTER, headline_parts, latency_columns, not_faster, shown_top1
 
-    L = [f"# edgekd report: {report['pipeline']}", "", f"**{report['headline']}**", ""]
+    L = [f"# edgekd report: {report['pipeline']}", ""]
+    result, slow, notes = headline_parts(report["models"])  # report.json's headline, a runtime per line
+    L += [f"**{result}**", ""]
+    if len(slow) > 1:
+        L += [f"**{NOT_FASTER} on:**", ""] + [f"- {s}" for s in slow] + [""]
+    elif slow:
+        L += [f"**{not_faster(slow)}**", ""]
+    L += [f"- {n}" for n in notes] + ([""] if notes else [])
     mach = report["machine"]
     from .bench.machine import int8_class, isa_text
 

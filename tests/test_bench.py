@@ -12,6 +12,7 @@ import pytest
 
 from edgekd.bench.runtimes import RUNTIMES, Runtime
 from edgekd.bench.summary import headline_sentence, pareto
+from edgekd.report import render_markdown
 from edgekd.cli import main
 from edgekd.models import build
 from edgekd.onnx_export import export_onnx
@@ -105,6 +106,17 @@ def test_headline_says_when_int8_is_not_faster():
     assert h.startswith("int8 QAT: 100.0x faster than teacher, 45x smaller, -3.0 points (executorch/1t)")
     assert "int8 is 3.33x the speed of the fp32 student on executorch/1t, 2.50x on onnxruntime/1t" in h
     assert h.endswith("NOTE: int8 is not faster than the fp32 student on openvino/1t (0.91x)")
+    models["student_fp32"]["latency"]["litert/1t"] = {"p50_ms": 0.5}
+    models["int8_qat"]["latency"]["litert/1t"] = {"p50_ms": 0.5}
+    assert headline_sentence(models).endswith("fp32 student on litert/1t (1.00x), openvino/1t (0.91x)")
+    # report.md: the result in bold, then a runtime per line
+    report = {"pipeline": "p", "created": "now", "machine": {"cpu": "cpu", "isa": ["avx2"], "arch": "x86_64", "cores": 2},
+              "device": "cpu", "threads": 2, "seed": 0, "stages": [], "models": models}
+    md = render_markdown(report, {})
+    assert "**int8 QAT: 100.0x faster than teacher, 45x smaller, -3.0 points (executorch/1t); int8 is 3.33x" in md
+    assert "**NOTE: int8 is not faster than the fp32 student on:**\n\n- litert/1t (1.00x)\n- openvino/1t (0.91x)\n" in md
+    for rt in ("student_fp32", "int8_qat"):
+        del models[rt]["latency"]["litert/1t"]
     models["int8_qat"]["fp32_program_on"] = {"openvino": 0.55}  # its own plan shipped the fp32 program: it says why
     assert headline_sentence(models).endswith("on openvino/1t (0.91x: its file is the fp32 program, int8 ran at 0.55x "
                                               "there)")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from edgekd.bench.summary import headline_parts
 from edgekd.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,7 +140,7 @@ def test_run_leaves_manifest_reports_and_artifacts(run_dir):
     assert report["headline"].startswith("int8")
     assert any(k.startswith("stage.benchmark.speedup.student_fp32/int8_") for k in report["metrics"])
     md = (run_dir / "report.md").read_text()
-    assert report["headline"] in md and "| model | top-1 %" in md
+    assert f"**{headline_parts(report['models'])[0]}**" in md and "| model | top-1 %" in md
     assert "| step | MACs kept | params | top-1 pruned | after BN recal. | after fine-tune |" in md
     for png in ("accuracy.png", "training.png", "pareto.png", "size.png", "robustness.png", "reliability.png"):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"

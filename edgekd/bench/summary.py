@@ -40,16 +40,21 @@ def _pick(models: dict[str, dict], prefix: str) -> str | None:
     return max(cands, key=lambda k: models[k]["top1"]) if cands else None
 
 
-def headline_sentence(models: dict[str, dict]) -> str:
-    """'student int8: 12.3x faster than teacher, 38x smaller, -2.1 points' (plus int8 vs fp32)."""
+def headline_parts(models: dict[str, dict]) -> tuple[str, list[str], list[str]]:
+    """The headline in pieces: (result, slow, notes).
+
+    result: 'int8 QAT: 12.3x faster than teacher, 38x smaller, -2.1 points (onnxruntime/1t)' plus
+    where int8 pays against the fp32 student; slow: one 'onnxruntime/1t (1.05x...)' per runtime where
+    it does not ('here (1.05x)' with one runtime), each saying why where the run knows; notes: the rest.
+    The CLI prints them as one line, report.md as a line and a list."""
     final = _pick(models, "int8") or _pick(models, "student") or _pick(models, "pruned")
     teacher = models.get("teacher_fp32") or models.get("teacher")
     if not final:
         best = max((k for k in models if "top1" in models[k] and k != "teacher"), key=lambda k: models[k]["top1"], default=None)
         if best is None:
-            return "no student figures"
+            return "no student figures", [], []
         tail = f" ({models[best]['top1'] - teacher['top1']:+.2f} points vs teacher)" if teacher and "top1" in teacher else ""
-        return f"{models[best].get('label', best)}: top-1 {models[best]['top1']:.2f} %{tail}; no latency measured"
+        return f"{models[best].get('label', best)}: top-1 {models[best]['top1']:.2f} %{tail}; no latency measured", [], []
     m = models[final]
     rt = min(m["latency"], key=lambda k: m["latency"][k].get("p50_ms", float("inf")))  # its fastest runtime
     lat = m["latency"][rt]
@@ -64,15 +69,16 @@ def headline_sentence(models: dict[str, dict]) -> str:
     t_top1 = t_lat.get("top1") or shown_top1(t)
     if t_top1 is not None:
         parts.append(f"{top1 - t_top1:+.1f} points")
-    text = f"{m.get('label', final)}: " + ", ".join(parts) + f" ({rt})"
+    result = f"{m.get('label', final)}: " + ", ".join(parts) + f" ({rt})"
+    slow, notes = [], []
     fp32 = models.get("student_fp32")
     if final.startswith("int8") and fp32:
         ratios = sorted(((_p50(fp32, k) / _p50(m, k), k) for k in m["latency"] if _p50(fp32, k) and _p50(m, k)), reverse=True)
         where = (lambda k: f" on {k}") if len(ratios) > 1 else (lambda k: "")
         fast = [(r, k) for r, k in ratios if r >= 1.1]
         if fast:
-            text += f"; int8 is {fast[0][0]:.2f}x the speed of the fp32 student{where(fast[0][1])}"
-            text += "".join(f", {r:.2f}x on {k}" for r, k in fast[1:])
+            result += f"; int8 is {fast[0][0]:.2f}x the speed of the fp32 student{where(fast[0][1])}"
+            result += "".join(f", {r:.2f}x on {k}" for r, k in fast[1:])
         shipped_fp32 = m.get("fp32_program_on") or {}  # runtime -> its best int8 speed-up (formats.int8_plan)
         plan = str(m.get("plan", "auto"))  # untimed: every program is the plan's (int8) or a pinned run's
         untimed = None if plan == "auto" else "quantize.plan: int8" if plan == "int8" else "a pinned plan"
@@ -82,12 +88,25 @@ def headline_sentence(models: dict[str, dict]) -> str:
                 why = (f": its file is the fp32 program, int8 ran at {shipped_fp32[rt_name]:.2f}x there"
                        if rt_name in shipped_fp32 else f": its program follows {untimed}, untimed on this machine; "
                        "plan: auto chooses per runtime" if untimed else "")
-                text += (f"; NOTE: int8 is not faster than the fp32 student {'on ' + k if len(ratios) > 1 else 'here'} "
-                         f"({r:.2f}x{why})")
-        if str(m.get("int8_layers", "")).startswith("0/") and any(r < 1.1 for r, _ in ratios):
-            text += (f"; the quantization plan keeps every ONNX layer fp32: int8 did not pay on "
-                     f"{m.get('plan_runtime', 'onnxruntime')} on this CPU (quant_plan.json says what it cost)")
-    return text
+                slow.append(f"{k if len(ratios) > 1 else 'here'} ({r:.2f}x{why})")
+        if str(m.get("int8_layers", "")).startswith("0/") and slow:
+            notes.append(f"the quantization plan keeps every ONNX layer fp32: int8 did not pay on "
+                         f"{m.get('plan_runtime', 'onnxruntime')} on this CPU (quant_plan.json says what it cost)")
+    return result, slow, notes
+
+
+NOT_FASTER = "NOTE: int8 is not faster than the fp32 student"
+
+
+def not_faster(slow: list[str]) -> str:
+    """'NOTE: int8 is not faster than the fp32 student on a (1.05x), b (0.9x)' or '... here (0.95x)'."""
+    return f"{NOT_FASTER} " + ("" if slow[0].startswith("here") else "on ") + ", ".join(slow)
+
+
+def headline_sentence(models: dict[str, dict]) -> str:
+    """The headline as one line (the CLI's last words, report.json's `headline`)."""
+    result, slow, notes = headline_parts(models)
+    return "; ".join([result, *([not_faster(slow)] if slow else []), *notes])
 
 
 def pareto(points: list[tuple[float, float]]) -> list[int]:
