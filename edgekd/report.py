@@ -190,6 +190,18 @@ def _steps_table(steps) -> list[str]:
     return L
 
 
+def _judging(split: str | None) -> str:
+    """Which images judged int8 plans ('val', 'test (1000 images)'): a held-out validation split, else
+    the test split, which then both chooses a plan and reports it (an optimistic bias worth saying)."""
+    if not split:
+        return "the judging split"
+    name, _, n = split.partition(" (")
+    n = n.rstrip(")")
+    if name == "val":
+        return f"the validation split{f' ({n})' if n else ''}"
+    return f"the test split ({f'{n}; ' if n else ''}no `data.val_split`, so these images also report the result)"
+
+
 def _plan_table(info: dict) -> list[str]:
     """The quantization plans the quantize stage timed (quant.plan): which one it kept and why."""
     cands = info.get("plan_candidates")
@@ -197,7 +209,7 @@ def _plan_table(info: dict) -> list[str]:
         return []
     rt = info.get("plan_runtime", "onnxruntime")
     L = ["", f"Quantization plans timed on {rt} (1 thread, batch 1, medians of interleaved rounds); top-1 on "
-             "the judging split, – where not evaluated (a faster plan already held):", "",
+             f"{_judging(info.get('plan_judged_on'))}, – where not evaluated (a faster plan already held):", "",
          "| plan | blocks kept fp32 | p50 ms | vs fp32 | top-1 % | drop (points) |", "|---|---|---|---|---|---|"]
     for c in cands:
         mark = " **(kept)**" if c["plan"] == info.get("plan") else ""
@@ -214,8 +226,9 @@ def _format_plans_table(info: dict) -> list[str]:
             for key, rec in figs.items() if key.endswith("_int8_plan") and isinstance(rec, dict)]
     if not rows:
         return []
+    judged = next((rec["judged_on"] for _, _, rec in rows if rec.get("judged_on")), None)
     L = ["", "int8 programs of the formats that plan their own, each timed on its own runtime against its fp32 "
-             "program (1 thread, batch 1); the kept one in bold:", "",
+             f"program (1 thread, batch 1), top-1 on {_judging(judged)}; the kept one in bold:", "",
          "| file | runtime | candidate | p50 ms | vs fp32 | top-1 % |", "|---|---|---|---|---|---|"]
     for variant, fmt, rec in rows:
         if "candidates" not in rec:  # untimed: the program the plan it follows gives (formats.int8_plan.ship_untimed)

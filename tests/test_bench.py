@@ -196,3 +196,19 @@ def test_reports_name_the_kernels_pytorch_ran_where_they_are_capped_below_the_cp
                               env={**os.environ, **env}).stdout.strip()
 
     assert kernels() in ("AVX2", "AVX512") and kernels(ATEN_CPU_CAPABILITY="avx2") == "AVX2"
+
+
+def test_report_names_the_images_that_judged_int8_plans():
+    cand = {"plan": "int8", "fp32_blocks": [], "p50_ms": 0.4, "speedup_vs_fp32": 1.3, "top1": 50.0, "drop_points": 0.1}
+    fmt = {"chosen": "int8", "runtime": "executorch", "candidates": [{**cand, "plan": "int8"}]}
+    stage = {"index": 0, "name": "quantize", "seconds": 1.0, "metrics": {}, "info": {"plan": "int8", "plan_candidates": [cand]}}
+    report = {"pipeline": "p", "created": "now", "machine": {"cpu": "cpu", "isa": ["avx2"], "arch": "x86_64", "cores": 2},
+              "device": "cpu", "threads": 2, "seed": 0, "stages": [stage], "models": {}}
+    for judged, said in (("val", "top-1 on the validation split (500 images)"),
+                         ("test", "top-1 on the test split (500 images; no `data.val_split`, so these images also report")):
+        stage["info"]["plan_judged_on"] = judged
+        stage["info"]["int8_qat"] = {"pte_int8_plan": {**fmt, "judged_on": f"{judged} (500 images)"}}
+        md = render_markdown(report, {})
+        assert f"{said}" in md and "| int8_qat (pte) | executorch | **int8** | 0.4 | 1.3x | 50.0 |" in md
+        assert ("top-1 on the validation split, –" if judged == "val" else "no `data.val_split`, so these images also "
+                "report the result), –") in md
