@@ -90,6 +90,29 @@ def test_interleaved_rounds_keep_the_ratio_when_a_burst_of_load_hits_one_block()
     assert abs(round_ratio(blocked["slow"], blocked["fast"]) - 4.0) > 2.0  # the block timing's error
 
 
+def test_a_slow_model_is_timed_fewer_times_in_the_same_rounds():
+    """A teacher that takes tens of ms a call gets MIN_CALLS a round, not the students' share of
+    `runs`, and keeps every round, so its ratios are still taken round by round."""
+    from edgekd.bench import measure
+
+    calls = {"teacher": 0, "student": 0}
+
+    def runner(name, ms):
+        def run(_x):
+            calls[name] += 1
+            time.sleep(ms / 1e3)
+        return run
+
+    x = np.zeros(1, np.float32)
+    out = time_interleaved({"teacher": runner("teacher", 60.0), "student": runner("student", 0.2)}, x, 30, 100, 4)
+    assert out["teacher"]["runs"] == 4 * measure.MIN_CALLS and out["student"]["runs"] == 100
+    assert len(out["teacher"]["round_p50_ms"]) == len(out["student"]["round_p50_ms"]) == 4
+    assert calls["teacher"] < 30 + 4 + out["teacher"]["runs"]  # warm-up stopped at WARMUP_MS, not 30 calls
+    assert round_ratio(out["teacher"], out["student"]) > 50
+    batch = measure.time_runner(runner("teacher", 400.0), x, 3, 5)  # a teacher's batch of 32: seconds a call
+    assert batch["runs"] == measure.MIN_CALLS
+
+
 def test_speed_ratios_are_gated_per_cpu_class():
     from edgekd.check import baseline_from_report
 

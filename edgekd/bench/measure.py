@@ -17,10 +17,26 @@ from .runtimes import RUNTIMES
 log = logging.getLogger("edgekd")
 
 
+WARMUP_MS = 500.0  # warm-up stops here: a slow model (a teacher) is warm after a few calls
+ROUND_MS = 100.0  # a model slower than this a call is timed fewer times a round (time_interleaved)
+MIN_CALLS = 3  # but never fewer than this
+
+
+def _warm(run, x: np.ndarray, warmup: int) -> float:
+    """Warm `run` up with `warmup` calls, fewer once they pass WARMUP_MS; returns the last call's
+    milliseconds (0 without warm-up), which size the timed calls that follow."""
+    last = _timed(run, x) if warmup > 0 else 0.0
+    for _ in range(min(warmup - 1, int(WARMUP_MS // max(last, 1e-3)))):
+        last = _timed(run, x)
+    return last
+
+
 def time_runner(run, x: np.ndarray, warmup: int, runs: int) -> dict:
-    """One runner timed alone (throughput batches): p50/p90/p99 of `runs` calls after `warmup`."""
-    for _ in range(warmup):
-        run(x)
+    """One runner timed alone (throughput batches): p50/p90/p99 of `runs` calls after `warmup`,
+    or of MIN_CALLS where a call takes longer than ROUND_MS (a teacher at batch 32 takes about a
+    second a call on one core, and its figure is steady within a call)."""
+    last = _warm(run, x, warmup)
+    runs = max(MIN_CALLS, min(runs, int(10 * ROUND_MS // max(last, 1e-3))))
     ms = np.array([_timed(run, x) for _ in range(runs)])
     return {"p50_ms": round(float(np.percentile(ms, 50)), 4), "p90_ms": round(float(np.percentile(ms, 90)), 4),
             "p99_ms": round(float(np.percentile(ms, 99)), 4), "runs": runs}
@@ -37,19 +53,19 @@ def time_interleaved(runners: dict, x: np.ndarray, warmup: int, runs: int, round
     another process lands on all of them alike instead of on whichever was timed in one block.
 
     p50 is the median of the per-round medians; `round_p50_ms` keeps those, so speed ratios
-    are taken round by round (`round_ratio`), and `p50_iqr_ms` says how much rounds disagreed."""
+    are taken round by round (`round_ratio`), and `p50_iqr_ms` says how much rounds disagreed.
+    A model slower than ROUND_MS a call (a teacher) takes fewer calls per round, at least
+    MIN_CALLS: its median is steady with few, and the rounds stay as many as the others'."""
     names = list(runners)
-    for n in names:
-        for _ in range(warmup):
-            runners[n](x)
     rounds = max(1, min(rounds, runs))
-    per_round = max(1, runs // rounds)
+    per_round = {n: max(1, min(runs // rounds, max(MIN_CALLS, int(ROUND_MS // max(_warm(runners[n], x, warmup), 1e-3)))))
+                 for n in names}
     samples: dict[str, list[float]] = {n: [] for n in names}
     medians: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for n in names[r % len(names):] + names[: r % len(names)]:
             runners[n](x)  # one untimed call: the previous model may have evicted this one's caches
-            ts = [_timed(runners[n], x) for _ in range(per_round)]
+            ts = [_timed(runners[n], x) for _ in range(per_round[n])]
             samples[n] += ts
             medians[n].append(float(np.median(ts)))
     out = {}
