@@ -20,6 +20,7 @@ log = logging.getLogger("edgekd")
 WARMUP_MS = 500.0  # warm-up stops here: a slow model (a teacher) is warm after a few calls
 ROUND_MS = 100.0  # a model slower than this a call is timed fewer times a round (time_interleaved)
 MIN_CALLS = 3  # but never fewer than this
+PEAK_CHILDREN = 4  # peak-memory child processes at once, at most one per core
 
 
 def _warm(run, x: np.ndarray, warmup: int) -> float:
@@ -148,9 +149,10 @@ def bench_models(paths: dict[str, Path], runtime: str, threads: int, image_size:
             runners.pop(name)
             continue
         out[name] = res
-    # untimed from here: each model's peak memory in its own child process, beside accuracy here
-    spare = max(1, usable_cores() - threads)
-    with ThreadPoolExecutor(spare) as pool:
+    # untimed from here: each model's peak memory in its own child process, beside accuracy here; the
+    # children may share the cores (memory is what they measure), and a child that imports ExecuTorch
+    # spends seconds in the import and holds most of a GB
+    with ThreadPoolExecutor(max(1, min(usable_cores(), PEAK_CHILDREN))) as pool:
         peaks = {name: pool.submit(measure_peak, runtime, paths[name], threads, image_size, batch, throughput_batch)
                  for name in runners} if peak_memory else {}
         for name, run in runners.items():
