@@ -112,7 +112,7 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
     from .bench.summary import NOT_FASTER, headline_parts, latency_columns, not_faster, shown_top1
 
     L = [f"# edgekd report: {report['pipeline']}", ""]
-    result, slow, notes = headline_parts(report["models"])  # report.json's headline, a runtime per line
+    result, slow, notes = headline_parts(report["models"])  # report.json's headline, one runtime a line
     L += [f"**{result}**", ""]
     if len(slow) > 1:
         L += [f"**{NOT_FASTER} on:**", ""] + [f"- {s}" for s in slow] + [""]
