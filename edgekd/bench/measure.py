@@ -18,8 +18,8 @@ log = logging.getLogger("edgekd")
 
 
 WARMUP_MS = 500.0  # warm-up stops here: a slow model (a teacher) is warm after a few calls
-ROUND_MS = 100.0  # a model slower than this a call is timed fewer times a round (time_interleaved)
-MIN_CALLS = 3  # but never fewer than this
+ROUND_MS = 100.0  # timed calls stop near this a round (time_interleaved), near 10x this in all (time_runner)
+MIN_CALLS = 3  # but at least this many either way
 PEAK_CHILDREN = 4  # peak-memory child processes at once, at most one per core
 
 
@@ -34,7 +34,7 @@ def _warm(run, x: np.ndarray, warmup: int) -> float:
 
 def time_runner(run, x: np.ndarray, warmup: int, runs: int) -> dict:
     """One runner timed alone (throughput batches): p50/p90/p99 of `runs` calls after `warmup`,
-    or of MIN_CALLS where a call takes longer than ROUND_MS (a teacher at batch 32 takes about a
+    or of as many as fit in 10 x ROUND_MS, at least MIN_CALLS (a teacher at batch 32 takes about a
     second a call on one core, and its figure is steady within a call)."""
     last = _warm(run, x, warmup)
     runs = max(MIN_CALLS, min(runs, int(10 * ROUND_MS // max(last, 1e-3))))
@@ -55,8 +55,8 @@ def time_interleaved(runners: dict, x: np.ndarray, warmup: int, runs: int, round
 
     p50 is the median of the per-round medians; `round_p50_ms` keeps those, so speed ratios
     are taken round by round (`round_ratio`), and `p50_iqr_ms` says how much rounds disagreed.
-    A model slower than ROUND_MS a call (a teacher) takes fewer calls per round, at least
-    MIN_CALLS: its median is steady with few, and the rounds stay as many as the others'."""
+    A model's calls in a round stop near ROUND_MS, at least MIN_CALLS: a teacher takes fewer, its
+    median steady with few, in as many rounds as the others."""
     names = list(runners)
     rounds = max(1, min(rounds, runs))
     per_round = {n: max(1, min(runs // rounds, max(MIN_CALLS, int(ROUND_MS // max(_warm(runners[n], x, warmup), 1e-3)))))

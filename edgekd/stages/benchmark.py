@@ -45,7 +45,8 @@ class BenchmarkConfig(Strict):
     batch: int = Field(1, gt=0)
     throughput_batch: int = Field(32, gt=0)
     warmup: int = Field(30, ge=0)
-    runs: int = Field(200, gt=4, description="timed calls per model, spread over `rounds`")
+    runs: int = Field(200, gt=4, description="timed calls per model, spread over `rounds`; a model's calls "
+                      "in a round stop near 100 ms (at least 3), so a teacher takes fewer")
     rounds: int = Field(10, ge=1, description="interleaved timing rounds (model order rotates each round)")
     eval_images: int | None = Field(None, gt=0, description="test images for per-runtime accuracy, a stratified sample (default: all)")
     teacher_accuracy: bool = Field(False, description="also measure the teacher files' top-1 on every runtime; off: their "
