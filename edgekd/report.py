@@ -160,7 +160,7 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
     for s in report["stages"]:
         info = {k: v for k, v in (s.get("info") or {}).items() if not isinstance(v, (list, dict))}
         if info:
-            L += ["", f"**{s['name']}**: " + ", ".join(f"{k} = {v}" for k, v in info.items())]
+            L += ["", f"**{s['name']}**: " + "; ".join(f"{k} = {v}" for k, v in info.items())]  # values may hold commas
         L += _steps_table((s.get("info") or {}).get("steps"))
         L += _plan_table(s.get("info") or {})
         L += _format_plans_table(s.get("info") or {})
