@@ -69,7 +69,9 @@ def headline_parts(models: dict[str, dict]) -> tuple[str, list[str], list[str]]:
     t_top1 = t_lat.get("top1") or shown_top1(t)
     if t_top1 is not None:
         parts.append(f"{top1 - t_top1:+.1f} points")
-    result = f"{m.get('label', final)}: " + ", ".join(parts) + f" ({rt})"
+    shipped_fp32 = m.get("fp32_program_on") or {}  # runtime -> its best int8 speed-up (formats.int8_plan)
+    where_fp32 = ", where its file is the fp32 program" if rt.split("/")[0] in shipped_fp32 else ""
+    result = f"{m.get('label', final)}: " + ", ".join(parts) + f" ({rt}{where_fp32})"
     slow, notes = [], []
     fp32 = models.get("student_fp32")
     if final.startswith("int8") and fp32:
@@ -79,7 +81,6 @@ def headline_parts(models: dict[str, dict]) -> tuple[str, list[str], list[str]]:
         if fast:
             result += f"; int8 is {fast[0][0]:.2f}x the speed of the fp32 student{where(fast[0][1])}"
             result += "".join(f", {r:.2f}x on {k}" for r, k in fast[1:])
-        shipped_fp32 = m.get("fp32_program_on") or {}  # runtime -> its best int8 speed-up (formats.int8_plan)
         plan = str(m.get("plan", "auto"))  # untimed: every program is the plan's (int8) or a pinned run's
         untimed = None if plan == "auto" else "quantize.plan: int8" if plan == "int8" else "a pinned plan"
         for r, k in ratios:
