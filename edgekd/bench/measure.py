@@ -32,12 +32,17 @@ def _warm(run, x: np.ndarray, warmup: int) -> float:
     return last
 
 
+def _calls(last_ms: float, budget_ms: float, most: int) -> int:
+    """Timed calls for a model whose last call took `last_ms`: as many as fit in `budget_ms`, at
+    least MIN_CALLS, at most `most`."""
+    return min(most, max(MIN_CALLS, int(budget_ms // max(last_ms, 1e-3))))
+
+
 def time_runner(run, x: np.ndarray, warmup: int, runs: int) -> dict:
     """One runner timed alone (throughput batches): p50/p90/p99 of `runs` calls after `warmup`,
     or of as many as fit in 10 x ROUND_MS, at least MIN_CALLS (a teacher at batch 32 takes about a
     second a call on one core, and its figure is steady within a call)."""
-    last = _warm(run, x, warmup)
-    runs = max(MIN_CALLS, min(runs, int(10 * ROUND_MS // max(last, 1e-3))))
+    runs = _calls(_warm(run, x, warmup), 10 * ROUND_MS, runs)
     ms = np.array([_timed(run, x) for _ in range(runs)])
     return {"p50_ms": round(float(np.percentile(ms, 50)), 4), "p90_ms": round(float(np.percentile(ms, 90)), 4),
             "p99_ms": round(float(np.percentile(ms, 99)), 4), "runs": runs}
@@ -59,8 +64,7 @@ def time_interleaved(runners: dict, x: np.ndarray, warmup: int, runs: int, round
     median steady with few, in as many rounds as the others."""
     names = list(runners)
     rounds = max(1, min(rounds, runs))
-    per_round = {n: max(1, min(runs // rounds, max(MIN_CALLS, int(ROUND_MS // max(_warm(runners[n], x, warmup), 1e-3)))))
-                 for n in names}
+    per_round = {n: _calls(_warm(runners[n], x, warmup), ROUND_MS, runs // rounds) for n in names}  # rounds <= runs
     samples: dict[str, list[float]] = {n: [] for n in names}
     medians: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
