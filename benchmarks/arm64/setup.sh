@@ -68,6 +68,7 @@ command -v aarch64-linux-gnu-gcc >/dev/null || apt-get install -y -qq gcc-aarch6
 wheel="--python-version 3.11 --implementation cp --abi cp311 --only-binary=:all: --platform manylinux_2_28_aarch64
     --platform manylinux_2_27_aarch64 --platform manylinux2014_aarch64 --platform manylinux_2_17_aarch64 --platform any"
 python -m pip install -q --target "$dir/site-et" $wheel --no-deps torch==2.14.1 executorch==1.5.1
+# executorch's own requirements (its wheel was installed without them, to leave out torch's CUDA wheels)
 python -m pip install -q --target "$dir/site-et" $wheel filelock typing-extensions sympy networkx jinja2 fsspec numpy \
     flatbuffers packaging pandas pyyaml ruamel.yaml tabulate "torchao>=0.18,<0.19" py-cpuinfo expecttest hypothesis kgb \
     parameterized requests hydra-core omegaconf mpmath==1.3.0
@@ -77,4 +78,5 @@ cat > "$dir/python-et" <<WRAP
 ARM64_SITE="$dir/site-et" LD_LIBRARY_PATH="$dir/standins" exec "$dir/python" "\$@"
 WRAP
 chmod +x "$dir/python-et"
-QEMU_CPU=cortex-a53 "$dir/python-et" -c "import platform, torch; from executorch.runtime import Runtime; print('aarch64 ExecuTorch ready:', platform.machine(), 'torch', torch.__version__)" 2>/dev/null
+QEMU_CPU=cortex-a53 "$dir/python-et" -c "import platform, torch; from executorch.runtime import Runtime; print('aarch64 ExecuTorch ready:', platform.machine(), 'torch', torch.__version__)" 2>/dev/null ||
+    { echo "$dir/python-et: torch or ExecuTorch did not load (run it by hand to see why)" >&2; exit 1; }
