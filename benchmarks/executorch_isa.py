@@ -11,6 +11,11 @@ CPUID (or HWCAP) at run time, so each run executes that CPU's int8 kernels whate
 
     python benchmarks/executorch_isa.py OUT_DIR [--images N] [--avx2 auto|mask|qemu|off]
                                         [--arm cortex-a53,cortex-a76] [--arm-python PATH] [--arm-images N]
+                                        [--arch mobilenet_v2|mobilenet_v3_small|...]
+
+--arch other than mobilenet_v2 (the shared student) takes that architecture untrained, with its
+BatchNorm statistics set on training images: other ops and kernels (MobileNetV3's hardswish and
+squeeze-excitation in int8), whose top-1 means nothing but whose agreement across CPUs does.
 
 Needs edgekd[mobile], $EDGEKD_SHARED (the shared CIFAR-10 student and data) and the mask's C
 compiler or qemu-user. Emulation is slow (about 100x), so --images defaults to the whole test
@@ -74,6 +79,7 @@ def main() -> int:
     ap.add_argument("--arm-python", default=os.environ.get("EDGEKD_ARM64_ET_PYTHON", "/opt/arm64/python-et"),
                     help="the aarch64 Python with ExecuTorch (benchmarks/arm64/setup.sh --executorch)")
     ap.add_argument("--arm-images", type=int, default=2000, help="stratified test images for the ARM columns")
+    ap.add_argument("--arch", default="mobilenet_v2", help="mobilenet_v2: the shared student; others: untrained")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)  # on the other CPU: TAG X_FILE PROGRAMS...
     args = ap.parse_args()
     out = Path(args.out)
@@ -103,8 +109,13 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     data = load_data(DataConfig(source=str(shared / "data/cifar10-jpg.tar.gz"), test_subset=images if images < 10000 else None,
                                             subset=2000), 0)
-    model, _ = load_model(ModelConfig(arch="mobilenet_v2", cifar_stem=True,
-                                      checkpoint=str(shared / "models/mobilenet_v2_cifar10.pt")), 10, "student")
+    shared_student = args.arch == "mobilenet_v2"
+    model, _ = load_model(ModelConfig(arch=args.arch, cifar_stem=True, checkpoint=str(shared / "models/mobilenet_v2_cifar10.pt")
+                                      if shared_student else None), 10, "student")
+    if not shared_student:  # untrained: BatchNorm statistics from training images, so activations have real ranges
+        from edgekd.bn import recalibrate_bn
+
+        recalibrate_bn(model, data, torch.device("cpu"), 512, 0)
     model.eval()
     x = data.normalize(data.test.images[:]).numpy()
     y = data.test.labels.numpy()
@@ -135,7 +146,7 @@ def main() -> int:
         for core, cpu in zip(arm_cores, seen):
             header.append(f"{cpu}, {core} (qemu), the same {len(arm)} images")
             columns.append((f"arm-{core}", arm))
-    print(f"shared MobileNetV2, PyTorch top-1 {100 * (ref.argmax(1) == y).mean():.2f} on {len(y)} CIFAR-10 test images; "
+    print(f"{'shared MobileNetV2' if shared_student else args.arch + ' (untrained: top-1 means nothing)'}, PyTorch top-1 {100 * (ref.argmax(1) == y).mean():.2f} on {len(y)} CIFAR-10 test images; "
           "cells: top-1 % / top-1 agreement % with the native run / max |logit difference| from it")
     print("| program | " + " | ".join(header) + " |")
     print("|---" * (len(header) + 1) + "|")
