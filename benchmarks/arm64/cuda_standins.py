@@ -47,16 +47,17 @@ def _version_needs(lib: Path) -> dict[str, set[str]]:
 
 
 def main(site: Path, sysroot: Path, out: Path) -> int:
-    libs = [p for p in (site / "torch/lib").glob("*.so*")] + list((site / "executorch").rglob("*.so"))
+    torch_libs = list((site / "torch/lib").glob("*.so*"))
+    libs = torch_libs + list((site / "executorch").rglob("*.so"))
     dirs = [sysroot / "lib/aarch64-linux-gnu", sysroot / "usr/lib/aarch64-linux-gnu", site / "torch/lib", site / "executorch/lib"]
     present = {p.name for d in dirs for p in d.glob("*")}
     needed = {n for lib in libs for n in re.findall(r"NEEDED.*\[(.+?)\]", _run("readelf", "-d", str(lib)))}
     missing = sorted(n for n in needed - present if n.startswith("lib") and not n.startswith("libatomic"))
     defined = set().union(*(_symbols(p, False) for d in dirs for p in d.glob("*.so*") if p.is_file()))
-    wanted = set().union(*(_symbols(p, True) for p in (site / "torch/lib").glob("*.so*")))
+    wanted = set().union(*(_symbols(p, True) for p in torch_libs))
     stubs = sorted(s for s in wanted - defined if not s.startswith(SKIP))
     versions: dict[str, set[str]] = {}
-    for lib in (site / "torch/lib").glob("*.so*"):
+    for lib in torch_libs:
         for soname, names in _version_needs(lib).items():
             versions.setdefault(soname, set()).update(names)
     out.mkdir(parents=True, exist_ok=True)
