@@ -28,10 +28,10 @@ import argparse
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from arm64.launch import CORES, arm_cores, side_by_side
 from avx2.launch import WAYS, avx2_prefix
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def main() -> int:
     ap.add_argument("out")
     ap.add_argument("--images", type=int, help="test images (default: all with the mask, 500 under qemu)")
     ap.add_argument("--avx2", default="auto", choices=WAYS, help="how to run the AVX2-only CPU")
-    ap.add_argument("--arm", default="cortex-a53,cortex-a76", help="emulated ARM64 cores, comma-separated ('' = none)")
+    ap.add_argument("--arm", default=CORES, help="emulated ARM64 cores, comma-separated ('' = none)")
     ap.add_argument("--arm-python", default=os.environ.get("EDGEKD_ARM64_ET_PYTHON", "/opt/arm64/python-et"),
                     help="the aarch64 Python with ExecuTorch (benchmarks/arm64/setup.sh --executorch)")
     ap.add_argument("--arm-images", type=int, default=2000, help="stratified test images for the ARM columns")
@@ -87,12 +87,8 @@ def main() -> int:
         tag, x_name, *files = args.child
         return child(out, tag, x_name, files)
     avx2 = avx2_prefix(args.avx2)
-    arm_cores = [c for c in args.arm.split(",") if c]
-    if arm_cores and not Path(args.arm_python).exists():
-        print(f"no aarch64 Python at {args.arm_python} (bash benchmarks/arm64/setup.sh --executorch): no ARM columns",
-              file=sys.stderr)
-        arm_cores = []
-    if avx2 is None and not arm_cores:
+    cores = arm_cores(args.arm, args.arm_python, "bash benchmarks/arm64/setup.sh --executorch")
+    if avx2 is None and not cores:
         print("no other CPU to run on: no AVX2-only x86 (CPUID faulting and a C compiler, or qemu-x86_64) and no ARM "
               "columns", file=sys.stderr)
         return 2
@@ -132,18 +128,17 @@ def main() -> int:
     header = [f"native: {int8_class(me['isa'], me['arch'])}, {len(y)} images"]
     columns = []  # (tag, image indices into x)
     if avx2 is not None:
-        way, prefix, how = avx2
+        _, prefix, how = avx2
         cpu = run_child([*prefix, str(Path(sys.executable).resolve())], out, "avx2", "x.npy", files)
         header.append(f"{cpu}, {how}, {len(y)} images")
         columns.append(("avx2", np.arange(len(y))))
-    if arm_cores:  # one single-threaded emulator per core, side by side
-        print(f"running the programs on emulated ARM64 {', '.join(arm_cores)} (qemu; minutes per program) ...", flush=True)
-        with ThreadPoolExecutor(len(arm_cores)) as pool:
-            seen = list(pool.map(lambda core: run_child([args.arm_python], out, f"arm-{core}", "x_arm.npy", files,
-                                                        env={**os.environ, "QEMU_CPU": core}), arm_cores))
+    if cores:
+        print(f"running the programs on emulated ARM64 {', '.join(cores)} (qemu; minutes per program) ...", flush=True)
+        seen = side_by_side(cores, lambda env: run_child([args.arm_python], out, f"arm-{env['QEMU_CPU']}", "x_arm.npy",
+                                                         files, env))
         header.append(f"native top-1 on the ARM sample ({len(arm)} stratified images)")
         columns.append(("native", arm))
-        for core, cpu in zip(arm_cores, seen):
+        for core, cpu in zip(cores, seen):
             header.append(f"{cpu}, {core} (qemu), the same {len(arm)} images")
             columns.append((f"arm-{core}", arm))
     print(f"{'shared MobileNetV2' if shared_student else args.arch + ' (untrained: top-1 means nothing)'}, PyTorch top-1 {100 * (ref.argmax(1) == y).mean():.2f} on {len(y)} CIFAR-10 test images; "

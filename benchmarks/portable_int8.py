@@ -34,10 +34,10 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from arm64.launch import CORES, arm_cores, side_by_side
 from avx2.launch import WAYS, avx2_prefix
 
 # What runs each file, natively, under qemu-x86_64 and in the aarch64 Python (which has no torch):
@@ -63,17 +63,14 @@ print(json.dumps({{"cpu": int8_class(m["isa"], m["arch"])}}))
 """
 
 
-def run_files(files: list[str], x_path: str, tag: str, prefix: list[str] = (), arm_core: str | None = None,
-              arm_python: str | None = None) -> str:
+def run_files(files: list[str], x_path: str, tag: str, prefix: list[str] = (), arm_python: str | None = None,
+              env: dict | None = None) -> str:
     """Logits of every file, saved beside it as <file>.<tag>.npy: natively, behind `prefix` (an
-    AVX2-only x86: avx2/launch.py) or in the aarch64 Python on the emulated ARM core `arm_core`.
-    Returns the int8 class of the CPU the child saw."""
+    AVX2-only x86: avx2/launch.py) or in the aarch64 Python `arm_python` (with `env` naming the
+    emulated core: arm64/launch.py). Returns the int8 class of the CPU the child saw."""
     code = CHILD.format(repo=str(Path(__file__).resolve().parents[1]), x=x_path, files=files, tag=tag)
-    if arm_python:
-        cmd, env = [arm_python, "-c", code], {**os.environ, "QEMU_CPU": arm_core}
-    else:
-        cmd, env = [*prefix, str(Path(sys.executable).resolve()), "-c", code], None
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    python = [arm_python] if arm_python else [*prefix, str(Path(sys.executable).resolve())]
+    proc = subprocess.run([*python, "-c", code], capture_output=True, text=True, env=env)
     if proc.returncode:
         raise SystemExit(f"{tag}: " + proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])["cpu"]
@@ -135,7 +132,7 @@ def main() -> int:
     ap.add_argument("--avx2", default="auto", choices=WAYS,
                     help="run the files on an AVX2-only x86: CPUID masked (every test image), qemu (a sample), "
                          "auto (the mask where this CPU can fault CPUID) or off")
-    ap.add_argument("--arm", default="cortex-a53,cortex-a76", help="emulated ARM64 cores, comma-separated ('' = none)")
+    ap.add_argument("--arm", default=CORES, help="emulated ARM64 cores, comma-separated ('' = none)")
     ap.add_argument("--arm-python", default=os.environ.get("EDGEKD_ARM64_PYTHON", "/opt/arm64/python"),
                     help="the aarch64 Python (benchmarks/arm64/setup.sh)")
     ap.add_argument("--litert", action=argparse.BooleanOptionalAction, default=True,
@@ -188,16 +185,12 @@ def main() -> int:
         print(f"running the files on an AVX2-only x86, {how} ...", flush=True)
         cpu = run_files(paths, str(out / ("x.npy" if masked else "x_emulated.npy")), "avx2", prefix)
         columns.append(("avx2", f"{cpu}, {how}, " + (f"{len(y)} images" if masked else f"{ne} stratified")))
-    arm_cores = [c for c in args.arm.split(",") if c]
-    if arm_cores and not Path(args.arm_python).exists():
-        print(f"no aarch64 Python at {args.arm_python} (bash benchmarks/arm64/setup.sh): no ARM columns", flush=True)
-        arm_cores = []
-    if arm_cores:  # one single-threaded emulator per core model, side by side
-        print(f"running the files on emulated ARM64 {', '.join(arm_cores)} (qemu; minutes per file) ...", flush=True)
-        with ThreadPoolExecutor(len(arm_cores)) as pool:
-            seen = pool.map(lambda core: run_files(paths, str(out / "x_emulated.npy"), f"arm-{core}", arm_core=core,
-                                                   arm_python=args.arm_python), arm_cores)
-            columns += [(f"arm-{core}", f"{cpu}, {core} (qemu), {ne} stratified") for core, cpu in zip(arm_cores, seen)]
+    cores = arm_cores(args.arm, args.arm_python, "bash benchmarks/arm64/setup.sh")
+    if cores:
+        print(f"running the files on emulated ARM64 {', '.join(cores)} (qemu; minutes per file) ...", flush=True)
+        seen = side_by_side(cores, lambda env: run_files(paths, str(out / "x_emulated.npy"), f"arm-{env['QEMU_CPU']}",
+                                                         arm_python=args.arm_python, env=env))
+        columns += [(f"arm-{core}", f"{cpu}, {core} (qemu), {ne} stratified") for core, cpu in zip(cores, seen)]
     fp32_top1 = 100 * float((np.load(f"{files['fp32 (control)']}.native.npy").argmax(1) == y).mean())
     rows = []
     for name, p in files.items():
