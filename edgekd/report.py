@@ -236,8 +236,12 @@ def _format_plans_table(info: dict) -> list[str]:
                      "| – | – | – |")
         for c in rec.get("candidates", []):
             name = f"**{c['plan']}**" if c["plan"] == rec.get("chosen") else c["plan"]
-            L.append(f"| {variant} ({fmt}) | {rec.get('runtime', '')} | {name} | {c['p50_ms']} | {c['speedup_vs_fp32']}x | "
-                     f"{c['top1']} |")
+            if "not_written" in c:  # its PTQ twin's speed-up stands for it (formats.int8_plan.unwritten_twins)
+                name, speed = f"{name} (not written)", f"{c['speedup_vs_fp32']}x (PTQ's)"
+            else:
+                speed = "–" if c["p50_ms"] is None else f"{c['speedup_vs_fp32']}x"
+            L.append(f"| {variant} ({fmt}) | {rec.get('runtime', '')} | {name} | {'–' if c['p50_ms'] is None else c['p50_ms']} | "
+                     f"{speed} | {'–' if c['top1'] is None else c['top1']} |")
     verdicts = [f"- {rec['verdict']}" for _, _, rec in rows if rec.get("verdict")]
     L += ["", *verdicts] if verdicts else []
     return L

@@ -14,7 +14,12 @@ from edgekd.errors import EdgekdError
 from edgekd.formats import FORMATS, Variant
 from edgekd.formats.base import ConvertJob, Format
 from edgekd.formats import workers
-from edgekd.formats.workers import Conversion, NpyFile, convert_all, worker_count
+from edgekd.formats.workers import Conversion, NpyFile, conversion_pool, convert_all, worker_count
+
+
+def _convert(todo, workers):
+    with conversion_pool(workers) as pool:
+        return convert_all(todo, pool)
 
 
 def test_worker_count_follows_cores_memory_and_the_setting(monkeypatch):
@@ -40,9 +45,9 @@ def test_workers_write_the_files_this_process_writes(tiny_trained, tmp_path):
     todo = [(FORMATS.get("onnx"), Variant("student_fp32", model))] + [(f, Variant("int8_ptq", model, int8=True)) for f in own]
     for d, n, conv in (("here", 0, job), ("workers", 2, replace(job, calibration=NpyFile(tmp_path / "calib.npy")))):
         (tmp_path / d).mkdir()
-        took = convert_all([Conversion(f, v, tmp_path / d / f"{v.name}{f.suffix}", conv) for f, v in todo]
-                           + [Conversion(FORMATS.get("onnx"), Variant("again", model), tmp_path / d / "again.onnx",
-                                         conv)] * 3, n)  # enough work for the workers
+        took = _convert([Conversion(f, v, tmp_path / d / f"{v.name}{f.suffix}", conv) for f, v in todo]
+                        + [Conversion(FORMATS.get("onnx"), Variant("again", model), tmp_path / d / "again.onnx",
+                                      conv)] * 3, n)  # enough work for the workers
         # seconds per file written, slowest first (the export stage's log line and report.json)
         assert set(took) == {f"{v.name}{f.suffix}" for f, v in todo} | {"again.onnx"}
         assert list(took.values()) == sorted(took.values(), reverse=True) and min(took.values()) >= 0
@@ -73,7 +78,7 @@ def test_a_failing_conversion_is_its_own_one_line_error_here_and_in_a_worker(tin
     job = ConvertJob(data.image_size, 17, NpyFile(tmp_path / "unused.npy"))
     todo = [Conversion(_Broken, Variant(name, model), tmp_path / f"{name}.broken", job) for name in ("a", "bad", "c", "d")]
     with pytest.raises(EdgekdError, match=r"^bad\.broken: this model has an op the format cannot write$"):
-        convert_all(todo, n)
+        _convert(todo, n)
 
 
 def test_a_worker_that_dies_stops_the_stage_with_one_line_naming_the_files(tiny, tmp_path):
@@ -81,7 +86,7 @@ def test_a_worker_that_dies_stops_the_stage_with_one_line_naming_the_files(tiny,
     job = ConvertJob(data.image_size, 17, NpyFile(tmp_path / "unused.npy"))
     todo = [Conversion(_Broken, Variant(name, model), tmp_path / f"{name}.broken", job) for name in ("a", "killed", "c", "d")]
     with pytest.raises(EdgekdError, match=r"worker process died.*killed\.broken.*export\.workers: 1"):
-        convert_all(todo, 2)
+        _convert(todo, 2)
 
 
 def test_a_model_a_worker_cannot_take_is_written_here(tiny, tmp_path):
@@ -92,5 +97,5 @@ def test_a_model_a_worker_cannot_take_is_written_here(tiny, tmp_path):
     odd.reference = type("Odd", (), {"f": staticmethod(lambda: 0)})  # a local class: not picklable
     todo = [Conversion(_Broken, v, tmp_path / f"{v.name}.broken", job) for v in (Variant("a", model), odd,
                                                                                 Variant("c", model), Variant("d", model))]
-    convert_all(todo, 2)
+    _convert(todo, 2)
     assert sorted(p.read_text() for p in tmp_path.glob("*.broken")) == ["a", "c", "d", "odd"]

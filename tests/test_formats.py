@@ -185,6 +185,57 @@ def test_the_int8_candidate_a_format_ships_follows_the_rule(tiny, tmp_path, monk
     assert rec["within_budget"] == ({"int8": correct["int8"], "quantize plan (p)": correct["plan"], "fp32": 40}[want] >= 40)
 
 
+@pytest.mark.parametrize("p50,qat_written,qat_chosen", [
+    ({"fp32": 1.0, "int8": 1.5, "quantize plan (p)": 0.8}, ["quantize plan (p)"], "quantize plan (p)"),
+    ({"fp32": 1.0, "int8": 1.5, "quantize plan (p)": 1.2}, [], "fp32"),  # no int8 program of PTQ's pays
+    ({"fp32": 1.0, "int8": 0.5, "quantize plan (p)": 0.99}, ["int8", "quantize plan (p)"], "int8"),  # 1.01x: not slower
+])
+def test_qat_int8_programs_are_written_only_where_their_ptq_twin_was_not_slower(tiny, tmp_path, monkeypatch, p50,
+                                                                               qat_written, qat_chosen):
+    """The export stage's two rounds (stages.export._write_and_choose): the PTQ file's programs are
+    timed first; a QAT program whose PTQ twin (same name, same structure) ran slower than the fp32
+    program is not converted, and the record lists it with the twin's speed-up."""
+    from edgekd.bench import measure
+    from edgekd.report import _format_plans_table
+    from edgekd.stages.export import _conversions, _write_and_choose
+
+    model, data = tiny
+    y = data.test.labels.numpy()
+    _Fake.logits = {k: np.eye(4, dtype=np.float32)[y] for k in ("fp32", "int8", "plan")}
+    timed = []
+    def time_interleaved(runners, *a):  # runs_within times the fp32 program alone first, as 'ref'
+        timed.extend([sorted(runners)] if "fp32" in runners else [])
+        return _timed(p50)(runners, *a)
+
+    monkeypatch.setattr(measure, "time_interleaved", time_interleaved)
+    job = ExportJob(data, 48, 0.8, ConvertJob(data.image_size, 17, lambda: data.normalize(data.train.images[:32]).numpy()))
+    plan = {"mode": "auto", "chosen": "p", "max_drop_points": 0.5, "plan": {"fp32_blocks": {"features.1": "slow"}, "fp32_modules": {}}}
+    variants = [Variant("student_fp32", model), Variant("int8_qat", model, int8=True, qat_model=model),
+                Variant("int8_ptq", model, int8=True)]
+    fmts = [_Fake()]
+    plans, todo = _conversions(variants, fmts, tmp_path, plan)
+    info = {}
+    chosen = _write_and_choose(tmp_path, variants, fmts, plans, todo, job.convert, 0, job, plan, info)
+    every = {".int8_qat.plan0.fake": "int8", ".int8_qat.plan1.fake": "quantize plan (p)"}
+    assert sorted(n for f, n in every.items() if f in info["convert_seconds"]) == sorted(qat_written)
+    assert ".int8_qat.plan2.fake" in info["convert_seconds"]  # QAT's fp32 program is always written
+    path, rec = chosen["int8_qat", "fake"]
+    assert rec["chosen"] == qat_chosen and path == tmp_path / "int8_qat.fake" and path.exists()
+    assert [c["plan"] for c in rec["candidates"]] == ["int8", "quantize plan (p)", "fp32"]
+    ptq = {c["plan"]: c["speedup_vs_fp32"] for c in chosen["int8_ptq", "fake"][1]["candidates"]}
+    for c in rec["candidates"]:
+        assert ("not_written" in c) == (c["plan"] != "fp32" and c["plan"] not in qat_written)
+        if "not_written" in c:  # listed with its twin's speed-up, never shipped
+            assert c["speedup_vs_fp32"] == ptq[c["plan"]] < 1.0 and c["p50_ms"] is None and "int8_ptq" in c["not_written"]
+    # the PTQ file's candidates are timed; the QAT file's only where one of its int8 programs was written
+    assert timed == [["fp32", "int8", "quantize plan (p)"]] + ([sorted(qat_written + ["fp32"])] if qat_written else [])
+    if not qat_written:
+        assert "were not written" in rec["verdict"] and "int8_qat.fake is the fp32 program" in rec["verdict"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8_ptq.fake", "int8_qat.fake", "student_fp32.fake"]
+    table = "\n".join(_format_plans_table({"int8_qat": {"fake_int8_plan": rec}}))
+    assert table.count("(not written)") == 3 - len(qat_written) - 1 and "None" not in table
+
+
 @pytest.mark.parametrize("name", QUANTIZERS[:1])  # the rule is the format's; one real format shows the file is float
 def test_a_format_that_finds_int8_slower_ships_its_float_program(tiny_trained, tmp_path, monkeypatch, name):
     from edgekd.bench import measure

@@ -25,7 +25,9 @@ quant.plan: 1 thread, batch 1, medians of interleaved rounds, on this machine's 
 ARM cores run other kernels again).
 
 The candidates are written first, with every other file of the stage (formats.workers:
-conversions side by side), and judged once all are written (`choose_int8`).
+conversions side by side), and judged once all are written (`choose_int8`); except that the QAT
+file's int8 candidates wait for the PTQ file's to be judged, and those whose PTQ twin ran slower
+than the fp32 program are not written (`unwritten_twins`).
 
 The export stage writes the quantize stage's plan record with what each format shipped
 (`programs`) as its int8_plan.json, so a run pinned to that file (`quantize.plan:
@@ -116,32 +118,57 @@ def program(rec: dict) -> dict:
     return {"program": rec["chosen"], "fp32_modules": rec["fp32_modules"], "timed": False}
 
 
+def unwritten_twins(cands: dict, twin_name: str, twin_rec: dict) -> dict[str, dict]:
+    """Of a QAT file's candidates `cands` (int8_candidates), the int8 programs not worth writing:
+    those whose twin in the PTQ file `twin_name` (its record `twin_rec`, from choose_int8: the
+    program of the same name) ran slower than its fp32 program. The same quantizer annotates the
+    same ops in both, so the programs have one structure and differ in scales and values only,
+    which int8 kernels do not run faster or slower; such a QAT program could not pay either, and
+    an ExecuTorch or LiteRT int8 conversion takes tens of seconds on a slow CPU. Returns name ->
+    its row for the record (choose_int8's `not_written`), with the twin's speed-up."""
+    twins = {c["plan"]: c for c in twin_rec.get("candidates", []) if c["p50_ms"] is not None}
+    return {name: {"plan": name, "fp32_modules": keep, "p50_ms": None, "speedup_vs_fp32": twins[name]["speedup_vs_fp32"],
+                   "top1": None, "drop_points": None, "agreement_vs_fp32": None,
+                   "not_written": f"{twin_name}'s program of the same structure ran at "
+                                  f"{twins[name]['speedup_vs_fp32']}x the fp32 speed"}
+            for name, (_, keep, _) in cands.items()
+            if keep is not None and name in twins and twins[name]["speedup_vs_fp32"] < 1.0}
+
+
 def choose_int8(fmt: Format, v: Variant, path: Path, files: dict[str, tuple[list[str] | None, Path]], job: ExportJob,
-                max_drop: float) -> tuple[Path, dict]:
+                max_drop: float, not_written: dict[str, dict] | None = None) -> tuple[Path, dict]:
     """Time and judge the written candidates `files` (name -> (modules kept float, file)) of
     `v`'s int8 file for `fmt` (see the module docstring), move the chosen one to `path` and
-    remove the others; returns the path and the record (candidates with p50, speed-up, top-1)."""
+    remove the others; returns the path and the record (candidates with p50, speed-up, top-1).
+    `not_written`: candidates left unwritten (unwritten_twins), listed with their twin's speed-up."""
     from ..bench.measure import round_ratio, runs_within, time_interleaved
     from ..onnx_export import compare_logits, judged_agreement, verification_images
 
     data = job.data
     split = (data.val if data.val is not None else data.test).sample(JUDGE_IMAGES)
-    x, y = data.normalize(split.images[:]).numpy(), split.labels.numpy()
     try:
-        runners = {name: fmt.runner(f, 1) for name, (_, f) in files.items()}
-        timed = time_interleaved(runners, x[:1], 10, runs_within(runners["fp32"], x[:1], 1000.0), 10)
-        top1 = {name: round(100.0 * float((np.asarray(r(x)).argmax(1) == y).mean()), 3) for name, r in runners.items()}
-        # and on the images verification will judge the shipped file on
-        xv = verification_images(data, job.verify_images)
-        outs = {name: np.asarray(r(xv)) for name, r in runners.items()}
-        rows = [{"plan": name, "fp32_modules": "all" if keep is None else keep, "p50_ms": timed[name]["p50_ms"],
-                 "speedup_vs_fp32": round_ratio(timed["fp32"], timed[name]), "top1": top1[name],
-                 "drop_points": round(top1["fp32"] - top1[name], 3),
-                 "agreement_vs_fp32": judged_agreement(compare_logits(outs["fp32"], outs[name]))}
-                for name, (keep, _) in files.items()]
+        if len(files) > 1:
+            x, y = data.normalize(split.images[:]).numpy(), split.labels.numpy()
+            runners = {name: fmt.runner(f, 1) for name, (_, f) in files.items()}
+            timed = time_interleaved(runners, x[:1], 10, runs_within(runners["fp32"], x[:1], 1000.0), 10)
+            top1 = {name: round(100.0 * float((np.asarray(r(x)).argmax(1) == y).mean()), 3) for name, r in runners.items()}
+            # and on the images verification will judge the shipped file on
+            xv = verification_images(data, job.verify_images)
+            outs = {name: np.asarray(r(xv)) for name, r in runners.items()}
+            rows = [{"plan": name, "fp32_modules": "all" if keep is None else keep, "p50_ms": timed[name]["p50_ms"],
+                     "speedup_vs_fp32": round_ratio(timed["fp32"], timed[name]), "top1": top1[name],
+                     "drop_points": round(top1["fp32"] - top1[name], 3),
+                     "agreement_vs_fp32": judged_agreement(compare_logits(outs["fp32"], outs[name]))}
+                    for name, (keep, _) in files.items()]
+        else:  # every int8 candidate was left unwritten: nothing to time the fp32 program against
+            rows = [{"plan": "fp32", "fp32_modules": "all", "p50_ms": None, "speedup_vs_fp32": 1.0, "top1": None,
+                     "drop_points": 0.0, "agreement_vs_fp32": None}]
+        # in int8_choices' order: every op int8, the plan's, none
+        rows = sorted([*rows, *(not_written or {}).values()], key=lambda r: (r["plan"] == "fp32", r["plan"] != "int8"))
         # a program verification would reject (its top-1 agreement with the float program) is no candidate
         passes = lambda r: r["agreement_vs_fp32"] is None or r["agreement_vs_fp32"] >= job.int8_min_agreement  # noqa: E731
-        paying = [r for r in rows if r["plan"] != "fp32" and r["speedup_vs_fp32"] >= 1 + MARGIN and passes(r)]
+        paying = [r for r in rows if r["plan"] != "fp32" and r["p50_ms"] is not None
+                  and r["speedup_vs_fp32"] >= 1 + MARGIN and passes(r)]
         within = [r for r in paying if r["drop_points"] <= max_drop]
         chosen = (min(within, key=lambda r: r["p50_ms"]) if within else max(paying, key=lambda r: r["top1"]) if paying
                   else next(r for r in rows if r["plan"] == "fp32"))
@@ -154,7 +181,10 @@ def choose_int8(fmt: Format, v: Variant, path: Path, files: dict[str, tuple[list
            "candidates": rows}
     if chosen["plan"] == "fp32":
         best = max((r for r in rows if r["plan"] != "fp32"), key=lambda r: r["speedup_vs_fp32"])
-        if best["speedup_vs_fp32"] >= 1 + MARGIN and not passes(best):
+        if "not_written" in best:
+            why = (f"int8 does not pay on {fmt.runtime} here: {best['not_written']} (the fastest: {best['plan']}); "
+                   f"{v.name}'s int8 programs were not written")
+        elif best["speedup_vs_fp32"] >= 1 + MARGIN and not passes(best):
             why = (f"the fastest int8 program ({best['plan']}, {best['speedup_vs_fp32']}x) agrees with the fp32 program on "
                    f"only {best['agreement_vs_fp32']:.1%} of the images it decides clearly (verification needs "
                    f"{job.int8_min_agreement:.0%}: export.ptq_min_agreement)")

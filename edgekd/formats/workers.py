@@ -9,7 +9,11 @@ a plan's timing beside a busy conversion would measure the machine's load, not t
 
 One worker per core, at most one per WORKER_MEMORY of available memory (a worker holds torch,
 ExecuTorch and litert-torch, and a teacher being lowered), and none where there are too few
-conversions to repay the workers' start (FEW): then they run here, one after another."""
+conversions to repay the workers' start (FEW): then they run here, one after another.
+
+The workers outlive one round of conversions (`conversion_pool`): the export stage times the
+PTQ file's int8 programs between two rounds, to know which of the QAT file's to write
+(stages.export), and idle workers take no CPU from that timing."""
 
 from __future__ import annotations
 
@@ -17,7 +21,9 @@ import functools
 import multiprocessing
 import pickle
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,14 +97,26 @@ def _available_memory() -> int:
         return WORKER_MEMORY * 2  # unknown (not Linux): two workers
 
 
-def convert_all(todo: list[Conversion], workers: int) -> dict[str, float]:
-    """Write every file of `todo`, `workers` processes at a time (or here, one by one, for 0),
+@contextmanager
+def conversion_pool(workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """`workers` spawned worker processes for one or more `convert_all` rounds (None for 0: the
+    files are written in this process)."""
+    if not workers:
+        yield None
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker) as pool:
+        yield pool
+
+
+def convert_all(todo: list[Conversion], pool: ProcessPoolExecutor | None, desc: str = "export: convert"
+                ) -> dict[str, float]:
+    """Write every file of `todo` in `pool`'s workers (conversion_pool; None: here, one by one),
     with a progress bar; the first failure stops the rest and is raised as it was raised there.
     Returns the seconds each file took (file name -> seconds), slowest first."""
-    bar = tqdm(total=len(todo), desc="export: convert", unit="file", leave=False)
+    bar = tqdm(total=len(todo), desc=desc, unit="file", leave=False)
     seconds: dict[str, float] = {}
     try:
-        if not workers:
+        if pool is None:
             for c in todo:
                 bar.set_postfix_str(c.path.name, refresh=True)
                 seconds[c.path.name] = c.run()
@@ -106,24 +124,22 @@ def convert_all(todo: list[Conversion], workers: int) -> dict[str, float]:
             return _slowest_first(seconds)
         local = [c for c in todo if not _picklable(c)]  # e.g. a model holding a lambda: written here
         portable = [c for c in todo if all(c is not x for x in local)]
-        spawn = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_start_worker) as pool:
-            running = {pool.submit(c.run): c for c in sorted(portable, key=Conversion.cost, reverse=True)}
-            try:
-                for c in local:
-                    seconds[c.path.name] = c.run()
-                    bar.update(1)
-                for done in as_completed(running):
-                    seconds[running[done].path.name] = done.result()
-                    bar.set_postfix_str(running[done].path.name, refresh=False)
-                    bar.update(1)
-            except BrokenProcessPool:
-                raise EdgekdError(f"export: a conversion worker process died (out of memory?) while writing one of "
-                                  f"{', '.join(c.path.name for f, c in running.items() if not f.done() or f.exception())}; "
-                                  f"set export.workers: 1 to convert in this process") from None
-            finally:
-                for f in running:
-                    f.cancel()
+        running = {pool.submit(c.run): c for c in sorted(portable, key=Conversion.cost, reverse=True)}
+        try:
+            for c in local:
+                seconds[c.path.name] = c.run()
+                bar.update(1)
+            for done in as_completed(running):
+                seconds[running[done].path.name] = done.result()
+                bar.set_postfix_str(running[done].path.name, refresh=False)
+                bar.update(1)
+        except BrokenProcessPool:
+            raise EdgekdError(f"export: a conversion worker process died (out of memory?) while writing one of "
+                              f"{', '.join(c.path.name for f, c in running.items() if not f.done() or f.exception())}; "
+                              f"set export.workers: 1 to convert in this process") from None
+        finally:
+            for f in running:
+                f.cancel()
         return _slowest_first(seconds)
     finally:
         bar.close()

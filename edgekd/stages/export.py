@@ -26,8 +26,8 @@ from ..schema import Strict, Switch
 from ..formats import FORMATS, Variant, enabled_formats
 from ..fileio import atomic_path, write_json
 from ..formats.base import ConvertJob, ExportJob
-from ..formats.int8_plan import choose_int8, int8_candidates, program, ship_untimed, untimed_program
-from ..formats.workers import Conversion, NpyFile, convert_all, worker_count
+from ..formats.int8_plan import choose_int8, int8_candidates, program, ship_untimed, untimed_program, unwritten_twins
+from ..formats.workers import Conversion, NpyFile, conversion_pool, convert_all, worker_count
 from ..onnx_export import metadata
 from .base import Stage, StageResult, register
 
@@ -126,21 +126,15 @@ class Export(Stage):
         variants = list(self._variants(ctx, cfg))
         plans, todo = _conversions(variants, formats, d, quant_plan)
         calib_file = d / ".calibration.npy"
-        try:  # every file (and every int8 candidate of a format that plans its own) is written first, side by side
+        try:  # every file (and int8 candidate of a format that plans its own) is written side by side, then verified
             workers = worker_count(cfg.workers, len(todo))
             if workers and any(v.int8 and fmt.own_int8 for fmt, v, _, _ in todo):
                 with atomic_path(calib_file) as tmp, open(tmp, "wb") as f:
                     np.save(f, job.convert.calibration())
             # a worker reads the calibration images from that file (the stage's own loader holds the run's data)
             convert = dataclasses.replace(job.convert, calibration=NpyFile(calib_file)) if workers else job.convert
-            t0 = time.perf_counter()
-            took = convert_all([Conversion(fmt, v, path, convert, keep) for fmt, v, path, keep in todo], workers)
-            # where export time goes (int8 candidates are the dot-files): the slowest files, in the log and the report
-            log.info("export: %d files written in %.0f s on %s; slowest: %s", len(took), time.perf_counter() - t0,
-                     f"{workers} worker processes" if workers else "this process",
-                     ", ".join(f"{name} {s:.0f} s" for name, s in list(took.items())[:3]))
-            info["convert_seconds"] = took
-            models, artifacts = _verify_all(ctx, variants, formats, plans, job, quant_plan, info)
+            chosen = _write_and_choose(d, variants, formats, plans, todo, convert, workers, job, quant_plan, info)
+            models, artifacts = _verify_all(ctx, variants, formats, chosen, job, quant_plan, info)
         finally:  # no candidate or calibration file outlives the stage, finished or not
             calib_file.unlink(missing_ok=True)
             for cands in plans.values():
@@ -219,10 +213,73 @@ def _conversions(variants, formats, d, quant_plan) -> tuple[dict, list[tuple]]:
     return plans, todo
 
 
-def _verify_all(ctx, variants, formats, plans, job: ExportJob, quant_plan, info: dict) -> tuple[dict, dict]:
-    """Once every file is written: choose each planned int8 program (formats.int8_plan), stamp
-    the runner metadata and verify every file against its PyTorch reference. Returns (models,
-    artifacts) for the stage result; per-file records go into `info`."""
+def _after_twins(variants, plans: dict, quant_plan) -> dict[tuple[str, str], str]:
+    """(QAT variant, format key) -> the PTQ variant whose programs for that format are judged
+    before the QAT file's int8 candidates are written (formats.int8_plan.unwritten_twins): where
+    `plan: auto` times both files' candidates."""
+    ptq = next((v.name for v in variants if v.int8 and v.qat_model is None), None)
+    if ptq is None or not quant_plan or quant_plan.get("mode") != "auto":
+        return {}
+    return {(v.name, key): ptq for v in variants if v.qat_model is not None
+            for name, key in plans if name == v.name and (ptq, key) in plans}
+
+
+def _write_and_choose(d, variants, formats, plans: dict, todo: list[tuple], convert: ConvertJob, workers: int,
+                      job: ExportJob, quant_plan, info: dict) -> dict[tuple[str, str], tuple]:
+    """Write every file of `todo` (formats.workers) and choose each planned int8 program
+    (formats.int8_plan). In two rounds, so that a CPU where int8 does not pay converts fewer
+    programs: first everything but the QAT files' int8 candidates that have a PTQ twin
+    (_after_twins); then their PTQ twins are judged (timed with the workers idle) and only the
+    candidates whose twin was not slower than its fp32 program are written (unwritten_twins).
+    Returns {(variant, format key): (path, record)}; the seconds per file go in info."""
+    waiting, by_name = _after_twins(variants, plans, quant_plan), {v.name: v for v in variants}
+    fmt_of = {f.key: f for f in formats}
+    jobs = lambda picked: [Conversion(fmt, v, path, convert, keep) for fmt, v, path, keep in picked]  # noqa: E731
+    held = {tmp for key in waiting for _, keep, tmp in plans[key].values() if keep is not None}
+    chosen, unwritten, spent = {}, {}, time.perf_counter()
+    with conversion_pool(workers) as pool:
+        took = convert_all(jobs(t for t in todo if t[2] not in held), pool)
+        spent = time.perf_counter() - spent
+        for key, twin in waiting.items():
+            chosen[twin, key[1]] = _choose(d, by_name[twin], fmt_of[key[1]], plans[twin, key[1]], job, quant_plan)
+            unwritten[key] = unwritten_twins(plans[key], twin, chosen[twin, key[1]][1])
+        not_written = {plans[key][name][2] for key, rows in unwritten.items() for name in rows}
+        if second := [t for t in todo if t[2] in held and t[2] not in not_written]:
+            t0 = time.perf_counter()
+            took |= convert_all(jobs(second), pool, "export: convert (QAT int8)")
+            spent += time.perf_counter() - t0
+    took = dict(sorted(took.items(), key=lambda kv: -kv[1]))
+    # where export time goes (int8 candidates are the dot-files): the slowest files, in the log and the report
+    log.info("export: %d files written in %.0f s on %s; slowest: %s%s", len(took), spent,
+             f"{workers} worker processes" if workers else "this process",
+             ", ".join(f"{name} {s:.0f} s" for name, s in list(took.items())[:3]),
+             f"; {len(not_written)} QAT int8 candidates not written: their PTQ twins ran slower than fp32" if not_written else "")
+    info["convert_seconds"] = took
+    for (name, key), cands in plans.items():
+        if (name, key) not in chosen:
+            chosen[name, key] = _choose(d, by_name[name], fmt_of[key], {n: c for n, c in cands.items()
+                                                                        if c[2] not in not_written},
+                                        job, quant_plan, unwritten.get((name, key)))
+    return chosen
+
+
+def _choose(d, v: Variant, fmt, cands: dict, job: ExportJob, quant_plan, not_written: dict | None = None) -> tuple:
+    """Choose `v`'s int8 program for `fmt` among its written candidates `cands` (int8_candidates):
+    timed where `plan: auto`, else the one the plan gives (ship_untimed). Returns (path, record)."""
+    files = {n: (keep, tmp) for n, (_, keep, tmp) in cands.items()}
+    if v.qat_model is None and "fp32" in files:  # PTQ: the student's float program is the same weights'
+        own = FORMATS.get(fmt.float_files) if fmt.float_files else fmt
+        shutil.copyfile(d / f"student_fp32{own.suffix}", files["fp32"][1])
+    path = d / f"{v.name}{fmt.suffix}"
+    if quant_plan.get("mode") == "auto":
+        return choose_int8(fmt, v, path, files, job, quant_plan["max_drop_points"], not_written)
+    return ship_untimed(fmt, v, path, files, quant_plan)
+
+
+def _verify_all(ctx, variants, formats, chosen: dict, job: ExportJob, quant_plan, info: dict) -> tuple[dict, dict]:
+    """Once every file is written and each planned int8 program chosen (`chosen`:
+    _write_and_choose): stamp the runner metadata and verify every file against its PyTorch
+    reference. Returns (models, artifacts) for the stage result; per-file records go into `info`."""
     d, artifacts, models, programs = ctx.stage_dir, {}, {}, {}
     with tqdm(total=sum(f.writes(v) for v in variants for f in formats), desc="export: verify", unit="file",
               leave=False) as bar:
@@ -233,13 +290,8 @@ def _verify_all(ctx, variants, formats, plans, job: ExportJob, quant_plan, info:
             for fmt in (f for f in formats if f.writes(v)):
                 bar.set_postfix_str(f"{v.name}{fmt.suffix}", refresh=True)
                 path, props = d / f"{v.name}{fmt.suffix}", metadata(ctx.data, v.name)
-                if cands := plans.get((v.name, fmt.key)):
-                    files = {name: (keep, tmp) for name, (_, keep, tmp) in cands.items()}
-                    if v.qat_model is None and "fp32" in files:  # PTQ: the student's float program is the same weights'
-                        own = FORMATS.get(fmt.float_files) if fmt.float_files else fmt
-                        shutil.copyfile(d / f"student_fp32{own.suffix}", files["fp32"][1])
-                    path, planned = (choose_int8(fmt, v, path, files, job, quant_plan["max_drop_points"])
-                                     if quant_plan.get("mode") == "auto" else ship_untimed(fmt, v, path, files, quant_plan))
+                if (v.name, fmt.key) in chosen:
+                    path, planned = chosen[v.name, fmt.key]
                     rec[fmt.figure("int8_plan")], props["edgekd.int8_plan"] = planned, planned["chosen"]
                     programs.setdefault(fmt.key, {})[v.name] = program(planned)
                     if planned["chosen"] == "fp32" and "candidates" in planned:  # for the headline's NOTE on that runtime
