@@ -236,10 +236,10 @@ def _write_and_choose(d, variants, formats, plans: dict, todo: list[tuple], conv
     fmt_of = {f.key: f for f in formats}
     jobs = lambda picked: [Conversion(fmt, v, path, convert, keep) for fmt, v, path, keep in picked]  # noqa: E731
     held = {tmp for key in waiting for _, keep, tmp in plans[key].values() if keep is not None}
-    chosen, unwritten, spent = {}, {}, time.perf_counter()
+    chosen, unwritten, t0 = {}, {}, time.perf_counter()
     with conversion_pool(workers) as pool:
         took = convert_all(jobs(t for t in todo if t[2] not in held), pool)
-        spent = time.perf_counter() - spent
+        spent = time.perf_counter() - t0  # conversion time, not the timing between the rounds
         for key, twin in waiting.items():
             chosen[twin, key[1]] = _choose(d, by_name[twin], fmt_of[key[1]], plans[twin, key[1]], job, quant_plan)
             unwritten[key] = unwritten_twins(plans[key], twin, chosen[twin, key[1]][1])
