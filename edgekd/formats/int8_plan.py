@@ -126,7 +126,7 @@ def unwritten_twins(cands: dict, twin_name: str, twin_rec: dict) -> dict[str, di
     which int8 kernels do not run faster or slower; such a QAT program could not pay either, and
     an ExecuTorch or LiteRT int8 conversion takes tens of seconds on a slow CPU. Returns name ->
     its row for the record (choose_int8's `not_written`), with the twin's speed-up."""
-    twins = {c["plan"]: c for c in twin_rec.get("candidates", []) if c["p50_ms"] is not None}
+    twins = {c["plan"]: c for c in twin_rec["candidates"]}
     return {name: {"plan": name, "fp32_modules": keep, "p50_ms": None, "speedup_vs_fp32": twins[name]["speedup_vs_fp32"],
                    "top1": None, "drop_points": None, "agreement_vs_fp32": None,
                    "not_written": f"{twin_name}'s program of the same structure ran at "

@@ -220,8 +220,8 @@ def _after_twins(variants, plans: dict, quant_plan) -> dict[tuple[str, str], str
     ptq = next((v.name for v in variants if v.int8 and v.qat_model is None), None)
     if ptq is None or not quant_plan or quant_plan.get("mode") != "auto":
         return {}
-    return {(v.name, key): ptq for v in variants if v.qat_model is not None
-            for name, key in plans if name == v.name and (ptq, key) in plans}
+    qat = {v.name for v in variants if v.qat_model is not None}
+    return {(name, key): ptq for name, key in plans if name in qat and (ptq, key) in plans}
 
 
 def _write_and_choose(d, variants, formats, plans: dict, todo: list[tuple], convert: ConvertJob, workers: int,
@@ -243,8 +243,8 @@ def _write_and_choose(d, variants, formats, plans: dict, todo: list[tuple], conv
         for key, twin in waiting.items():
             chosen[twin, key[1]] = _choose(d, by_name[twin], fmt_of[key[1]], plans[twin, key[1]], job, quant_plan)
             unwritten[key] = unwritten_twins(plans[key], twin, chosen[twin, key[1]][1])
-        not_written = {plans[key][name][2] for key, rows in unwritten.items() for name in rows}
-        if second := [t for t in todo if t[2] in held and t[2] not in not_written]:
+        skipped_files = {plans[key][name][2] for key, rows in unwritten.items() for name in rows}
+        if second := [t for t in todo if t[2] in held and t[2] not in skipped_files]:
             t0 = time.perf_counter()
             took |= convert_all(jobs(second), pool, "export: convert (QAT int8)")
             spent += time.perf_counter() - t0
@@ -253,12 +253,13 @@ def _write_and_choose(d, variants, formats, plans: dict, todo: list[tuple], conv
     log.info("export: %d files written in %.0f s on %s; slowest: %s%s", len(took), spent,
              f"{workers} worker processes" if workers else "this process",
              ", ".join(f"{name} {s:.0f} s" for name, s in list(took.items())[:3]),
-             f"; {len(not_written)} QAT int8 candidates not written: their PTQ twins ran slower than fp32" if not_written else "")
+             f"; {len(skipped_files)} QAT int8 candidates not written: their PTQ twins ran slower than fp32"
+             if skipped_files else "")
     info["convert_seconds"] = took
     for (name, key), cands in plans.items():
         if (name, key) not in chosen:
             chosen[name, key] = _choose(d, by_name[name], fmt_of[key], {n: c for n, c in cands.items()
-                                                                        if c[2] not in not_written},
+                                                                        if c[2] not in skipped_files},
                                         job, quant_plan, unwritten.get((name, key)))
     return chosen
 
