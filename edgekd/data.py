@@ -59,10 +59,21 @@ class MappedImages:
     through the page cache, so the process never holds the whole array; a selection (subset,
     validation split) is a new list of rows, not a copy of the pixels."""
 
-    def __init__(self, base: torch.Tensor, rows: torch.Tensor | None = None, size: int | None = None):
-        self.base = base
+    def __init__(self, base: torch.Tensor, rows: torch.Tensor | None = None, size: int | None = None,
+                 path: Path | None = None):
+        self.base, self.path = base, path  # path: the mapped file, mapped again (not copied) in another process
         self.rows = torch.arange(len(base)) if rows is None else rows
         self.size = size or base.shape[-1]  # a centre crop of this side, where smaller than the stored images
+
+    @classmethod
+    def map(cls, path: Path, shape: list[int], rows: torch.Tensor | None = None, size: int | None = None) -> "MappedImages":
+        nbytes = int(np.prod(shape))
+        return cls(torch.from_file(str(path), shared=False, size=nbytes, dtype=torch.uint8).view(shape), rows, size, path)
+
+    def __reduce__(self):
+        if self.path is None:
+            return MappedImages, (self.base, self.rows, self.size)
+        return MappedImages.map, (self.path, list(self.base.shape), self.rows, self.size)
 
     @property
     def shape(self) -> torch.Size:
@@ -76,10 +87,10 @@ class MappedImages:
         return centre_crop(self.base[rows].clone() if rows.ndim == 0 else self.base[rows], self.size)
 
     def select(self, idx: torch.Tensor) -> "MappedImages":
-        return MappedImages(self.base, self.rows[idx], self.size)
+        return MappedImages(self.base, self.rows[idx], self.size, self.path)
 
     def cropped(self, size: int) -> "MappedImages":
-        return MappedImages(self.base, self.rows, size)
+        return MappedImages(self.base, self.rows, size, self.path)
 
 
 def centre_crop(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -332,7 +343,7 @@ def _read_decoded(pixels: Path, meta_path: Path, key: str, size: int) -> Split |
         if pixels.stat().st_size != nbytes or len(meta["labels"]) != shape[0]:
             raise ValueError(f"{pixels.stat().st_size} bytes, expected {nbytes}")
         if nbytes > map_above_bytes():
-            images = MappedImages(torch.from_file(str(pixels), shared=False, size=nbytes, dtype=torch.uint8).view(shape))
+            images = MappedImages.map(pixels, shape)
         else:
             images = torch.from_numpy(np.fromfile(pixels, dtype=np.uint8).reshape(shape))
     except Exception as e:

@@ -2,15 +2,18 @@
 
 With `compare_baseline: true` the same student, from the same initial weights, is also
 trained with plain cross-entropy for the same epochs, so the report shows what the
-teacher bought."""
+teacher bought: on a CPU where it pays, in a child process beside the distillation run
+(edgekd/beside.py), else after it."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
 from pydantic import Field
 
+from ..beside import BaselineBeside, pays as beside_pays
 from ..train import TrainConfig, fit
 from .base import Stage, StageResult, register
 
@@ -31,23 +34,33 @@ class Distill(Stage):
 
     def run(self, ctx) -> StageResult:
         cfg: DistillConfig = self.config
-        init_state = copy.deepcopy(ctx.model.state_dict())
+        seed = ctx.cfg.seed
+        baseline = None
+        if cfg.compare_baseline and cfg.uses_teacher():
+            baseline = copy.deepcopy(ctx.model)  # the same initial weights
         objective = ctx.objective(cfg)
-        torch.manual_seed(ctx.cfg.seed)
-        history = fit(ctx.model, ctx.data, cfg, ctx.device, seed=ctx.cfg.seed, objective=objective,
-                      state_path=ctx.stage_dir / "train_state.pt", desc=f"distill[{cfg.describe()}]")
+        beside = None
+        if baseline is not None and beside_pays(ctx.device, objective, cfg, ctx.data):
+            beside = BaselineBeside(baseline, ctx.data, cfg.baseline(), seed, ctx.stage_dir / "baseline_state.pt",
+                                    "baseline[ce]")
+        with beside or contextlib.nullcontext():
+            torch.manual_seed(seed)
+            history = fit(ctx.model, ctx.data, cfg, ctx.device, seed=seed, objective=objective,
+                          state_path=ctx.stage_dir / "train_state.pt", desc=f"distill[{cfg.describe()}]",
+                          on_epoch=beside.reclaim if beside else None)
+            base_hist = beside.result() if beside else None
         figs = ctx.measure(ctx.model)
         result = StageResult(metrics=figs, history=history, model_changed=True,
                              models={"student_distilled": {**figs, "label": f"student ({cfg.describe()})"}},
                              info={"loss": cfg.describe(), "epochs": cfg.epochs, "train_images": len(ctx.data.train)})
-        if cfg.compare_baseline and cfg.uses_teacher():
-            baseline = copy.deepcopy(ctx.model)
-            baseline.load_state_dict(init_state)
-            torch.manual_seed(ctx.cfg.seed)
-            base_hist = fit(baseline, ctx.data, cfg.baseline(), ctx.device, seed=ctx.cfg.seed,
-                            state_path=ctx.stage_dir / "baseline_state.pt", desc="baseline[ce]")
+        if baseline is not None:
+            if beside is None:
+                torch.manual_seed(seed)
+                base_hist = fit(baseline, ctx.data, cfg.baseline(), ctx.device, seed=seed,
+                                state_path=ctx.stage_dir / "baseline_state.pt", desc="baseline[ce]")
             bfigs = ctx.measure(baseline)
             result.models["student_ce_baseline"] = {**bfigs, "label": "student (ce, no teacher)"}
             result.info["baseline_history"] = base_hist
+            result.info["baseline_beside"] = beside is not None
             result.info["kd_gain_points"] = round(figs["top1"] - bfigs["top1"], 3)
         return result
