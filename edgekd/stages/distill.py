@@ -40,9 +40,9 @@ class Distill(Stage):
             baseline = copy.deepcopy(ctx.model)  # the same initial weights
         objective = ctx.objective(cfg)
         beside = None
+        base_cfg, base_state, base_desc = cfg.baseline(), ctx.stage_dir / "baseline_state.pt", "baseline[ce]"
         if baseline is not None and beside_pays(ctx.device, objective, cfg, ctx.data):
-            beside = BaselineBeside(baseline, ctx.data, cfg.baseline(), seed, ctx.stage_dir / "baseline_state.pt",
-                                    "baseline[ce]")
+            beside = BaselineBeside(baseline, ctx.data, base_cfg, seed, base_state, base_desc)
         with beside or contextlib.nullcontext():
             torch.manual_seed(seed)
             history = fit(ctx.model, ctx.data, cfg, ctx.device, seed=seed, objective=objective,
@@ -56,8 +56,8 @@ class Distill(Stage):
         if baseline is not None:
             if beside is None:
                 torch.manual_seed(seed)
-                base_hist = fit(baseline, ctx.data, cfg.baseline(), ctx.device, seed=seed,
-                                state_path=ctx.stage_dir / "baseline_state.pt", desc="baseline[ce]")
+                base_hist = fit(baseline, ctx.data, base_cfg, ctx.device, seed=seed, state_path=base_state,
+                                desc=base_desc)
             bfigs = ctx.measure(baseline)
             result.models["student_ce_baseline"] = {**bfigs, "label": "student (ce, no teacher)"}
             result.info["baseline_history"] = base_hist
