@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from ..bench.machine import usable_cores
@@ -50,9 +51,18 @@ class Conversion:
     keep_fp32: list[str] = field(default_factory=list)
 
     def run(self) -> float:
-        """Write the file; returns the seconds it took."""
+        """Write the file on one thread, in a worker or here alike, and return the seconds it
+        took. A file must not depend on `export.workers`: PT2E calibration runs the model on
+        PyTorch's float kernels, and on some (AVX2) those round an observer's range an ulp apart
+        on one and two threads, which moves int8 roundings (benchmarks/README.md, twentieth
+        session)."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         t0 = time.perf_counter()
-        self.fmt().export(self.variant, self.path, self.job, keep_fp32=self.keep_fp32)
+        try:
+            self.fmt().export(self.variant, self.path, self.job, keep_fp32=self.keep_fp32)
+        finally:
+            torch.set_num_threads(threads)
         return time.perf_counter() - t0
 
     def cost(self) -> int:
@@ -158,9 +168,8 @@ def _picklable(c: Conversion) -> bool:
 
 
 def _start_worker() -> None:
-    """A worker takes one core: its own thread pools would only contend with the other workers."""
-    import torch
-
+    """A worker takes one core (Conversion.run keeps to one thread too): its own thread pools
+    would only contend with the other workers."""
     from ..native_logs import quiet_native_output
 
     torch.set_num_threads(1)
