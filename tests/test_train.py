@@ -39,6 +39,34 @@ def test_fit_resumes_from_last_completed_epoch(tmp_path):
     assert hist[-1]["loss"] == pytest.approx(ref[-1]["loss"], rel=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "mobilenet_v3_small"])
+def test_activations_run_out_of_place_in_training_to_the_same_weights_and_are_put_back(arch, monkeypatch):
+    """fit() trains with ReLU6 / Hardswish / Hardsigmoid out of place (in place they copy their
+    input first): the same weights to the bit as in place, and the model's flags as they were."""
+    import contextlib
+
+    from edgekd import train
+
+    data = tiny_data(32)
+    cfg = TrainConfig(epochs=2, loss="ce", lr=0.05, eval_every=0)
+    torch.manual_seed(0)
+    init = build({"arch": arch, "num_classes": 4, "cifar_stem": True, "width_mult": 0.25})
+    flags = lambda m: [(n, m.inplace) for n, m in m.named_modules() if isinstance(m, train.COPYING_IN_PLACE)]  # noqa: E731
+    assert any(inplace for _, inplace in flags(init))  # torchvision builds most in place
+    seen, weights = [], []
+    for out_of_place in (True, False):
+        if not out_of_place:
+            monkeypatch.setattr(train, "_activations_out_of_place", lambda model: contextlib.nullcontext())
+        model = build({"arch": arch, "num_classes": 4, "cifar_stem": True, "width_mult": 0.25})
+        model.load_state_dict(init.state_dict())
+        model.register_forward_pre_hook(lambda m, a: seen.append(flags(m)) if m.training and len(seen) < 1 else None)
+        fit(model, data, cfg, torch.device("cpu"), seed=0)
+        assert flags(model) == flags(init)
+        weights.append(model.state_dict())
+    assert not any(inplace for _, inplace in seen[0])  # during the training steps
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_kd_loss_requires_a_teacher():
     with pytest.raises(ValueError, match="needs a teacher"):
         fit(build({"arch": "mobilenet_v2", "num_classes": 4, "cifar_stem": True, "width_mult": 0.25}),
