@@ -167,16 +167,24 @@ def test_kd_vs_ce_benchmark_tabulates_every_step():
     assert "unpruned" not in md and mod.robustness_table({"models": {}}, {"models": {}}) == ""
 
 
-def test_teacher_rows_show_its_pytorch_top1_unless_asked_to_measure_it(minimal_pipeline, write_pipeline, tmp_path):
+def test_teacher_rows_show_its_pytorch_top1_unless_asked_to_measure_it(minimal_pipeline, write_pipeline, tmp_path,
+                                                                      monkeypatch):
     """A teacher on 1 thread is the slowest accuracy pass of the benchmark, and export verified its
-    files against PyTorch: by default its rows carry the PyTorch top-1; `teacher_accuracy: true`
-    measures it on each runtime like every other file."""
+    files against PyTorch (on fewer images than the students' files: it is the reference, never
+    shipped): by default its rows carry the PyTorch top-1; `teacher_accuracy: true` measures it
+    on each runtime like every other file."""
+    from edgekd.stages import export
+
+    monkeypatch.setattr(export, "TEACHER_VERIFY_IMAGES", 4)
     cfg = minimal_pipeline
     cfg["stages"] += [{"export": {"formats": ["onnx"], "verify_images": 6}},
                       {"benchmark": {"runtimes": ["onnxruntime"], "runs": 5, "warmup": 1, "rounds": 1, "throughput_batch": 2}}]
     out = tmp_path / "run"
     assert main(["run", str(write_pipeline(cfg)), "--out", str(out)]) == 0
-    models = json.loads((out / "report.json").read_text())["models"]
+    report = json.loads((out / "report.json").read_text())
+    verified = next(s for s in report["stages"] if s["name"] == "export")["info"]
+    assert verified["teacher_fp32"]["verify"]["images"] == 4 and verified["student_fp32"]["verify"]["images"] == 6
+    models = report["models"]
     teacher = models["teacher_fp32"]
     assert teacher["top1"] == models["teacher"]["top1"] and "PyTorch" in teacher["top1_measured_by"]
     assert "top1" not in teacher["latency"]["onnxruntime/1t"] and "top1" in models["student_fp32"]["latency"]["onnxruntime/1t"]

@@ -33,6 +33,7 @@ class Variant:
     min_agreement: float = 0.99
     qat_model: nn.Module | None = None
     onnx_int8: Path | None = None
+    most_images: int | None = None  # verified on at most this many of the stage's images (None: all of them)
     _logits: dict = field(default_factory=dict, repr=False, compare=False)
 
     def logits(self, int8_source: bool, data, n: int) -> np.ndarray:
@@ -45,6 +46,10 @@ class Variant:
 
             self._logits[key] = reference_logits(self.int8_source if int8_source else self.reference, data, n)
         return self._logits[key]
+
+    def verify_images(self, job: "ExportJob") -> int:
+        """How many test images this variant's files are verified on."""
+        return min(job.verify_images, self.most_images or job.verify_images)
 
     @cached_property
     def int8_source(self) -> nn.Module:
@@ -114,8 +119,8 @@ class Format:
         from ..bench.machine import usable_cores
         from ..onnx_export import verify
 
-        ref = v.logits(v.int8, job.data, job.verify_images)
-        return verify(path, ref, job.data, job.verify_images, run=self.runner(path, usable_cores()), what=self.what,
+        n = v.verify_images(job)
+        return verify(path, v.logits(v.int8, job.data, n), job.data, n, run=self.runner(path, usable_cores()), what=self.what,
                       max_abs=None if v.int8 else v.max_abs,
                       min_agreement=job.int8_min_agreement if v.int8 else v.min_agreement)
 

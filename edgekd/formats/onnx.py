@@ -42,10 +42,11 @@ class Onnx(Format):
     def verify(self, path: Path, v: Variant, job: ExportJob) -> dict:
         from ..onnx_export import verify, verify_int8
 
-        ref = v.logits(False, job.data, job.verify_images)
+        n = v.verify_images(job)
+        ref = v.logits(False, job.data, n)
         if v.int8:
-            return verify_int8(path, ref, job.data, job.verify_images, v.min_agreement)
-        return verify(path, ref, job.data, job.verify_images, max_abs=v.max_abs, min_agreement=v.min_agreement)
+            return verify_int8(path, ref, job.data, n, v.min_agreement)
+        return verify(path, ref, job.data, n, max_abs=v.max_abs, min_agreement=v.min_agreement)
 
     def input_shape(self, path: Path) -> list[int]:
         import onnx
