@@ -14,8 +14,14 @@ Only where that pays: a CPU, one process (torchrun ranks already share the cores
 threads, no torch.compile, training images in RAM of at most SEND_AT_MOST (the child holds a
 copy) or memory-mapped, and teachers whose outputs all come from the logit cache, so both
 runs cost about the same per step (a live teacher makes the distillation step several times
-the baseline's, and the split would leave a core idle for most of the run). Should the baseline
-end first, the distillation run takes all the threads back at its next epoch."""
+the baseline's, and the split would leave a core idle for most of the run).
+
+The distillation run keeps its half of the threads to its end, also where the baseline ends
+first: a thread count changes float roundings (PyTorch's AVX2 kernels sum differently on one
+and two threads), and a run that took the threads back at an epoch set by the machine's load
+did not repeat itself: its weights, and the pruned student's top-1 two stages later, moved
+between two runs of one pipeline (benchmarks/README.md, twenty-first session). It costs the
+epoch or two the baseline may finish ahead, run on one core instead of two."""
 
 from __future__ import annotations
 
@@ -58,7 +64,7 @@ def in_ram_bytes(data: Data) -> int:
 
 class BaselineBeside:
     """The baseline's training in a child process for the duration of a `with` block: the block
-    (the distillation run) has half the threads, the child the other half; `result()` waits for
+    (the distillation run) has half the threads to its end, the child the other half; `result()` waits for
     the child and loads its weights into the model it was given. A failure here stops the child;
     a failure there is raised here as one line."""
 
@@ -80,11 +86,6 @@ class BaselineBeside:
         log.info("%s: training beside this run in process %d (%d of %d threads each side)", self.desc, self._proc.pid,
                  self.threads // 2, self.threads)
         return self
-
-    def reclaim(self, _rec: dict | None = None) -> None:
-        """fit()'s on_epoch: once the child is done, this run takes all the threads again."""
-        if torch.get_num_threads() != self.threads and self._conn.poll():
-            torch.set_num_threads(self.threads)
 
     def result(self) -> list[dict]:
         """Wait for the child; its weights go into the model, its history is returned."""

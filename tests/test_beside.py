@@ -34,7 +34,10 @@ def test_the_baseline_trained_beside_is_the_one_trained_here_on_the_same_threads
     beside = BaselineBeside(there, data, CE, 0, tmp_path / "baseline_state.pt", "baseline[ce]")
     with beside:
         assert torch.get_num_threads() == 1  # the other thread is the child's
+        assert beside._conn.poll(300)  # the child is done ...
+        assert torch.get_num_threads() == 1  # ... and this run keeps its thread count to its end, as it repeats itself
         got = beside.result()
+        assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == 2
     assert _timeless(got) == _timeless(want)
     for k, v in here.state_dict().items():

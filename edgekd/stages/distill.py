@@ -46,8 +46,7 @@ class Distill(Stage):
         with beside or contextlib.nullcontext():
             torch.manual_seed(seed)
             history = fit(ctx.model, ctx.data, cfg, ctx.device, seed=seed, objective=objective,
-                          state_path=ctx.stage_dir / "train_state.pt", desc=f"distill[{cfg.describe()}]",
-                          on_epoch=beside.reclaim if beside else None)
+                          state_path=ctx.stage_dir / "train_state.pt", desc=f"distill[{cfg.describe()}]")
             base_hist = beside.result() if beside else None
         figs = ctx.measure(ctx.model)
         result = StageResult(metrics=figs, history=history, model_changed=True,
