@@ -1,8 +1,9 @@
 """Training the teacher-free baseline in a child process beside the distillation run, on a CPU.
 
-A MobileNet-class student at CIFAR size trains on two cores at only about 1.2x its speed on
-one: the step's Python, the optimizer and many small kernels do not split across threads. So
-the distill stage's two runs (`compare_baseline`) finish sooner side by side, each on half the
+A MobileNet-class student at CIFAR size trains on two cores at about 1.7x its speed on one:
+the step's Python, the optimizer and many small kernels do not split across threads, and two
+one-thread processes get about 1.15x more done than one on two threads. So the distill stage's
+two runs (`compare_baseline`) finish sooner side by side, each on half the
 threads, than one after the other on all of them (benchmarks/README.md, "baseline beside").
 The baseline needs no teacher, so it is the run that moves: a spawned child (a fork of a
 process whose thread pools run is not safe) gets the initial weights and the data as bytes (a
