@@ -155,7 +155,6 @@ class Data:
     augment: str = "crop_flip"
     batch_size: int = 128
     eval_batch_size: int = 256
-    extra: dict = field(default_factory=dict)
 
     @property
     def skipped(self) -> list[dict[str, str]]:

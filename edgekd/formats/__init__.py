@@ -6,5 +6,7 @@ function verification and calibration call) and how to verify it against PyTorch
 stage loops over the enabled formats and the variants; adding a format is one new module
 here, imported below."""
 
-from .base import FORMATS, Format, Variant, enabled_formats, format_for  # noqa: F401
+from .base import FORMATS, Format, Variant, enabled_formats, format_for
 from . import onnx, executorch, litert, openvino  # noqa: F401,E402  (each registers itself)
+
+__all__ = ["FORMATS", "Format", "Variant", "enabled_formats", "format_for"]
