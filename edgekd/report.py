@@ -163,6 +163,7 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
             L += ["", f"**{s['name']}**: " + "; ".join(f"{k} = {v}" for k, v in info.items())]  # values may hold commas
         L += _steps_table((s.get("info") or {}).get("steps"))
         L += _plan_table(s.get("info") or {})
+        L += _by_op_table(s.get("info") or {})
         L += _format_plans_table(s.get("info") or {})
     from .bench.quality import quality_markdown
 
@@ -217,6 +218,24 @@ def _plan_table(info: dict) -> list[str]:
         L.append(f"| {c['plan']}{mark} | {blocks or '–'} | {c['p50_ms']} | {c['speedup_vs_fp32']}x | "
                  f"{'–' if c.get('top1') is None else round(c['top1'], 2)} | "
                  f"{'–' if c.get('drop_points') is None else c['drop_points']} |")
+    return L
+
+
+def _by_op_table(info: dict) -> list[str]:
+    """The int8 ONNX file's time against the fp32 file's, kind of op by kind of op (quant.plan.
+    kind_comparison): why int8 is as fast as it is on this CPU."""
+    rows = info.get("int8_vs_fp32_by_op")
+    if not isinstance(rows, list) or not rows:
+        return []
+    cell = lambda us, n: "–" if us is None else f"{us:g} ({n})"  # noqa: E731
+    L = ["", "Where the int8 ONNX file's time goes against the fp32 file's, by kind of op (onnxruntime's profiler: "
+             "microseconds per image in its kernels, 1 thread, batch 1; nodes in brackets; an fp32 add runs inside "
+             "its convolution):", "", "| ops | fp32 µs | int8 µs | int8 speed-up |", "|---|---|---|---|"]
+    for r in rows:
+        speed = "–" if r["int8_speedup"] is None else f"{r['int8_speedup']}x"
+        if r["int8_speedup"] is not None and r["int8_speedup"] < 1:
+            speed = f"**{speed}** (slower)"
+        L.append(f"| {r['ops']} | {cell(r['fp32_us'], r['fp32_nodes'])} | {cell(r['int8_us'], r['int8_nodes'])} | {speed} |")
     return L
 
 

@@ -11,8 +11,8 @@ import torch.nn as nn
 
 from edgekd.models import build
 from edgekd.onnx_export import export_onnx
-from edgekd.quant.plan import (Plan, block_of, blocks, choose, float_cost, load_graph, module_path, node_blocks,
-                               op_profile, rule_plan, search, unmatched_patterns)
+from edgekd.quant.plan import (Plan, block_of, blocks, choose, float_cost, kind_comparison, load_graph, module_path,
+                               node_blocks, op_profile, profiles, rule_plan, search, unmatched_patterns)
 from edgekd.quant.ptq import quantize_onnx
 from edgekd.quant.qat import QConv2d, apply_transform, qat_transform, snap_weights
 from test_compress import _ort_optimized_ops, tiny_data
@@ -188,6 +188,35 @@ def test_the_int8_files_time_splits_into_kernels_conversions_and_float_ops(tmp_p
     assert cost["float_ops"].get("HardSigmoid", 0) > 0  # no int8 kernel for it in onnxruntime
     assert cost["int8_kernels_pct"] > 0 and cost["quantize_dequantize_pct"] > 0
     assert sum(cost[k] for k in ("int8_kernels_pct", "quantize_dequantize_pct", "float_ops_pct")) == pytest.approx(100, abs=0.5)
+
+
+def test_the_int8_file_is_set_against_the_fp32_file_op_kind_by_op_kind(tmp_path):
+    """The fp32 file's Conv (onnxruntime's NCHWc Conv after its fusions) and the int8 file's
+    QLinearConv are the same kinds of op, so their times compare row by row; what only the int8
+    file has (its adds, its quantize / dequantize) shows as such. The rule, not this CPU's speeds."""
+    from edgekd.stages.quantize import int8_losses
+
+    model, fp32 = _export(V2, tmp_path)
+    _, calib = _calib()
+    int8 = quantize_onnx(fp32, tmp_path / "q.onnx", calib, plan=rule_plan(load_graph(fp32), False, []))
+    (by_op, kinds), (_, fp32_kinds) = profiles(int8, calib[:1], runs=20), profiles(fp32, calib[:1], runs=20)
+    assert sum(v["nodes"] for k, v in by_op.items() if k == "QLinearConv") == sum(
+        kinds[k]["nodes"] for k in ("1x1 conv", "depthwise conv", "conv") if k in kinds)  # every int8 conv has a kind
+    depthwise = sum(isinstance(m, torch.nn.Conv2d) and m.groups > 1 for m in model.modules())
+    pointwise = sum(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) for m in model.modules())
+    for k in (kinds, fp32_kinds):
+        assert k["depthwise conv"]["nodes"] == depthwise and k["1x1 conv"]["nodes"] == pointwise
+    rows = {r["ops"]: r for r in kind_comparison(fp32_kinds, kinds)}
+    assert rows["depthwise conv"]["int8_speedup"] == round(rows["depthwise conv"]["fp32_us"] / rows["depthwise conv"]["int8_us"], 2)
+    assert rows["add"]["fp32_us"] is None and rows["add"]["int8_nodes"] > 0  # fused into the fp32 convolutions
+    assert rows["quantize / dequantize"]["fp32_nodes"] == 0
+    line = int8_losses(list(rows.values()))
+    floor = 0.01 * sum(r["fp32_us"] or 0 for r in rows.values())
+    for r in rows.values():  # every kind the int8 file spends 1 % of the fp32 time more on, and only those
+        more = (r["int8_us"] or 0) - (r["fp32_us"] or 0)
+        assert (f"{r['ops']} +" in line or f"{r['ops']} {r['int8_speedup']}x" in line) == (more >= floor), (r, line)
+    assert int8_losses([{"ops": "conv", "fp32_us": 10.0, "int8_us": 5.0, "int8_speedup": 2.0, "fp32_nodes": 1,
+                         "int8_nodes": 1}]) == "nothing"
 
 
 def test_a_plan_with_every_layer_fp32_writes_the_fp32_graph_unchanged(tmp_path):

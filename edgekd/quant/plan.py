@@ -217,10 +217,18 @@ def load_graph(path: Path):
 def op_profile(path: Path, x, runs: int = 200, threads: int = 1) -> dict[str, dict]:
     """Per op type: nodes and microseconds per inference after onnxruntime's fusions (its profiler),
     so a plan can say which ops stay float and what they cost."""
+    return profiles(path, x, runs, threads)[0]
+
+
+def profiles(path: Path, x, runs: int = 200, threads: int = 1) -> tuple[dict[str, dict], dict[str, dict]]:
+    """op_profile, and the same times per kind of op (op_kind), from one profiled session: the
+    kinds set an fp32 file's time against its int8 file's, op for op, whatever kernels onnxruntime
+    ran each on (kind_comparison)."""
     import json
     import os
     import tempfile
 
+    import onnx
     import onnxruntime as ort
 
     warmup = 10
@@ -228,21 +236,78 @@ def op_profile(path: Path, x, runs: int = 200, threads: int = 1) -> dict[str, di
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
         so.enable_profiling, so.profile_file_prefix = True, os.path.join(td, "p")
+        so.optimized_model_filepath = os.path.join(td, "optimized.onnx")  # the nodes the profiler names
+        so.log_severity_level = 3  # not the warning that this file is for this machine only: it is read here
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         name = sess.get_inputs()[0].name
         for _ in range(warmup + runs):
             sess.run(None, {name: x})
         with open(sess.end_profiling()) as f:
             events = json.load(f)
-    us: dict[str, float] = {}
-    nodes: dict[str, set] = {}
+        graph = onnx.load(so.optimized_model_filepath, load_external_data=False).graph
+    kinds = {n.name: op_kind(n, graph) for n in graph.node}
+    by_op: dict[str, list] = {}
+    by_kind: dict[str, list] = {}
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-            op = e["args"]["op_name"]
-            us[op] = us.get(op, 0.0) + e["dur"]
-            nodes.setdefault(op, set()).add(e["name"])
-    return {op: {"nodes": len(nodes[op]), "us": round(t / (warmup + runs), 1)}
-            for op, t in sorted(us.items(), key=lambda kv: -kv[1])}
+            node, op = e["name"][: -len("_kernel_time")], e["args"]["op_name"]
+            for key, table in ((op, by_op), (kinds.get(node, op), by_kind)):
+                entry = table.setdefault(key, [0.0, set()])
+                entry[0] += e["dur"]
+                entry[1].add(node)
+    per_run = lambda table: {k: {"nodes": len(v[1]), "us": round(v[0] / (warmup + runs), 1)}  # noqa: E731
+                             for k, v in sorted(table.items(), key=lambda kv: -kv[1][0])}
+    return per_run(by_op), per_run(by_kind)
+
+
+CONVS = ("Conv", "QLinearConv", "ConvInteger", "FusedConv")
+DENSE = ("Gemm", "QGemm", "FusedGemm", "MatMul", "QLinearMatMul", "MatMulInteger")
+POOLS = ("GlobalAveragePool", "QLinearGlobalAveragePool", "AveragePool", "QLinearAveragePool", "MaxPool")
+
+
+def op_kind(node, graph) -> str:
+    """What a node computes, the same name for the fp32 op and its int8 kernel (Conv, onnxruntime's
+    NCHWc Conv and QLinearConv are all convolutions): "1x1 conv", "depthwise conv" (grouped),
+    "conv" (larger kernels), "dense", "add", "pool", "quantize / dequantize", "layout change",
+    else the op type."""
+    t = node.op_type
+    if t in CONVS:
+        attrs = {a.name: a for a in node.attribute}
+        if "group" in attrs and attrs["group"].i > 1:
+            return "depthwise conv"
+        kernel = list(attrs["kernel_shape"].ints) if "kernel_shape" in attrs else _weight_kernel(node, graph)
+        return "1x1 conv" if kernel and all(k == 1 for k in kernel) else "conv"
+    if t in DENSE:
+        return "dense"
+    if t in ("Add", "QLinearAdd", "Sum"):
+        return "add"
+    if t in ("QuantizeLinear", "DequantizeLinear"):
+        return "quantize / dequantize"
+    if t in POOLS:
+        return "pool"
+    if t in ("Transpose", "ReorderInput", "ReorderOutput"):  # onnxruntime's NCHWc layout and back
+        return "layout change"
+    return t
+
+
+def _weight_kernel(node, graph) -> list[int]:
+    """A convolution's kernel from its weight's shape, where the node does not state it."""
+    weight = node.input[3 if node.op_type == "QLinearConv" else 1]
+    init = next((i for i in graph.initializer if i.name == weight), None)
+    return list(init.dims[2:]) if init is not None else []
+
+
+def kind_comparison(fp32: dict[str, dict], int8: dict[str, dict]) -> list[dict]:
+    """kind_profile of an fp32 file and of its int8 file, kind by kind, slowest first: where int8
+    gains time and where it loses it on this CPU's kernels (an fp32 add is fused into its
+    convolution, so it has no time of its own)."""
+    rows = []
+    for kind in sorted(set(fp32) | set(int8), key=lambda k: -max(fp32.get(k, {}).get("us", 0), int8.get(k, {}).get("us", 0))):
+        a, b = fp32.get(kind), int8.get(kind)
+        rows.append({"ops": kind, "fp32_nodes": a["nodes"] if a else 0, "fp32_us": a["us"] if a else None,
+                     "int8_nodes": b["nodes"] if b else 0, "int8_us": b["us"] if b else None,
+                     "int8_speedup": round(a["us"] / b["us"], 2) if a and b and b["us"] > 0 else None})
+    return rows
 
 
 # the ops left in an onnxruntime int8 file that are not int8 kernels: the price of a float island

@@ -25,8 +25,8 @@ from ..bench.machine import int8_class, machine_info
 from ..fileio import write_json
 from ..onnx_export import export_onnx, onnx_logits, run_onnx
 from ..errors import ConfigError
-from ..quant.plan import (PATTERN, WEIGHTED, Plan, blocks, choose, float_cost, load_graph, module_path, op_profile,
-                          recover_accuracy, rule_plan, search, time_plans, unmatched_patterns)
+from ..quant.plan import (PATTERN, WEIGHTED, Plan, blocks, choose, float_cost, kind_comparison, load_graph, module_path,
+                          profiles, recover_accuracy, rule_plan, search, time_plans, unmatched_patterns)
 from ..quant.ptq import quantize_onnx
 from ..quant.qat import activation_ranges, apply_transform, qat_transform, snap_weights
 from ..quant.targets import TARGET_NAMES, resolve_target
@@ -247,7 +247,8 @@ class Quantize(Stage):
         else:
             planned = quantize_onnx(fp32, d / "int8_ptq.onnx", calib, plan=plan, **qopts)
             record["chosen"] = plan.name
-        profile = op_profile(planned, calib[:1])
+        profile, kinds = profiles(planned, calib[:1])
+        record["int8_vs_fp32_by_op"] = kind_comparison(profiles(fp32, calib[:1])[1], kinds)
         fp32_nodes = plan.excluded_nodes(graph)
         layers = [n.name for n in graph.node if n.op_type in WEIGHTED]
         int8_layers = sum(n not in fp32_nodes for n in layers)
@@ -280,6 +281,25 @@ def _pin(pinned: Plan, programs: dict, base: Plan, graph, source: str) -> Plan:
                 list(dict.fromkeys([*pinned.fp32_patterns, *base.fp32_patterns])))
 
 
+LOSS_WORTH_NAMING = 0.01  # of the fp32 file's time: a smaller difference is the profiler's noise
+
+
+def int8_losses(by_op: list[dict]) -> str:
+    """Where the int8 file spends more time than the fp32 file (kind_comparison), in one line: the
+    op kinds its int8 kernels run slower, and those only the int8 file has (an fp32 add is fused
+    into its convolution; quantize / dequantize at float islands and the file's ends), each
+    where it costs at least LOSS_WORTH_NAMING of the fp32 file's time."""
+    floor = LOSS_WORTH_NAMING * sum(r["fp32_us"] or 0 for r in by_op)
+    named = []
+    for r in by_op:
+        more = (r["int8_us"] or 0) - (r["fp32_us"] or 0)
+        if more < max(floor, 1e-9):
+            continue
+        named.append(f"{r['ops']} +{more:.0f} us (no such kernel in the fp32 file)" if r["fp32_us"] is None else
+                     f"{r['ops']} {r['int8_speedup']}x ({r['int8_us']:g} vs {r['fp32_us']:g} us)")
+    return ", ".join(named) or "nothing"
+
+
 def _top1(path: Path, x: np.ndarray, y: np.ndarray) -> float:
     return 100.0 * float((run_onnx(path, x).argmax(1) == y).mean())
 
@@ -291,6 +311,9 @@ def plan_summary(record: dict) -> dict:
            "int8_file_qdq_pct": record["int8_file_time"]["quantize_dequantize_pct"],
            "int8_file_float_ops_pct": record["int8_file_time"]["float_ops_pct"],
            "int8_file_float_ops": ", ".join(f"{k} x{v}" for k, v in record["int8_file_time"]["float_ops"].items()) or "none"}
+    if by_op := record.get("int8_vs_fp32_by_op"):  # older records have no such table
+        out["int8_vs_fp32_by_op"] = by_op
+        out["int8_loses_time_on"] = int8_losses(by_op)
     chosen = next((c for c in record.get("candidates", []) if c["plan"] == record["chosen"]), None)
     if chosen:
         out["plan_speedup_vs_fp32"] = chosen["speedup_vs_fp32"]
