@@ -183,10 +183,10 @@ COPYING_IN_PLACE = (nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.SiLU)  # ReLU6
 def _activations_out_of_place(model: nn.Module):
     """Train with the model's in-place activations (torchvision's ReLU6, Hardswish, ...) computed
     out of place, and put them back after the run. Under autograd an in-place activation whose
-    backward needs its input (all of COPYING_IN_PLACE) first copies that input and then writes
-    the result back over it: three passes over the tensor where out of place takes one. Values
-    and gradients are the same to the bit; the step is faster (benchmarks/README.md, "Training
-    step: activations out of place")."""
+    backward needs its input (all of COPYING_IN_PLACE) first copies that input, then computes
+    and writes its result back over it: passes over the tensor that out of place does not make.
+    Values and gradients are the same to the bit; a MobileNetV2 step is about 4 % faster on a CPU
+    (benchmarks/README.md, twenty-first session)."""
     flipped = [m for m in model.modules() if isinstance(m, COPYING_IN_PLACE) and getattr(m, "inplace", False)]
     for m in flipped:
         m.inplace = False

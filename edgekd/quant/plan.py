@@ -298,7 +298,7 @@ def _weight_kernel(node, graph) -> list[int]:
 
 
 def kind_comparison(fp32: dict[str, dict], int8: dict[str, dict]) -> list[dict]:
-    """kind_profile of an fp32 file and of its int8 file, kind by kind, slowest first: where int8
+    """profiles() by kind of an fp32 file and of its int8 file, row by row, slowest first: where int8
     gains time and where it loses it on this CPU's kernels (an fp32 add is fused into its
     convolution, so it has no time of its own)."""
     rows = []
