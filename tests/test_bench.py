@@ -90,6 +90,11 @@ def test_headline_says_when_int8_is_not_faster():
     h = headline_sentence(models)
     assert h.startswith("int8 QAT: 19.0x faster than teacher, 38x smaller, -2.5 points")
     assert "NOTE: int8 is not faster than the fp32 student here (0.95x)" in h and "quantization plan" not in h
+    models["int8_qat"]["onnxruntime_int8_loses_time_on"] = "depthwise conv 0.7x (578 vs 406 us)"  # the quantize stage's profile
+    assert headline_sentence(models).endswith("here (0.95x: int8 loses time on depthwise conv 0.7x (578 vs 406 us))")
+    models["int8_qat"]["onnxruntime_int8_loses_time_on"] = "nothing"
+    assert headline_sentence(models).endswith("here (0.95x)")
+    del models["int8_qat"]["onnxruntime_int8_loses_time_on"]
     models["int8_qat"]["int8_layers"] = "0/52"  # the plan kept every layer fp32: the headline says why
     assert "the quantization plan keeps every ONNX layer fp32" in headline_sentence(models)
     del models["int8_qat"]["int8_layers"]

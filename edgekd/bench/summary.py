@@ -45,7 +45,8 @@ def headline_parts(models: dict[str, dict]) -> tuple[str, list[str], list[str]]:
 
     result: 'int8 QAT: 12.3x faster than teacher, 38x smaller, -2.1 points (onnxruntime/1t)' plus
     where int8 pays against the fp32 student; slow: one 'onnxruntime/1t (1.05x...)' per runtime where
-    it does not ('here (1.05x)' with one runtime), each saying why where the run knows; notes: the rest.
+    it does not ('here (1.05x)' with one runtime), each saying why where the run knows (its file is the
+    fp32 program; on onnxruntime, the kinds of op its int8 kernels run slower); notes: the rest.
     The CLI prints them as one line, report.md as a line and a list."""
     final = _pick(models, "int8") or _pick(models, "student") or _pick(models, "pruned")
     teacher = models.get("teacher_fp32") or models.get("teacher")
@@ -86,9 +87,11 @@ def headline_parts(models: dict[str, dict]) -> tuple[str, list[str], list[str]]:
         for r, k in ratios:
             if r < 1.1:
                 rt_name = k.split("/")[0]
+                losses = m.get("onnxruntime_int8_loses_time_on", "nothing")  # the quantize stage's profile of both files
                 why = (f": its file is the fp32 program, int8 ran at {shipped_fp32[rt_name]:.2f}x there"
                        if rt_name in shipped_fp32 else f": its program follows {untimed}, untimed on this machine; "
-                       "plan: auto chooses per runtime" if untimed else "")
+                       "plan: auto chooses per runtime" if untimed else f": int8 loses time on {losses}"
+                       if rt_name == "onnxruntime" and losses != "nothing" else "")
                 slow.append(f"{k if len(ratios) > 1 else 'here'} ({r:.2f}x{why})")
         if str(m.get("int8_layers", "")).startswith("0/") and slow:
             notes.append(f"the quantization plan keeps every ONNX layer fp32: int8 did not pay on "
