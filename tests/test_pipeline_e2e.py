@@ -157,6 +157,11 @@ def test_run_leaves_manifest_reports_and_artifacts(run_dir):
     assert chosen["top1"] is not None and (chosen["drop_points"] <= 0.5) == plan["within_budget"]
     assert "features.0.0" in plan["plan"]["fp32_modules"] and any("stem" in why for why in plan["fp32_nodes"].values())
     assert quant["info"]["plan"] == plan["chosen"] and "Quantization plans timed on onnxruntime" in md
+    # the int8 file's time against the fp32 file's by kind of op: the same 17 depthwise convs in both
+    by_op = {r["ops"]: r for r in plan["int8_vs_fp32_by_op"]}
+    assert by_op["depthwise conv"]["fp32_nodes"] == by_op["depthwise conv"]["int8_nodes"] == 17
+    assert by_op["depthwise conv"]["int8_speedup"] > 0 and "Where the int8 ONNX file's time goes" in md
+    assert quant["info"]["int8_loses_time_on"] == models["int8_qat"]["onnxruntime_int8_loses_time_on"]
     # robustness of every ONNX variant on the same corrupted images, and in the gate's metrics
     for k in ("student_fp32", "int8_ptq", "int8_qat", "student_unpruned_fp32"):
         r = models[k]["robustness"]
