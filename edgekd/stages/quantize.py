@@ -177,7 +177,7 @@ class Quantize(Stage):
             if k in models:
                 models[k].update({"params": models["student_fp32"].get("params"), "macs": models["student_fp32"].get("macs"),
                                   "int8_layers": record["int8_layers"], "plan": cfg.plan, "plan_runtime": record["runtime"],
-                                  "onnxruntime_int8_loses_time_on": int8_losses(record["int8_vs_fp32_by_op"]),
+                                  "onnxruntime_int8_loses_time_on": record["int8_loses_time_on"],
                                   "quantized_from": "student_fp32"})
                 info[f"{k}_drop_points"] = round(models["student_fp32"]["top1"] - models[k]["top1"], 3)
         best = max((k for k in models if k.startswith("int8")), key=lambda k: models[k]["top1"])
@@ -250,6 +250,7 @@ class Quantize(Stage):
             record["chosen"] = plan.name
         profile, kinds = profiles(planned, calib[:1])
         record["int8_vs_fp32_by_op"] = kind_comparison(profiles(fp32, calib[:1])[1], kinds)
+        record["int8_loses_time_on"] = int8_losses(record["int8_vs_fp32_by_op"])
         fp32_nodes = plan.excluded_nodes(graph)
         layers = [n.name for n in graph.node if n.op_type in WEIGHTED]
         int8_layers = sum(n not in fp32_nodes for n in layers)
@@ -312,8 +313,7 @@ def plan_summary(record: dict) -> dict:
            "int8_file_qdq_pct": record["int8_file_time"]["quantize_dequantize_pct"],
            "int8_file_float_ops_pct": record["int8_file_time"]["float_ops_pct"],
            "int8_file_float_ops": ", ".join(f"{k} x{v}" for k, v in record["int8_file_time"]["float_ops"].items()) or "none"}
-    out["int8_vs_fp32_by_op"] = record["int8_vs_fp32_by_op"]
-    out["int8_loses_time_on"] = int8_losses(record["int8_vs_fp32_by_op"])
+    out["int8_vs_fp32_by_op"], out["int8_loses_time_on"] = record["int8_vs_fp32_by_op"], record["int8_loses_time_on"]
     chosen = next((c for c in record.get("candidates", []) if c["plan"] == record["chosen"]), None)
     if chosen:
         out["plan_speedup_vs_fp32"] = chosen["speedup_vs_fp32"]
