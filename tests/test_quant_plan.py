@@ -12,7 +12,7 @@ import torch.nn as nn
 from edgekd.models import build
 from edgekd.onnx_export import export_onnx
 from edgekd.quant.plan import (Plan, block_of, blocks, choose, float_cost, kind_comparison, load_graph, module_path,
-                               node_blocks, op_profile, profiles, rule_plan, search, unmatched_patterns)
+                               node_blocks, profiles, rule_plan, search, unmatched_patterns)
 from edgekd.quant.ptq import quantize_onnx
 from edgekd.quant.qat import QConv2d, apply_transform, qat_transform, snap_weights
 from test_compress import _ort_optimized_ops, tiny_data
@@ -184,7 +184,7 @@ def test_search_times_real_files_and_returns_the_plans_it_kept(tmp_path):
 def test_the_int8_files_time_splits_into_kernels_conversions_and_float_ops(tmp_path):
     _, fp32 = _export(V3, tmp_path)
     _, calib = _calib()
-    cost = float_cost(op_profile(quantize_onnx(fp32, tmp_path / "q.onnx", calib), calib[:1], runs=20))
+    cost = float_cost(profiles(quantize_onnx(fp32, tmp_path / "q.onnx", calib), calib[:1], runs=20)[0])
     assert cost["float_ops"].get("HardSigmoid", 0) > 0  # no int8 kernel for it in onnxruntime
     assert cost["int8_kernels_pct"] > 0 and cost["quantize_dequantize_pct"] > 0
     assert sum(cost[k] for k in ("int8_kernels_pct", "quantize_dequantize_pct", "float_ops_pct")) == pytest.approx(100, abs=0.5)

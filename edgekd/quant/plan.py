@@ -214,16 +214,11 @@ def load_graph(path: Path):
     return onnx.load(str(path)).graph
 
 
-def op_profile(path: Path, x, runs: int = 200, threads: int = 1) -> dict[str, dict]:
-    """Per op type: nodes and microseconds per inference after onnxruntime's fusions (its profiler),
-    so a plan can say which ops stay float and what they cost."""
-    return profiles(path, x, runs, threads)[0]
-
-
 def profiles(path: Path, x, runs: int = 200, threads: int = 1) -> tuple[dict[str, dict], dict[str, dict]]:
-    """op_profile, and the same times per kind of op (op_kind), from one profiled session: the
-    kinds set an fp32 file's time against its int8 file's, op for op, whatever kernels onnxruntime
-    ran each on (kind_comparison)."""
+    """Nodes and microseconds per inference after onnxruntime's fusions (its profiler), from one
+    profiled session: per op type, so a plan can say which ops stay float and what they cost
+    (float_cost), and per kind of op (op_kind), which sets an fp32 file's time against its int8
+    file's, op for op, whatever kernels onnxruntime ran each on (kind_comparison)."""
     import json
     import os
     import tempfile
