@@ -168,11 +168,10 @@ def _picklable(c: Conversion) -> bool:
 
 
 def _start_worker() -> None:
-    """A worker takes one core (Conversion.run keeps to one thread too): its own thread pools
-    would only contend with the other workers."""
+    """A worker imports the toolchains once, for all its conversions (each of which keeps to one
+    thread in Conversion.run, so the workers do not contend for the cores)."""
     from ..native_logs import quiet_native_output
 
-    torch.set_num_threads(1)
     with quiet_native_output(stdout=True):  # the toolchains' import-time banners, already shown by the stage
         for name in ("executorch", "litert_torch"):
             try:
