@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -93,3 +96,55 @@ def pte_runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
 
     return run
 
+
+# XNNPACK operator (its profiler's event name, less the data types and the "#n") -> kind of op, in
+# quant.plan.op_kind's words. ExecuTorch lowers a 1x1 convolution to a fully connected operator,
+# as it does the classifier, so XNNPACK's time for the two cannot be told apart.
+XNNPACK_KINDS = {"Fully Connected": "1x1 conv / dense", "Add": "add", "Multiply": "multiply", "Mean": "pool",
+                 "Global Average Pooling": "pool", "Average Pooling": "pool", "Max Pooling": "pool",
+                 "Transpose": "layout change", "Static Transpose": "layout change", "Copy": "layout change",
+                 "Static Reshape": "layout change", "Convert": "quantize / dequantize"}
+WHOLE_PROGRAM = ("Method::execute", "DELEGATE_CALL")  # events that contain the operators' own
+
+
+def xnnpack_kind(event: str, delegated: bool = True) -> str:
+    """What an ExecuTorch profiler event computes: "Convolution (NHWC, QC8) DWConv #3" -> "depthwise
+    conv" (XNNPACK names its fp32 and int8 kernels alike, data types in brackets); an op outside
+    the XNNPACK delegate keeps its kernel's name."""
+    op = re.sub(r" #\d+$", "", event)
+    if not delegated:
+        return f"outside XNNPACK: {op}"
+    base = op.split(" (")[0]
+    if base == "Convolution":
+        return "depthwise conv" if op.endswith("DWConv") else "1x1 conv / dense" if op.endswith(" GEMM") else "conv"
+    return XNNPACK_KINDS.get(base, base.lower())
+
+
+def pte_op_profile(path: Path, x: np.ndarray, runs: int = 200, threads: int = 1) -> dict[str, dict]:
+    """Microseconds per inference by kind of op (xnnpack_kind), from XNNPACK's own per-operator
+    events in ExecuTorch's ETDump, read by ExecuTorch's Inspector: quant.plan.profiles' table for
+    a .pte program, so the export stage can say which of XNNPACK's int8 kernels cost time where
+    an int8 program does not pay (quant.plan.kind_comparison). Means over `runs` after a warm-up,
+    1 image (`x[:1]`)."""
+    from executorch.devtools import Inspector
+    from executorch.extension.pybindings import portable_lib
+
+    warmup = 10
+    with quiet_native_output(), tempfile.TemporaryDirectory() as td, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the Inspector's: no debug buffer, so no intermediate tensors (not asked for)
+        portable_lib._unsafe_reset_threadpool(threads)
+        program = portable_lib._load_for_executorch(str(path), enable_etdump=True, debug_buffer_size=0)
+        img = torch.from_numpy(np.ascontiguousarray(x[:1], dtype=np.float32))
+        for _ in range(warmup + runs):
+            program.forward([img])
+        program.write_etdump_result_to_file(f"{td}/etdump")
+        blocks = Inspector(etdump_path=f"{td}/etdump").event_blocks
+    by_kind: dict[str, list] = {}
+    for e in (e for b in blocks if b.name == "Execute" for e in b.events):
+        if e.name in WHOLE_PROGRAM or e.perf_data is None:
+            continue
+        timed = e.perf_data.raw[warmup:]
+        entry = by_kind.setdefault(xnnpack_kind(e.name, e.is_delegated_op), [0.0, 0])
+        entry[0] += 1000.0 * sum(timed) / max(len(timed), 1)  # ms -> us per inference
+        entry[1] += 1
+    return {k: {"nodes": n, "us": round(us, 1)} for k, (us, n) in sorted(by_kind.items(), key=lambda kv: -kv[1][0])}

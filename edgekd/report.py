@@ -163,7 +163,7 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
             L += ["", f"**{s['name']}**: " + "; ".join(f"{k} = {v}" for k, v in info.items())]  # values may hold commas
         L += _steps_table((s.get("info") or {}).get("steps"))
         L += _plan_table(s.get("info") or {})
-        L += _by_op_table(s.get("info") or {})
+        L += _by_op_table((s.get("info") or {}).get("int8_vs_fp32_by_op"), ONNX_BY_OP)
         L += _format_plans_table(s.get("info") or {})
     from .bench.quality import quality_markdown
 
@@ -221,22 +221,24 @@ def _plan_table(info: dict) -> list[str]:
     return L
 
 
-def _by_op_table(info: dict) -> list[str]:
-    """The int8 ONNX file's time against the fp32 file's, kind of op by kind of op (quant.plan.
+def _by_op_table(rows, caption: str) -> list[str]:
+    """An int8 program's time against its fp32 program's, kind of op by kind of op (quant.plan.
     kind_comparison): why int8 is as fast as it is on this CPU."""
-    rows = info.get("int8_vs_fp32_by_op")
     if not isinstance(rows, list) or not rows:
         return []
     cell = lambda us, n: "–" if us is None else f"{us:g} ({n})"  # noqa: E731
-    L = ["", "Where the int8 ONNX file's time goes against the fp32 file's, by kind of op (onnxruntime's profiler: "
-             "microseconds per image in its kernels, 1 thread, batch 1; nodes in brackets; an fp32 add runs inside "
-             "its convolution):", "", "| ops | fp32 µs | int8 µs | int8 speed-up |", "|---|---|---|---|"]
+    L = ["", caption, "", "| ops | fp32 µs | int8 µs | int8 speed-up |", "|---|---|---|---|"]
     for r in rows:
         speed = "–" if r["int8_speedup"] is None else f"{r['int8_speedup']}x"
         if r["int8_speedup"] is not None and r["int8_speedup"] < 1:
             speed = f"**{speed}** (slower)"
         L.append(f"| {r['ops']} | {cell(r['fp32_us'], r['fp32_nodes'])} | {cell(r['int8_us'], r['int8_nodes'])} | {speed} |")
     return L
+
+
+ONNX_BY_OP = ("Where the int8 ONNX file's time goes against the fp32 file's, by kind of op (onnxruntime's profiler: "
+              "microseconds per image in its kernels, 1 thread, batch 1; nodes in brackets; an fp32 add runs inside "
+              "its convolution):")
 
 
 def _format_plans_table(info: dict) -> list[str]:
@@ -263,6 +265,12 @@ def _format_plans_table(info: dict) -> list[str]:
                      f"{speed} | {'–' if c['top1'] is None else c['top1']} |")
     verdicts = [f"- {rec['verdict']}" for _, _, rec in rows if rec.get("verdict")]
     L += ["", *verdicts] if verdicts else []
+    for variant, fmt, rec in rows:  # a QAT file's twin's comparison (`by_op_of`) is shown once, with the twin's file
+        if "int8_vs_fp32_by_op" in rec and "by_op_of" not in rec:
+            L += _by_op_table(rec.get("int8_vs_fp32_by_op"), (
+                f"Where {variant}'s {rec['by_op_program']} program's time goes on {rec.get('runtime')} against the fp32 "
+                "program's, by kind of op (the runtime's own profiler: microseconds per image, 1 thread, batch 1; "
+                "operators in brackets):"))
     return L
 
 

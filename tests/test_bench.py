@@ -125,6 +125,10 @@ def test_headline_says_when_int8_is_not_faster():
     models["int8_qat"]["fp32_program_on"] = {"openvino": 0.55}  # its own plan shipped the fp32 program: it says why
     assert headline_sentence(models).endswith("on openvino/1t (0.91x: its file is the fp32 program, int8 ran at 0.55x "
                                               "there)")
+    models["int8_qat"]["openvino_int8_loses_time_on"] = "depthwise conv 0.52x (218 vs 114 us)"  # where its runtime profiles ops
+    assert headline_sentence(models).endswith("(0.91x: its file is the fp32 program, int8 ran at 0.55x there, losing time "
+                                              "on depthwise conv 0.52x (218 vs 114 us))")
+    del models["int8_qat"]["openvino_int8_loses_time_on"]
     models["int8_qat"]["fp32_program_on"]["executorch"] = 0.9  # the fastest runtime's file is not int8: said up front
     assert headline_sentence(models).startswith("int8 QAT: 100.0x faster than teacher, 45x smaller, -3.0 points "
                                                 "(executorch/1t, where its file is the fp32 program)")

@@ -15,7 +15,7 @@ from edgekd.bench.measure import bench_models  # noqa: E402
 from edgekd.cli import main  # noqa: E402
 from edgekd.errors import EdgekdError  # noqa: E402
 from edgekd.models import build  # noqa: E402
-from edgekd.pte_export import export_pte, pte_runner, read_sidecar, write_sidecar  # noqa: E402
+from edgekd.pte_export import export_pte, pte_op_profile, pte_runner, read_sidecar, write_sidecar, xnnpack_kind  # noqa: E402,E501
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,32 @@ def test_fp32_program_matches_pytorch_and_int8_is_smaller(tiny, programs):
     assert np.abs(q - ref).max() < 0.5 * np.abs(ref).max()  # int8 error, not garbage
     assert int8.stat().st_size < fp32.stat().st_size / 2
     assert read_sidecar(fp32) == {"edgekd.input_size": "[3, 32, 32]"} and read_sidecar(int8) == {}
+
+
+def test_xnnpack_events_are_named_by_what_they_compute():
+    assert xnnpack_kind("Convolution (NHWC, QC8) DWConv #3") == xnnpack_kind("Convolution (NHWC, F32) DWConv #1") == "depthwise conv"
+    assert xnnpack_kind("Convolution (NHWC, F32) IGEMM #1") == "conv"
+    assert xnnpack_kind("Convolution (NHWC, F32) GEMM #2") == xnnpack_kind("Fully Connected (NC, QS8, QC8W) GEMM #9") \
+        == "1x1 conv / dense"
+    assert xnnpack_kind("Add (ND) #10") == "add" and xnnpack_kind("Convert (NC) #1") == "quantize / dequantize"
+    assert xnnpack_kind("Transpose (ND, X8) #1") == "layout change" and xnnpack_kind("HardSwish (NC, F32) #4") == "hardswish"
+    assert xnnpack_kind("native_call_add.out", delegated=False) == "outside XNNPACK: native_call_add.out"
+
+
+def test_programs_are_profiled_op_by_op_with_the_same_kinds_in_fp32_and_int8(tiny, programs):
+    """XNNPACK's own per-operator events (ETDump): every depthwise convolution of the model in both
+    programs, the 1x1 convolutions and the classifier as fully connected operators, and the int8
+    program's conversions at its ends (the rule, not this CPU's timings)."""
+    m, x = tiny
+    fp32, int8 = (pte_op_profile(p, x.numpy(), runs=5) for p in programs)
+    convs = [mod for mod in m.modules() if isinstance(mod, torch.nn.Conv2d)]
+    depthwise = sum(c.groups > 1 for c in convs)
+    pointwise = sum(c.groups == 1 and c.kernel_size == (1, 1) for c in convs) + 1  # and the classifier
+    for prof in (fp32, int8):
+        assert prof["depthwise conv"]["nodes"] == depthwise and prof["1x1 conv / dense"]["nodes"] == pointwise
+        assert prof["conv"]["nodes"] == 1 and all(v["us"] >= 0 for v in prof.values())
+        assert prof["1x1 conv / dense"]["us"] > 0 and not any(k.startswith("outside XNNPACK") for k in prof)
+    assert "quantize / dequantize" in int8 and "quantize / dequantize" not in fp32
 
 
 def test_bench_runs_pte_with_peak_memory(programs, tmp_path):

@@ -133,6 +133,12 @@ class _Fake(Format):
 
     key, suffix, runtime, own_int8 = "fake", ".fake", "fakert", True
     logits: dict = {}
+    # microseconds by kind of op per program (Format.op_profile): every int8 program's depthwise convs are slower
+    profiles = {name: {"depthwise conv": {"nodes": 2, "us": dw}, "1x1 conv / dense": {"nodes": 3, "us": pw}}
+                for name, dw, pw in (("fp32", 20.0, 40.0), ("int8", 30.0, 15.0), ("plan", 30.0, 20.0))}
+
+    def op_profile(self, path, x):
+        return self.profiles[path.read_text()]
 
     def export(self, v, path, job, keep_fp32=()):
         name = "fp32" if not v.int8 else ("int8" if not keep_fp32 else "plan")
@@ -183,6 +189,14 @@ def test_the_int8_candidate_a_format_ships_follows_the_rule(tiny, tmp_path, monk
     if want == "fp32" and max_drop > 1:  # fast and accurate enough, but verification would reject them: it says so
         assert "agrees with the fp32 program on only 79.2%" in rec["verdict"]
     assert rec["within_budget"] == ({"int8": correct["int8"], "quantize plan (p)": correct["plan"], "fp32": 40}[want] >= 40)
+    # the shipped int8 program, or where none ships the fastest, against the fp32 program op by op
+    fastest = max((c for c in rec["candidates"] if c["plan"] != "fp32"), key=lambda c: c["speedup_vs_fp32"])["plan"]
+    assert rec["by_op_program"] == (want if want != "fp32" else fastest)
+    assert rec["int8_loses_time_on"] == "depthwise conv 0.67x (30 vs 20 us)"
+    assert {r["ops"]: r["int8_speedup"] for r in rec["int8_vs_fp32_by_op"]}["1x1 conv / dense"] == (
+        2.67 if rec["by_op_program"] == "int8" else 2.0)
+    if want == "fp32" and max_drop < 1:  # int8 is slower here: the verdict says where it loses the time
+        assert "quantize plan (p) loses time on depthwise conv 0.67x (30 vs 20 us), so int8_ptq.fake" in rec["verdict"]
 
 
 @pytest.mark.parametrize("p50,qat_written,qat_chosen", [
@@ -229,11 +243,17 @@ def test_qat_int8_programs_are_written_only_where_their_ptq_twin_was_not_slower(
             assert c["speedup_vs_fp32"] == ptq[c["plan"]] < 1.0 and c["p50_ms"] is None and "int8_ptq" in c["not_written"]
     # the PTQ file's candidates are timed; the QAT file's only where one of its int8 programs was written
     assert timed == [["fp32", "int8", "quantize plan (p)"]] + ([sorted(qat_written + ["fp32"])] if qat_written else [])
-    if not qat_written:
+    if not qat_written:  # no int8 program of its own to profile: its PTQ twin's comparison stands for them
         assert "were not written" in rec["verdict"] and "int8_qat.fake is the fp32 program" in rec["verdict"]
+        assert rec["by_op_program"] == "int8_ptq's quantize plan (p)" and "loses time on depthwise conv" in rec["verdict"]
+    else:
+        assert rec["by_op_program"] == qat_chosen
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int8_ptq.fake", "int8_qat.fake", "student_fp32.fake"]
-    table = "\n".join(_format_plans_table({"int8_qat": {"fake_int8_plan": rec}}))
+    ptq_rec = chosen["int8_ptq", "fake"][1]
+    table = "\n".join(_format_plans_table({"int8_qat": {"fake_int8_plan": rec}, "int8_ptq": {"fake_int8_plan": ptq_rec}}))
     assert table.count("(not written)") == 3 - len(qat_written) - 1 and "None" not in table
+    # one op-by-op table per program profiled: a QAT file's twin's comparison is the PTQ file's table
+    assert table.count("| depthwise conv | 20 (2) | 30 (2) | **0.67x** (slower) |") == 1 + bool(qat_written)
 
 
 @pytest.mark.parametrize("name", QUANTIZERS[:1])  # the rule is the format's; one real format shows the file is float
@@ -251,6 +271,10 @@ def test_a_format_that_finds_int8_slower_ships_its_float_program(tiny_trained, t
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     assert np.abs(fmt.runner(path)(x) - ref).max() < 1e-5 * np.abs(ref).max()  # the float program of the same weights
+    if name == "executorch":  # XNNPACK profiles its operators: the fastest int8 program against the fp32 one, op by op
+        by_op = {r["ops"]: r for r in rec["int8_vs_fp32_by_op"]}
+        assert rec["by_op_program"] == "quantize plan (p)" and isinstance(rec["int8_loses_time_on"], str)
+        assert by_op["depthwise conv"]["fp32_nodes"] == by_op["depthwise conv"]["int8_nodes"] == 17
 
 
 @pytest.mark.skipif("openvino" not in INSTALLED, reason="openvino is not installed")

@@ -102,6 +102,7 @@ def test_run_leaves_manifest_reports_and_artifacts(run_dir):
     documented = set(re.search(r"`latency\.<runtime>/<threads>t`: `([^.]+)`\.", readme).group(1).replace("\n", " ").split(", "))
     assert set(models["int8_qat"]["latency"]["onnxruntime/1t"]) == {k.strip() for k in documented}
     export = next(s for s in report["stages"] if s["name"] == "export")
+    md = (run_dir / "report.md").read_text()
     for plan in (export["info"]["int8_qat"].get(f"{f}_int8_plan") for f in ("pte", "tflite", "openvino")):
         if plan:  # a runtime whose file is the fp32 program is named, for the headline's NOTE
             assert (plan["runtime"] in models["int8_qat"].get("fp32_program_on", {})) == (plan["chosen"] == "fp32")
@@ -119,6 +120,13 @@ def test_run_leaves_manifest_reports_and_artifacts(run_dir):
             et = models[k]["latency"]["executorch/1t"]
             assert et["format"] == "pte" and et["top1"] > 25 and et["batched_inference"] is False
         _int8_or_said_why(models, "pte_size_bytes", _ships_fp32(export, "pte"))
+        ptq_plan = export["info"]["int8_ptq"]["pte_int8_plan"]  # XNNPACK's profile: its int8 program against fp32, op by op
+        by_op = {r["ops"]: r for r in ptq_plan["int8_vs_fp32_by_op"]}
+        assert by_op["depthwise conv"]["fp32_nodes"] == by_op["depthwise conv"]["int8_nodes"] == 17
+        assert f"Where int8_ptq's {ptq_plan['by_op_program']} program's time goes on executorch" in md
+        losses = models["int8_qat"].get("executorch_int8_loses_time_on", "nothing")  # where it ships the fp32 program
+        if losses != "nothing" and "executorch/1t (" in report["headline"]:  # the NOTE on that runtime says why
+            assert f"losing time on {losses}" in report["headline"]
         assert any(k.startswith("stage.benchmark.speedup.student_fp32/int8_qat@executorch") for k in report["metrics"])
     else:
         assert export["info"]["executorch"].startswith("skipped: not installed")
@@ -139,7 +147,6 @@ def test_run_leaves_manifest_reports_and_artifacts(run_dir):
         assert export["info"]["litert"].startswith("skipped: not installed")
     assert report["headline"].startswith("int8")
     assert any(k.startswith("stage.benchmark.speedup.student_fp32/int8_") for k in report["metrics"])
-    md = (run_dir / "report.md").read_text()
     assert f"**{headline_parts(report['models'])[0]}**" in md and "| model | top-1 %" in md
     assert "| step | MACs kept | params | top-1 pruned | after BN recal. | after fine-tune |" in md
     for png in ("accuracy.png", "training.png", "pareto.png", "size.png", "robustness.png", "reliability.png"):

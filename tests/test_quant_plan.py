@@ -194,7 +194,7 @@ def test_the_int8_file_is_set_against_the_fp32_file_op_kind_by_op_kind(tmp_path)
     """The fp32 file's Conv (onnxruntime's NCHWc Conv after its fusions) and the int8 file's
     QLinearConv are the same kinds of op, so their times compare row by row; what only the int8
     file has (its adds, its quantize / dequantize) shows as such. The rule, not this CPU's speeds."""
-    from edgekd.stages.quantize import int8_losses
+    from edgekd.quant.plan import int8_losses
 
     model, fp32 = _export(V2, tmp_path)
     _, calib = _calib()

@@ -87,11 +87,14 @@ def headline_parts(models: dict[str, dict]) -> tuple[str, list[str], list[str]]:
         for r, k in ratios:
             if r < 1.1:
                 rt_name = k.split("/")[0]
-                losses = m.get("onnxruntime_int8_loses_time_on", "nothing")  # the quantize stage's profile of both files
+                # the profile of the int8 and fp32 files on that runtime: the quantize stage's (onnxruntime), the
+                # export stage's (a format that plans its own int8 and whose runtime profiles ops: formats.int8_plan)
+                losses = m.get(f"{rt_name}_int8_loses_time_on", "nothing")
                 why = (f": its file is the fp32 program, int8 ran at {shipped_fp32[rt_name]:.2f}x there"
+                       + (f", losing time on {losses}" if losses != "nothing" else "")
                        if rt_name in shipped_fp32 else f": its program follows {untimed}, untimed on this machine; "
                        "plan: auto chooses per runtime" if untimed else f": int8 loses time on {losses}"
-                       if rt_name == "onnxruntime" and losses != "nothing" else "")
+                       if losses != "nothing" else "")
                 slow.append(f"{k if len(ratios) > 1 else 'here'} ({r:.2f}x{why})")
         if str(m.get("int8_layers", "")).startswith("0/") and slow:
             notes.append(f"the quantization plan keeps every ONNX layer fp32: int8 did not pay on "

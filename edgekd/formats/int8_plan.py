@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..quant.plan import PATTERN
+from ..quant.plan import PATTERN, int8_losses, kind_comparison
 from .base import ExportJob, Format, Variant
 
 log = logging.getLogger("edgekd")
@@ -136,11 +136,15 @@ def unwritten_twins(cands: dict, twin_name: str, twin_rec: dict) -> dict[str, di
 
 
 def choose_int8(fmt: Format, v: Variant, path: Path, files: dict[str, tuple[list[str] | None, Path]], job: ExportJob,
-                max_drop: float, not_written: dict[str, dict] | None = None) -> tuple[Path, dict]:
+                max_drop: float, not_written: dict[str, dict] | None = None, twin: tuple[str, dict] | None = None
+                ) -> tuple[Path, dict]:
     """Time and judge the written candidates `files` (name -> (modules kept float, file)) of
     `v`'s int8 file for `fmt` (see the module docstring), move the chosen one to `path` and
-    remove the others; returns the path and the record (candidates with p50, speed-up, top-1).
-    `not_written`: candidates left unwritten (unwritten_twins), listed with their twin's speed-up."""
+    remove the others; returns the path and the record (candidates with p50, speed-up, top-1,
+    and the int8 program against the fp32 one by kind of op, where the runtime profiles ops).
+    `not_written`: candidates left unwritten (unwritten_twins), listed with their twin's speed-up;
+    `twin`: that PTQ file's name and record, whose op-by-op comparison stands for the unwritten
+    programs' (the same structure)."""
     from ..bench.measure import round_ratio, runs_within, time_interleaved
     from ..onnx_export import compare_logits, judged_agreement, verification_images
 
@@ -172,13 +176,14 @@ def choose_int8(fmt: Format, v: Variant, path: Path, files: dict[str, tuple[list
         within = [r for r in paying if r["drop_points"] <= max_drop]
         chosen = (min(within, key=lambda r: r["p50_ms"]) if within else max(paying, key=lambda r: r["top1"]) if paying
                   else next(r for r in rows if r["plan"] == "fp32"))
+        by_op = _by_op(fmt, files, rows, chosen, x[:1]) if len(files) > 1 else _twin_by_op(*twin) if twin else {}
         os.replace(files[chosen["plan"]][1], path)
     finally:
         for _, f in files.values():
             f.unlink(missing_ok=True)
     rec = {"chosen": chosen["plan"], "runtime": fmt.runtime, "judged_on": f"{'val' if data.val is not None else 'test'} "
            f"({len(split)} images)", "max_drop_points": max_drop, "within_budget": chosen["drop_points"] <= max_drop,
-           "candidates": rows}
+           "candidates": rows, **by_op}
     if chosen["plan"] == "fp32":
         best = max((r for r in rows if r["plan"] != "fp32"), key=lambda r: r["speedup_vs_fp32"])
         if "not_written" in best:
@@ -191,6 +196,34 @@ def choose_int8(fmt: Format, v: Variant, path: Path, files: dict[str, tuple[list
         else:
             why = (f"int8 does not pay on {fmt.runtime} here: the best int8 program ({best['plan']}) ran at "
                    f"{best['speedup_vs_fp32']}x the fp32 speed with top-1 {best['top1']} vs {top1['fp32']}")
+        if by_op.get("int8_loses_time_on", "nothing") != "nothing" and why.startswith("int8 does not pay"):
+            why += f"; {by_op['by_op_program']} loses time on {by_op['int8_loses_time_on']}"
         rec["verdict"] = f"{why}, so {v.name}{fmt.suffix} is the fp32 program of the same weights"
         log.warning("export: %s", rec["verdict"])
     return path, rec
+
+
+def _by_op(fmt: Format, files: dict[str, tuple[list[str] | None, Path]], rows: list[dict], chosen: dict,
+           x: np.ndarray) -> dict:
+    """The shipped int8 program, or where none ships the fastest one, against the fp32 program kind
+    of op by kind of op on the format's runtime (Format.op_profile, quant.plan.kind_comparison):
+    which int8 kernels gain and which lose time on this CPU, as the quantize stage says for the
+    ONNX file. {} where the runtime has no per-operator profiler."""
+    written = [r for r in rows if r["plan"] != "fp32" and r["p50_ms"] is not None]
+    if not written or "fp32" not in files:
+        return {}
+    pick = chosen if chosen["plan"] != "fp32" else max(written, key=lambda r: r["speedup_vs_fp32"])
+    int8 = fmt.op_profile(files[pick["plan"]][1], x)
+    if int8 is None:
+        return {}
+    by_op = kind_comparison(fmt.op_profile(files["fp32"][1], x), int8)
+    return {"by_op_program": pick["plan"], "int8_vs_fp32_by_op": by_op, "int8_loses_time_on": int8_losses(by_op)}
+
+
+def _twin_by_op(twin_name: str, twin_rec: dict) -> dict:
+    """For a QAT file whose int8 programs were all left unwritten (unwritten_twins): its PTQ twin's
+    op-by-op comparison (_by_op), the same structure, so the same kernels gain and lose time."""
+    if "int8_vs_fp32_by_op" not in twin_rec:
+        return {}
+    return {"by_op_program": f"{twin_name}'s {twin_rec['by_op_program']}", "by_op_of": twin_name,
+            **{k: twin_rec[k] for k in ("int8_vs_fp32_by_op", "int8_loses_time_on")}}

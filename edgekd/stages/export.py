@@ -262,13 +262,15 @@ def _write_and_choose(d, variants, formats, plans: dict, todo: list[tuple], conv
     info["convert_seconds"] = took
     for (name, key), cands in plans.items():
         if (name, key) not in chosen:
+            twin = (waiting[name, key], chosen[waiting[name, key], key][1]) if (name, key) in waiting else None
             chosen[name, key] = _choose(d, by_name[name], fmt_of[key], {n: c for n, c in cands.items()
                                                                         if c[2] not in skipped_files},
-                                        job, quant_plan, unwritten.get((name, key)))
+                                        job, quant_plan, unwritten.get((name, key)), twin)
     return chosen
 
 
-def _choose(d, v: Variant, fmt, cands: dict, job: ExportJob, quant_plan, not_written: dict | None = None) -> tuple:
+def _choose(d, v: Variant, fmt, cands: dict, job: ExportJob, quant_plan, not_written: dict | None = None,
+            twin: tuple[str, dict] | None = None) -> tuple:
     """Choose `v`'s int8 program for `fmt` among its written candidates `cands` (int8_candidates):
     timed where `plan: auto`, else the one the plan gives (ship_untimed). Returns (path, record)."""
     files = {n: (keep, tmp) for n, (_, keep, tmp) in cands.items()}
@@ -277,7 +279,7 @@ def _choose(d, v: Variant, fmt, cands: dict, job: ExportJob, quant_plan, not_wri
         shutil.copyfile(d / f"student_fp32{own.suffix}", files["fp32"][1])
     path = d / f"{v.name}{fmt.suffix}"
     if quant_plan.get("mode") == "auto":
-        return choose_int8(fmt, v, path, files, job, quant_plan["max_drop_points"], not_written)
+        return choose_int8(fmt, v, path, files, job, quant_plan["max_drop_points"], not_written, twin)
     return ship_untimed(fmt, v, path, files, quant_plan)
 
 
@@ -302,6 +304,8 @@ def _verify_all(ctx, variants, formats, chosen: dict, job: ExportJob, quant_plan
                     if planned["chosen"] == "fp32" and "candidates" in planned:  # for the headline's NOTE on that runtime
                         models[v.name].setdefault("fp32_program_on", {})[fmt.runtime] = max(
                             c["speedup_vs_fp32"] for c in planned["candidates"] if c["plan"] != "fp32")
+                        if "int8_loses_time_on" in planned:  # and why (formats.int8_plan: its runtime's profiler)
+                            models[v.name][f"{fmt.runtime}_int8_loses_time_on"] = planned["int8_loses_time_on"]
                 fmt.write_metadata(path, props)
                 rec[fmt.figure("verify")] = {**fmt.verify(path, v, job), **fmt.verified_by()}
                 rec.update(fmt.details(path))

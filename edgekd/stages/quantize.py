@@ -25,8 +25,8 @@ from ..bench.machine import int8_class, machine_info
 from ..fileio import write_json
 from ..onnx_export import export_onnx, onnx_logits, run_onnx
 from ..errors import ConfigError
-from ..quant.plan import (PATTERN, WEIGHTED, Plan, blocks, choose, float_cost, kind_comparison, load_graph, module_path,
-                          profiles, recover_accuracy, rule_plan, search, time_plans, unmatched_patterns)
+from ..quant.plan import (PATTERN, WEIGHTED, Plan, blocks, choose, float_cost, int8_losses, kind_comparison, load_graph,
+                          module_path, profiles, recover_accuracy, rule_plan, search, time_plans, unmatched_patterns)
 from ..quant.ptq import quantize_onnx
 from ..quant.qat import activation_ranges, apply_transform, qat_transform, snap_weights
 from ..quant.targets import TARGET_NAMES, resolve_target
@@ -281,25 +281,6 @@ def _pin(pinned: Plan, programs: dict, base: Plan, graph, source: str) -> Plan:
                               "fits the model it was measured on")
     return Plan(f"{pinned.name} (pinned)", dict(pinned.fp32_blocks), {**pinned.fp32_modules, **base.fp32_modules},
                 list(dict.fromkeys([*pinned.fp32_patterns, *base.fp32_patterns])))
-
-
-LOSS_WORTH_NAMING = 0.01  # of the fp32 file's time: a smaller difference is the profiler's noise
-
-
-def int8_losses(by_op: list[dict]) -> str:
-    """Where the int8 file spends more time than the fp32 file (kind_comparison), in one line: the
-    op kinds its int8 kernels run slower, and those only the int8 file has (an fp32 add is fused
-    into its convolution; quantize / dequantize at float islands and the file's ends), each
-    where it costs at least LOSS_WORTH_NAMING of the fp32 file's time."""
-    floor = LOSS_WORTH_NAMING * sum(r["fp32_us"] or 0 for r in by_op)
-    named = []
-    for r in by_op:
-        more = (r["int8_us"] or 0) - (r["fp32_us"] or 0)
-        if more < max(floor, 1e-9):
-            continue
-        named.append(f"{r['ops']} +{more:.0f} us (no such kernel in the fp32 file)" if r["fp32_us"] is None else
-                     f"{r['ops']} {r['int8_speedup']}x ({r['int8_us']:g} vs {r['fp32_us']:g} us)")
-    return ", ".join(named) or "nothing"
 
 
 def _top1(path: Path, x: np.ndarray, y: np.ndarray) -> float:
