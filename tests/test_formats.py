@@ -305,6 +305,21 @@ def test_openvino_ships_the_quantize_stage_int8_file_where_it_pays_there_else_th
         assert rec["chosen"] == want and [c["plan"] for c in rec["candidates"]] == ["quantize plan (p)", "fp32"]
         assert (path.read_bytes() == int8.read_bytes()) == (want != "fp32") and format_for(path) is type(fmt)
         assert fmt.verify(path, v, job)["decisive_agreement"] >= 0.8
+        # OpenVINO's per-node counters: the int8 file against the fp32 file, op by op, the same convolutions in both
+        by_op = {r["ops"]: r for r in rec["int8_vs_fp32_by_op"]}
+        assert rec["by_op_program"] == "quantize plan (p)" and isinstance(rec["int8_loses_time_on"], str)
+        assert by_op["depthwise conv"]["fp32_nodes"] == by_op["depthwise conv"]["int8_nodes"] == 17
+        assert by_op["dense"]["fp32_nodes"] == by_op["dense"]["int8_nodes"] == 1
+
+
+def test_openvino_nodes_are_named_by_what_they_compute():
+    from edgekd.formats.openvino import openvino_kind
+
+    assert openvino_kind("Convolution", "jit_avx2_1x1_I8") == openvino_kind("Convolution", "brgconv_avx512_1x1_f32") == "1x1 conv"
+    assert openvino_kind("Convolution", "brgconv_avx2_f32") == "conv"
+    assert openvino_kind("GroupConvolution", "jit_avx2_I8") == "depthwise conv"
+    assert openvino_kind("FullyConnectedQuantizedLegacy", "jit_gemm_I8") == openvino_kind("FullyConnected", "x") == "dense"
+    assert openvino_kind("Reorder", "jit_uni_I8") == "layout change" and openvino_kind("Subtract", "jit_avx2_f32") == "subtract"
 
 
 def test_untimed_plans_give_formats_that_quantize_themselves_the_plans_float_modules(tmp_path):

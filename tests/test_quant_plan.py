@@ -217,6 +217,10 @@ def test_the_int8_file_is_set_against_the_fp32_file_op_kind_by_op_kind(tmp_path)
         assert (f"{r['ops']} +" in line or f"{r['ops']} {r['int8_speedup']}x" in line) == (more >= floor), (r, line)
     assert int8_losses([{"ops": "conv", "fp32_us": 10.0, "int8_us": 5.0, "int8_speedup": 2.0, "fp32_nodes": 1,
                          "int8_nodes": 1}]) == "nothing"
+    # a kind whose fp32 time is below the profiler's resolution has no speed-up, only what int8 adds
+    tiny = kind_comparison({"conv": {"nodes": 1, "us": 90.0}, "add": {"nodes": 10, "us": 0.0}},
+                           {"conv": {"nodes": 1, "us": 80.0}, "add": {"nodes": 10, "us": 2.0}})
+    assert tiny[1]["int8_speedup"] is None and int8_losses(tiny) == "add +2 us"
 
 
 def test_a_plan_with_every_layer_fp32_writes_the_fp32_graph_unchanged(tmp_path):

@@ -81,12 +81,17 @@ class OpenVINO(Runtime):
 
     module, install_hint, fmt, also = "openvino", "pip install 'edgekd[mobile]'", "openvino", ("onnx",)
 
-    def load(self, path: Path, threads: int) -> Runner:
+    @staticmethod
+    def compile(path: Path, threads: int, profile: bool = False):
+        """The file compiled for this machine's CPU as every edgekd run does (f32 pinned);
+        `profile`: with OpenVINO's per-node counters on (formats.openvino.OpenVINO.op_profile)."""
         import openvino as ov
 
-        core = ov.Core()
-        compiled = core.compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
-                                                       "INFERENCE_PRECISION_HINT": "f32"})
+        return ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+                                                          "INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": profile})
+
+    def load(self, path: Path, threads: int) -> Runner:
+        compiled = self.compile(path, threads)
         req = compiled.create_infer_request()
         out = compiled.outputs[0]
 

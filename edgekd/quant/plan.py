@@ -295,13 +295,14 @@ def _weight_kernel(node, graph) -> list[int]:
 def kind_comparison(fp32: dict[str, dict], int8: dict[str, dict]) -> list[dict]:
     """profiles() by kind of an fp32 file and of its int8 file, row by row, slowest first: where int8
     gains time and where it loses it on this CPU's kernels (an fp32 add is fused into its
-    convolution, so it has no time of its own)."""
+    convolution, so it has no time of its own; no speed-up where either time is below the
+    profiler's resolution)."""
     rows = []
     for kind in sorted(set(fp32) | set(int8), key=lambda k: -max(fp32.get(k, {}).get("us", 0), int8.get(k, {}).get("us", 0))):
         a, b = fp32.get(kind), int8.get(kind)
         rows.append({"ops": kind, "fp32_nodes": a["nodes"] if a else 0, "fp32_us": a["us"] if a else None,
                      "int8_nodes": b["nodes"] if b else 0, "int8_us": b["us"] if b else None,
-                     "int8_speedup": round(a["us"] / b["us"], 2) if a and b and b["us"] > 0 else None})
+                     "int8_speedup": round(a["us"] / b["us"], 2) if a and b and min(a["us"], b["us"]) > 0 else None})
     return rows
 
 
@@ -320,7 +321,8 @@ def int8_losses(by_op: list[dict]) -> str:
         if more < max(floor, 1e-9):
             continue
         named.append(f"{r['ops']} +{more:.0f} us (no such kernel in the fp32 file)" if r["fp32_us"] is None else
-                     f"{r['ops']} {r['int8_speedup']}x ({r['int8_us']:g} vs {r['fp32_us']:g} us)")
+                     f"{r['ops']} {r['int8_speedup']}x ({r['int8_us']:g} vs {r['fp32_us']:g} us)" if r["int8_speedup"] else
+                     f"{r['ops']} +{more:.0f} us")
     return ", ".join(named) or "nothing"
 
 
