@@ -265,8 +265,10 @@ def _format_plans_table(info: dict) -> list[str]:
                      f"{speed} | {'–' if c['top1'] is None else c['top1']} |")
     verdicts = [f"- {rec['verdict']}" for _, _, rec in rows if rec.get("verdict")]
     L += ["", *verdicts] if verdicts else []
-    for variant, fmt, rec in rows:  # a QAT file's twin's comparison (`by_op_of`) is shown once, with the twin's file
-        if "int8_vs_fp32_by_op" in rec and "by_op_of" not in rec:
+    shown = set()  # one table per runtime: its PTQ and QAT programs run the same kernels, which gain and lose alike
+    for variant, fmt, rec in rows:
+        if "int8_vs_fp32_by_op" in rec and "by_op_of" not in rec and rec.get("runtime") not in shown:
+            shown.add(rec.get("runtime"))
             L += _by_op_table(rec.get("int8_vs_fp32_by_op"), (
                 f"Where {variant}'s {rec['by_op_program']} program's time goes on {rec.get('runtime')} against the fp32 "
                 "program's, by kind of op (the runtime's own profiler: microseconds per image, 1 thread, batch 1; "
