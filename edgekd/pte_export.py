@@ -128,16 +128,18 @@ def pte_op_profile(path: Path, x: np.ndarray, runs: int = 200, threads: int = 1)
     1 image (`x[:1]`)."""
     from executorch.devtools import Inspector
     from executorch.extension.pybindings import portable_lib
+    from executorch.runtime import Runtime
 
     warmup = 10
     with quiet_native_output(), tempfile.TemporaryDirectory() as td, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the Inspector's: no debug buffer, so no intermediate tensors (not asked for)
-        portable_lib._unsafe_reset_threadpool(threads)
-        program = portable_lib._load_for_executorch(str(path), enable_etdump=True, debug_buffer_size=0)
+        portable_lib._unsafe_reset_threadpool(threads)  # process-wide XNNPACK pool, as pte_runner sets it
+        program = Runtime.get().load_program(str(path), enable_etdump=True)
+        method = program.load_method("forward")
         img = torch.from_numpy(np.ascontiguousarray(x[:1], dtype=np.float32))
         for _ in range(warmup + runs):
-            program.forward([img])
-        program.write_etdump_result_to_file(f"{td}/etdump")
+            method.execute([img])
+        program.write_etdump_result_to_file(f"{td}/etdump", f"{td}/debug")  # no debug buffer: not written
         blocks = Inspector(etdump_path=f"{td}/etdump").event_blocks
     by_kind: dict[str, list] = {}
     for e in (e for b in blocks if b.name == "Execute" for e in b.events):
