@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--image-size", type=int, help="input size where the file has no edgekd metadata")
     b.add_argument("--no-peak-memory", dest="peak_memory", action="store_false",
                    help="skip the peak-memory child process (about a second per model and runtime)")
+    b.add_argument("--by-op", action="store_true",
+                   help="where each file's time goes by kind of op, from each runtime's own profiler (onnxruntime, "
+                        "OpenVINO, ExecuTorch; 1 thread, batch 1), and every file against the first one op for op")
     b.set_defaults(fn=_cmd_bench)
     return p
 

@@ -40,6 +40,29 @@ def test_bench_measures_latency_and_writes_json(tiny_onnx, tmp_path, capsys):
     assert "tiny.onnx" in capsys.readouterr().out
 
 
+def test_bench_by_op_sets_every_file_against_the_first_on_each_profiling_runtime(tiny_onnx, tmp_path, capsys):
+    """`--by-op`: each runtime's own profiler by kind of op, an int8 file against its fp32 file;
+    a runtime without a per-operator profiler says so (the rule, not this CPU's kernels)."""
+    import numpy as np
+
+    from edgekd.quant.ptq import quantize_onnx
+
+    calib = np.random.default_rng(0).standard_normal((16, 3, 32, 32)).astype(np.float32)
+    int8 = quantize_onnx(tiny_onnx, tmp_path / "tiny_int8.onnx", calib)
+    out = tmp_path / "b.json"
+    runtimes = ",".join(r for r in ("onnxruntime", "openvino") if RUNTIMES.get(r).available() is None)
+    assert main(["bench", str(tiny_onnx), str(int8), "--runtime", runtimes, "--runs", "5", "--warmup", "1",
+                 "--rounds", "2", "--no-peak-memory", "--by-op", "--json", str(out)]) == 0
+    by_op = json.loads(out.read_text())["by_op"]
+    assert set(by_op) == set(runtimes.split(","))
+    for rt, profs in by_op.items():
+        fp32, q = profs[str(tiny_onnx)], profs[str(int8)]
+        assert fp32["depthwise conv"]["nodes"] == q["depthwise conv"]["nodes"] == 17, rt
+        assert "quantize / dequantize" in q and "quantize / dequantize" not in fp32, rt
+    printed = capsys.readouterr().out
+    assert "# by kind of op on onnxruntime" in printed and "tiny_int8.onnx against tiny.onnx on onnxruntime:" in printed
+
+
 def test_peak_memory_grows_with_the_model(tmp_path):
     from edgekd.bench.peak import measure_peak
 

@@ -313,7 +313,7 @@ def test_openvino_ships_the_quantize_stage_int8_file_where_it_pays_there_else_th
 
 
 def test_openvino_nodes_are_named_by_what_they_compute():
-    from edgekd.formats.openvino import openvino_kind
+    from edgekd.bench.runtimes import openvino_kind
 
     assert openvino_kind("Convolution", "jit_avx2_1x1_I8") == openvino_kind("Convolution", "brgconv_avx512_1x1_f32") == "1x1 conv"
     assert openvino_kind("Convolution", "brgconv_avx2_f32") == "conv"

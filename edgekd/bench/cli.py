@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 
 from ..errors import EdgekdError
 from ..fileio import write_json
@@ -95,6 +96,41 @@ def run_bench(args) -> int:
             if r["runtime"] == base["runtime"] and r["threads"] == base["threads"]:
                 print(f"ratio {Path(base['model']).name} / {Path(r['model']).name} on {r['runtime']}/{r['threads']}t: "
                       f"{round_ratio(base, r):.2f}x (median of {r.get('rounds', 1)} interleaved rounds)")
+    by_op = _by_op(files, metas, runtimes) if args.by_op else {}
     if args.json:
-        write_json(args.json, {"machine": mi, "results": results})
+        write_json(args.json, {"machine": mi, "results": results, **({"by_op": by_op} if args.by_op else {})})
     return 0
+
+
+def _by_op(files: dict[str, Path], metas: dict, runtimes: list[str]) -> dict:
+    """`--by-op`: each file's microseconds per image by kind of op on each runtime that profiles
+    its operators (bench.runtimes.Runtime.op_profile), printed as one table per runtime with every
+    file after the first set against it (quant.plan.kind_comparison: an int8 file against its fp32
+    file). Returns {runtime: {file: profile}} for the JSON."""
+    from ..quant.plan import int8_losses, kind_comparison
+
+    out = {}
+    for rt in runtimes:
+        runtime = RUNTIMES.get(rt)
+        mine = {n: p for n, p in files.items() if metas[n]["fmt"] in (runtime.fmt, *runtime.also)}
+        if runtime.available() or not mine:
+            continue
+        x = lambda n: np.random.default_rng(0).random((1, 3, metas[n]["image_size"], metas[n]["image_size"]),  # noqa: E731
+                                                      dtype=np.float32)
+        profs = {n: runtime().op_profile(p, x(n)) for n, p in mine.items()}
+        if any(p is None for p in profs.values()):
+            print(f"by op on {rt}: its runtime has no per-operator profiler")
+            continue
+        out[rt] = {str(mine[n]): p for n, p in profs.items()}
+        names = list(profs)
+        kinds = list(dict.fromkeys(k for p in profs.values() for k in p))
+        print(f"\n# by kind of op on {rt} (its profiler; microseconds per image, 1 thread, batch 1; operators in brackets)")
+        print(f"{'ops':24s}" + "".join(f" {Path(mine[n]).name[:22]:>22s}" for n in names))
+        for k in kinds:
+            cells = [f"{profs[n][k]['us']:g} ({profs[n][k]['nodes']})" if k in profs[n] else "–" for n in names]
+            print(f"{k[:24]:24s}" + "".join(f" {c:>22s}" for c in cells))
+        for n in names[1:]:
+            losses = int8_losses(kind_comparison(profs[names[0]], profs[n]))
+            print(f"{Path(mine[n]).name} against {Path(mine[names[0]]).name} on {rt}: "
+                  + ("no kind of op slower" if losses == "nothing" else f"slower on {losses}"))
+    return out

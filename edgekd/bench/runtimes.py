@@ -40,6 +40,13 @@ class Runtime:
     def load(self, path: Path, threads: int) -> Runner:
         raise NotImplementedError
 
+    def op_profile(self, path: Path, x: np.ndarray) -> dict[str, dict] | None:
+        """Microseconds per image by kind of op (quant.plan.op_kind's words), from the runtime's own
+        profiler, 1 thread, batch 1 (`x[:1]`): {kind: {"nodes", "us"}}, slowest first, so that an
+        int8 file can be set against its fp32 file op for op (quant.plan.kind_comparison); None
+        where the runtime has no per-operator profiler."""
+        return None
+
 
 def ort_session(path: Path, threads: int = 1, int8_kernels: bool = True):
     """A CPU session with pinned intra-op threads (0 = onnxruntime's default); imports no torch.
@@ -63,6 +70,11 @@ def ort_session(path: Path, threads: int = 1, int8_kernels: bool = True):
 @RUNTIMES.register("onnxruntime")
 class OnnxRuntime(Runtime):
     module, install_hint = "onnxruntime", "pip install onnxruntime"
+
+    def op_profile(self, path: Path, x: np.ndarray) -> dict[str, dict]:
+        from ..quant.plan import profiles
+
+        return profiles(path, x[:1])[1]
 
     def load(self, path: Path, threads: int) -> Runner:
         sess = ort_session(path, threads)
@@ -101,6 +113,40 @@ class OpenVINO(Runtime):
 
         return run
 
+    def op_profile(self, path: Path, x: np.ndarray, runs: int = 200) -> dict[str, dict]:
+        """From OpenVINO's per-node counters (which hold the last inference's times, in
+        microseconds): means over `runs` after a warm-up, nodes by openvino_kind."""
+        warmup = 10
+        req = self.compile(path, 1, profile=True).create_infer_request()
+        by_kind: dict[str, list] = {}
+        for i in range(warmup + runs):
+            req.infer({0: x[:1]})
+            if i < warmup:
+                continue
+            for node in req.get_profiling_info():
+                if node.status == node.Status.EXECUTED:
+                    entry = by_kind.setdefault(openvino_kind(node.node_type, node.exec_type), [0.0, set()])
+                    entry[0] += node.real_time.total_seconds() * 1e6 / runs
+                    entry[1].add(node.node_name)
+        return {k: {"nodes": len(names), "us": round(us, 1)}
+                for k, (us, names) in sorted(by_kind.items(), key=lambda kv: -kv[1][0])}
+
+
+# OpenVINO CPU node type -> kind of op, in quant.plan.op_kind's words (convolutions by openvino_kind)
+OPENVINO_KINDS = {"GroupConvolution": "depthwise conv", "FullyConnected": "dense", "MatMul": "dense", "Add": "add",
+                  "Eltwise": "add", "ReduceMean": "pool", "Pooling": "pool", "Reorder": "layout change",
+                  "Transpose": "layout change", "Convert": "quantize / dequantize", "FakeQuantize": "quantize / dequantize"}
+
+
+def openvino_kind(node_type: str, exec_type: str) -> str:
+    """What a node of OpenVINO's compiled CPU graph computes, from its profiling record: the node
+    type ("GroupConvolution", "FullyConnectedQuantizedLegacy") and, for a convolution, whether
+    the kernel it runs is a 1x1 one (exec types such as "jit_avx2_1x1_I8", "brgconv_avx512_1x1_f32")."""
+    if node_type == "Convolution":
+        return "1x1 conv" if "1x1" in exec_type else "conv"
+    base = next((k for k in OPENVINO_KINDS if node_type.startswith(k)), None)
+    return OPENVINO_KINDS[base] if base else node_type.lower()
+
 
 @RUNTIMES.register("executorch")
 class ExecuTorch(Runtime):
@@ -122,6 +168,11 @@ class ExecuTorch(Runtime):
         from ..pte_export import pte_runner
 
         return pte_runner(path, threads)
+
+    def op_profile(self, path: Path, x: np.ndarray) -> dict[str, dict]:
+        from ..pte_export import pte_op_profile
+
+        return pte_op_profile(path, x)
 
 
 @RUNTIMES.register("litert")

@@ -114,10 +114,12 @@ class Format:
         raise NotImplementedError
 
     def op_profile(self, path: Path, x: np.ndarray) -> dict[str, dict] | None:
-        """Microseconds per image by kind of op on this format's runtime (1 thread, batch 1), in
-        quant.plan.profiles' shape, so that an int8 program can be set against its fp32 program op
-        for op (formats.int8_plan); None where the runtime has no per-operator profiler."""
-        return None
+        """Microseconds per image by kind of op on this format's runtime (bench.runtimes.Runtime.
+        op_profile), so that an int8 program can be set against its fp32 program op for op
+        (formats.int8_plan); None where the runtime has no per-operator profiler."""
+        from ..bench.runtimes import RUNTIMES
+
+        return RUNTIMES.get(self.runtime)().op_profile(path, x) if self.runtime else None
 
     def verify(self, path: Path, v: Variant, job: "ExportJob") -> dict:
         """Outputs of the file vs its PyTorch reference on test images (onnx_export.verify), on every

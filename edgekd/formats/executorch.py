@@ -7,8 +7,6 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import numpy as np
-
 from .base import FORMATS, ConvertJob, Format, Runner, Variant
 
 
@@ -38,8 +36,3 @@ class ExecuTorch(Format):
         from ..pte_export import pte_runner
 
         return pte_runner(path, threads)
-
-    def op_profile(self, path: Path, x: np.ndarray) -> dict[str, dict]:
-        from ..pte_export import pte_op_profile
-
-        return pte_op_profile(path, x)

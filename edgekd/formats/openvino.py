@@ -15,27 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import EdgekdError
 from .base import FORMATS, ConvertJob, Format, Runner, Variant
 from .onnx import Onnx
-
-
-# OpenVINO CPU node type -> kind of op, in quant.plan.op_kind's words (convolutions by openvino_kind)
-OPENVINO_KINDS = {"GroupConvolution": "depthwise conv", "FullyConnected": "dense", "MatMul": "dense", "Add": "add",
-                  "Eltwise": "add", "ReduceMean": "pool", "Pooling": "pool", "Reorder": "layout change",
-                  "Transpose": "layout change", "Convert": "quantize / dequantize", "FakeQuantize": "quantize / dequantize"}
-
-
-def openvino_kind(node_type: str, exec_type: str) -> str:
-    """What a node of OpenVINO's compiled CPU graph computes, from its profiling record: the node
-    type ("GroupConvolution", "FullyConnectedQuantizedLegacy") and, for a convolution, whether
-    the kernel it runs is a 1x1 one (exec types such as "jit_avx2_1x1_I8", "brgconv_avx512_1x1_f32")."""
-    if node_type == "Convolution":
-        return "1x1 conv" if "1x1" in exec_type else "conv"
-    base = next((k for k in OPENVINO_KINDS if node_type.startswith(k)), None)
-    return OPENVINO_KINDS[base] if base else node_type.lower()
 
 
 @FORMATS.register("openvino")
@@ -59,27 +41,6 @@ class OpenVINO(Onnx):
         from ..bench.runtimes import OpenVINO as Runtime
 
         return Runtime().load(path, threads)
-
-    def op_profile(self, path: Path, x: np.ndarray, runs: int = 200) -> dict[str, dict]:
-        """Microseconds per image by kind of op (openvino_kind) from OpenVINO's own per-node
-        counters, 1 thread, batch 1; means over `runs` after a warm-up (the counters hold the
-        last inference's times, in microseconds)."""
-        from ..bench.runtimes import OpenVINO as Runtime
-
-        warmup = 10
-        req = Runtime.compile(path, 1, profile=True).create_infer_request()
-        by_kind: dict[str, list] = {}
-        for i in range(warmup + runs):
-            req.infer({0: x[:1]})
-            if i < warmup:
-                continue
-            for node in req.get_profiling_info():
-                if node.status == node.Status.EXECUTED:
-                    entry = by_kind.setdefault(openvino_kind(node.node_type, node.exec_type), [0.0, set()])
-                    entry[0] += node.real_time.total_seconds() * 1e6 / runs
-                    entry[1].add(node.node_name)
-        return {k: {"nodes": len(names), "us": round(us, 1)}
-                for k, (us, names) in sorted(by_kind.items(), key=lambda kv: -kv[1][0])}
 
     def details(self, path: Path) -> dict:
         return {}  # the op counts in the report are the ONNX format's file's
