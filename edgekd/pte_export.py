@@ -122,9 +122,9 @@ def xnnpack_kind(event: str, delegated: bool = True) -> str:
 
 def pte_op_profile(path: Path, x: np.ndarray, runs: int = 200, threads: int = 1) -> dict[str, dict]:
     """Microseconds per inference by kind of op (xnnpack_kind), from XNNPACK's own per-operator
-    events in ExecuTorch's ETDump, read by ExecuTorch's Inspector: quant.plan.profiles' table for
-    a .pte program, so the export stage can say which of XNNPACK's int8 kernels cost time where
-    an int8 program does not pay (quant.plan.kind_comparison). Means over `runs` after a warm-up,
+    events in ExecuTorch's ETDump, read by ExecuTorch's Inspector (bench.runtimes.Runtime.op_profile
+    for .pte programs), so the export stage can say which of XNNPACK's int8 kernels cost time
+    where an int8 program does not pay (quant.plan.kind_comparison). Means over `runs` after a warm-up,
     1 image (`x[:1]`)."""
     from executorch.devtools import Inspector
     from executorch.extension.pybindings import portable_lib

@@ -199,6 +199,22 @@ def test_the_int8_candidate_a_format_ships_follows_the_rule(tiny, tmp_path, monk
         assert "quantize plan (p) loses time on depthwise conv 0.67x (30 vs 20 us), so int8_ptq.fake" in rec["verdict"]
 
 
+def test_a_profiler_that_fails_costs_the_op_table_not_the_export(tiny, tmp_path, monkeypatch, caplog):
+    from edgekd.bench import measure
+
+    model, data = tiny
+    y = data.test.labels.numpy()
+    _Fake.logits = {k: np.eye(4, dtype=np.float32)[y] for k in ("fp32", "int8", "plan")}
+    monkeypatch.setattr(measure, "time_interleaved", _timed({"fp32": 1.0, "int8": 1.5, "quantize plan (p)": 1.2}))
+    monkeypatch.setattr(_Fake, "op_profile", lambda self, path, x: 1 / 0)
+    job = ExportJob(data, 48, 0.8, ConvertJob(data.image_size, 17, lambda: data.normalize(data.train.images[:32]).numpy()))
+    plan = {"fp32_blocks": {"features.1": "slow"}, "fp32_modules": {}}
+    path, rec = _plan_int8(_Fake(), Variant("int8_ptq", model, int8=True), tmp_path / "int8_ptq.fake", job, plan, 0.5, "p")
+    assert rec["chosen"] == "fp32" and path.read_text() == "fp32" and "does not pay" in rec["verdict"]
+    assert "int8_vs_fp32_by_op" not in rec and "loses time" not in rec["verdict"]
+    assert "fakert's per-operator profile failed (ZeroDivisionError" in caplog.text
+
+
 @pytest.mark.parametrize("p50,qat_written,qat_chosen", [
     ({"fp32": 1.0, "int8": 1.5, "quantize plan (p)": 0.8}, ["quantize plan (p)"], "quantize plan (p)"),
     ({"fp32": 1.0, "int8": 1.5, "quantize plan (p)": 1.2}, [], "fp32"),  # no int8 program of PTQ's pays

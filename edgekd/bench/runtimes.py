@@ -96,7 +96,7 @@ class OpenVINO(Runtime):
     @staticmethod
     def compile(path: Path, threads: int, profile: bool = False):
         """The file compiled for this machine's CPU as every edgekd run does (f32 pinned);
-        `profile`: with OpenVINO's per-node counters on (formats.openvino.OpenVINO.op_profile)."""
+        `profile`: with OpenVINO's per-node counters on (op_profile)."""
         import openvino as ov
 
         return ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",

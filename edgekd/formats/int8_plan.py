@@ -213,10 +213,16 @@ def _by_op(fmt: Format, files: dict[str, tuple[list[str] | None, Path]], rows: l
     if not written or "fp32" not in files:
         return {}
     pick = chosen if chosen["plan"] != "fp32" else max(written, key=lambda r: r["speedup_vs_fp32"])
-    int8 = fmt.op_profile(files[pick["plan"]][1], x)
-    if int8 is None:
+    try:  # an explanation, not a result: a profiler that fails costs the table, not the export
+        int8 = fmt.op_profile(files[pick["plan"]][1], x)
+        fp32 = fmt.op_profile(files["fp32"][1], x) if int8 is not None else None
+    except Exception as e:
+        log.warning("export: %s's per-operator profile failed (%s: %s); no op-by-op table for it", fmt.runtime,
+                    type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
         return {}
-    by_op = kind_comparison(fmt.op_profile(files["fp32"][1], x), int8)
+    if int8 is None or fp32 is None:
+        return {}
+    by_op = kind_comparison(fp32, int8)
     return {"by_op_program": pick["plan"], "int8_vs_fp32_by_op": by_op, "int8_loses_time_on": int8_losses(by_op)}
 
 
