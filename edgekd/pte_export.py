@@ -104,16 +104,17 @@ XNNPACK_KINDS = {"Fully Connected": "1x1 conv / dense", "Add": "add", "Multiply"
                  "Global Average Pooling": "pool", "Average Pooling": "pool", "Max Pooling": "pool",
                  "Transpose": "layout change", "Static Transpose": "layout change", "Copy": "layout change",
                  "Static Reshape": "layout change", "Convert": "quantize / dequantize"}
-WHOLE_PROGRAM = ("Method::execute", "DELEGATE_CALL")  # events that contain the operators' own
+ENCLOSING = ("Method::execute", "DELEGATE_CALL", "OPERATOR_CALL")  # events that contain the operators' own
 
 
 def xnnpack_kind(event: str, delegated: bool = True) -> str:
     """What an ExecuTorch profiler event computes: "Convolution (NHWC, QC8) DWConv #3" -> "depthwise
     conv" (XNNPACK names its fp32 and int8 kernels alike, data types in brackets); an op outside
-    the XNNPACK delegate keeps its kernel's name."""
+    the XNNPACK delegate keeps its kernel's name ("native_call__to_dim_order_copy.out" ->
+    "outside XNNPACK: _to_dim_order_copy")."""
     op = re.sub(r" #\d+$", "", event)
     if not delegated:
-        return f"outside XNNPACK: {op}"
+        return f"outside XNNPACK: {re.sub(r'^native_call_|[.]out$', '', op)}"
     base = op.split(" (")[0]
     if base == "Convolution":
         return "depthwise conv" if op.endswith("DWConv") else "1x1 conv / dense" if op.endswith(" GEMM") else "conv"
@@ -143,7 +144,7 @@ def pte_op_profile(path: Path, x: np.ndarray, runs: int = 200, threads: int = 1)
         blocks = Inspector(etdump_path=f"{td}/etdump").event_blocks
     by_kind: dict[str, list] = {}
     for e in (e for b in blocks if b.name == "Execute" for e in b.events):
-        if e.name in WHOLE_PROGRAM or e.perf_data is None:
+        if e.name in ENCLOSING or e.perf_data is None:
             continue
         timed = e.perf_data.raw[warmup:]
         entry = by_kind.setdefault(xnnpack_kind(e.name, e.is_delegated_op), [0.0, 0])

@@ -62,7 +62,7 @@ def test_xnnpack_events_are_named_by_what_they_compute():
         == "1x1 conv / dense"
     assert xnnpack_kind("Add (ND) #10") == "add" and xnnpack_kind("Convert (NC) #1") == "quantize / dequantize"
     assert xnnpack_kind("Transpose (ND, X8) #1") == "layout change" and xnnpack_kind("HardSwish (NC, F32) #4") == "hardswish"
-    assert xnnpack_kind("native_call_add.out", delegated=False) == "outside XNNPACK: native_call_add.out"
+    assert xnnpack_kind("native_call__to_dim_order_copy.out", delegated=False) == "outside XNNPACK: _to_dim_order_copy"
 
 
 def test_programs_are_profiled_op_by_op_with_the_same_kinds_in_fp32_and_int8(tiny, programs):

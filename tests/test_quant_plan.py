@@ -223,6 +223,19 @@ def test_the_int8_file_is_set_against_the_fp32_file_op_kind_by_op_kind(tmp_path)
     assert tiny[1]["int8_speedup"] is None and int8_losses(tiny) == "add +2 us"
 
 
+def test_op_types_get_the_kind_names_every_runtime_profile_uses():
+    """onnxruntime's fp32 op and its int8 kernel share a kind, named as XNNPACK's and OpenVINO's
+    profiles name theirs (bench.runtimes), so tables of different runtimes read alike."""
+    from edgekd.bench.runtimes import openvino_kind
+    from edgekd.pte_export import xnnpack_kind
+    from edgekd.quant.plan import type_kind
+
+    assert type_kind("QLinearMul") == type_kind("Mul") == xnnpack_kind("Multiply (ND) #1") == "multiply"
+    assert type_kind("QLinearGlobalAveragePool") == type_kind("GlobalAveragePool") == openvino_kind("ReduceMean", "x") == "pool"
+    assert type_kind("HardSigmoid") == openvino_kind("HardSigmoid", "jit_avx2_f32") == "hardsigmoid"
+    assert type_kind("QLinearLeakyRelu") == "leakyrelu" and type_kind("QGemm") == "dense"
+
+
 def test_a_plan_with_every_layer_fp32_writes_the_fp32_graph_unchanged(tmp_path):
     import onnx
 

@@ -246,7 +246,7 @@ def profiles(path: Path, x, runs: int = 200, threads: int = 1) -> tuple[dict[str
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
             node, op = e["name"][: -len("_kernel_time")], e["args"]["op_name"]
-            for key, table in ((op, by_op), (kinds.get(node, op), by_kind)):
+            for key, table in ((op, by_op), (kinds.get(node) or type_kind(op), by_kind)):
                 entry = table.setdefault(key, [0.0, set()])
                 entry[0] += e["dur"]
                 entry[1].add(node)
@@ -263,26 +263,36 @@ POOLS = ("GlobalAveragePool", "QLinearGlobalAveragePool", "AveragePool", "QLinea
 def op_kind(node, graph) -> str:
     """What a node computes, the same name for the fp32 op and its int8 kernel (Conv, onnxruntime's
     NCHWc Conv and QLinearConv are all convolutions): "1x1 conv", "depthwise conv" (grouped),
-    "conv" (larger kernels), "dense", "add", "pool", "quantize / dequantize", "layout change",
-    else the op type."""
-    t = node.op_type
-    if t in CONVS:
+    "conv" (larger kernels), else type_kind of its op type."""
+    if node.op_type in CONVS:
         attrs = {a.name: a for a in node.attribute}
         if "group" in attrs and attrs["group"].i > 1:
             return "depthwise conv"
         kernel = list(attrs["kernel_shape"].ints) if "kernel_shape" in attrs else _weight_kernel(node, graph)
         return "1x1 conv" if kernel and all(k == 1 for k in kernel) else "conv"
+    return type_kind(node.op_type)
+
+
+def type_kind(t: str) -> str:
+    """What an op type computes: "dense", "add", "multiply", "pool", "quantize / dequantize",
+    "layout change", "conv", else the op type in lower case, with onnxruntime's int8 prefix
+    dropped (QLinearMul and Mul alike), as XNNPACK's and OpenVINO's ops are named
+    (bench.runtimes)."""
+    if t in CONVS:
+        return "conv"
     if t in DENSE:
         return "dense"
     if t in ("Add", "QLinearAdd", "Sum"):
         return "add"
+    if t in ("Mul", "QLinearMul"):  # MobileNetV3's squeeze-excitation scales
+        return "multiply"
     if t in ("QuantizeLinear", "DequantizeLinear"):
         return "quantize / dequantize"
     if t in POOLS:
         return "pool"
     if t in ("Transpose", "ReorderInput", "ReorderOutput"):  # onnxruntime's NCHWc layout and back
         return "layout change"
-    return t
+    return (t[len("QLinear"):] if t.startswith("QLinear") else t).lower()
 
 
 def _weight_kernel(node, graph) -> list[int]:
