@@ -24,7 +24,7 @@ import torch.nn as nn
 from .errors import EdgekdError
 from .fileio import atomic_path, write_json
 from .native_logs import quiet_native_output
-from .quant.plan import in_modules
+from .quant.plan import in_modules, kind_table
 
 log = logging.getLogger("edgekd")
 
@@ -142,12 +142,8 @@ def pte_op_profile(path: Path, x: np.ndarray, runs: int = 200, threads: int = 1)
             method.execute([img])
         program.write_etdump_result_to_file(f"{td}/etdump", f"{td}/debug")  # no debug buffer: not written
         blocks = Inspector(etdump_path=f"{td}/etdump").event_blocks
-    by_kind: dict[str, list] = {}
-    for e in (e for b in blocks if b.name == "Execute" for e in b.events):
-        if e.name in ENCLOSING or e.perf_data is None:
-            continue
-        timed = e.perf_data.raw[warmup:]
-        entry = by_kind.setdefault(xnnpack_kind(e.name, e.is_delegated_op), [0.0, 0])
-        entry[0] += 1000.0 * sum(timed) / max(len(timed), 1)  # ms -> us per inference
-        entry[1] += 1
-    return {k: {"nodes": n, "us": round(us, 1)} for k, (us, n) in sorted(by_kind.items(), key=lambda kv: -kv[1][0])}
+    events = [e for b in blocks if b.name == "Execute" for e in b.events
+              if e.name not in ENCLOSING and e.perf_data is not None]
+    # an operator outside XNNPACK has its kernel's name, the same for each call: the event's place tells them apart
+    return kind_table((xnnpack_kind(e.name, e.is_delegated_op), i, 1000.0 * float(np.mean(e.perf_data.raw[warmup:] or [0.0])))
+                      for i, e in enumerate(events))  # ms -> us per inference

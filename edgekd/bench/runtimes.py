@@ -116,20 +116,18 @@ class OpenVINO(Runtime):
     def op_profile(self, path: Path, x: np.ndarray, runs: int = 200) -> dict[str, dict]:
         """From OpenVINO's per-node counters (which hold the last inference's times, in
         microseconds): means over `runs` after a warm-up, nodes by openvino_kind."""
+        from ..quant.plan import kind_table
+
         warmup = 10
         req = self.compile(path, 1, profile=True).create_infer_request()
-        by_kind: dict[str, list] = {}
+        samples = []
         for i in range(warmup + runs):
             req.infer({0: x[:1]})
-            if i < warmup:
-                continue
-            for node in req.get_profiling_info():
-                if node.status == node.Status.EXECUTED:
-                    entry = by_kind.setdefault(openvino_kind(node.node_type, node.exec_type), [0.0, set()])
-                    entry[0] += node.real_time.total_seconds() * 1e6 / runs
-                    entry[1].add(node.node_name)
-        return {k: {"nodes": len(names), "us": round(us, 1)}
-                for k, (us, names) in sorted(by_kind.items(), key=lambda kv: -kv[1][0])}
+            if i >= warmup:
+                samples += [(openvino_kind(node.node_type, node.exec_type), node.node_name,
+                             node.real_time.total_seconds() * 1e6 / runs)
+                            for node in req.get_profiling_info() if node.status == node.Status.EXECUTED]
+        return kind_table(samples)
 
 
 # OpenVINO CPU node type -> kind of op, in quant.plan.op_kind's words (convolutions by openvino_kind)

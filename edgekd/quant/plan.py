@@ -241,18 +241,22 @@ def profiles(path: Path, x, runs: int = 200, threads: int = 1) -> tuple[dict[str
             events = json.load(f)
         graph = onnx.load(so.optimized_model_filepath, load_external_data=False).graph
     kinds = {n.name: op_kind(n, graph) for n in graph.node}
-    by_op: dict[str, list] = {}
-    by_kind: dict[str, list] = {}
-    for e in events:
-        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-            node, op = e["name"][: -len("_kernel_time")], e["args"]["op_name"]
-            for key, table in ((op, by_op), (kinds.get(node) or type_kind(op), by_kind)):
-                entry = table.setdefault(key, [0.0, set()])
-                entry[0] += e["dur"]
-                entry[1].add(node)
-    per_run = lambda table: {k: {"nodes": len(v[1]), "us": round(v[0] / (warmup + runs), 1)}  # noqa: E731
-                             for k, v in sorted(table.items(), key=lambda kv: -kv[1][0])}
-    return per_run(by_op), per_run(by_kind)
+    timed = [(e["name"][: -len("_kernel_time")], e["args"]["op_name"], e["dur"] / (warmup + runs)) for e in events
+             if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    return (kind_table((op, node, us) for node, op, us in timed),
+            kind_table((kinds.get(node) or type_kind(op), node, us) for node, op, us in timed))
+
+
+def kind_table(samples) -> dict[str, dict]:
+    """(kind, node, microseconds per inference) samples -> {kind: {"nodes", "us"}}, slowest first:
+    the table every runtime's per-operator profile gives (profiles, bench.runtimes.Runtime.
+    op_profile), a node counted once however many samples it has."""
+    table: dict[str, list] = {}
+    for kind, node, us in samples:
+        entry = table.setdefault(kind, [0.0, set()])
+        entry[0] += us
+        entry[1].add(node)
+    return {k: {"nodes": len(nodes), "us": round(us, 1)} for k, (us, nodes) in sorted(table.items(), key=lambda kv: -kv[1][0])}
 
 
 CONVS = ("Conv", "QLinearConv", "ConvInteger", "FusedConv")
