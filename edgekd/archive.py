@@ -1,4 +1,5 @@
-"""Tar archives of an ImageFolder (data.source: set.tar.gz): read in place, or extracted once.
+"""Tar and zip archives of an ImageFolder (data.source: set.tar.gz, set.zip): read in place, or
+extracted once.
 
 Extracting writes one file per image, and on a small-image dataset creating the files is what
 costs: CIFAR-10's 60 000 JPEGs took most of a minute to unpack and under two seconds to read as
@@ -16,6 +17,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
@@ -23,7 +25,9 @@ from .errors import EdgekdError, InputError
 from .fileio import sha256_file
 from .schema import ArchiveLimits
 
-ARCHIVES = (".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tar")  # what tarfile reads ("r:*")
+ARCHIVES = (".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tar", ".zip")  # what tarfile ("r:*") and zipfile read
+READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError,
+               OSError, EOFError, zlib.error)  # RuntimeError, NotImplementedError: zipfile's encrypted or unknown-method members
 IN_MEMORY_BYTES = 1 << 30  # archives up to this size (and their members' bytes) are read into memory, larger extracted
 
 
@@ -42,19 +46,37 @@ class Budget:
         self.max_files = limits.max_files
 
     def __call__(self, member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+        """tarfile's extraction filter."""
         member = tarfile.data_filter(member, path)
+        self.admit(member.name, member.size)
+        return member
+
+    def admit_zip(self, info: zipfile.ZipInfo) -> str:
+        """A zip member's path as the tree keys it, once admitted. zipfile reads a member's
+        declared size and no more, so the budget holds before anything is inflated. It writes a
+        link as a file holding the target's name, so a link is refused by name, as is a path
+        that leaves the archive (zipfile's extract would strip it silently)."""
+        rel = _normal(info.filename)
+        if os.path.isabs(info.filename) or rel == ".." or rel.startswith("../"):
+            raise InputError(f"{self.archive}: member {info.filename!r} points outside the archive; refused")
+        if (info.external_attr >> 16) & 0o170000 == 0o120000:
+            raise InputError(f"{self.archive}: member {info.filename!r} is a symbolic link, which a zip cannot hold "
+                             "portably; replace it by the file")
+        self.admit(info.filename, info.file_size)
+        return rel
+
+    def admit(self, name: str, size: int) -> None:
         self.files += 1
-        self.bytes += member.size
+        self.bytes += size
         if self.files > self.max_files:
             raise InputError(f"{self.archive}: more than data.archive.max_files ({self.max_files:,}) members; "
                              "raise it if the archive is trusted")
         if self.bytes > self.max_bytes:
-            raise InputError(f"{self.archive}: unpacks to more than {self.max_bytes:,} bytes (at {member.name}), over "
+            raise InputError(f"{self.archive}: unpacks to more than {self.max_bytes:,} bytes (at {name}), over "
                              "data.archive.max_ratio / max_bytes; refused as an archive bomb (raise them if it is trusted)")
         if self.free is not None and self.bytes > self.free:
             raise EdgekdError(f"{self.archive}: unpacks to more than the {self.free:,} bytes free in the cache "
-                              f"({member.name}); free space or set data.cache_dir")
-        return member
+                              f"({name}); free space or set data.cache_dir")
 
 
 def open_archive(archive: Path, cache: Path, limits: ArchiveLimits) -> Path | ArchiveEntry:
@@ -156,6 +178,18 @@ def read_archive(archive: Path, limits: ArchiveLimits) -> ArchiveEntry | None:
     budget, tree, held = Budget(archive, limits, None), _Tree(archive), 0
     nowhere = os.path.join(tempfile.gettempdir(), "edgekd-archive-check")  # members are checked as if extracted here
     try:
+        if _is_zip(archive):
+            with zipfile.ZipFile(archive) as zf:
+                for info in zf.infolist():
+                    rel = budget.admit_zip(info)
+                    if info.is_dir():
+                        tree.add(rel, None)
+                        continue
+                    held += info.file_size
+                    if held > IN_MEMORY_BYTES:
+                        return None
+                    tree.add(rel, zf.read(info))
+            return ArchiveEntry(tree)
         with tarfile.open(archive, "r:*") as tar:
             for member in tar:
                 member = budget(member, nowhere)
@@ -169,16 +203,27 @@ def read_archive(archive: Path, limits: ArchiveLimits) -> ArchiveEntry | None:
                     if held > IN_MEMORY_BYTES:
                         return None
                     tree.add(rel, tar.extractfile(member).read())
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+    except READ_ERRORS as e:
         raise InputError(f"{archive}: cannot read archive ({e})") from None
     return ArchiveEntry(tree)
+
+
+def _is_zip(archive: Path) -> bool:
+    return archive.name.lower().endswith(".zip")
+
+
+def _extract_zip(archive: Path, dest: Path, budget: Budget) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            budget.admit_zip(info)
+            zf.extract(info, dest)
 
 
 # ----------------------------------------------------------------------------- extracted once
 
 
 def extract_archive(archive: Path, cache: Path, limits: ArchiveLimits) -> Path:
-    """Extract a tar archive (any of ARCHIVES) once into the cache, keyed on the archive's bytes.
+    """Extract an archive (any of ARCHIVES) once into the cache, keyed on the archive's bytes.
 
     Several processes may extract the same archive at once: each unpacks into its own temporary
     folder and publishes it with one rename; the first rename wins and the others drop their
@@ -192,10 +237,13 @@ def extract_archive(archive: Path, cache: Path, limits: ArchiveLimits) -> Path:
     _remove_orphans(parent, digest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.{os.getpid()}.", suffix=".tmp", dir=parent))
     try:
-        with tarfile.open(archive, "r:*") as tar:
-            tar.extractall(tmp, filter=Budget(archive, limits, parent))
+        if _is_zip(archive):
+            _extract_zip(archive, tmp, Budget(archive, limits, parent))
+        else:
+            with tarfile.open(archive, "r:*") as tar:
+                tar.extractall(tmp, filter=Budget(archive, limits, parent))
         (tmp / ".complete").write_text(str(archive))
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+    except READ_ERRORS as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise InputError(f"{archive}: cannot extract archive ({e})") from None
     except BaseException:

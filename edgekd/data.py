@@ -2,7 +2,7 @@
 
 JPEG decoding dominates CPU training time on small images, so every split is decoded
 once into a uint8 N x C x H x W array and cached on disk under a key derived from the
-input *bytes* (every image file's, in a folder or a tar archive: edgekd.archive), never from a name.
+input *bytes* (every image file's, in a folder or a tar or zip archive: edgekd.archive), never from a name.
 Augmentation (padded random crop, horizontal flip) then runs on whole batches of tensors.
 
 Images keep their aspect ratio: each is resized so its short side is `data.store_size`
@@ -212,31 +212,44 @@ def _find_split_dir(root: Folder, wanted: str | None, candidates: tuple[str, ...
         if not p.is_dir():
             raise InputError(f"{p}: split folder not found")
         return p
-    for depth_root in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
+    for depth_root in [root, *sorted(p for p in root.iterdir() if p.is_dir() and not _not_data(p.name))]:
         for name in candidates:
             if (depth_root / name).is_dir():
                 return depth_root / name
     raise InputError(f"{root}: no '{candidates[0]}' folder found (ImageFolder layout: {candidates[0]}/<class>/<image>)")
 
 
+def _not_data(name: str) -> bool:
+    """Files and folders a desktop leaves beside the images, never images of the dataset:
+    hidden ones (macOS's `._photo.jpg` resource forks, which carry the image's suffix but not an
+    image, and `.DS_Store`), and the `__MACOSX` folder of a zip made by macOS's Finder."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def _list_image_folder(folder: Folder) -> tuple[list[Folder], list[int], list[str]]:
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not _not_data(d.name))
     if not classes:
         raise InputError(f"{folder}: no class folders found (ImageFolder layout: <class>/<image>)")
-    files, labels = [], []
+    files, labels, left = [], [], 0
     for ci, c in enumerate(classes):
         for f in sorted((folder / c).rglob("*")):
             if f.suffix.lower() in IMG_EXTS and f.is_file():
+                if any(_not_data(part) for part in f.relative_to(folder / c).parts):
+                    left += 1
+                    continue
                 files.append(f)
                 labels.append(ci)
+    if left:
+        log.info("%s: left out %d hidden image file(s) (names or folders starting with '.', e.g. macOS's ._*)",
+                 folder, left)
     if not files:
         raise InputError(f"{folder}: no image files found")
     return files, labels, classes
 
 
 def _decode(args: tuple[str | bytes, int, int]) -> np.ndarray | str:
-    """One image (a file, or the bytes of an archive member) as uint8 3 x size x size: short
-    side resized to `size` (bilinear), centre crop."""
+    """One image (a file, or the bytes of an archive member) as uint8 3 x size x size, as it is
+    shown (`as_rgb`): short side resized to `size` (bilinear), centre crop."""
     from PIL import Image
 
     src, size, max_pixels = args
@@ -246,7 +259,8 @@ def _decode(args: tuple[str | bytes, int, int]) -> np.ndarray | str:
             w, h = im.size
             if w * h > max_pixels:  # the header alone: nothing decoded yet
                 return f"{w}x{h} pixels, over data.max_image_pixels ({max_pixels:,})"
-            im = im.convert("RGB")
+            im = as_rgb(im)
+            w, h = im.size
             if (w, h) != (size, size):
                 scale = size / min(w, h)
                 w, h = max(size, round(w * scale)), max(size, round(h * scale))
@@ -256,6 +270,25 @@ def _decode(args: tuple[str | bytes, int, int]) -> np.ndarray | str:
             return pixels[:, top : top + size, left : left + size].copy()
     except Exception as e:  # PIL raises many types for corrupt files
         return f"{type(e).__name__}: {e}"
+
+
+ORIENTATION = 0x0112  # the EXIF tag
+DECODE = "exif_upright grey16_scaled"  # what `as_rgb` does, in the cache key: a decoded split made without it is not reused
+
+
+def as_rgb(im):
+    """A PIL image as 8-bit RGB the way a viewer shows it. Phone cameras store a photo sideways
+    with an EXIF orientation tag, so the tag is applied (as a gallery app, and the camera's own
+    preview an app classifies, show it); PIL's `convert("RGB")` clips 16-bit grey (16-bit PNG
+    or TIFF) to white, so those are scaled to 8 bits. deploy/python/classify.py does the same."""
+    from PIL import Image, ImageOps
+
+    if im.getexif().get(ORIENTATION, 1) != 1:
+        im = ImageOps.exif_transpose(im)
+    if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        grey = np.asarray(im, dtype=np.float64) / 257.0  # 65535 -> 255
+        im = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
 
 
 def _check_classes(folder: Folder, labels: torch.Tensor, classes: list[str]) -> None:
@@ -274,7 +307,7 @@ def _load_image_folder(folder: Folder, cfg: DataConfig, cache: Path) -> Split:
     files, labels, classes = _list_image_folder(folder)
     store = cfg.store_size or cfg.image_size
     h = hashlib.sha256(f"size={store} fit=short_side_centre_crop skip_bad={cfg.skip_bad_images} "
-                       f"max_pixels={cfg.max_image_pixels}".encode())
+                       f"max_pixels={cfg.max_image_pixels} decode={DECODE}".encode())
     for f in files:
         h.update(str(f.relative_to(folder)).encode())
         h.update(f.read_bytes())
@@ -405,7 +438,7 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
         if not path.exists():
             raise InputError(f"data.source: {path} does not exist")
         if path.is_file():
-            if not path.name.endswith(ARCHIVES):
+            if not path.name.lower().endswith(ARCHIVES):
                 raise InputError(f"data.source: {path} is a file but not a {'/'.join(ARCHIVES)} archive")
             path = open_archive(path, cache, cfg.archive)
         train_dir = _find_split_dir(path, cfg.train_dir, ("train",))

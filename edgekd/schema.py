@@ -33,7 +33,7 @@ class Strict(BaseModel):
 
 
 class ArchiveLimits(Strict):
-    """Checked member by member as a tar archive is read, so a bomb stops before it fills the disk."""
+    """Checked member by member as a tar or zip archive is read, so a bomb stops before it fills the disk."""
 
     max_bytes: int | None = Field(None, gt=0, description="total unpacked bytes (default: no limit beyond max_ratio and free disk)")
     max_ratio: float = Field(100.0, gt=0, description="unpacked bytes per archive byte, beyond a 64 MiB allowance "
@@ -42,7 +42,7 @@ class ArchiveLimits(Strict):
 
 
 class DataConfig(Strict):
-    source: str = Field(description="cifar10 | cifar100 | path to an ImageFolder dir | path to a tar archive of one (.tar.gz, .tar.xz, ...)")
+    source: str = Field(description="cifar10 | cifar100 | path to an ImageFolder dir | path to a tar or zip archive of one (.tar.gz, .tar.xz, .zip, ...)")
     root: str = Field("~/.cache/edgekd/datasets", description="download folder for torchvision datasets")
     download: bool = False
     train_dir: str | None = Field(None, description="train sub-folder inside the folder/archive (auto: 'train')")

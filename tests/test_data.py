@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tarfile
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -130,9 +131,9 @@ def test_missing_source_path(tmp_path):
 
 
 def test_source_file_that_is_not_an_archive(tmp_path):
-    f = tmp_path / "data.zip"
-    f.write_bytes(b"PK\x03\x04")
-    with pytest.raises(EdgekdError, match=r"is a file but not a \.tar\.gz/\.tgz/\.tar\.xz/.*archive"):
+    f = tmp_path / "data.rar"
+    f.write_bytes(b"Rar!\x1a\x07\x00")
+    with pytest.raises(EdgekdError, match=r"is a file but not a \.tar\.gz/\.tgz/\.tar\.xz/.*/\.zip archive"):
         load_data(cfg_for(f, tmp_path / "cache"), seed=0)
 
 
@@ -278,16 +279,75 @@ def test_unreadable_cache_file_is_decoded_again(image_folder, tmp_path, caplog):
         assert any("unreadable" in r.getMessage() for r in caplog.records)
 
 
+def test_images_are_decoded_as_a_viewer_shows_them(make_image_folder, tmp_path):
+    """A phone photo stored sideways with an EXIF orientation tag is trained upright, and 16-bit
+    grey is scaled to 8 bits (PIL's convert("RGB") alone clips it to white)."""
+    root = make_image_folder("ds", size=8)
+    rng = np.random.default_rng(5)
+    upright = rng.integers(0, 256, (12, 8, 3), dtype=np.uint8)
+    for orientation, turn in ((6, Image.Transpose.ROTATE_90), (8, Image.Transpose.ROTATE_270), (3, Image.Transpose.ROTATE_180)):
+        stored = Image.fromarray(upright).transpose(turn)
+        exif = stored.getexif()
+        exif[0x0112] = orientation
+        stored.save(root / "train" / "ant" / f"photo_{orientation}.png", exif=exif)
+    Image.fromarray(upright).save(root / "train" / "ant" / "photo_upright.png")
+    grey = np.array([[0, 257 * 100], [65535, 257 * 200]], np.uint16).repeat(4, 0).repeat(4, 1)
+    Image.fromarray(grey).save(root / "train" / "moose" / "grey16.png")
+    split = load_data(cfg_for(root, tmp_path / "cache", image_size=8), seed=0).train
+    names = [f.name for f in data_mod._list_image_folder(root / "train")[0]]
+    want = split.images[names.index("photo_upright.png")]
+    for orientation in (6, 8, 3):
+        assert torch.equal(split.images[names.index(f"photo_{orientation}.png")], want), orientation
+    got = split.images[names.index("grey16.png")]
+    assert got[:, 0, 0].tolist() == [0] * 3 and got[:, 0, 7].tolist() == [100] * 3 and got[:, 7, 0].tolist() == [255] * 3
+
+
+def test_hidden_files_and_macos_folders_are_left_out(image_folder, tmp_path, caplog):
+    """What a desktop leaves beside the images is not data: macOS's `._x.png` resource forks
+    (the image's suffix, not an image), hidden folders, and a zip's `__MACOSX` folder, which
+    would otherwise be a class or the train split."""
+    clean = load_data(cfg_for(image_folder, tmp_path / "clean", image_size=8), seed=0)
+    (image_folder / "train" / "ant" / "._img_0.png").write_bytes(b"\x00\x05\x16\x07 Mac OS X resource fork")
+    write_image(image_folder / "train" / "moose" / ".thumbs" / "t.png", np.zeros((8, 8, 3), np.uint8))
+    write_image(image_folder / "train" / "__MACOSX" / "ant" / "._img_0.png", np.zeros((8, 8, 3), np.uint8))
+    with caplog.at_level(logging.INFO, logger="edgekd"):
+        messy = load_data(cfg_for(image_folder, tmp_path / "messy", image_size=8), seed=0)
+    assert messy.classes == CLASSES and torch.equal(messy.train.images, clean.train.images)
+    assert any("left out 2 hidden image file(s)" in r.getMessage() for r in caplog.records)
+    outer = tmp_path / "outer"
+    shutil.copytree(image_folder, outer / "set")
+    write_image(outer / "__MACOSX" / "set" / "train" / "ant" / "._x.png", np.zeros((8, 8, 3), np.uint8))
+    assert data_mod._find_split_dir(outer, None, ("train",)) == outer / "set" / "train"
+
+
 # ----------------------------------------------------------------------------- archives
 
 
 def _make_tar(folder: Path, dest: Path, top: str | None, mode: str = "w:gz") -> Path:
+    if mode == "zip":
+        return _make_zip(folder, dest, top)
     with tarfile.open(dest, mode) as tar:
         if top:
             tar.add(folder, arcname=top)
         else:
             for child in sorted(folder.iterdir()):
                 tar.add(child, arcname=child.name)
+    return dest
+
+
+def _make_zip(folder: Path, dest: Path, top: str | None) -> Path:
+    """As macOS's Finder zips a folder: folder entries, and each file's resource fork under
+    __MACOSX/ (`._<name>`, the image's suffix but not an image)."""
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in sorted(folder.rglob("*")):
+            rel = p.relative_to(folder).as_posix()
+            name = f"{top}/{rel}" if top else rel
+            if p.is_dir():
+                zf.writestr(name + "/", b"")
+            else:
+                zf.write(p, name)
+                head, _, leaf = name.rpartition("/")
+                zf.writestr(f"__MACOSX/{head}/._{leaf}".replace("//", "/"), b"\x00\x05\x16\x07 resource fork")
     return dest
 
 
@@ -301,7 +361,9 @@ def archive_route(request, monkeypatch):
 
 
 @pytest.mark.parametrize("top,name,mode", [("mini-set", "mini.tar.gz", "w:gz"), (None, "mini.tar.gz", "w:gz"),
-                                           (None, "mini.tar.xz", "w:xz")], ids=["top-folder", "flat", "xz"])
+                                           (None, "mini.tar.xz", "w:xz"), ("mini-set", "Mini.ZIP", "zip"),
+                                           (None, "mini.zip", "zip")],
+                         ids=["top-folder", "flat", "xz", "zip-top-folder", "zip-flat"])
 def test_tar_gz_matches_folder(image_folder, tmp_path, top, name, mode, archive_route):
     cache = tmp_path / "cache"
     archive = _make_tar(image_folder, tmp_path / name, top, mode)
@@ -407,6 +469,32 @@ def test_corrupt_archive(tmp_path, archive_route):
         load_data(cfg_for(archive, tmp_path / "cache"), seed=0)
     extracted = tmp_path / "cache" / "extracted"
     assert not extracted.exists() or list(extracted.iterdir()) == []  # no half-extracted folder left behind
+
+
+@pytest.mark.parametrize("case", ["escape", "absolute", "link", "bomb", "corrupt"])
+def test_a_hostile_zip_is_refused_by_name_before_anything_is_inflated(image_folder, tmp_path, archive_route, case):
+    archive = _make_zip(image_folder, tmp_path / "set.zip", "set")
+    with zipfile.ZipFile(archive, "a", zipfile.ZIP_DEFLATED) as zf:
+        if case == "escape":
+            zf.writestr("set/train/ant/../../../../evil.png", b"x")
+        elif case == "absolute":
+            zf.writestr("/etc/evil.png", b"x")
+        elif case == "link":
+            info = zipfile.ZipInfo("set/train/ant/link.png")
+            info.external_attr = (0o120777 << 16)
+            zf.writestr(info, "img_0.png")
+        elif case == "bomb":
+            zf.writestr("set/notes.txt", bytes(200 << 20))  # 200 MiB of zeros in ~200 KB
+    if case == "corrupt":
+        archive.write_bytes(archive.read_bytes()[:-200])  # the central directory cut off
+    want = {"escape": r"member '.*evil\.png' points outside the archive", "absolute": r"member '/etc/evil\.png' points outside",
+            "link": r"member 'set/train/ant/link\.png' is a symbolic link", "bomb": r"unpacks to more than .* refused as an archive bomb",
+            "corrupt": r"cannot (read|extract) archive \("}[case]
+    with pytest.raises(EdgekdError, match=r"^\S*set\.zip: " + want):
+        load_data(cfg_for(archive, tmp_path / "cache", image_size=8), seed=0)
+    assert not (tmp_path / "evil.png").exists() and not Path("/etc/evil.png").exists()
+    extracted = tmp_path / "cache" / "extracted"
+    assert not extracted.exists() or list(extracted.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- selection

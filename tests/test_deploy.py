@@ -299,11 +299,21 @@ def test_preprocessing_matches_how_edgekd_evaluated_the_model(tmp_path):
         for cls, shape in (("a", (30, 47, 3)), ("b", (41, 25, 3))):
             (tmp_path / "ds" / split / cls).mkdir(parents=True)
             Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(tmp_path / "ds" / split / cls / "x.png")
+        (tmp_path / "ds" / split / "c").mkdir()  # a phone photo stored sideways, and its upright twin
+        upright = rng.integers(0, 256, (41, 25, 3), dtype=np.uint8)
+        sideways = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # orientation 6 turns it back
+        exif = sideways.getexif()
+        exif[0x0112] = 6
+        sideways.save(tmp_path / "ds" / split / "c" / "x.png", exif=exif)
+        Image.fromarray(upright).save(tmp_path / "ds" / split / "c" / "y.png")
+        (tmp_path / "ds" / split / "d").mkdir()  # 16-bit grey
+        Image.fromarray(rng.integers(0, 65536, (25, 30), dtype=np.uint16)).save(tmp_path / "ds" / split / "d" / "x.png")
     data = load_data(DataConfig(source=str(tmp_path / "ds"), image_size=16, store_size=22, cache_dir=str(tmp_path / "c"),
                                 mean=tuple(MEAN), std=tuple(STD)), seed=0)
     meta = metadata(data, "student")
     assert meta["edgekd.resize"] == "short_side_centre_crop" and meta["edgekd.resize_short"] == "22"
     spec = classify.parse_metadata(meta)
-    for i, cls in enumerate(("a", "b")):
-        x = classify.preprocess(str(tmp_path / "ds" / "test" / cls / "x.png"), spec)
+    for i, rel in enumerate(("a/x.png", "b/x.png", "c/x.png", "c/y.png", "d/x.png")):
+        x = classify.preprocess(str(tmp_path / "ds" / "test" / rel), spec)
         np.testing.assert_allclose(x, data.normalize(data.test.images[i : i + 1])[0].numpy(), atol=1e-5)
+    assert torch.equal(data.test.images[2], data.test.images[3])  # both upright, not merely alike

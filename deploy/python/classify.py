@@ -123,6 +123,21 @@ def parse_metadata(meta: dict) -> dict:
 # --------------------------------------------------------------------------- preprocessing
 
 
+def as_rgb(im):
+    """8-bit RGB as a viewer shows the image, as edgekd decoded the training images
+    (edgekd.data.as_rgb): the EXIF orientation of a phone photo applied, 16-bit grey scaled to
+    8 bits rather than clipped to white."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation
+        im = ImageOps.exif_transpose(im)
+    if im.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        grey = np.asarray(im, dtype=np.float64) / 257.0
+        im = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
 def preprocess(path: str, spec: dict):
     """Image file -> float32 array [C, H, W], normalised as the model expects."""
     import numpy as np
@@ -133,7 +148,7 @@ def preprocess(path: str, spec: dict):
         raise ClassifyError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = as_rgb(im)
             if spec["resize"] == "resize":
                 if im.size != (w, h):
                     im = im.resize((w, h), Image.BILINEAR)
