@@ -15,6 +15,9 @@ import torch
 
 from .metrics import classification_metrics
 
+T_BOUNDS = (0.05, 20.0)  # where the fit stops: beyond them it is fitting noise, not confidence
+FEW_IMAGES = 100  # a fit on fewer validation images is rough, and the report says so
+
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The T > 0 minimising NLL(softmax(logits / T), labels); LBFGS on log T (convex in 1/T)."""
@@ -30,7 +33,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         return loss
 
     opt.step(closure)
-    return float(log_t.detach().exp().clamp(0.05, 20.0))
+    return float(log_t.detach().exp().clamp(*T_BOUNDS))
 
 
 def reliability(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0, bins: int = 15) -> dict:
@@ -51,10 +54,22 @@ def reliability(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0
 
 def calibrate(val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray, test_labels: np.ndarray,
               classes: list[str]) -> dict:
-    """Fit T on the validation logits; ECE and top-1 on the test split before and after."""
-    t = fit_temperature(val_logits, val_labels)
+    """Fit T on the validation logits; ECE and top-1 on the test split before and after.
+
+    A fit that runs to a bound is not applied (T stays 1): on a handful of validation images, or
+    with a model near chance there, the likelihood keeps improving as the softmax flattens
+    towards uniform, and that T would make a confident, mostly right model useless on the test
+    split. `note` says why, and when the fit stands on few images."""
+    fit = fit_temperature(val_logits, val_labels)
+    n, t, note = int(len(val_labels)), fit, None
+    if not T_BOUNDS[0] < fit < T_BOUNDS[1]:
+        t = 1.0
+        note = (f"not applied: the fit ran to its bound (T = {fit:g}) on {n} validation images, where the model is "
+                "near chance or the split too small (raise data.val_split)")
+    elif n < FEW_IMAGES:
+        note = f"fit on {n} validation images only: a rough temperature (raise data.val_split)"
     before = classification_metrics(test_logits, test_labels, classes)
     after = classification_metrics(test_logits / t, test_labels, classes)
-    return {"temperature": round(t, 4), "val_images": int(len(val_labels)), "ece_before": before["ece"],
-            "ece_after": after["ece"], "top1": before["top1"], "top1_after": after["top1"],
+    return {"temperature": round(t, 4), "temperature_fit": round(fit, 4), "val_images": n, **({"note": note} if note else {}),
+            "ece_before": before["ece"], "ece_after": after["ece"], "top1": before["top1"], "top1_after": after["top1"],
             "reliability_before": reliability(test_logits, test_labels), "reliability_after": reliability(test_logits, test_labels, t)}

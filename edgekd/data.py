@@ -206,7 +206,15 @@ def cache_root(cfg_dir: str | None = None) -> Path:
 # ----------------------------------------------------------------------------- sources
 
 
-def _find_split_dir(root: Folder, wanted: str | None, candidates: tuple[str, ...]) -> Folder:
+def _find_split_dir(root: Folder, wanted: str | None, candidates: tuple[str, ...], hint: str = "") -> Folder:
+    found = _split_dir(root, wanted, candidates)
+    if found is None:
+        raise InputError(f"{root}: no '{candidates[0]}' folder found (ImageFolder layout: {candidates[0]}/<class>/<image>)"
+                         f"{hint}")
+    return found
+
+
+def _split_dir(root: Folder, wanted: str | None, candidates: tuple[str, ...]) -> Folder | None:
     if wanted:
         p = root / wanted
         if not p.is_dir():
@@ -216,7 +224,33 @@ def _find_split_dir(root: Folder, wanted: str | None, candidates: tuple[str, ...
         for name in candidates:
             if (depth_root / name).is_dir():
                 return depth_root / name
-    raise InputError(f"{root}: no '{candidates[0]}' folder found (ImageFolder layout: {candidates[0]}/<class>/<image>)")
+    return None
+
+
+def _class_root(root: Folder) -> Folder:
+    """The folder of class folders in a source with no train/test split: the source itself, or
+    the one folder it wraps them in (an archive of `flowers/<class>/...`): a single class folder
+    could not train a classifier, so a lone folder is a wrapper."""
+    while True:
+        children = [p for p in root.iterdir() if not _not_data(p.name)]
+        if len(children) != 1 or not children[0].is_dir():
+            return root
+        root = children[0]
+
+
+def _split_dirs(root: Folder, cfg: DataConfig) -> tuple[Folder, Folder | None]:
+    """The train and test folders; no test folder where data.test_split holds the test images
+    out of train."""
+    tests = ("test", "val", "validation")
+    if not cfg.test_split:
+        hint = "; for a folder with no test split, set data.test_split (e.g. 0.2) to hold part of train out"
+        return (_find_split_dir(root, cfg.train_dir, ("train",), hint if _split_dir(root, None, tests) is None else ""),
+                _find_split_dir(root, cfg.test_dir, tests, hint))
+    train, test = _split_dir(root, cfg.train_dir, ("train",)), _split_dir(root, None, tests)
+    if test is not None:
+        raise InputError(f"data.test_split: {root} has a test folder of its own ({test}); leave data.test_split out "
+                         "to test on it")
+    return (train if train is not None else _class_root(root)), None
 
 
 def _not_data(name: str) -> bool:
@@ -413,6 +447,7 @@ def _load_torchvision(name: str, cfg: DataConfig, train: bool) -> Split:
 
 
 SAMPLE_SEED = 0  # Split.sample: the same images for every stage and run, so figures stay comparable
+TEST_SPLIT_SEED = 0  # data.test_split: the same test images for every run and seed, as a test folder would be
 
 
 def stratified_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -441,9 +476,14 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
             if not path.name.lower().endswith(ARCHIVES):
                 raise InputError(f"data.source: {path} is a file but not a {'/'.join(ARCHIVES)} archive")
             path = open_archive(path, cache, cfg.archive)
-        train_dir = _find_split_dir(path, cfg.train_dir, ("train",))
-        test_dir = _find_split_dir(path, cfg.test_dir, ("test", "val", "validation"))
-        train, test = _load_image_folder(train_dir, cfg, cache), _load_image_folder(test_dir, cfg, cache)
+        train_dir, test_dir = _split_dirs(path, cfg)
+        train = _load_image_folder(train_dir, cfg, cache)
+        if test_dir is None:
+            held = stratified_indices(train.labels.numpy(), max(1, round(len(train) * cfg.test_split)), TEST_SPLIT_SEED)
+            test = train.select(held, f"test_split{cfg.test_split}")
+            train = train.select(np.setdiff1d(np.arange(len(train)), held), f"train_split{cfg.test_split}")
+        else:
+            test = _load_image_folder(test_dir, cfg, cache)
         if train.classes != test.classes:
             raise InputError(f"{train_dir} and {test_dir} have different class folders")
     if cfg.num_classes is not None and cfg.num_classes != len(train.classes):

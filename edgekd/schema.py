@@ -57,6 +57,9 @@ class DataConfig(Strict):
     num_classes: int | None = Field(None, gt=1, description="expected class count; checked against the data")
     subset: int | None = Field(None, gt=0, description="stratified, seeded subset of the train split")
     test_subset: int | None = Field(None, gt=0, description="stratified, seeded subset of the test split")
+    test_split: float = Field(0.0, ge=0.0, lt=1.0, description="for a source with no test folder (one folder of class "
+                              "folders, or train/ alone): this fraction of its images, stratified and the same for "
+                              "every run and seed, is held out as the test split")
     val_split: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of train held out for validation")
     batch_size: int = Field(128, gt=0)
     eval_batch_size: int = Field(256, gt=0)
@@ -69,6 +72,12 @@ class DataConfig(Strict):
     max_image_pixels: int = Field(64_000_000, gt=0, description="an image with more pixels is a bad image (decompression bombs)")
     archive: ArchiveLimits = Field(default_factory=ArchiveLimits, description="what an archive may unpack to")
     cache_dir: str | None = Field(None, description="decoded-tensor cache (default $EDGEKD_CACHE or ~/.cache/edgekd)")
+
+    @model_validator(mode="after")
+    def _one_test_split(self):
+        if self.test_split and self.test_dir:
+            raise ValueError("test_split holds the test images out of train, test_dir names a folder of them: set one")
+        return self
 
     @model_validator(mode="after")
     def _store_holds_the_input(self):

@@ -114,8 +114,40 @@ def test_explicit_split_dirs(make_image_folder, tmp_path):
 
 def test_missing_test_split(image_folder, tmp_path):
     shutil.rmtree(image_folder / "test")
-    with pytest.raises(EdgekdError, match=r"no 'test' folder found"):
+    with pytest.raises(EdgekdError, match=r"no 'test' folder found .*set data\.test_split \(e\.g\. 0\.2\)"):
         load_data(cfg_for(image_folder), seed=0)
+    shutil.move(image_folder / "train", image_folder / "classes")
+    with pytest.raises(EdgekdError, match=r"no 'train' folder found .*set data\.test_split"):
+        load_data(cfg_for(image_folder), seed=0)
+
+
+@pytest.mark.parametrize("layout", ["classes", "train-only", "zip-of-a-wrapper"])
+def test_test_split_holds_a_fixed_stratified_part_of_a_source_with_no_test_folder(image_folder, tmp_path, layout):
+    """Many users' data is one folder of class folders: data.test_split holds out the same
+    stratified images whatever the run's seed (as a test folder would), the rest trains."""
+    shutil.rmtree(image_folder / "test")
+    source = image_folder / "train" if layout == "classes" else image_folder
+    if layout == "zip-of-a-wrapper":
+        source = _make_zip(image_folder / "train", tmp_path / "flowers.zip", "flowers")
+    full = load_data(cfg_for(image_folder, tmp_path / "c0", image_size=8, test_dir="train"), seed=0).test
+    runs = [load_data(cfg_for(source, tmp_path / "c", image_size=8, test_split=0.25), seed=seed) for seed in (0, 1)]
+    for d in runs:
+        assert d.classes == CLASSES and len(d.test) == round(N_TRAIN * 0.25) and len(d.train) + len(d.test) == N_TRAIN
+        assert torch.bincount(d.test.labels, minlength=3).tolist() == [2, 1, 0]  # in proportion to 6 / 4 / 2
+        rows = set(image_rows(full))
+        assert set(image_rows(d.train)) | set(image_rows(d.test)) == rows
+        assert not set(image_rows(d.train)) & set(image_rows(d.test))
+    assert torch.equal(runs[0].test.images, runs[1].test.images) and runs[0].test.key == runs[1].test.key
+    (image_folder / "test").mkdir()
+    shutil.copytree(image_folder / "train" / "ant", image_folder / "test" / "ant")
+    if layout == "train-only":
+        with pytest.raises(EdgekdError, match=r"^data\.test_split: .* has a test folder of its own"):
+            load_data(cfg_for(image_folder, tmp_path / "c", image_size=8, test_split=0.25), seed=0)
+
+
+def test_test_split_and_test_dir_are_one_choice():
+    with pytest.raises(ValueError, match="set one"):
+        DataConfig(source="x", test_split=0.2, test_dir="holdout")
 
 
 def test_train_and_test_classes_must_match(make_image_folder, tmp_path):

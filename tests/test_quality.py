@@ -117,3 +117,17 @@ def test_temperature_scaling_recovers_the_true_temperature_and_keeps_top1():
     assert res["ece_after"] < res["ece_before"] / 2 and res["ece_after"] < 0.03
     rel = reliability(zt, yt, res["temperature"])
     assert sum(rel["count"]) == len(yt) and len(rel["accuracy"]) == 15
+    assert "note" not in res
+
+
+def test_a_temperature_fit_that_runs_to_its_bound_is_not_applied():
+    """On a few validation images the model gets wrong the likelihood keeps improving towards a
+    uniform softmax: that T would flatten a mostly right model on the test split, so it stays 1."""
+    zt, yt = _overconfident(seed=1)
+    z, y = _overconfident(n=17, seed=2)
+    y = (z.argmax(1) + 1) % 10  # every validation answer wrong
+    res = calibrate(z, y, zt, yt, [str(i) for i in range(10)])
+    assert res["temperature_fit"] == 20.0 and res["temperature"] == 1.0
+    assert res["ece_after"] == res["ece_before"] and res["note"].startswith("not applied: the fit ran to its bound")
+    few = calibrate(*_overconfident(n=60, seed=3), zt, yt, [str(i) for i in range(10)])
+    assert few["temperature"] == few["temperature_fit"] > 1 and few["note"].startswith("fit on 60 validation images only")

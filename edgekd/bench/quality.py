@@ -39,6 +39,8 @@ def quality_markdown(models: dict[str, dict]) -> list[str]:
         for k, c in cal.items():
             L.append(f"| {_label(models, k)} | {c['temperature']:.3f} | {c['ece_before']:.4f} | {c['ece_after']:.4f} | "
                      f"{c['val_images']} |")
+        notes = [f"- {_label(models, k)}: temperature {c['note']}." for k, c in cal.items() if c.get("note")]
+        L += [""] + notes if notes else []
     return L
 
 

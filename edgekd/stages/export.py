@@ -194,6 +194,8 @@ class Export(Stage):
                                          "ece_calibrated": res["ece_after"]})
                     log.info("export: %s temperature %.3f, test ECE %.4f -> %.4f", name, res["temperature"],
                              res["ece_before"], res["ece_after"])
+                    if "note" in res:
+                        log.warning("export: %s temperature %s", name, res["note"])
 
 
 def _conversions(variants, formats, d, quant_plan) -> tuple[dict, list[tuple]]:
