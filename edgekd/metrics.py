@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn as nn
+
+
+def guessing_level(m: dict) -> tuple[float, float] | None:
+    """(what a model that knows nothing scores on this split, the margin), top-1 %, where `m`'s
+    top-1 is within that margin of it: guessing is the larger of one class in k and the largest
+    class's share, the margin 5 points or three binomial standard deviations of the split's size.
+    None for a model above it. A teacher there was trained on other classes, in another order, at
+    another size or normalisation, or not at all, and distilling from it teaches nothing."""
+    support = [c["support"] for c in m["per_class"].values()]
+    n = sum(support)
+    if not n:
+        return None
+    base = max(1 / len(support), max(support) / n)
+    margin = max(5.0, 300 * math.sqrt(base * (1 - base) / n))
+    return None if m["top1"] >= 100 * base + margin else (round(100 * base, 1), round(margin, 1))
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes: list[str], bins: int = 15) -> dict:

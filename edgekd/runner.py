@@ -56,6 +56,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+
+def _guessing(cfg, name: str, figs: dict, data) -> dict:
+    """{'near_chance': why} for a teacher that scores what guessing scores on the test split, said
+    before hours of distilling from it; {} otherwise."""
+    from .metrics import guessing_level
+
+    level = guessing_level(figs)
+    if level is None:
+        return {}
+    m, where = cfg.teacher_configs()[name], cfg.teacher_path(name)
+    if not (m.checkpoint or m.pretrained):
+        why = f"{where} has no checkpoint, so it is random weights: give {where}.checkpoint"
+    else:
+        shown = ", ".join(data.classes[:4]) + (", ..." if len(data.classes) > 4 else "")
+        why = (f"check that it was trained on these {len(data.classes)} classes in this order ({shown}), at "
+               f"data.image_size {data.image_size}, with data.mean / data.std as it was trained")
+    text = (f"{figs['top1']:.1f} % top-1 on the {figs['n']} test images, no better than guessing ({level[0]:.1f} %, "
+            f"within {level[1]:.1f} points)")
+    log.warning("%s: %s; %s. Distilling from it teaches the student nothing.", where, text, why)
+    return {"near_chance": text}
+
 class Runner:
     def __init__(self, cfg: PipelineConfig, raw: dict, run_dir: Path | None = None, resume: bool = False):
         self.cfg, self.raw = cfg, raw
@@ -128,7 +149,7 @@ class Runner:
             figs = ctx.teacher_figures(name)
             key, label = ("teacher", "teacher") if cfg.teacher is not None else \
                 ("teacher" if i == 0 else f"teacher_{name}", f"teacher {name}")
-            ctx.variants[key] = {**figs, "label": label}
+            ctx.variants[key] = {**figs, "label": label, **_guessing(cfg, name, figs, ctx.data)}
             teacher_figs = teacher_figs or figs
         chain = self._global_hash()
         results: list[dict] = []

@@ -163,6 +163,18 @@ def test_headline_says_when_int8_is_not_faster():
     assert headline_sentence(models).startswith("int8 QAT: 100.0x faster than teacher, 45x smaller, -3.0 points")
 
 
+@pytest.mark.parametrize("support,top1,flagged", [
+    ([100] * 10, 14.9, (10.0, 5.0)), ([100] * 10, 15.0, None),  # the 5-point floor on a large split
+    ([10, 10], 80.0, (50.0, 33.5)), ([10, 10], 85.0, None),  # three standard deviations on a small one
+    ([900, 50, 50], 90.0, (90.0, 5.0)),  # always naming the largest class scores its share
+])
+def test_guessing_level_is_chance_or_the_largest_class_within_a_margin(support, top1, flagged):
+    from edgekd.metrics import guessing_level
+
+    m = {"top1": top1, "per_class": {str(i): {"support": n} for i, n in enumerate(support)}}
+    assert guessing_level(m) == flagged
+
+
 def test_pareto_front():
     assert pareto([(1.0, 80.0), (2.0, 90.0), (3.0, 85.0), (0.5, 70.0)]) == [0, 1, 3]
 
@@ -220,6 +232,9 @@ def test_teacher_rows_show_its_pytorch_top1_unless_asked_to_measure_it(minimal_p
     teacher = models["teacher_fp32"]
     assert teacher["top1"] == models["teacher"]["top1"] and "PyTorch" in teacher["top1_measured_by"]
     assert "top1" not in teacher["latency"]["onnxruntime/1t"] and "top1" in models["student_fp32"]["latency"]["onnxruntime/1t"]
+    # the unit pipeline's teacher has no checkpoint: random weights, which the headline says
+    assert models["teacher"]["near_chance"].endswith("no better than guessing (33.3 %, within 57.7 points)")
+    assert "the teacher scores" in report["headline"] and "taught nothing" in report["headline"]
     assert main(["run", str(write_pipeline(cfg)), "--resume", str(out), "--set", "benchmark.teacher_accuracy=true"]) == 0
     models = json.loads((out / "report.json").read_text())["models"]
     assert models["teacher_fp32"]["latency"]["onnxruntime/1t"]["eval_images"] == 6  # the 6 test images

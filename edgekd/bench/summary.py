@@ -50,12 +50,14 @@ def headline_parts(models: dict[str, dict]) -> tuple[str, list[str], list[str]]:
     The CLI prints them as one line, report.md as a line and a list."""
     final = _pick(models, "int8") or _pick(models, "student") or _pick(models, "pruned")
     teacher = models.get("teacher_fp32") or models.get("teacher")
+    guessed = (models.get("teacher") or {}).get("near_chance")  # the run's own measure of it (runner)
+    notes = [f"the teacher scores {guessed}: distilling from it taught nothing (the log says what to check)"] if guessed else []
     if not final:
         best = max((k for k in models if "top1" in models[k] and k != "teacher"), key=lambda k: models[k]["top1"], default=None)
         if best is None:
-            return "no student figures", [], []
+            return "no student figures", [], notes
         tail = f" ({models[best]['top1'] - teacher['top1']:+.2f} points vs teacher)" if teacher and "top1" in teacher else ""
-        return f"{models[best].get('label', best)}: top-1 {models[best]['top1']:.2f} %{tail}; no latency measured", [], []
+        return f"{models[best].get('label', best)}: top-1 {models[best]['top1']:.2f} %{tail}; no latency measured", [], notes
     m = models[final]
     rt = min(m["latency"], key=lambda k: m["latency"][k].get("p50_ms", float("inf")))  # its fastest runtime
     lat = m["latency"][rt]
@@ -73,7 +75,7 @@ def headline_parts(models: dict[str, dict]) -> tuple[str, list[str], list[str]]:
     shipped_fp32 = m.get("fp32_program_on") or {}  # runtime -> its best int8 speed-up (formats.int8_plan)
     where_fp32 = ", where its file is the fp32 program" if rt.split("/")[0] in shipped_fp32 else ""
     result = f"{m.get('label', final)}: " + ", ".join(parts) + f" ({rt}{where_fp32})"
-    slow, notes = [], []
+    slow = []
     fp32 = models.get("student_fp32")
     if final.startswith("int8") and fp32:
         ratios = sorted(((_p50(fp32, k) / _p50(m, k), k) for k in m["latency"] if _p50(fp32, k) and _p50(m, k)), reverse=True)
