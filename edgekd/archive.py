@@ -128,6 +128,10 @@ class ArchiveEntry:
         return self.rel.rpartition("/")[2]
 
     @property
+    def parent(self) -> ArchiveEntry:
+        return ArchiveEntry(self._tree, self.rel.rpartition("/")[0])
+
+    @property
     def suffix(self) -> str:
         return PurePosixPath(self.name).suffix if "." in self.name else ""
 

@@ -158,8 +158,10 @@ class Data:
 
     @property
     def skipped(self) -> list[dict[str, str]]:
-        """Images left out of the train and test folders (data.skip_bad_images), for the manifest and report."""
-        return [{"file": f, "reason": why} for split in (self.train, self.test) for f, why in split.skipped]
+        """Images left out of the train and test folders (data.skip_bad_images), for the manifest and
+        report; once each where both splits come from one decode (data.test_split)."""
+        unique = dict.fromkeys((f, why) for split in (self.train, self.test) for f, why in split.skipped)
+        return [{"file": f, "reason": why} for f, why in unique]
 
     @property
     def classes(self) -> list[str]:
@@ -227,10 +229,10 @@ def _split_dir(root: Folder, wanted: str | None, candidates: tuple[str, ...]) ->
     return None
 
 
-def _class_root(root: Folder) -> Folder:
-    """The folder of class folders in a source with no train/test split: the source itself, or
-    the one folder it wraps them in (an archive of `flowers/<class>/...`): a single class folder
-    could not train a classifier, so a lone folder is a wrapper."""
+def _unwrap(root: Folder) -> Folder:
+    """The source's content: the source itself, or the one folder it wraps it in (an archive of
+    `flowers/<class>/...` or `kaggle/{train.csv,train/}`). A lone class folder could not train a
+    classifier, so a lone folder is a wrapper."""
     while True:
         children = [p for p in root.iterdir() if not _not_data(p.name)]
         if len(children) != 1 or not children[0].is_dir():
@@ -250,7 +252,77 @@ def _split_dirs(root: Folder, cfg: DataConfig) -> tuple[Folder, Folder | None]:
     if test is not None:
         raise InputError(f"data.test_split: {root} has a test folder of its own ({test}); leave data.test_split out "
                          "to test on it")
-    return (train if train is not None else _class_root(root)), None
+    return (train if train is not None else _unwrap(root)), None
+
+
+FILE_COLUMNS = ("file_name", "filename", "file", "path", "image", "image_id", "id")  # data.labels: first found
+CLASS_COLUMNS = ("label", "class", "category", "target")
+GUESSED_SUFFIXES = (".jpg", ".jpeg", ".png")  # a file column of bare ids (Kaggle's labels.csv) names id + one of these
+
+
+def _labelled_files(root: Folder, rel: str, key: str, base_dir: str | None, cfg: DataConfig,
+                    classes: list[str] | None = None) -> tuple[Folder, list[Folder], list[int], list[str], list]:
+    """The images a label file names and their classes: (folder the files are under, files,
+    labels, classes, [(missing file, why)]). `rel` is a CSV inside the source with a header row; one column names each
+    image (relative to `base_dir` where set, else to the CSV's folder; a bare id may leave out
+    the suffix), one its class (data.label_columns, or the first of FILE_COLUMNS / CLASS_COLUMNS
+    found). Classes are sorted (as numbers where all are integers); a test label file is held to
+    the train file's `classes`. A row whose image is missing is an error naming it, or with
+    data.skip_bad_images a listed skip."""
+    import csv
+
+    path = root / rel
+    if not path.is_file():
+        raise InputError(f"data.{key}: {rel} not found in {root}")
+    try:
+        rows = [r for r in csv.reader(io.StringIO(path.read_bytes().decode("utf-8-sig"))) if any(c.strip() for c in r)]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"data.{key}: {path} is not a readable CSV file ({e})") from None
+    if len(rows) < 2:
+        raise InputError(f"data.{key}: {path} holds no rows under its header")
+    header = [c.strip() for c in rows[0]]
+    lower = [c.lower() for c in header]
+    wanted = cfg.label_columns or [next((c for c in names if c in lower), None) for names in (FILE_COLUMNS, CLASS_COLUMNS)]
+    cols = []
+    for name, what, names in zip(wanted, ("file", "class"), (FILE_COLUMNS, CLASS_COLUMNS)):
+        if name is None or name.lower() not in lower:
+            expected = f"{name!r}" if name else "one of " + ", ".join(names)
+            raise InputError(f"data.{key}: {path} has no {what} column {expected} (its columns: {', '.join(header)}); "
+                             "name them with data.label_columns: [file column, class column]")
+        cols.append(lower.index(name.lower()))
+    base = root / base_dir if base_dir else path.parent
+    files, names, missing = [], [], []
+    for i, row in enumerate(rows[1:], start=2):
+        name, label = (row[c].strip() if c < len(row) else "" for c in cols)
+        if not name or not label:
+            raise InputError(f"data.{key}: {path} row {i} has no {'file' if not name else 'class'}")
+        f = base / name
+        if not f.is_file():
+            f = next((base / (name + x) for x in GUESSED_SUFFIXES if (base / (name + x)).is_file()), None)
+        if f is None:
+            missing.append((f"{base / name}", f"named on row {i} of {path}, not found"))
+            continue
+        files.append(f)
+        names.append(label)
+    if missing and not cfg.skip_bad_images:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise InputError(f"data.{key}: {missing[0][0]} ({missing[0][1]}){more}; fix it or set data.skip_bad_images: true")
+    if classes is None:
+        found = set(names)
+        classes = sorted(found, key=int) if all(_is_int(c) for c in found) else sorted(found)
+    unknown = sorted(set(names) - set(classes))
+    if unknown:
+        raise InputError(f"data.{key}: {path} has classes the train labels do not: {', '.join(unknown[:5])}")
+    index = {c: i for i, c in enumerate(classes)}
+    return base, files, [index[c] for c in names], classes, missing
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _not_data(name: str) -> bool:
@@ -330,20 +402,32 @@ def _check_classes(folder: Folder, labels: torch.Tensor, classes: list[str]) -> 
     counts = torch.bincount(labels, minlength=len(classes)).tolist()
     filled = [c for c, n in zip(classes, counts) if n]
     if len(filled) < 2:
-        held = f"only {filled[0]!r} holds" if filled else "no class folder holds"
+        held = f"only {filled[0]!r} holds" if filled else "no class holds"
         raise InputError(f"{folder}: {held} readable images; a classifier needs at least two classes with images")
     for c, n in zip(classes, counts):
         if not n:
-            log.warning("%s: class folder %r holds no readable images", folder, c)
+            log.warning("%s: class %r holds no readable images", folder, c)
 
 
 def _load_image_folder(folder: Folder, cfg: DataConfig, cache: Path) -> Split:
-    files, labels, classes = _list_image_folder(folder)
+    return _decode_split(folder, *_list_image_folder(folder), cfg, cache)
+
+
+def _decode_split(folder: Folder, files: list[Folder], labels: list[int], classes: list[str], cfg: DataConfig,
+                  cache: Path, missing: list[tuple[str, str]] | None = None) -> Split:
+    """Decode `files` (labels index `classes`) into the cache, or read them from it: keyed on each
+    file's place under `folder` and its bytes, and where a label file gives the classes (it
+    passes the files it names but lacks as `missing`, skipped like unreadable ones), on each
+    file's class too."""
+    labelled, missing = missing is not None, missing or []
     store = cfg.store_size or cfg.image_size
     h = hashlib.sha256(f"size={store} fit=short_side_centre_crop skip_bad={cfg.skip_bad_images} "
                        f"max_pixels={cfg.max_image_pixels} decode={DECODE}".encode())
-    for f in files:
+    h.update(repr(missing).encode())
+    for f, label in zip(files, labels):
         h.update(str(f.relative_to(folder)).encode())
+        if labelled:
+            h.update(f"\0class={classes[label]}\0".encode())
         h.update(f.read_bytes())
     key = h.hexdigest()
     pixels, meta_path = cache / "tensors" / f"{key[:32]}.u8", cache / "tensors" / f"{key[:32]}.meta.pt"
@@ -357,7 +441,7 @@ def _load_image_folder(folder: Folder, cfg: DataConfig, cache: Path) -> Split:
     _check_free_space(pixels.parent, len(files) * 3 * store * store)
     jobs = [(f.read_bytes() if isinstance(f, ArchiveEntry) else str(f), store, cfg.max_image_pixels) for f in files]
     workers = min(4, os.cpu_count() or 1)
-    keep, bad = [], []
+    keep, bad = [], list(missing)
     # pixels stream to the file as they are decoded (in order); it takes its name only when complete
     with atomic_path(pixels) as tmp, open(tmp, "wb") as out, ProcessPoolExecutor(workers) as ex:
         for i, r in enumerate(tqdm(ex.map(_decode, jobs, chunksize=64), total=len(jobs), desc=f"decode {folder.name}",
@@ -476,14 +560,23 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
             if not path.name.lower().endswith(ARCHIVES):
                 raise InputError(f"data.source: {path} is a file but not a {'/'.join(ARCHIVES)} archive")
             path = open_archive(path, cache, cfg.archive)
-        train_dir, test_dir = _split_dirs(path, cfg)
-        train = _load_image_folder(train_dir, cfg, cache)
-        if test_dir is None:
+        if cfg.labels:
+            path = path if (path / cfg.labels).is_file() else _unwrap(path)
+            train_dir, files, labels, classes, missing = _labelled_files(path, cfg.labels, "labels", cfg.train_dir, cfg)
+            train = _decode_split(train_dir, files, labels, classes, cfg, cache, missing)
+            test_dir = test = None
+            if cfg.test_labels:
+                test_dir, files, labels, _, missing = _labelled_files(path, cfg.test_labels, "test_labels", cfg.test_dir,
+                                                                      cfg, train.classes)
+                test = _decode_split(test_dir, files, labels, train.classes, cfg, cache, missing)
+        else:
+            train_dir, test_dir = _split_dirs(path, cfg)
+            train = _load_image_folder(train_dir, cfg, cache)
+            test = _load_image_folder(test_dir, cfg, cache) if test_dir is not None else None
+        if test is None:
             held = stratified_indices(train.labels.numpy(), max(1, round(len(train) * cfg.test_split)), TEST_SPLIT_SEED)
             test = train.select(held, f"test_split{cfg.test_split}")
             train = train.select(np.setdiff1d(np.arange(len(train)), held), f"train_split{cfg.test_split}")
-        else:
-            test = _load_image_folder(test_dir, cfg, cache)
         if train.classes != test.classes:
             raise InputError(f"{train_dir} and {test_dir} have different class folders")
     if cfg.num_classes is not None and cfg.num_classes != len(train.classes):

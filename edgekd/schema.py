@@ -57,6 +57,14 @@ class DataConfig(Strict):
     num_classes: int | None = Field(None, gt=1, description="expected class count; checked against the data")
     subset: int | None = Field(None, gt=0, description="stratified, seeded subset of the train split")
     test_subset: int | None = Field(None, gt=0, description="stratified, seeded subset of the test split")
+    labels: str | None = Field(None, description="a CSV inside the source naming each train image and its class "
+                               "(header row; file names relative to train_dir where set, else to the CSV's folder; a "
+                               "bare id may leave out .jpg/.jpeg/.png), instead of class folders")
+    test_labels: str | None = Field(None, description="the same for the test images (relative to test_dir where set); "
+                                    "without it, set test_split")
+    label_columns: tuple[str, str] | None = Field(None, description="[file column, class column] of the label files "
+                                                  "(auto: the first of file_name, filename, file, path, image, "
+                                                  "image_id, id, and of label, class, category, target)")
     test_split: float = Field(0.0, ge=0.0, lt=1.0, description="for a source with no test folder (one folder of class "
                               "folders, or train/ alone): this fraction of its images, stratified and the same for "
                               "every run and seed, is held out as the test split")
@@ -75,8 +83,14 @@ class DataConfig(Strict):
 
     @model_validator(mode="after")
     def _one_test_split(self):
-        if self.test_split and self.test_dir:
-            raise ValueError("test_split holds the test images out of train, test_dir names a folder of them: set one")
+        if self.test_split and (self.test_dir or self.test_labels):
+            raise ValueError(f"test_split holds the test images out of train, {'test_labels' if self.test_labels else 'test_dir'}"
+                             " names them: set one")
+        if self.labels and not (self.test_labels or self.test_split):
+            raise ValueError("labels: name the test images too, with test_labels (a CSV like labels) or test_split "
+                             "(e.g. 0.2, held out of the labelled images)")
+        if (self.test_labels or self.label_columns) and not self.labels:
+            raise ValueError("test_labels / label_columns go with labels (the train images' CSV)")
         return self
 
     @model_validator(mode="after")

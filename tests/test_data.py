@@ -145,6 +145,71 @@ def test_test_split_holds_a_fixed_stratified_part_of_a_source_with_no_test_folde
             load_data(cfg_for(image_folder, tmp_path / "c", image_size=8, test_split=0.25), seed=0)
 
 
+def _flat_with_labels(image_folder: Path, root: Path, header: str = "id,breed", bare: bool = True) -> Path:
+    """The fixture's train and test images as a labelled source (Kaggle's layout): every image in
+    one flat folder per split, named by an id, and a CSV per split naming each id's class."""
+    for split in ("train", "test"):
+        rows = [header]
+        for i, f in enumerate(sorted((image_folder / split).rglob("img_*"))):
+            ident = f"{split}{i:03d}"
+            (root / split).mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, root / split / f"{ident}{f.suffix}")
+            rows.append(f"{ident if bare else f'{split}/{ident}{f.suffix}'},{f.parent.name}")
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_a_csv_labelled_source_gives_the_class_folders_images_and_classes(image_folder, tmp_path):
+    """data.labels: images named in a CSV (bare ids, found with their suffix) give the same
+    pixels, labels and classes as the same images in class folders; a CSV inside an archive too."""
+    folders = load_data(cfg_for(image_folder, tmp_path / "c0", image_size=8), seed=0)
+    root = _flat_with_labels(image_folder, tmp_path / "kaggle")
+    for source in (root, _make_zip(root, tmp_path / "kaggle.zip", "kaggle")):
+        d = load_data(cfg_for(source, tmp_path / "c", image_size=8, labels="train.csv", train_dir="train",
+                              test_labels="test.csv", test_dir="test", label_columns=("id", "breed")), seed=0)
+        assert d.classes == CLASSES and len(d.train) == N_TRAIN and len(d.test) == N_TEST
+        for ours, theirs in ((d.train, folders.train), (d.test, folders.test)):
+            got = sorted(zip(image_rows_list(ours), ours.labels.tolist()))
+            assert got == sorted(zip(image_rows_list(theirs), theirs.labels.tolist()))
+    (root / "train.csv").write_text((root / "train.csv").read_text().replace(",zebra", ",moose"))
+    relabelled = load_data(cfg_for(root, tmp_path / "c", image_size=8, labels="train.csv", train_dir="train",
+                                   test_split=0.25, label_columns=("id", "breed")), seed=0)
+    assert relabelled.classes == ["ant", "moose"] and relabelled.train.key != d.train.key  # keyed on the labels too
+
+
+def image_rows_list(split: Split) -> list[bytes]:
+    return [img.numpy().tobytes() for img in split.images]
+
+
+def test_label_files_name_what_is_wrong(image_folder, tmp_path, caplog):
+    root = _flat_with_labels(image_folder, tmp_path / "kaggle", header="image,label", bare=False)
+    (root / "train" / "nested").mkdir()
+    shutil.move(root / "train" / "train000.png", root / "train" / "nested" / "a.png")  # files relative to the CSV's folder
+    rows = (root / "train.csv").read_text().replace("train/train000.png", "train/nested/a.png")
+    (root / "train.csv").write_text(rows)
+    base = dict(image_size=8, labels="train.csv", test_split=0.25)
+    assert load_data(cfg_for(root, tmp_path / "c", **base), seed=0).classes == CLASSES
+    (root / "numbers.csv").write_text("file,target\n" + "".join(f"train/train{i:03d}.{'png' if i % 2 == 0 else 'jpg'},{i % 2 * 10 + 2}\n"
+                                                                  for i in range(1, 12)))
+    assert load_data(cfg_for(root, tmp_path / "c", **{**base, "labels": "numbers.csv"}), seed=0).classes == ["2", "12"]
+    (root / "cols.csv").write_text("name,kind\ntrain/train001.jpg,ant\n")
+    with pytest.raises(EdgekdError, match=r"^data\.labels: .*cols\.csv has no file column one of file_name, .* \(its "
+                                          r"columns: name, kind\); name them with data\.label_columns"):
+        load_data(cfg_for(root, tmp_path / "c", **{**base, "labels": "cols.csv"}), seed=0)
+    (root / "gone.csv").write_text(rows + "train/nothere.png,ant\n")
+    with pytest.raises(EdgekdError, match=r"^data\.labels: .*nothere\.png \(named on row 14 of .*gone\.csv, not found\); "
+                                          r"fix it or set data\.skip_bad_images: true$"):
+        load_data(cfg_for(root, tmp_path / "c", **{**base, "labels": "gone.csv"}), seed=0)
+    with caplog.at_level(logging.WARNING, logger="edgekd"):
+        skipped = load_data(cfg_for(root, tmp_path / "c", **{**base, "labels": "gone.csv"}, skip_bad_images=True), seed=0)
+    assert len(skipped.train) + len(skipped.test) == N_TRAIN and [s["file"].rpartition("/")[2] for s in skipped.skipped if "gone.csv" in s["reason"]] == ["nothere.png"]
+    (root / "other.csv").write_text("image,label\ntest/test000.png,wolf\n")
+    with pytest.raises(EdgekdError, match=r"^data\.test_labels: .*other\.csv has classes the train labels do not: wolf$"):
+        load_data(cfg_for(root, tmp_path / "c", image_size=8, labels="train.csv", test_labels="other.csv"), seed=0)
+    with pytest.raises(EdgekdError, match=r"^data\.labels: nope\.csv not found in "):
+        load_data(cfg_for(root, tmp_path / "c", **{**base, "labels": "nope.csv"}), seed=0)
+
+
 def test_test_split_and_test_dir_are_one_choice():
     with pytest.raises(ValueError, match="set one"):
         DataConfig(source="x", test_split=0.2, test_dir="holdout")
