@@ -163,6 +163,19 @@ def test_headline_says_when_int8_is_not_faster():
     assert headline_sentence(models).startswith("int8 QAT: 100.0x faster than teacher, 45x smaller, -3.0 points")
 
 
+def test_without_latency_the_headline_is_the_pipelines_last_model_not_the_best_scoring():
+    """A short run can leave the trained student below its random input: the headline reports what
+    the pipeline made, not the untrained input (nor a teacher or a baseline) for scoring higher."""
+    models = {"student_input": {"top1": 41.7, "label": "student (input)"},
+              "student_distilled": {"top1": 33.3, "label": "student (kd)"},
+              "student_ce_baseline": {"top1": 35.0, "label": "student (ce, no teacher)"},
+              "teacher": {"top1": 90.0, "label": "teacher"}}
+    assert headline_sentence(models) == "student (kd): top-1 33.30 % (-56.70 points vs teacher); no latency measured"
+    models["pruned_fp32"] = {"top1": 30.0, "label": "pruned"}
+    assert headline_sentence(models).startswith("pruned: top-1 30.00 %")
+    assert headline_sentence({"student_input": {"top1": 10.0, "label": "student (input)"}}).startswith("student (input)")
+
+
 @pytest.mark.parametrize("support,top1,flagged", [
     ([100] * 10, 14.9, (10.0, 5.0)), ([100] * 10, 15.0, None),  # the 5-point floor on a large split
     ([10, 10], 80.0, (50.0, 33.5)), ([10, 10], 85.0, None),  # three standard deviations on a small one

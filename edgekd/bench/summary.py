@@ -52,8 +52,9 @@ def headline_parts(models: dict[str, dict]) -> tuple[str, list[str], list[str]]:
     teacher = models.get("teacher_fp32") or models.get("teacher")
     guessed = (models.get("teacher") or {}).get("near_chance")  # the run's own measure of it (runner)
     notes = [f"the teacher scores {guessed}: distilling from it taught nothing (the log says what to check)"] if guessed else []
-    if not final:
-        best = max((k for k in models if "top1" in models[k] and k != "teacher"), key=lambda k: models[k]["top1"], default=None)
+    if not final:  # no latency measured: the pipeline's last model, never the untrained input for scoring higher
+        made = [k for k in models if "top1" in models[k] and not k.startswith("teacher") and not k.endswith("_baseline")]
+        best = next((k for k in reversed(made) if k != "student_input"), made[0] if made else None)
         if best is None:
             return "no student figures", [], notes
         tail = f" ({models[best]['top1'] - teacher['top1']:+.2f} points vs teacher)" if teacher and "top1" in teacher else ""
