@@ -163,6 +163,24 @@ def test_headline_says_when_int8_is_not_faster():
     assert headline_sentence(models).startswith("int8 QAT: 100.0x faster than teacher, 45x smaller, -3.0 points")
 
 
+def test_per_class_table_puts_the_classes_compression_cost_most_first(monkeypatch):
+    from edgekd.bench import quality
+
+    def pc(*recalls):
+        return {"per_class": {f"c{i}": {"recall": r, "support": 10} for i, r in enumerate(recalls)}}
+
+    models = {"student_input": {**pc(0.1, 0.1, 0.1), "label": "input"}, "teacher": {**pc(0.9, 0.8, 0.9), "label": "teacher"},
+              "student_fp32": {**pc(0.8, 0.8, 0.5), "label": "fp32"}, "student_q": {**pc(0.8, 0.8, 0.5), "label": "same"},
+              "int8_qat": {**pc(0.7, 0.9, 0.4), "label": "int8"}}
+    rows = quality.per_class_markdown(models)
+    assert rows[5] == "| class | images | teacher | fp32 | int8 | change |"  # the input and an unchanged hand-on left out
+    assert rows[7:] == ["| c2 | 10 | 90.0 | 50.0 | 40.0 | -50.0 |", "| c0 | 10 | 90.0 | 80.0 | 70.0 | -20.0 |",
+                        "| c1 | 10 | 80.0 | 80.0 | 90.0 | +10.0 |"]
+    monkeypatch.setattr(quality, "PER_CLASS_ROWS", 2)
+    rows = quality.per_class_markdown(models)
+    assert "(2 of 3; report.json has every class)" in rows[3] and len(rows) == 9
+
+
 def test_without_latency_the_headline_is_the_pipelines_last_model_not_the_best_scoring():
     """A short run can leave the trained student below its random input: the headline reports what
     the pipeline made, not the untrained input (nor a teacher or a baseline) for scoring higher."""

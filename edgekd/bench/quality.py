@@ -1,6 +1,6 @@
-"""The report's robustness and calibration sections: what the compressed models do on
-corrupted images (edgekd.robustness) and how far their softmax can be trusted
-(edgekd.calibration), as tables and plots for report.md."""
+"""The report's per-class, robustness and calibration sections: which classes compression cost,
+what the compressed models do on corrupted images (edgekd.robustness) and how far their softmax
+can be trusted (edgekd.calibration), as tables and plots for report.md."""
 
 from __future__ import annotations
 
@@ -11,8 +11,42 @@ def _label(models: dict, name: str) -> str:
     return models[name].get("label", name)
 
 
+PER_CLASS_ROWS = 20  # the classes that lost most; report.json holds every class
+
+
+def per_class_markdown(models: dict[str, dict]) -> list[str]:
+    """Recall per class of every model measured on the test split (not the untrained input), the
+    classes that lost most against the teacher first: a top-1 that moved a point can hide a class
+    that lost twenty, and on a user's own data some classes matter more than others."""
+    cols: list[str] = []
+    for k, m in models.items():  # a model handed on unchanged (the pruned student as the quantize input) shown once
+        if isinstance(m.get("per_class"), dict) and k != "student_input" and \
+                not (cols and m["per_class"] == models[cols[-1]]["per_class"]):
+            cols.append(k)
+    if len(cols) < 2:
+        return []
+    classes = list(models[cols[0]]["per_class"])
+    ref = "teacher" if "teacher" in cols else cols[0]
+
+    def recall(k: str, c: str) -> float | None:
+        v = models[k]["per_class"].get(c)
+        return None if v is None else 100 * v["recall"]
+
+    change = {c: (recall(cols[-1], c) or 0) - (recall(ref, c) or 0) for c in classes}
+    shown = sorted(classes, key=lambda c: change[c])[:PER_CLASS_ROWS]
+    L = ["", "## Per class", "",
+         f"Recall % on the test split per class, the classes that lost most from {_label(models, ref)} to "
+         f"{_label(models, cols[-1])} first" + (f" ({PER_CLASS_ROWS} of {len(classes)}; report.json has every class)"
+                                                 if len(classes) > PER_CLASS_ROWS else "") + ".", "",
+         "| class | images | " + " | ".join(_label(models, k) for k in cols) + " | change |", "|" + "---|" * (len(cols) + 3)]
+    for c in shown:
+        cells = ["–" if recall(k, c) is None else f"{recall(k, c):.1f}" for k in cols]
+        L.append(f"| {c} | {models[ref]['per_class'][c]['support']} | " + " | ".join(cells) + f" | {change[c]:+.1f} |")
+    return L
+
+
 def quality_markdown(models: dict[str, dict]) -> list[str]:
-    L: list[str] = []
+    L: list[str] = per_class_markdown(models)
     robust = {k: m["robustness"] for k, m in models.items() if isinstance(m.get("robustness"), dict)}
     if robust:
         first = next(iter(robust.values()))
