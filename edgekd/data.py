@@ -41,7 +41,8 @@ from .fileio import atomic_path, save_torch
 log = logging.getLogger("edgekd")
 
 Folder = Path | ArchiveEntry  # an ImageFolder on disk, or inside an archive read into memory
-IMG_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
+IMG_EXTS = {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif", ".avif", ".heic", ".heif"}
+HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")  # an ISO box file's ftyp brands
 
 
 def map_above_bytes() -> int:
@@ -336,18 +337,25 @@ def _list_image_folder(folder: Folder) -> tuple[list[Folder], list[int], list[st
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not _not_data(d.name))
     if not classes:
         raise InputError(f"{folder}: no class folders found (ImageFolder layout: <class>/<image>)")
-    files, labels, left = [], [], 0
+    files, labels, left, other = [], [], 0, {}
     for ci, c in enumerate(classes):
         for f in sorted((folder / c).rglob("*")):
-            if f.suffix.lower() in IMG_EXTS and f.is_file():
-                if any(_not_data(part) for part in f.relative_to(folder / c).parts):
-                    left += 1
-                    continue
+            if not f.is_file():
+                continue
+            if any(_not_data(part) for part in f.relative_to(folder / c).parts):
+                left += f.suffix.lower() in IMG_EXTS
+            elif f.suffix.lower() in IMG_EXTS:
                 files.append(f)
                 labels.append(ci)
+            else:
+                other[f.suffix.lower() or "no suffix"] = other.get(f.suffix.lower() or "no suffix", 0) + 1
     if left:
         log.info("%s: left out %d hidden image file(s) (names or folders starting with '.', e.g. macOS's ._*)",
                  folder, left)
+    if other:  # a format edgekd does not read (or a typo'd suffix) would otherwise vanish without a word
+        log.warning("%s: left out %d file(s) whose suffix is not an image's (%s); images are %s", folder,
+                    sum(other.values()), ", ".join(f"{k}: {n}" for k, n in sorted(other.items(), key=lambda kv: -kv[1])),
+                    " ".join(sorted(IMG_EXTS)))
     if not files:
         raise InputError(f"{folder}: no image files found")
     return files, labels, classes
@@ -360,6 +368,7 @@ def _decode(args: tuple[str | bytes, int, int]) -> np.ndarray | str:
 
     src, size, max_pixels = args
     Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's own bomb check then agrees with ours
+    heif = _heif_opener()
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
             w, h = im.size
@@ -375,7 +384,28 @@ def _decode(args: tuple[str | bytes, int, int]) -> np.ndarray | str:
             top, left = (h - size) // 2, (w - size) // 2
             return pixels[:, top : top + size, left : left + size].copy()
     except Exception as e:  # PIL raises many types for corrupt files
+        if not heif and _is_heif(src):
+            return "a HEIC/HEIF photo, which Pillow reads with pillow-heif: pip install 'edgekd[heic]'"
         return f"{type(e).__name__}: {e}"
+
+
+@functools.cache
+def _heif_opener() -> bool:
+    """Teach Pillow HEIC/HEIF (iPhone photos) where pillow-heif is installed, once per process
+    (decoding runs in worker processes)."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
+
+
+def _is_heif(src: str | bytes) -> bool:
+    if isinstance(src, str):
+        with open(src, "rb") as f:
+            src = f.read(12)
+    return src[4:8] == b"ftyp" and src[8:12] in HEIF_BRANDS
 
 
 ORIENTATION = 0x0112  # the EXIF tag

@@ -399,6 +399,38 @@ def test_images_are_decoded_as_a_viewer_shows_them(make_image_folder, tmp_path):
     assert got[:, 0, 0].tolist() == [0] * 3 and got[:, 0, 7].tolist() == [100] * 3 and got[:, 7, 0].tolist() == [255] * 3
 
 
+def test_phone_formats_are_read_and_other_files_are_named_not_dropped_silently(make_image_folder, tmp_path, caplog,
+                                                                             monkeypatch):
+    """iPhone photos (HEIC, with pillow-heif), AVIF, GIF and .jfif JPEGs are images; a file of any
+    other suffix is left out with one line naming the suffixes, and a HEIC photo without
+    pillow-heif is named with what to install, not as a corrupt file."""
+    root = make_image_folder("ds", size=8)
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(root / "train" / "ant" / "a.gif")
+    Image.fromarray(pixels).save(root / "train" / "ant" / "b.jfif", format="JPEG")
+    Image.fromarray(pixels).save(root / "train" / "ant" / "c.avif")
+    (root / "train" / "moose" / "notes.txt").write_text("shot on a phone")
+    (root / "train" / "moose" / "d.jxl").write_bytes(b"\xff\x0a")
+    with caplog.at_level(logging.WARNING, logger="edgekd"):
+        split = load_data(cfg_for(root, tmp_path / "c", image_size=8), seed=0).train
+    assert len(split) == N_TRAIN + 3
+    assert any("left out 2 file(s) whose suffix is not an image's (.jxl: 1, .txt: 1)" in r.getMessage()
+               or "left out 2 file(s) whose suffix is not an image's (.txt: 1, .jxl: 1)" in r.getMessage()
+               for r in caplog.records)
+    monkeypatch.setattr(data_mod, "_heif_opener", lambda: False)
+    assert data_mod._decode((b"\0\0\0\x1cftypheic" + bytes(40), 8, 10**6)).endswith("pip install 'edgekd[heic]'")
+    monkeypatch.undo()
+    pillow_heif = pytest.importorskip("pillow_heif")
+    pillow_heif.register_heif_opener()
+    Image.fromarray(pixels).save(root / "train" / "zebra" / "e.heic")
+    split = load_data(cfg_for(root, tmp_path / "c", image_size=8), seed=0).train
+    names = [f.name for f in data_mod._list_image_folder(root / "train")[0]]
+    with Image.open(root / "train" / "zebra" / "e.heic") as im:
+        want = np.asarray(im.convert("RGB")).transpose(2, 0, 1)
+    assert np.array_equal(split.images[names.index("e.heic")].numpy(), want)
+
+
 def test_hidden_files_and_macos_folders_are_left_out(image_folder, tmp_path, caplog):
     """What a desktop leaves beside the images is not data: macOS's `._x.png` resource forks
     (the image's suffix, not an image), hidden folders, and a zip's `__MACOSX` folder, which

@@ -146,6 +146,12 @@ def preprocess(path: str, spec: dict):
     _, h, w = spec["input_size"]
     if not os.path.isfile(path):
         raise ClassifyError(f"image not found: {path}")
+    try:  # iPhone photos (.heic), where pillow-heif is installed
+        from pillow_heif import register_heif_opener
+
+        register_heif_opener()
+    except ImportError:
+        pass
     try:
         with Image.open(path) as im:
             im = as_rgb(im)
