@@ -293,6 +293,10 @@ def check_inputs(cfg: PipelineConfig) -> None:
         near = did_you_mean(Path(src).name, [p.name for p in parent.iterdir()]) if _is_dir(parent) else ""
         raise ConfigError(f"data.source: {src} does not exist{near} (expected cifar10, cifar100, an ImageFolder "
                           "directory or a tar or zip archive of one)")
+    if _is_dir(Path(src).expanduser()):  # a folder's layout costs a listing to check (an archive's, reading it)
+        from .data import check_layout
+
+        check_layout(Path(src).expanduser(), cfg.data)
     roles = {"student": cfg.student, **{cfg.teacher_path(n): m for n, m in cfg.teacher_configs().items()}}
     for role, m in roles.items():
         onnx = bool(m.checkpoint) and m.checkpoint.lower().endswith(".onnx")

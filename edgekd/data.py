@@ -241,6 +241,26 @@ def _unwrap(root: Folder) -> Folder:
         root = children[0]
 
 
+def check_layout(root: Path, cfg: DataConfig) -> None:
+    """What `edgekd validate` can tell of a folder source without decoding it: its train and test
+    folders, or its label files, are there (the same errors a run would give)."""
+    if not cfg.labels:
+        _split_dirs(root, cfg)
+        return
+    inside = _labels_root(root, cfg.labels, "labels")
+    if cfg.test_labels:
+        _labels_root(inside, cfg.test_labels, "test_labels")
+
+
+def _labels_root(root: Folder, rel: str, key: str) -> Folder:
+    """The folder `rel` (data.labels) is read from: the source, or the one folder it wraps its
+    content in (`_unwrap`)."""
+    for inside in (root, _unwrap(root)):
+        if (inside / rel).is_file():
+            return inside
+    raise InputError(f"data.{key}: {rel} not found in {root}")
+
+
 def _split_dirs(root: Folder, cfg: DataConfig) -> tuple[Folder, Folder | None]:
     """The train and test folders; no test folder where data.test_split holds the test images
     out of train."""
@@ -272,9 +292,7 @@ def _labelled_files(root: Folder, rel: str, key: str, base_dir: str | None, cfg:
     data.skip_bad_images a listed skip."""
     import csv
 
-    path = root / rel
-    if not path.is_file():
-        raise InputError(f"data.{key}: {rel} not found in {root}")
+    path = _labels_root(root, rel, key) / rel
     try:
         rows = [r for r in csv.reader(io.StringIO(path.read_bytes().decode("utf-8-sig"))) if any(c.strip() for c in r)]
     except (UnicodeDecodeError, csv.Error) as e:
@@ -591,7 +609,7 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
                 raise InputError(f"data.source: {path} is a file but not a {'/'.join(ARCHIVES)} archive")
             path = open_archive(path, cache, cfg.archive)
         if cfg.labels:
-            path = path if (path / cfg.labels).is_file() else _unwrap(path)
+            path = _labels_root(path, cfg.labels, "labels")
             train_dir, files, labels, classes, missing = _labelled_files(path, cfg.labels, "labels", cfg.train_dir, cfg)
             train = _decode_split(train_dir, files, labels, classes, cfg, cache, missing)
             test_dir = test = None

@@ -210,6 +210,20 @@ def test_label_files_name_what_is_wrong(image_folder, tmp_path, caplog):
         load_data(cfg_for(root, tmp_path / "c", **{**base, "labels": "nope.csv"}), seed=0)
 
 
+def test_validate_checks_a_folder_sources_layout(image_folder, write_pipeline, minimal_pipeline, capsys):
+    """`edgekd validate` lists a folder source's splits and label files as a run would, in a
+    second, instead of leaving the mistake to the run."""
+    from edgekd.cli import main
+
+    shutil.rmtree(image_folder / "test")
+    path = write_pipeline(minimal_pipeline)
+    assert main(["validate", str(path)]) == 2
+    assert "no 'test' folder found" in capsys.readouterr().err
+    assert main(["validate", str(path), "--set", "data.test_split=0.25"]) == 0
+    assert main(["validate", str(path), "--set", "data.test_split=0.25", "--set", "data.labels=labels.csv"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"data.labels: labels.csv not found in {image_folder}")
+
+
 def test_test_split_and_test_dir_are_one_choice():
     with pytest.raises(ValueError, match="set one"):
         DataConfig(source="x", test_split=0.2, test_dir="holdout")
