@@ -471,7 +471,7 @@ def _decode_split(folder: Folder, files: list[Folder], labels: list[int], classe
     store = cfg.store_size or cfg.image_size
     h = hashlib.sha256(f"size={store} fit=short_side_centre_crop skip_bad={cfg.skip_bad_images} "
                        f"max_pixels={cfg.max_image_pixels} decode={DECODE}".encode())
-    h.update(repr(missing).encode())
+    h.update(repr([f[len(str(folder)):] for f, _ in missing]).encode())  # where the folder is does not count
     for f, label in zip(files, labels):
         h.update(str(f.relative_to(folder)).encode())
         if labelled:

@@ -56,7 +56,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-
 def _guessing(cfg, name: str, figs: dict, data) -> dict:
     """{'near_chance': why} for a teacher that scores what guessing scores on the test split, said
     before hours of distilling from it; {} otherwise."""
@@ -76,6 +75,7 @@ def _guessing(cfg, name: str, figs: dict, data) -> dict:
             f"within {level[1]:.1f} points)")
     log.warning("%s: %s; %s. Distilling from it teaches the student nothing.", where, text, why)
     return {"near_chance": text}
+
 
 class Runner:
     def __init__(self, cfg: PipelineConfig, raw: dict, run_dir: Path | None = None, resume: bool = False):
