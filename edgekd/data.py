@@ -293,9 +293,18 @@ def _labelled_files(root: Folder, rel: str, key: str, base_dir: str | None, cfg:
     import csv
 
     path = _labels_root(root, rel, key) / rel
+    raw = path.read_bytes()
     try:
-        rows = [r for r in csv.reader(io.StringIO(path.read_bytes().decode("utf-8-sig"))) if any(c.strip() for c in r)]
-    except (UnicodeDecodeError, csv.Error) as e:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:  # a spreadsheet saved on Windows: cp1252, which decodes any byte but five
+        text = raw.decode("cp1252", errors="replace")
+    try:  # a spreadsheet in a locale with decimal commas separates with ';', a TSV with tabs
+        dialect = csv.Sniffer().sniff(text[:65536], delimiters=",;\t")
+    except csv.Error:
+        dialect = csv.excel
+    try:
+        rows = [r for r in csv.reader(io.StringIO(text), dialect) if any(c.strip() for c in r)]
+    except csv.Error as e:
         raise InputError(f"data.{key}: {path} is not a readable CSV file ({e})") from None
     if len(rows) < 2:
         raise InputError(f"data.{key}: {path} holds no rows under its header")
@@ -313,6 +322,7 @@ def _labelled_files(root: Folder, rel: str, key: str, base_dir: str | None, cfg:
     files, names, missing = [], [], []
     for i, row in enumerate(rows[1:], start=2):
         name, label = (row[c].strip() if c < len(row) else "" for c in cols)
+        name = name.replace("\\", "/")  # written on Windows
         if not name or not label:
             raise InputError(f"data.{key}: {path} row {i} has no {'file' if not name else 'class'}")
         f = base / name

@@ -59,7 +59,8 @@ class DataConfig(Strict):
     test_subset: int | None = Field(None, gt=0, description="stratified, seeded subset of the test split")
     labels: str | None = Field(None, description="a CSV inside the source naming each train image and its class "
                                "(header row; file names relative to train_dir where set, else to the CSV's folder; a "
-                               "bare id may leave out .jpg/.jpeg/.png), instead of class folders")
+                               "bare id may leave out .jpg/.jpeg/.png; UTF-8 or cp1252, comma, semicolon or tab "
+                               "separated), instead of class folders")
     test_labels: str | None = Field(None, description="the same for the test images (relative to test_dir where set); "
                                     "without it, set test_split")
     label_columns: tuple[str, str] | None = Field(None, description="[file column, class column] of the label files "

@@ -192,6 +192,10 @@ def test_label_files_name_what_is_wrong(image_folder, tmp_path, caplog):
     (root / "numbers.csv").write_text("file,target\n" + "".join(f"train/train{i:03d}.{'png' if i % 2 == 0 else 'jpg'},{i % 2 * 10 + 2}\n"
                                                                   for i in range(1, 12)))
     assert load_data(cfg_for(root, tmp_path / "c", **{**base, "labels": "numbers.csv"}), seed=0).classes == ["2", "12"]
+    excel = "Image;Label\r\n" + "".join(f"train\\train{i:03d}.{'png' if i % 2 == 0 else 'jpg'};{'élan' if i % 2 else 'ant'}\r\n"
+                                         for i in range(1, 12))
+    (root / "excel.csv").write_bytes(excel.encode("cp1252"))  # Windows, a ';' locale, backslashes, an accent
+    assert load_data(cfg_for(root, tmp_path / "c", **{**base, "labels": "excel.csv"}), seed=0).classes == ["ant", "élan"]
     (root / "cols.csv").write_text("name,kind\ntrain/train001.jpg,ant\n")
     with pytest.raises(EdgekdError, match=r"^data\.labels: .*cols\.csv has no file column one of file_name, .* \(its "
                                           r"columns: name, kind\); name them with data\.label_columns"):
