@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--runs", type=int, default=200)
     b.add_argument("--warmup", type=int, default=30)
     b.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds (files of one runtime alternate)")
-    b.add_argument("--data", help="ImageFolder dir or .tar.gz for accuracy (its test split)")
+    b.add_argument("--data", help="ImageFolder dir, .tar.gz or .zip for accuracy (its test split), or the pipeline "
+                                  "file that trained the model (its data section's test split: labels, test_split)")
     b.add_argument("--json", help="write results to this JSON file")
     b.add_argument("--image-size", type=int, help="input size where the file has no edgekd metadata")
     b.add_argument("--no-peak-memory", dest="peak_memory", action="store_false",

@@ -269,6 +269,12 @@ def test_teacher_rows_show_its_pytorch_top1_unless_asked_to_measure_it(minimal_p
     assert main(["run", str(write_pipeline(cfg)), "--resume", str(out), "--set", "benchmark.teacher_accuracy=true"]) == 0
     models = json.loads((out / "report.json").read_text())["models"]
     assert models["teacher_fp32"]["latency"]["onnxruntime/1t"]["eval_images"] == 6  # the 6 test images
+    # `edgekd bench --data <the pipeline>` judges a file on the run's own test split, as the run did
+    bench = tmp_path / "bench.json"
+    assert main(["bench", str(out / "01_export" / "student_fp32.onnx"), "--runtime", "onnxruntime", "--runs", "5",
+                 "--warmup", "1", "--rounds", "1", "--no-peak-memory", "--data", str(write_pipeline(cfg)),
+                 "--json", str(bench)]) == 0
+    assert json.loads(bench.read_text())["results"][0]["top1"] == models["student_fp32"]["latency"]["onnxruntime/1t"]["top1"]
 
 
 def test_reports_name_the_kernels_pytorch_ran_where_they_are_capped_below_the_cpu():

@@ -37,12 +37,18 @@ def _eval_data(source: str, props: dict, image_size: int):
     from ..schema import DataConfig
     from ..data import load_data
 
-    kw = {"source": source, "image_size": image_size}
+    base, seed = {"source": source}, 0
+    if source.lower().endswith((".yaml", ".yml")):  # a pipeline: its own test split (labels, test_split, subsets)
+        from ..config import load_pipeline
+
+        cfg, _ = load_pipeline(source)
+        base, seed = cfg.data.model_dump(exclude={"store_size"}), cfg.seed
+    kw = {**base, "image_size": image_size}  # the file's own input and preprocessing win
     if props.get("edgekd.resize") == "short_side_centre_crop":  # the evaluation crop the model was trained for
         kw["store_size"] = max(image_size, int(props.get("edgekd.resize_short", image_size)))
     if "edgekd.mean" in props:
         kw.update(mean=tuple(json.loads(props["edgekd.mean"])), std=tuple(json.loads(props["edgekd.std"])))
-    data = load_data(DataConfig(**kw), seed=0)
+    data = load_data(DataConfig(**kw), seed=seed)
     return data.normalize(data.test.images[:]).numpy(), data.test.labels.numpy()
 
 
