@@ -25,6 +25,7 @@ import io
 import logging
 import os
 import shutil
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -365,7 +366,7 @@ def _list_image_folder(folder: Folder) -> tuple[list[Folder], list[int], list[st
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not _not_data(d.name))
     if not classes:
         raise InputError(f"{folder}: no class folders found (ImageFolder layout: <class>/<image>)")
-    files, labels, left, other = [], [], 0, {}
+    files, labels, left, other = [], [], 0, Counter()
     for ci, c in enumerate(classes):
         for f in sorted((folder / c).rglob("*")):
             if not f.is_file():
@@ -376,13 +377,13 @@ def _list_image_folder(folder: Folder) -> tuple[list[Folder], list[int], list[st
                 files.append(f)
                 labels.append(ci)
             else:
-                other[f.suffix.lower() or "no suffix"] = other.get(f.suffix.lower() or "no suffix", 0) + 1
+                other[f.suffix.lower() or "no suffix"] += 1
     if left:
         log.info("%s: left out %d hidden image file(s) (names or folders starting with '.', e.g. macOS's ._*)",
                  folder, left)
     if other:  # a format edgekd does not read (or a typo'd suffix) would otherwise vanish without a word
         log.warning("%s: left out %d file(s) whose suffix is not an image's (%s); images are %s", folder,
-                    sum(other.values()), ", ".join(f"{k}: {n}" for k, n in sorted(other.items(), key=lambda kv: -kv[1])),
+                    other.total(), ", ".join(f"{k}: {n}" for k, n in other.most_common()),
                     " ".join(sorted(IMG_EXTS)))
     if not files:
         raise InputError(f"{folder}: no image files found")
@@ -472,20 +473,18 @@ def _load_image_folder(folder: Folder, cfg: DataConfig, cache: Path) -> Split:
 
 
 def _decode_split(folder: Folder, files: list[Folder], labels: list[int], classes: list[str], cfg: DataConfig,
-                  cache: Path, missing: list[tuple[str, str]] | None = None) -> Split:
+                  cache: Path, missing: list[tuple[str, str]] = ()) -> Split:
     """Decode `files` (labels index `classes`) into the cache, or read them from it: keyed on each
-    file's place under `folder` and its bytes, and where a label file gives the classes (it
-    passes the files it names but lacks as `missing`, skipped like unreadable ones), on each
-    file's class too."""
-    labelled, missing = missing is not None, missing or []
+    file's place under `folder`, its class (a label file gives classes no path holds) and its
+    bytes. A label file passes the files it names but lacks as `missing`, skipped like
+    unreadable ones."""
     store = cfg.store_size or cfg.image_size
     h = hashlib.sha256(f"size={store} fit=short_side_centre_crop skip_bad={cfg.skip_bad_images} "
                        f"max_pixels={cfg.max_image_pixels} decode={DECODE}".encode())
     h.update(repr([f[len(str(folder)):] for f, _ in missing]).encode())  # where the folder is does not count
     for f, label in zip(files, labels):
         h.update(str(f.relative_to(folder)).encode())
-        if labelled:
-            h.update(f"\0class={classes[label]}\0".encode())
+        h.update(f"\0class={classes[label]}\0".encode())
         h.update(f.read_bytes())
     key = h.hexdigest()
     pixels, meta_path = cache / "tensors" / f"{key[:32]}.u8", cache / "tensors" / f"{key[:32]}.meta.pt"

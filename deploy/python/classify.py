@@ -32,6 +32,7 @@ Exit status: 0 ok, 1 runtime/model/image error, 2 usage error.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -138,6 +139,17 @@ def as_rgb(im):
     return im.convert("RGB")
 
 
+@functools.cache
+def _heif_opener() -> bool:
+    """Teach Pillow iPhone photos (.heic) where pillow-heif is installed, once per process."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
+
+
 def preprocess(path: str, spec: dict):
     """Image file -> float32 array [C, H, W], normalised as the model expects."""
     import numpy as np
@@ -146,12 +158,7 @@ def preprocess(path: str, spec: dict):
     _, h, w = spec["input_size"]
     if not os.path.isfile(path):
         raise ClassifyError(f"image not found: {path}")
-    try:  # iPhone photos (.heic), where pillow-heif is installed
-        from pillow_heif import register_heif_opener
-
-        register_heif_opener()
-    except ImportError:
-        pass
+    _heif_opener()
     try:
         with Image.open(path) as im:
             im = as_rgb(im)
