@@ -33,7 +33,6 @@ that stopped being int8 fails). A fixed plan's (`plan: int8`) size keeps its sto
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -41,6 +40,7 @@ import numpy as np
 
 from .errors import EdgekdError
 from .fileio import write_json
+from .metrics import paired
 
 # (substring of the flat key, direction, default tolerance); first match wins
 RULES = [
@@ -55,24 +55,6 @@ RULES = [
 TRACK = ("model.", "stage.benchmark.speedup.")
 ALPHA = 0.01  # McNemar significance for an accuracy regression
 MIN_DROP = 0.5  # points: a significant drop smaller than this is not worth failing CI for
-
-
-def mcnemar_p(worse: int, better: int) -> float:
-    """Exact one-sided McNemar p-value: P(at least `worse` of the worse+better discordant images
-    go against the new run | either direction is equally likely)."""
-    n = worse + better
-    if n == 0:
-        return 1.0
-    return min(1.0, sum(math.comb(n, k) for k in range(worse, n + 1)) / 2**n)
-
-
-def paired(base: list[int], now: list[int], labels: list[int]) -> dict:
-    """Discordant counts and p-values of `now` against `base` on the same labelled images."""
-    b_ok = [p == y for p, y in zip(base, labels)]
-    n_ok = [p == y for p, y in zip(now, labels)]
-    worse = sum(b and not n for b, n in zip(b_ok, n_ok))
-    better = sum(n and not b for b, n in zip(b_ok, n_ok))
-    return {"worse": worse, "better": better, "p_worse": mcnemar_p(worse, better), "p_better": mcnemar_p(better, worse)}
 
 
 def _rule(key: str) -> tuple[str, dict] | None:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .data import Data, cache_root, load_data
+from .data import Data, cache_root, imbalance, load_data
 from .distill import Objective, TeacherSource, teacher_names
 from .fileio import sha256_file, sha256_json
 from .inference import predict
@@ -46,6 +46,8 @@ class Context:
             self._data = load_data(self.cfg.data, self.cfg.seed)
             log.info("data: %d train / %d test images, %d classes, %dx%d", len(self._data.train),
                      len(self._data.test), self._data.num_classes, self._data.image_size, self._data.image_size)
+            if skew := imbalance(self._data):
+                log.warning("data: %s", skew)
         return self._data
 
     @property

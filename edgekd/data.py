@@ -157,6 +157,7 @@ class Data:
     augment: str = "crop_flip"
     batch_size: int = 128
     eval_batch_size: int = 256
+    sampling: str = "uniform"  # data.sampling: how a training pass draws its images (iterate)
 
     @property
     def skipped(self) -> list[dict[str, str]]:
@@ -604,6 +605,21 @@ def stratified_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
+IMBALANCED = 3.0  # largest / smallest train class at which a uniform run is told of data.sampling: balanced
+
+
+def imbalance(data: Data) -> str | None:
+    """One line for a train split whose largest class is IMBALANCED times its smallest or more and
+    that trains uniformly: a model trained on it learns to favour the large classes, which the
+    report's per-class table shows and data.sampling: balanced counters."""
+    counts = torch.bincount(data.train.labels, minlength=data.num_classes)
+    big, small = int(counts.argmax()), int(counts.argmin())
+    if data.sampling != "uniform" or counts[big] < IMBALANCED * max(1, int(counts[small])):
+        return None
+    return (f"train classes differ in size: {data.classes[big]!r} has {int(counts[big])} images, "
+            f"{data.classes[small]!r} {int(counts[small])}; data.sampling: balanced trains every class equally often")
+
+
 def load_data(cfg: DataConfig, seed: int) -> Data:
     cache = cache_root(cfg.cache_dir)
     src = cfg.source
@@ -651,7 +667,7 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
     augment = cfg.augment
     if augment == "crop_flip" and (cfg.crop == "resized" or (cfg.crop == "auto" and train.images.shape[-1] >= RESIZED_CROP_FROM)):
         augment = "resized_crop_flip"
-    return Data(train, test, val, cfg.mean, cfg.std, augment, cfg.batch_size, cfg.eval_batch_size)
+    return Data(train, test, val, cfg.mean, cfg.std, augment, cfg.batch_size, cfg.eval_batch_size, cfg.sampling)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -720,7 +736,8 @@ def train_batches(n: int, batch_size: int, ranks: int = 1) -> int:
 
 
 def iterate(split: Split, batch_size: int, shuffle: bool = False, augment: str = "none", gen: torch.Generator | None = None,
-            device: torch.device | None = None, prefetch: bool = False, shard: tuple[int, int] = (0, 1)):
+            device: torch.device | None = None, prefetch: bool = False, shard: tuple[int, int] = (0, 1),
+            sampling: str = "uniform"):
     """Yield (uint8-or-float images, labels, indices, flipped mask) batches from a Split: random
     crops from the stored images, otherwise the centre crops evaluation sees. A shuffled (training)
     pass leaves out a last batch of one image, which BatchNorm cannot train on; the permutation
@@ -732,9 +749,16 @@ def iterate(split: Split, batch_size: int, shuffle: bool = False, augment: str =
     on the CPU generator, in the same order, so a seed gives the same crops on any device.
 
     `shard` = (rank, ranks) of a torchrun group (dist): every rank draws the same permutation and
-    takes every ranks-th image of each global batch; its crops come from a generator of its own."""
+    takes every ranks-th image of each global batch; its crops come from a generator of its own.
+
+    A shuffled pass with `sampling="balanced"` (data.sampling) draws its n images with replacement,
+    each with weight one over its class's size, so every class is as likely as any other."""
     n = len(split)
-    order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+    if shuffle and sampling == "balanced":
+        counts = torch.bincount(split.labels)
+        order = torch.multinomial(1.0 / counts[split.labels].double(), n, replacement=True, generator=gen)
+    else:
+        order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
     crops = augment in ("crop_flip", "resized_crop_flip")
     source = split.full if crops else split.images
     pin = device is not None and device.type == "cuda"

@@ -24,6 +24,33 @@ def guessing_level(m: dict) -> tuple[float, float] | None:
     return None if m["top1"] >= 100 * base + margin else (round(100 * base, 1), round(margin, 1))
 
 
+def mcnemar_p(worse: int, better: int) -> float:
+    """Exact one-sided McNemar p-value: P(at least `worse` of the worse+better discordant images
+    go against the new run | either direction is equally likely)."""
+    n = worse + better
+    if n == 0:
+        return 1.0
+    return min(1.0, sum(math.comb(n, k) for k in range(worse, n + 1)) / 2**n)
+
+
+def paired(base: list[int], now: list[int], labels: list[int]) -> dict:
+    """Discordant counts and p-values of `now` against `base` on the same labelled images."""
+    b_ok = [p == y for p, y in zip(base, labels)]
+    n_ok = [p == y for p, y in zip(now, labels)]
+    worse = sum(b and not n for b, n in zip(b_ok, n_ok))
+    better = sum(n and not b for b, n in zip(b_ok, n_ok))
+    return {"worse": worse, "better": better, "p_worse": mcnemar_p(worse, better), "p_better": mcnemar_p(better, worse)}
+
+
+def gain_over(base: dict, now: dict, labels: list[int]) -> dict:
+    """What `now` gained over `base` on the same test images, and whether that is more than those
+    images' noise: a student's top-1 moves by points between seeds on a test subset, so a gain
+    is reported with its two-sided exact McNemar p-value on the images the two models disagree on."""
+    t = paired(base["predictions"], now["predictions"], labels)
+    return {"points": round(now["top1"] - base["top1"], 3), "images": len(labels), "better": t["better"],
+            "worse": t["worse"], "p": round(min(1.0, 2 * min(t["p_better"], t["p_worse"])), 4)}
+
+
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes: list[str], bins: int = 15) -> dict:
     """Metrics from raw logits; works for PyTorch and any runtime's outputs alike."""
     logits = logits.astype(np.float64)

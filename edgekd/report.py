@@ -54,7 +54,7 @@ def _without_predictions(obj):
 
 def write_predictions(run_dir: Path, models: dict[str, dict], labels: list[int] | None, split_key: str | None) -> None:
     """predictions.json: every variant's per-image top-1 on the test split, with the labels, so
-    `edgekd check` can compare a run with its baseline image by image (check.mcnemar)."""
+    `edgekd check` can compare a run with its baseline image by image (metrics.paired)."""
     preds = {k: m["predictions"] for k, m in models.items() if isinstance(m.get("predictions"), list)}
     if labels is not None and preds:
         write_json(run_dir / "predictions.json", {"split": split_key, "labels": labels, "models": preds})

@@ -73,6 +73,10 @@ class DataConfig(Strict):
     batch_size: int = Field(128, gt=0)
     eval_batch_size: int = Field(256, gt=0)
     augment: Literal["crop_flip", "flip", "none"] = "crop_flip"
+    sampling: Literal["uniform", "balanced"] = Field(
+        "uniform", description="how a training pass draws its images: uniform = each once, shuffled; balanced = every "
+                               "class equally often (images drawn with replacement, weighted by one over their class's "
+                               "size), for a train split whose classes differ a lot in size")
     crop: Literal["auto", "pad", "resized"] = Field(
         "auto", description="crop of crop_flip: pad = 4-pixel reflect-padded random crop (small images), resized = "
                             "random-resized crop (35-100 % of the area, aspect 3/4-4/3, resized back); auto: resized "

@@ -284,7 +284,7 @@ def _fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, s
             n_seen, t0 = 0, time.perf_counter()
             # reading ahead pays while a GPU computes; on a CPU the thread takes cores from the step (20 % slower on 2)
             for x, y, idx, flip in iterate(data.train, bs, shuffle=True, augment=data.augment, gen=gen, device=device,
-                                           prefetch=device.type == "cuda", shard=(w.rank, w.size)):
+                                           prefetch=device.type == "cuda", shard=(w.rank, w.size), sampling=data.sampling):
                 x, y = data.normalize(x), to_device(y, device)
                 # the live teacher under the student's bf16 autocast too (a GPU's tensor cores; its logits come back float)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):

@@ -206,6 +206,57 @@ def test_guessing_level_is_chance_or_the_largest_class_within_a_margin(support, 
     assert guessing_level(m) == flagged
 
 
+def test_the_teachers_gain_is_called_noise_unless_the_paired_test_says_otherwise():
+    """KD-over-CE on the same test images: the images the two students disagree on decide. 10 the
+    distilled one gets right and the other wrong, against 2 the other way, is a gain (+8 points,
+    p 0.04); 6 against 4 (+2 points) is noise."""
+    from edgekd.bench.summary import gain_note, headline_parts
+    from edgekd.metrics import gain_over
+
+    labels = [0] * 100
+    def model(wrong):  # predictions wrong on the given images
+        pred = [1 if i in wrong else 0 for i in range(100)]
+        return {"predictions": pred, "top1": 100.0 - len(wrong)}
+
+    ce = model(set(range(0, 20)))
+    strong = gain_over(ce, model(set(range(10, 20)) | {50, 51}), labels)  # 10 fixed, 2 broken
+    assert strong == {"points": 8.0, "images": 100, "better": 10, "worse": 2, "p": pytest.approx(0.0386, abs=1e-4)}
+    assert gain_note(strong).startswith("the teacher bought +8.0 points over the same student trained without it "
+                                        "(100 test images, McNemar p = 0.039: 10 better, 2 worse)")
+    weak = gain_over(ce, model(set(range(6, 20)) | {50, 51, 52, 53}), labels)  # 6 fixed, 4 broken
+    assert (weak["points"], weak["p"]) == (2.0, pytest.approx(0.7539, abs=1e-4))
+    assert "within the test images' noise" in gain_note(weak)
+    worse = gain_over(model(set(range(10, 20)) | {50, 51}), ce, labels)
+    assert gain_note(worse).startswith("the student trained without the teacher scored 8.0 points higher")
+    models = {"student_distilled": {"top1": 90.0, "vs_ce_baseline": weak}}
+    assert gain_note(weak) in headline_parts(models)[2]
+    models["teacher"] = {"top1": 10.0, "near_chance": "10.0 %, no better than guessing"}
+    assert not any("noise" in n for n in headline_parts(models)[2])  # a guessing teacher's note says it all
+
+
+def test_imbalanced_benchmark_builds_a_long_tail_and_a_balanced_test_folder(tmp_path):
+    import importlib.util
+    import io
+    import tarfile
+
+    spec = importlib.util.spec_from_file_location("imbalanced", Path(__file__).resolve().parents[1] / "benchmarks/imbalanced.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    archive = tmp_path / "c.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for split in ("train", "test"):
+            for c in mod.CLASSES:
+                for i in range(8):
+                    info = tarfile.TarInfo(f"cifar10/{split}/{c}/{i:04d}.jpg")
+                    info.size = 3
+                    tar.addfile(info, io.BytesIO(b"jpg"))
+    counts = mod.build(archive, tmp_path / "lt", n_max=8, ratio=4.0, test_per_class=2)
+    assert counts["airplane"] == 8 and counts["truck"] == 2 and list(counts.values()) == sorted(counts.values(), reverse=True)
+    for c in mod.CLASSES:
+        assert len(list((tmp_path / "lt/train" / c).iterdir())) == counts[c]
+        assert len(list((tmp_path / "lt/test" / c).iterdir())) == 2
+
+
 def test_pareto_front():
     assert pareto([(1.0, 80.0), (2.0, 90.0), (3.0, 85.0), (0.5, 70.0)]) == [0, 1, 3]
 

@@ -877,3 +877,36 @@ def test_to_device_and_normalize_keep_values_and_make_constants_once():
     ref = (x.float() / 255.0 - m) / s
     got = data_mod.Data.normalize(SimpleNamespace(mean=list(mean), std=list(std)), x)  # the method training calls
     assert torch.equal(got, ref)
+
+
+def test_balanced_sampling_draws_every_class_equally_often_and_uniform_each_image_once():
+    """data.sampling: a 9:1 train split. A uniform pass sees each image once; a balanced pass draws
+    as many images as the split holds, half of each class (within 4 binomial standard deviations),
+    the same draws for the same seed."""
+    labels = torch.tensor([0] * 900 + [1] * 100)
+    split = Split(torch.zeros(1000, 3, 2, 2, dtype=torch.uint8), labels, ["big", "small"], "k")
+
+    def drawn(sampling, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        return torch.cat([idx for _, _, idx, _ in iterate(split, 100, True, gen=gen, sampling=sampling)])
+
+    assert sorted(drawn("uniform").tolist()) == list(range(1000))
+    idx = drawn("balanced")
+    assert len(idx) == 1000 and abs(int((labels[idx] == 1).sum()) - 500) < 4 * (1000 * 0.25) ** 0.5
+    assert torch.equal(idx, drawn("balanced")) and not torch.equal(idx, drawn("balanced", seed=1))
+    gen = torch.Generator().manual_seed(0)  # evaluation passes are never resampled
+    assert torch.equal(torch.cat([i for _, _, i, _ in iterate(split, 100, gen=gen, sampling="balanced")]), torch.arange(1000))
+
+
+def test_a_skewed_train_split_trained_uniformly_is_named_with_the_key_that_balances_it():
+    from edgekd.data import Data, imbalance
+
+    def data(counts, sampling="uniform"):
+        labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+        split = Split(torch.zeros(len(labels), 3, 2, 2, dtype=torch.uint8), labels, ["cat", "dog", "fox"], "k")
+        return Data(split, split, None, (0.5,) * 3, (0.5,) * 3, sampling=sampling)
+
+    assert imbalance(data([90, 40, 30])) == ("train classes differ in size: 'cat' has 90 images, 'fox' 30; "
+                                             "data.sampling: balanced trains every class equally often")
+    assert imbalance(data([89, 40, 30])) is None  # under 3x
+    assert imbalance(data([90, 40, 30], "balanced")) is None

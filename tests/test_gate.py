@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from edgekd.bench.measure import round_ratio, time_interleaved
-from edgekd.check import compare, mcnemar_p, paired, run_check
+from edgekd.check import compare, run_check
+from edgekd.metrics import mcnemar_p, paired
 
 
 def test_mcnemar_p_matches_the_binomial_tail():

@@ -40,6 +40,22 @@ def _pick(models: dict[str, dict], prefix: str) -> str | None:
     return max(cands, key=lambda k: models[k]["top1"]) if cands else None
 
 
+GAIN_ALPHA = 0.05  # a KD-over-CE gain with a larger two-sided McNemar p is called noise
+
+
+def gain_note(g: dict) -> str:
+    """The teacher's gain over the same student trained without it, as significant or as noise
+    (metrics.gain_over): on a few hundred test images a few points either way can be chance."""
+    pts, evidence = g["points"], (f"{g['images']} test images, McNemar p = {g['p']:.2g}: {g['better']} better, "
+                                  f"{g['worse']} worse")
+    if g["p"] >= GAIN_ALPHA:
+        return (f"the teacher's {pts:+.1f} points over the same student trained without it are within the test "
+                f"images' noise ({evidence}); more test images or epochs would tell")
+    if pts > 0:
+        return f"the teacher bought {pts:+.1f} points over the same student trained without it ({evidence})"
+    return f"the student trained without the teacher scored {-pts:.1f} points higher ({evidence})"
+
+
 def headline_parts(models: dict[str, dict]) -> tuple[str, list[str], list[str]]:
     """The headline in pieces: (result, slow, notes).
 
@@ -52,6 +68,9 @@ def headline_parts(models: dict[str, dict]) -> tuple[str, list[str], list[str]]:
     teacher = models.get("teacher_fp32") or models.get("teacher")
     guessed = (models.get("teacher") or {}).get("near_chance")  # the run's own measure of it (runner)
     notes = [f"the teacher scores {guessed}: distilling from it taught nothing (the log says what to check)"] if guessed else []
+    gain = (models.get("student_distilled") or {}).get("vs_ce_baseline")  # distill.compare_baseline
+    if gain and not guessed:
+        notes.append(gain_note(gain))
     if not final:  # no latency measured: the pipeline's last model, never the untrained input for scoring higher
         made = [k for k in models if "top1" in models[k] and not k.startswith("teacher") and not k.endswith("_baseline")]
         best = next((k for k in reversed(made) if k != "student_input"), made[0] if made else None)

@@ -14,6 +14,7 @@ import torch
 from pydantic import Field
 
 from ..beside import BaselineBeside, pays as beside_pays
+from ..metrics import gain_over
 from ..train import TrainConfig, fit
 from .base import Stage, StageResult, register
 
@@ -62,4 +63,5 @@ class Distill(Stage):
             result.info["baseline_history"] = base_hist
             result.info["baseline_beside"] = beside is not None
             result.info["kd_gain_points"] = round(figs["top1"] - bfigs["top1"], 3)
+            result.models["student_distilled"]["vs_ce_baseline"] = gain_over(bfigs, figs, ctx.data.test.labels.tolist())
         return result
