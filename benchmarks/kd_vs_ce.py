@@ -86,6 +86,25 @@ def robustness_table(kd: dict, ce: dict) -> str:
     return "\n".join(quality_markdown(models)).strip()
 
 
+def paired_lines(kd_dir: Path, ce_dir: Path) -> list[str]:
+    """KD against CE in the loop for the files both runs measured, image by image on the same test
+    split (predictions.json): a point or two at int8 can be the test images' noise."""
+    from edgekd.metrics import gain_over
+
+    kd_p, ce_p = (json.loads((d / "predictions.json").read_text()) for d in (kd_dir, ce_dir))
+    if kd_p["split"] != ce_p["split"]:
+        return []
+    lines = []
+    for key, label in (("student_fp32", "pruned fp32"), ("int8_ptq", "int8 PTQ"), ("int8_qat", "int8 QAT")):
+        if key in kd_p["models"] and key in ce_p["models"]:
+            top1 = lambda p: 100 * sum(a == y for a, y in zip(p, kd_p["labels"])) / len(kd_p["labels"])  # noqa: E731
+            g = gain_over({"predictions": ce_p["models"][key], "top1": top1(ce_p["models"][key])},
+                          {"predictions": kd_p["models"][key], "top1": top1(kd_p["models"][key])}, kd_p["labels"])
+            lines.append(f"- {label}: KD {g['points']:+.2f} points over CE on the same {g['images']} test images, "
+                         f"McNemar p = {g['p']:.2g} ({g['better']} better, {g['worse']} worse)")
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pipeline", default="pipelines/compress_shared_student.yaml")
@@ -98,6 +117,8 @@ def main() -> int:
     md = (f"# KD vs CE in the loop: {kd['pipeline']}\n\n"
           f"overrides: {' '.join(args.sets) or '(none)'}; seed {kd['seed']}; {kd['machine'].get('cpu', '')}\n\n"
           + table(rows(kd), rows(ce), teacher) + "\n")
+    if paired := paired_lines(args.out / "kd", args.out / "ce"):
+        md += "\n" + "\n".join(paired) + "\n"
     if rob := robustness_table(kd, ce):
         md += "\n" + rob + "\n"
     (args.out / "kd_vs_ce.md").write_text(md)

@@ -261,7 +261,7 @@ def test_pareto_front():
     assert pareto([(1.0, 80.0), (2.0, 90.0), (3.0, 85.0), (0.5, 70.0)]) == [0, 1, 3]
 
 
-def test_kd_vs_ce_benchmark_tabulates_every_step():
+def test_kd_vs_ce_benchmark_tabulates_every_step(tmp_path):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("kd_vs_ce", Path(__file__).resolve().parents[1] / "benchmarks/kd_vs_ce.py")
@@ -274,6 +274,12 @@ def test_kd_vs_ce_benchmark_tabulates_every_step():
                                         "calibration": {"ece_before": 0.08, "ece_after": 0.02}}},
                 "stages": [{"name": "prune", "info": {"steps": [{"step": 1, "macs_kept": 0.5, "top1_after_finetune": step1}]}}]}
 
+    for run, wrong in (("kd", 0), ("ce", 3)):  # CE in the loop gets 3 of 4 images wrong where KD gets none
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "predictions.json").write_text(json.dumps(
+            {"split": "s", "labels": [1, 1, 1, 1, 0, 0], "models": {"int8_qat": [0] * wrong + [1] * (4 - wrong) + [0, 0]}}))
+    assert mod.paired_lines(tmp_path / "kd", tmp_path / "ce") == [
+        "- int8 QAT: KD +50.00 points over CE on the same 6 test images, McNemar p = 0.25 (3 better, 0 worse)"]
     md = mod.table(mod.rows(report(88.0, 87.5, 70.0)), mod.rows(report(87.0, 86.0, 67.0)), 92.0)
     assert "| prune step 1 (50% MACs), after fine-tune | 88.00 | 87.00 | +1.00 |" in md
     assert "| int8 QAT (onnxruntime) | 87.50 | 86.00 | +1.50 |" in md
