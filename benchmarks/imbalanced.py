@@ -94,8 +94,7 @@ def main() -> None:
     for key, label in (("student_distilled", "kd"), ("student_ce_baseline", "ce")):
         for sampling, models in reports.items():
             top1, f1, rec = figures(models[key], small)
-            g = gain_over({**reports["uniform"][key], "predictions": preds["uniform"]["models"][key]},
-                          {**models[key], "predictions": preds[sampling]["models"][key]}, preds[sampling]["labels"])
+            g = gain_over(preds["uniform"]["models"][key], preds[sampling]["models"][key], preds[sampling]["labels"])
             vs = "" if sampling == "uniform" else f"{g['points']:+.1f} (p = {g['p']:.2g}: {g['better']} better, {g['worse']} worse)"
             lines.append(f"| {label} | {sampling} | {top1:.1f} | {f1:.1f} | {rec:.1f} | {vs} |")
     md = "\n".join(lines)

@@ -97,9 +97,7 @@ def paired_lines(kd_dir: Path, ce_dir: Path) -> list[str]:
     lines = []
     for key, label in (("student_fp32", "pruned fp32"), ("int8_ptq", "int8 PTQ"), ("int8_qat", "int8 QAT")):
         if key in kd_p["models"] and key in ce_p["models"]:
-            top1 = lambda p: 100 * sum(a == y for a, y in zip(p, kd_p["labels"])) / len(kd_p["labels"])  # noqa: E731
-            g = gain_over({"predictions": ce_p["models"][key], "top1": top1(ce_p["models"][key])},
-                          {"predictions": kd_p["models"][key], "top1": top1(kd_p["models"][key])}, kd_p["labels"])
+            g = gain_over(ce_p["models"][key], kd_p["models"][key], kd_p["labels"])
             lines.append(f"- {label}: KD {g['points']:+.2f} points over CE on the same {g['images']} test images, "
                          f"McNemar p = {g['p']:.2g} ({g['better']} better, {g['worse']} worse)")
     return lines
