@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from . import dist
-from .data import Data
+from .data import Data, balanced_draw
 from .inference import channels_last
 
 
@@ -25,10 +25,14 @@ def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 def _batches(data: Data, images: int, seed: int, device: torch.device, share: tuple[int, int] = (0, 1)):
     """`images` training images (a seeded sample, no augmentation) in training-size batches; a
-    lone last image joins the batch before it (batch statistics need two). `share` = (rank,
-    ranks): every ranks-th batch, so the ranks of a group split one single-process pass."""
+    lone last image joins the batch before it (batch statistics need two). Drawn as training
+    draws them (data.sampling), so the statistics are those of the batches the weights saw.
+    `share` = (rank, ranks): every ranks-th batch, so the ranks of a group split one
+    single-process pass."""
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(data.train), generator=gen)[:images]
+    n = len(data.train)
+    idx = (balanced_draw(data.train.labels, min(images, n), gen) if data.sampling == "balanced"
+           else torch.randperm(n, generator=gen)[:images])
     chunks = list(idx.split(data.batch_size))
     if len(chunks) > 1 and len(chunks[-1]) == 1:
         chunks[-2:] = [torch.cat(chunks[-2:])]

@@ -735,6 +735,13 @@ def train_batches(n: int, batch_size: int, ranks: int = 1) -> int:
     return n // batch_size + (n % batch_size > 1 or n < batch_size)
 
 
+def balanced_draw(labels: torch.Tensor, n: int, gen: torch.Generator | None) -> torch.Tensor:
+    """`n` indices into `labels` drawn with replacement, each weighted by one over its class's
+    size: every class as likely as any other (data.sampling: balanced)."""
+    counts = torch.bincount(labels)
+    return torch.multinomial(1.0 / counts[labels].double(), n, replacement=True, generator=gen)
+
+
 def iterate(split: Split, batch_size: int, shuffle: bool = False, augment: str = "none", gen: torch.Generator | None = None,
             device: torch.device | None = None, prefetch: bool = False, shard: tuple[int, int] = (0, 1),
             sampling: str = "uniform"):
@@ -755,8 +762,7 @@ def iterate(split: Split, batch_size: int, shuffle: bool = False, augment: str =
     each with weight one over its class's size, so every class is as likely as any other."""
     n = len(split)
     if shuffle and sampling == "balanced":
-        counts = torch.bincount(split.labels)
-        order = torch.multinomial(1.0 / counts[split.labels].double(), n, replacement=True, generator=gen)
+        order = balanced_draw(split.labels, n, gen)
     else:
         order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
     crops = augment in ("crop_flip", "resized_crop_flip")

@@ -87,6 +87,28 @@ def test_recalibrate_bn_replaces_stale_statistics_with_the_data_mean():
     assert bn.momentum == 0.1 and not model.training  # restored
 
 
+def test_recalibrate_bn_draws_the_images_as_training_drew_them():
+    """data.sampling: balanced trains on batches with every class alike, so the statistics are
+    re-estimated on such batches too, not on the skewed split as it lies. A 9:1 split whose
+    classes are black and white images: one BatchNorm on the pixels sees a mean near -0.8
+    (normalised) uniformly, near 0 balanced."""
+    from edgekd.bn import recalibrate_bn
+    from edgekd.data import Data, Split
+
+    labels = torch.tensor([0] * 900 + [1] * 100)
+    split = Split((labels * 255).to(torch.uint8)[:, None, None, None].expand(-1, 3, 2, 2).contiguous(), labels,
+                  ["black", "white"], "bw")
+    means = {}
+    for sampling in ("uniform", "balanced"):
+        bn = torch.nn.BatchNorm2d(3)
+        recalibrate_bn(torch.nn.Sequential(bn), Data(split, split, None, (0.5,) * 3, (0.5,) * 3, sampling=sampling),
+                       torch.device("cpu"), images=500, seed=0)
+        means[sampling] = float(bn.running_mean.mean())
+    # 500 draws: a share of white images within 4 binomial standard deviations of 0.1 and of 0.5
+    assert abs(means["uniform"] - (-0.8)) < 2 * 4 * (0.1 * 0.9 / 500) ** 0.5
+    assert abs(means["balanced"]) < 2 * 4 * (0.25 / 500) ** 0.5
+
+
 def learnable_data(n_train: int = 256, n_test: int = 128, size: int = 32):
     """Four classes told apart by colour under heavy pixel noise: learnable in a few steps."""
     from edgekd.schema import DataConfig
