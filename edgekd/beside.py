@@ -42,6 +42,7 @@ import torch.nn as nn
 from . import dist
 from .data import Data
 from .errors import EdgekdError
+from .inference import keep_logits, kept_logits
 
 log = logging.getLogger("edgekd")
 SEND_AT_MOST = 1 << 30  # bytes of in-RAM images the child may be sent a copy of
@@ -100,8 +101,9 @@ class BaselineBeside:
         if kind == "error":
             error_type, message = payload
             raise error_type(message)
-        state, history = payload
+        state, history, last = payload
         self.model.load_state_dict(torch.load(io.BytesIO(state), weights_only=True))
+        keep_logits(last)  # its last evaluation, of these weights: the stage measures them without a pass
         return history
 
     def __exit__(self, *exc) -> None:
@@ -136,7 +138,7 @@ def _train(conn, payload: bytes, seed: int, state_path: Path, desc: str, threads
                       on_epoch=progress)
         state = io.BytesIO()
         torch.save(model.state_dict(), state)
-        conn.send(("done", state.getvalue(), history))
+        conn.send(("done", state.getvalue(), history, kept_logits()))
     except BaseException as e:  # as the same run here would raise it; anything else named in one line
         if isinstance(e, EdgekdError):
             conn.send(("error", type(e), str(e)))

@@ -17,6 +17,7 @@ benchmarks/README.md ("CPU speed", benchmarks/cpu_layout.py):
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import warnings
@@ -113,6 +114,36 @@ def _ort_forward(model: nn.Module, probe: torch.Tensor) -> Callable[[torch.Tenso
     return run
 
 
+_LAST: dict[str, np.ndarray] = {}  # predict's last logits of a model in training, by evaluation_key
+
+
+def evaluation_key(model: nn.Module, data, split, device: torch.device) -> str | None:
+    """What a model's logits on a split depend on: its weights and buffers (with their shapes and
+    dtypes), the split's images, the normalisation, the batch size and the device. None where
+    the state holds anything but plain tensors (packed or quantized weights): no key, no reuse."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((type(model).__name__, split.key, len(split), split.size, data.mean, data.std,
+                   data.eval_batch_size, str(device))).encode())
+    for name, t in model.state_dict().items():
+        if not isinstance(t, torch.Tensor) or t.is_quantized or t.layout != torch.strided:
+            return None
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def kept_logits() -> dict[str, np.ndarray]:
+    """predict's kept logits, to hand to another process that holds the same weights (beside.py)."""
+    return dict(_LAST)
+
+
+def keep_logits(kept: dict[str, np.ndarray]) -> None:
+    """Take logits kept_logits gave: predict returns them for the same weights, split and device."""
+    if kept:
+        _LAST.clear()
+        _LAST.update(kept)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, data, split, device: torch.device, frozen: bool = False, together: bool = False,
             what: str = "evaluating") -> np.ndarray:
@@ -120,12 +151,20 @@ def predict(model: nn.Module, data, split, device: torch.device, frozen: bool = 
     no longer change (a teacher), so onnxruntime may run it (`frozen_forward`). `together`:
     every rank of a torchrun group makes this call with the same model; each computes every
     ranks-th image of each batch and every rank gets all the logits (`what` the group is doing,
-    for the error if a rank is lost). A progress bar appears when this takes over 3 s."""
+    for the error if a rank is lost). A progress bar appears when this takes over 3 s.
+
+    A training run's last evaluation and its stage's measurement of the same weights are one
+    pass: the last logits of a model that is not frozen are kept by evaluation_key and
+    returned again while the weights stay as they were. Only a call outside a group reads
+    them, so every rank of a group always makes the same collective calls."""
     from tqdm import tqdm
 
     from . import dist
     from .data import iterate
 
+    key = None if frozen else evaluation_key(model, data, split, device)
+    if key in _LAST and not together:
+        return _LAST[key].copy()
     model.eval()
     share = dist.share(together)
     out, forward = None, None
@@ -147,4 +186,7 @@ def predict(model: nn.Module, data, split, device: torch.device, frozen: bool = 
         out = torch.zeros(len(split), data.num_classes)
     if share[1] > 1:
         out = dist.all_sum(out.to(device), what).cpu()
+    if key is not None:
+        _LAST.clear()
+        _LAST[key] = out.numpy().copy()
     return out.numpy()

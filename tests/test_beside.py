@@ -8,12 +8,14 @@ import copy
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from edgekd.beside import BaselineBeside, pays
 from edgekd.cli import main
 from edgekd.errors import EdgekdError
+from edgekd.inference import predict
 from edgekd.train import TrainConfig, fit
 
 CE = TrainConfig(epochs=2, loss="ce", lr=0.05, eval_every=1)
@@ -43,6 +45,13 @@ def test_the_baseline_trained_beside_is_the_one_trained_here_on_the_same_threads
     for k, v in here.state_dict().items():
         assert torch.equal(v, there.state_dict()[k]), k
     assert (tmp_path / "baseline_state.pt").exists()  # its checkpoint, for --resume
+    # its last evaluation came back with its weights: the stage measures them without a pass here
+    passes = []
+    there.register_forward_hook(lambda *a: passes.append(1))
+    logits = predict(there, data, data.test, torch.device("cpu"))
+    with torch.no_grad():
+        direct = here.eval()(data.normalize(data.test.images)).numpy()
+    assert not passes and np.allclose(logits, direct, atol=1e-4)
 
 
 def test_the_baseline_goes_beside_only_where_it_pays(tiny, monkeypatch):

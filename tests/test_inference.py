@@ -80,3 +80,27 @@ def test_a_model_onnxruntime_cannot_take_runs_in_pytorch(caplog):
     assert "runs in PyTorch" in caplog.text
     with torch.no_grad():
         assert torch.allclose(run(x), model(x), atol=1e-5)  # PyTorch, in the layout that pays
+
+
+def test_the_same_weights_on_the_same_split_are_evaluated_once(tiny):
+    """A training run's last evaluation and the stage's measurement of the same weights are one
+    pass (predict keeps the last logits by evaluation_key); changed weights or BN statistics, a
+    frozen model and a call made by a whole torchrun group run again."""
+    model = copy.deepcopy(tiny[0])
+    data = tiny[1]
+    passes = []
+    model.register_forward_hook(lambda *a: passes.append(1))
+    first = predict(model, data, data.test, CPU, together=True)  # as the training loop calls it
+    n = len(passes)
+    again = predict(model, data, data.test, CPU)  # as the stage measures it
+    assert len(passes) == n and np.array_equal(first, again)
+    again[:] = 0  # the caller's copy: the kept logits stay as they were
+    assert np.array_equal(predict(model, data, data.test, CPU), first) and len(passes) == n
+    predict(model, data, data.test, CPU, together=True)  # a group call never reads them
+    assert len(passes) == 2 * n
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    bn.running_var.mul_(2.0)  # BatchNorm re-estimated: other logits
+    changed = predict(model, data, data.test, CPU)
+    assert len(passes) == 3 * n and not np.allclose(changed, first)
+    predict(model, data, data.test, CPU, frozen=True)  # a teacher (its own cache): computed, if only the
+    assert len(passes) > 3 * n  # probe that checks onnxruntime against PyTorch
