@@ -307,6 +307,7 @@ def check_inputs(cfg: PipelineConfig) -> None:
             if m.arch not in known:
                 raise ConfigError(f"{role}.arch: unknown architecture {m.arch!r}{did_you_mean(m.arch, known)} "
                                   "(expected a torchvision classification model, see torchvision.models.list_models())")
+            _check_options(role, m)
         if m.checkpoint:
             path = Path(m.checkpoint).expanduser()
             if not _is_file(path):
@@ -348,6 +349,33 @@ def _check_timm(role: str, m) -> None:
     if m.width_mult is not None:
         raise ConfigError(f"{role}.width_mult: only for torchvision models; pick a timm variant of that width "
                           "(e.g. timm/mobilenetv3_small_050)")
+
+
+def _check_options(role: str, m) -> None:
+    """Build a torchvision model on the meta device (no memory, no weights, milliseconds), so an
+    option its architecture does not take (width_mult on a RegNet, cifar_stem on a ShuffleNet)
+    fails here, named by its key, not once the data have been decoded. An architecture whose
+    initialiser computes with tensors cannot be built there; where an option is set, it is built
+    for real (random weights: a fraction of a second for a mobile model)."""
+    import torch
+
+    from .models import build
+
+    spec = {"arch": m.arch, "num_classes": 2, "cifar_stem": m.cifar_stem, "width_mult": m.width_mult}
+    try:
+        try:
+            with torch.device("meta"):
+                build(spec)
+        except NotImplementedError:  # "Cannot copy out of meta tensor"
+            if m.cifar_stem or m.width_mult is not None:
+                build(spec)
+    except InputError as e:
+        if "cifar_stem" in str(e):
+            raise ConfigError(f"{role}.cifar_stem: {e}") from None
+        if m.width_mult is not None:
+            raise ConfigError(f"{role}.width_mult: {m.arch} takes no width_mult (torchvision's mobilenet_v2 and "
+                              f"mobilenet_v3_* do); leave it out or pick a narrower variant of {m.arch}") from None
+        raise ConfigError(f"{role}.arch: {e}") from None
 
 
 def _architectures() -> list[str]:
