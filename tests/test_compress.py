@@ -113,6 +113,37 @@ def test_ptq_produces_int8_graph_that_onnxruntime_runs_with_int8_kernels(tmp_pat
     assert q.stat().st_size < fp32.stat().st_size / 2.5
 
 
+def test_a_pool_whose_scales_onnxruntimes_int8_kernel_refuses_takes_its_outputs_grid(tmp_path):
+    """A QAT range for the classifier's input far narrower than the calibrated range of the 1x1
+    average pool before it: onnxruntime's QLinearGlobalAveragePool refuses such scales when it
+    runs ("parameter out of computation range"; a timm MobileNetV4 student at 32 px did this), so
+    the pool's input is quantized on its output's grid, as the QAT model computes, and the file runs."""
+    from edgekd.bench.runtimes import ort_session
+    from edgekd.quant.ptq import refused_pools
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 8), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Conv2d(8, 8, 1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    fp32 = export_onnx(model, tmp_path / "fp32.onnx", 8)
+    calib = 3 * torch.randn(32, 3, 8, 8).numpy()
+    head = next(t.name for t in onnx.load(str(fp32)).graph.initializer if t.name.startswith("3.") and t.name.endswith("weight"))
+    ok = quantize_onnx(fp32, tmp_path / "ok.onnx", calib)
+    narrow = quantize_onnx(fp32, tmp_path / "narrow.onnx", calib, activation_ranges={head: (0.0, 1e-3)})
+    for path in (ok, narrow):
+        sess = ort_session(path, 1)
+        assert sess.run(None, {sess.get_inputs()[0].name: calib[:2]})[0].shape == (2, 4)
+        assert refused_pools(path) == {}
+        assert "QLinearGlobalAveragePool" in _ort_optimized_ops(path, tmp_path)  # still the int8 pool
+    # the narrow file's pool input is on its output's grid: the same scale on both sides
+    g = onnx.load(str(narrow)).graph
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializer}
+    pool = next(n for n in g.node if n.op_type == "GlobalAveragePool")
+    dq = next(n for n in g.node if n.output[0] == pool.input[0])
+    q = next(n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] == pool.output[0])
+    assert float(consts[dq.input[1]]) == pytest.approx(float(consts[q.input[1]]), rel=1e-6)
+    assert float(consts[q.input[1]]) < 1e-5  # the narrow range (1e-3 over 255 steps) kept
+
+
 def test_ptq_can_keep_the_stem_conv_fp32_and_only_it(tmp_path):
     model = build(SPEC).eval()
     data = tiny_data()

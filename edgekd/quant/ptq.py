@@ -96,20 +96,70 @@ def quantize_onnx(src: Path, dst: Path, calib: np.ndarray, method: str = "minmax
 
             op_types = sorted((set(QDQRegistry) | set(QLinearOpsRegistry)) - set(plan.op_types_kept_fp32()))
         with atomic_path(dst) as tmp:
-            try:
+            def quantize(exclude: list[str]) -> None:
                 quantize_static(
                     str(pre), str(tmp), _Reader(calib.astype(np.float32), input_name),
                     quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=target.reduce_range,
                     activation_type=QuantType.QInt8 if activation_type == "int8" else QuantType.QUInt8,
                     weight_type=QuantType.QInt8, calibrate_method=methods[method],
-                    nodes_to_exclude=nodes_to_exclude, op_types_to_quantize=op_types, extra_options=extra,
+                    nodes_to_exclude=exclude, op_types_to_quantize=op_types, extra_options=extra,
                 )
+
+            try:
+                quantize(nodes_to_exclude)
+                if refused := refused_pools(tmp):
+                    # the pool's input on its output's grid: what the QAT model computes after a 1x1 pool
+                    # (its classifier's input range clips the features), and scales the kernel takes
+                    overrides = extra.setdefault("TensorQuantOverrides", {})
+                    for name, (tensor, lo, hi) in refused.items():
+                        overrides[tensor] = [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                    log.warning("int8 %s: the input of %s quantized on its output's range %s: onnxruntime's int8 "
+                                "average pool refuses scales whose ratio over the pixels is outside [2^-32, 256)",
+                                dst.name, ", ".join(refused), ", ".join(f"[{lo:.3g}, {hi:.3g}]" for _, lo, hi in refused.values()))
+                    quantize(nodes_to_exclude)
             except Exception as e:
                 raise EdgekdError(f"int8 quantization of {src.name} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     from ..onnx_export import set_metadata
 
     set_metadata(dst, {"edgekd.int8_target": target.name, "edgekd.weight_qmax": str(target.weight_qmax)})
     return dst
+
+
+POOL_SCALE = (2.0 ** -32, 256.0)  # onnxruntime's QLinearGlobalAveragePool: input scale / (output scale x pixels)
+
+
+def refused_pools(path: Path) -> dict[str, tuple[str, float, float]]:
+    """GlobalAveragePool nodes of a QDQ file that onnxruntime fuses into its int8 pool but whose
+    scales that kernel refuses at run time ("parameter out of computation range": MLAS needs
+    input scale / (output scale x pixels) in [2^-32, 256)). QAT can learn such a pair: its range
+    for the classifier's input, after a 1x1 pool, 256 times narrower than the calibrated range of
+    the pool's input. Node name -> (its input tensor, the range its output is quantized on)."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*g.value_info, *g.input]}
+    refused = {}
+    for n in g.node:
+        dq = producer.get(n.input[0]) if n.op_type == "GlobalAveragePool" else None
+        qs = [c for c in g.node if c.op_type == "QuantizeLinear" and c.input[0] == n.output[0]] if dq else []
+        spatial = shapes.get(n.input[0], [])[2:]
+        if dq is None or dq.op_type != "DequantizeLinear" or not qs or not spatial or not all(spatial) \
+                or dq.input[1] not in consts:
+            continue
+        q = qs[0]
+        if q.input[1] not in consts or len(q.input) < 3 or q.input[2] not in consts:
+            continue
+        ratio = float(consts[dq.input[1]]) / (float(consts[q.input[1]]) * float(np.prod(spatial)))
+        if not POOL_SCALE[0] <= ratio < POOL_SCALE[1]:
+            scale, zp = float(consts[q.input[1]]), consts[q.input[2]]
+            grid = np.iinfo(zp.dtype)
+            q_in = producer.get(dq.input[0])  # the float tensor the quantizer named: the override's key
+            tensor = q_in.input[0] if q_in is not None and q_in.op_type == "QuantizeLinear" else n.input[0]
+            refused[n.name] = (tensor, (grid.min - int(zp)) * scale, (grid.max - int(zp)) * scale)
+    return refused
 
 
 def _range_overrides(graph, ranges: dict[str, tuple[float, float]]) -> dict:
