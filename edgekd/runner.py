@@ -77,6 +77,16 @@ def _guessing(cfg, name: str, figs: dict, data) -> dict:
     return {"near_chance": text}
 
 
+def changed_keys(old, new, path: str = "") -> list[str]:
+    """Key paths (stages[0].distill.epochs) where two pipeline mappings differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for key in dict.fromkeys([*old, *new])
+                for k in changed_keys(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [k for i, (a, b) in enumerate(zip(old, new)) for k in changed_keys(a, b, f"{path}[{i}]")]
+    return [] if old == new else [path or "(the whole file)"]
+
+
 class Runner:
     def __init__(self, cfg: PipelineConfig, raw: dict, run_dir: Path | None = None, resume: bool = False):
         self.cfg, self.raw = cfg, raw
@@ -98,6 +108,23 @@ class Runner:
         return sha256_json([c.seed, c.data.model_dump(), c.student.model_dump(),
                             c.teacher.model_dump() if c.teacher else
                             {n: m.model_dump() for n, m in c.teachers.items()} if c.teachers else None])
+
+    def _set_aside_changed_config(self) -> None:
+        """A resume whose pipeline differs from the run's config.yaml (another file, --set
+        overrides left out): say which keys differ, as the stages they reach are redone and set
+        aside, and set the old config.yaml aside with them, the record of how they were made."""
+        path = self.run_dir / "config.yaml"
+        try:
+            old = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return  # none, or unreadable: nothing to compare with (the manifest's hashes still decide)
+        changed = changed_keys(old, self.raw)
+        if changed:
+            moved = set_aside(self.run_dir, path)
+            more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+            log.warning("--resume: this pipeline differs from the run's config.yaml in %s%s; the stages that reach are "
+                        "redone (its config.yaml moved to %s)", ", ".join(changed[:6]), more,
+                        moved.relative_to(self.run_dir))
 
     def _save_manifest(self) -> None:
         write_json(self.manifest_path, self.manifest)
@@ -127,6 +154,8 @@ class Runner:
             torch.set_num_threads(cfg.threads)
         device = dist.init(resolve_device(cfg.device))
         seed_everything(cfg.seed)
+        if self.manifest:
+            self._set_aside_changed_config()
         write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.raw, sort_keys=False))
         old_stages = {s["index"]: s for s in self.manifest.get("stages", [])}
         self.manifest = {

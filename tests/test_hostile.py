@@ -152,13 +152,18 @@ def test_resume_after_a_config_change_keeps_what_it_replaces(tmp_path, image_fol
     assert cli.main(["run", str(pipe), "--out", str(out)]) == 0
     (out / "00_distill" / "my_notes.txt").write_text("keep me")
     old_model = (out / "00_distill" / "model.pt").read_bytes()
+    old_config = (out / "config.yaml").read_text()
     assert cli.main(["run", str(pipe), "--resume", str(out), "--set", "distill.lr=0.01"]) == 0
-    moved = list((out / "replaced").iterdir())
-    assert len(moved) == 1 and moved[0].name.startswith("00_distill-")
+    moved = sorted((out / "replaced").iterdir())
+    assert [m.name.split("-")[0] for m in moved] == ["00_distill", "config.yaml"]
     assert (moved[0] / "my_notes.txt").read_text() == "keep me"
     assert (moved[0] / "model.pt").read_bytes() == old_model
-    assert any("stage 0 distill: its config (or an earlier stage's) changed; redoing it" in r.getMessage()
-               for r in caplog.records)
+    assert moved[1].read_text() == old_config  # how the replaced stage was made
+    assert "lr: 0.01" in (out / "config.yaml").read_text()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("--resume: this pipeline differs from the run's config.yaml in stages[0].distill.lr; ")
+               for m in messages)
+    assert any("stage 0 distill: its config (or an earlier stage's) changed; redoing it" in m for m in messages)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stages"][0]["replaced"] == f"replaced/{moved[0].name}"
 
