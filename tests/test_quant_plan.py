@@ -327,3 +327,19 @@ def test_a_plan_runtime_that_is_not_installed_is_refused_before_any_data_is_read
         validate(minimal_pipeline)
     minimal_pipeline["stages"] = [{"quantize": {"method": "ptq", "plan_runtime": "openvino", "plan": "int8"}}]
     validate(minimal_pipeline)  # nothing to time
+
+
+def test_a_qat_file_well_below_its_ptq_twin_is_named_with_what_to_check():
+    """QAT's fine-tune can cost more than int8 rounding (a timm MobileNetV4 at 32 px went to chance);
+    the stage says so where the gap passes the drop budget and a point, and names chance."""
+    from edgekd.stages.quantize import qat_below_ptq
+
+    figs = lambda ptq, qat: {"int8_ptq": {"top1": ptq}, "int8_qat": {"top1": qat}}  # noqa: E731
+    assert qat_below_ptq(figs(22.0, 10.0), 0.5, 10) == (
+        "QAT's int8 file scores 10% (chance), 12.0 points below the PTQ file's 22%: its fine-tune lost more than int8 "
+        "rounding did; the PTQ file is the best int8 file here (check quantize.qat: lr, epochs, loss)")
+    assert "(chance)" not in qat_below_ptq(figs(60.0, 50.0), 0.5, 10)
+    assert qat_below_ptq(figs(60.0, 59.2), 0.5, 10) is None  # within a point
+    assert qat_below_ptq(figs(60.0, 58.5), 2.0, 10) is None  # within the budget
+    assert qat_below_ptq(figs(60.0, 62.0), 0.5, 10) is None  # QAT better
+    assert qat_below_ptq({"int8_ptq": {"top1": 60.0}}, 0.5, 10) is None  # PTQ only

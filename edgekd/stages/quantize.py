@@ -119,6 +119,20 @@ def calibration_images(data, samples: int, seed: int) -> np.ndarray:
     return data.normalize(data.train.images[torch.as_tensor(idx)]).numpy()
 
 
+def qat_below_ptq(models: dict, max_drop: float, classes: int) -> str | None:
+    """Where QAT's file scores well below the PTQ file of the same plan (more than the drop budget,
+    and at least a point): QAT's fine-tune cost more than int8 rounding did, so the report and the
+    gate take the PTQ file (best_int8), and the user is told what to look at."""
+    if "int8_qat" not in models or "int8_ptq" not in models:
+        return None
+    ptq, qat = models["int8_ptq"]["top1"], models["int8_qat"]["top1"]
+    if ptq - qat <= max(1.0, max_drop):
+        return None
+    chance = " (chance)" if qat <= 100.0 / classes + 0.5 else ""
+    return (f"QAT's int8 file scores {qat:g}%{chance}, {ptq - qat:.1f} points below the PTQ file's {ptq:g}%: its fine-tune "
+            "lost more than int8 rounding did; the PTQ file is the best int8 file here (check quantize.qat: lr, epochs, loss)")
+
+
 @register("quantize")
 class Quantize(Stage):
     Config = QuantizeConfig
@@ -180,6 +194,9 @@ class Quantize(Stage):
                                   "onnxruntime_int8_loses_time_on": record["int8_loses_time_on"],
                                   "quantized_from": "student_fp32"})
                 info[f"{k}_drop_points"] = round(models["student_fp32"]["top1"] - models[k]["top1"], 3)
+        if why := qat_below_ptq(models, cfg.max_drop_points, len(data.classes)):
+            log.warning("quantize: %s", why)
+            info["qat_below_ptq"] = why
         best = max((k for k in models if k.startswith("int8")), key=lambda k: models[k]["top1"])
         metrics = {k: v for k, v in models[best].items() if k != "label"}
         info["best_int8"] = best
