@@ -96,27 +96,27 @@ def quantize_onnx(src: Path, dst: Path, calib: np.ndarray, method: str = "minmax
 
             op_types = sorted((set(QDQRegistry) | set(QLinearOpsRegistry)) - set(plan.op_types_kept_fp32()))
         with atomic_path(dst) as tmp:
-            def quantize(exclude: list[str]) -> None:
+            def quantize() -> None:
                 quantize_static(
                     str(pre), str(tmp), _Reader(calib.astype(np.float32), input_name),
                     quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=target.reduce_range,
                     activation_type=QuantType.QInt8 if activation_type == "int8" else QuantType.QUInt8,
                     weight_type=QuantType.QInt8, calibrate_method=methods[method],
-                    nodes_to_exclude=exclude, op_types_to_quantize=op_types, extra_options=extra,
+                    nodes_to_exclude=nodes_to_exclude, op_types_to_quantize=op_types, extra_options=extra,
                 )
 
             try:
-                quantize(nodes_to_exclude)
+                quantize()
                 if refused := refused_pools(tmp):
                     # the pool's input on its output's grid: what the QAT model computes after a 1x1 pool
-                    # (its classifier's input range clips the features), and scales the kernel takes
+                    # (its range for the classifier's input clips the features), and scales the kernel takes
                     overrides = extra.setdefault("TensorQuantOverrides", {})
                     for name, (tensor, lo, hi) in refused.items():
                         overrides[tensor] = [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
                     log.warning("int8 %s: the input of %s quantized on its output's range %s: onnxruntime's int8 "
                                 "average pool refuses scales whose ratio over the pixels is outside [2^-32, 256)",
                                 dst.name, ", ".join(refused), ", ".join(f"[{lo:.3g}, {hi:.3g}]" for _, lo, hi in refused.values()))
-                    quantize(nodes_to_exclude)
+                    quantize()
             except Exception as e:
                 raise EdgekdError(f"int8 quantization of {src.name} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     from ..onnx_export import set_metadata
@@ -131,9 +131,10 @@ POOL_SCALE = (2.0 ** -32, 256.0)  # onnxruntime's QLinearGlobalAveragePool: inpu
 def refused_pools(path: Path) -> dict[str, tuple[str, float, float]]:
     """GlobalAveragePool nodes of a QDQ file that onnxruntime fuses into its int8 pool but whose
     scales that kernel refuses at run time ("parameter out of computation range": MLAS needs
-    input scale / (output scale x pixels) in [2^-32, 256)). QAT can learn such a pair: its range
-    for the classifier's input, after a 1x1 pool, 256 times narrower than the calibrated range of
-    the pool's input. Node name -> (its input tensor, the range its output is quantized on)."""
+    input scale / (output scale x pixels) in [2^-32, 256)). A QAT file can hold such a pair: its
+    learned range for the classifier's input, after a 1x1 pool, and the calibrated range of the
+    pool's input 256 times or more apart. Node name -> (its input tensor, the range its output is
+    quantized on)."""
     import onnx
     from onnx import numpy_helper
 
