@@ -122,7 +122,7 @@ class Runner:
         if changed:
             moved = set_aside(self.run_dir, path)
             more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
-            log.warning("--resume: this pipeline differs from the run's config.yaml in %s%s; the stages that reach are "
+            log.warning("--resume: this pipeline differs from the run's config.yaml in %s%s; the stages they reach are "
                         "redone (its config.yaml moved to %s)", ", ".join(changed[:6]), more,
                         moved.relative_to(self.run_dir))
 

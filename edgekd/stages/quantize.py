@@ -121,8 +121,8 @@ def calibration_images(data, samples: int, seed: int) -> np.ndarray:
 
 def qat_below_ptq(models: dict, max_drop: float, classes: int) -> str | None:
     """Where QAT's file scores well below the PTQ file of the same plan (more than the drop budget,
-    and at least a point): QAT's fine-tune cost more than int8 rounding did, so the report and the
-    gate take the PTQ file (best_int8), and the user is told what to look at."""
+    and at least a point): QAT's fine-tune cost more than int8 rounding did. The stage's own
+    figures take the better file (best_int8); the user is told what to look at."""
     if "int8_qat" not in models or "int8_ptq" not in models:
         return None
     ptq, qat = models["int8_ptq"]["top1"], models["int8_qat"]["top1"]
