@@ -37,7 +37,8 @@ class _Reader:
 def quantize_onnx(src: Path, dst: Path, calib: np.ndarray, method: str = "minmax", per_channel: bool = True,
                   activation_type: str = "uint8", percentile: float = 99.999, target: Target = TARGETS["portable"],
                   exclude_depthwise: bool = False, keep_first_conv_fp32: bool = False,
-                  activation_ranges: dict[str, tuple[float, float]] | None = None, plan=None) -> Path:
+                  activation_ranges: dict[str, tuple[float, float]] | None = None, plan=None,
+                  tensor_ranges: dict[str, tuple[float, float]] | None = None) -> Path:
     """QDQ int8: per-channel symmetric int8 weights on the target's grid (7-bit for `portable`,
     see quant.targets), per-tensor activations calibrated on `calib`. The target is stamped
     into the file's metadata, so verification and the device side know what it is for.
@@ -45,7 +46,8 @@ def quantize_onnx(src: Path, dst: Path, calib: np.ndarray, method: str = "minmax
     `activation_ranges` maps a Conv/Gemm weight's initializer name to the (min, max) its input
     should be quantized with: QAT's learned ranges, so the file runs the activation grid the
     weights were trained under instead of re-calibrating it (calibration then only sets the
-    tensors QAT does not simulate, such as residual-add outputs).
+    tensors QAT does not simulate, such as residual-add outputs). `tensor_ranges` does the same by
+    tensor name, for QAT that rounds every tensor the file does (quant.sites).
 
     `plan` (quant.plan.Plan) names the nodes that stay fp32; without one, `keep_first_conv_fp32`
     leaves the stem conv unquantized: with 3 input channels its int8 kernel gains little, and
@@ -76,10 +78,13 @@ def quantize_onnx(src: Path, dst: Path, calib: np.ndarray, method: str = "minmax
         if exclude_depthwise:
             nodes_to_exclude += [n.name for n in graph.node if n.op_type == "Conv" and _group(n) > 1]
         input_name = graph.input[0].name
-        if activation_ranges:
-            extra["TensorQuantOverrides"] = _range_overrides(graph, activation_ranges)
+        overrides = _range_overrides(graph, activation_ranges or {})
+        overrides.update({t: [{"rmin": np.float32(min(lo, 0.0)), "rmax": np.float32(max(hi, 0.0))}]
+                          for t, (lo, hi) in (tensor_ranges or {}).items()})
+        if overrides:
+            extra["TensorQuantOverrides"] = overrides
         weighted = [n.name for n in graph.node if n.op_type in WEIGHTED]
-        if weighted and set(weighted) <= set(nodes_to_exclude) and not activation_ranges:
+        if weighted and set(weighted) <= set(nodes_to_exclude) and not overrides:
             # a plan that keeps every layer fp32 (int8 did not pay): the file is the fp32 graph as
             # exported, not the quantizer's rewrite of it (whose decomposed activations some
             # runtimes no longer fuse)

@@ -29,6 +29,7 @@ from ..quant.plan import (PATTERN, WEIGHTED, Plan, blocks, choose, float_cost, i
                           module_path, profiles, recover_accuracy, rule_plan, search, time_plans, unmatched_patterns)
 from ..quant.ptq import quantize_onnx
 from ..quant.qat import activation_ranges, apply_transform, qat_transform, snap_weights
+from ..quant.sites import find_sites, site_ranges
 from ..quant.targets import TARGET_NAMES, resolve_target
 from ..train import TrainConfig, fit
 from .base import Stage, StageResult, register
@@ -167,8 +168,14 @@ class Quantize(Stage):
         else:
             planned.unlink()
         if cfg.method in ("qat", "both"):
-            wrap = qat_transform(target.weight_qmax, plan)
-            qmodel = apply_transform(apply_transform(copy.deepcopy(float_model).cpu(), "fold_bn"), wrap).to(ctx.device)
+            folded = apply_transform(copy.deepcopy(float_model).cpu(), "fold_bn")
+            sites, unmatched = find_sites(folded, data.image_size, calib, plan, qopts)
+            if unmatched:
+                log.warning("quantize: QAT does not simulate the rounding of %d of the int8 file's tensors (no module "
+                            "makes or takes them): %s", len(unmatched), ", ".join(unmatched[:5]))
+            info["qat_rounded_tensors"] = {"simulated": sum(len(s.tensors) for s in sites), "not_simulated": unmatched}
+            wrap = qat_transform(target.weight_qmax, plan, sites)
+            qmodel = apply_transform(folded, wrap).to(ctx.device)
             objective = ctx.objective(cfg.qat) if cfg.qat.epochs else None
             with torch.no_grad():  # initialise activation ranges on calibration images
                 qmodel.train()
@@ -180,7 +187,7 @@ class Quantize(Stage):
             sim = ctx.measure(qmodel)
             snapped = export_onnx(snap_weights(copy.deepcopy(qmodel).cpu()), d / "qat_float.onnx", data.image_size)
             qat = quantize_onnx(snapped, d / "int8_qat.onnx", calib, activation_ranges=activation_ranges(qmodel), plan=plan,
-                                **qopts)
+                                tensor_ranges=site_ranges(qmodel, sites), **qopts)
             snapped.unlink()
             models["int8_qat"] = {**ort_figs(qat, "int8 QAT"), "torch_fake_quant_top1": sim["top1"],
                                   "params": sim.get("params"), "macs": sim.get("macs")}

@@ -1,0 +1,112 @@
+"""QAT rounds what the int8 file rounds (quant.sites): every tensor the file quantizes is found
+in the PyTorch model, the int32 bias is on the file's grid, and the trained model and its file
+then compute the same numbers. Q/DQ is run as float math (onnxruntime's int8 kernels off), so the
+comparison is the simulation's, the same on every CPU."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from edgekd.models import build, rebuild, save_checkpoint
+from edgekd.onnx_export import export_onnx, run_onnx
+from edgekd.quant.plan import load_graph, rule_plan
+from edgekd.quant.ptq import quantize_onnx
+from edgekd.quant.qat import QConv2d, activation_ranges, apply_transform, qat_transform, snap_weights
+from edgekd.quant.sites import SITES_ATTR, find_sites, quantized_tensors, site_ranges
+from edgekd.quant.targets import TARGETS
+
+SPEC = {"arch": "mobilenet_v2", "num_classes": 4, "cifar_stem": True, "width_mult": 0.25}
+QOPTS = {"target": TARGETS["portable"]}
+
+
+def _model() -> torch.nn.Module:
+    """A tiny MobileNetV2 with data-like BN statistics, two of whose channels have a near-zero
+    running variance (as a short run leaves dead channels): folded, their weights are in the
+    thousands and the file's int32 bias grid is coarser than their bias."""
+    torch.manual_seed(0)
+    m = build(SPEC).train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(32, 3, 32, 32))
+        m.features[4].conv[1][1].running_var[:2] = 1e-7
+    return m.eval()
+
+
+def _qat(model, calib, sites, tmp):
+    plan = rule_plan(load_graph(export_onnx(copy.deepcopy(model), tmp / "fp32.onnx", 32)), True, [])
+    q = apply_transform(apply_transform(copy.deepcopy(model), "fold_bn"), qat_transform(64, plan, sites))
+    with torch.no_grad():
+        q.train()
+        q(torch.from_numpy(calib))  # the activation ranges, as the quantize stage sets them
+    return q.eval(), plan
+
+
+def _file(q, plan, calib, sites, tmp):
+    name = "sites" if sites else "legacy"
+    snapped = export_onnx(snap_weights(copy.deepcopy(q)), tmp / f"{name}_float.onnx", 32)
+    return quantize_onnx(snapped, tmp / f"{name}.onnx", calib, activation_ranges=activation_ranges(q), plan=plan,
+                         tensor_ranges=site_ranges(q, sites), **QOPTS)
+
+
+def _rel(path, q, x) -> float:
+    with torch.no_grad():
+        ref = q(torch.from_numpy(x)).numpy()
+    out = run_onnx(path, x, int8_kernels=False)
+    return float(np.abs(out - ref).mean() / np.abs(ref).mean())
+
+
+def test_qat_rounds_every_tensor_the_file_rounds_and_they_agree(tmp_path):
+    model = _model()
+    calib = np.random.RandomState(0).randn(64, 3, 32, 32).astype(np.float32)
+    folded = apply_transform(copy.deepcopy(model), "fold_bn")
+    plan = rule_plan(load_graph(export_onnx(copy.deepcopy(model), tmp_path / "fp32.onnx", 32)), True, [])
+    sites, missing = find_sites(folded, 32, calib, plan, QOPTS)
+    assert missing == []
+    # found where they are made: a residual block's output, the branch conv before its add
+    by_path = {s.path: s for s in sites}
+    assert any(t.endswith("/Add_output_0") for t in by_path["features.3"].tensors)
+    assert by_path["features.3.conv.2"].kind == "out"
+    # the pool's output and the flattened classifier input are one tensor to PyTorch, one site
+    assert any(len(s.tensors) > 1 for s in sites)
+    # every int8 layer takes a site's tensor: its bias follows that site's grid
+    int8_layers = {p for p, m in apply_transform(copy.deepcopy(folded), qat_transform(64, plan)).named_modules()
+                   if isinstance(m, QConv2d)}
+    assert int8_layers <= {f for s in sites for f in s.feeds}
+
+    q_sites, plan = _qat(model, calib, sites, tmp_path)
+    q_legacy, _ = _qat(model, calib, [], tmp_path)
+    f_sites = _file(q_sites, plan, calib, sites, tmp_path)
+    assert sorted(t for s in sites for t in s.tensors) == sorted(quantized_tensors(f_sites))
+    f_legacy = _file(q_legacy, plan, calib, [], tmp_path)
+    x = np.random.RandomState(1).randn(64, 3, 32, 32).astype(np.float32)
+    rel_sites, rel_legacy = _rel(f_sites, q_sites, x), _rel(f_legacy, q_legacy, x)
+    # conv inputs alone leave the residual roundings and the coarse bias out of the simulation
+    print(f"relative logit error: sites {rel_sites:.4f}, conv inputs only {rel_legacy:.4f}")
+    assert rel_sites < 0.01 and rel_sites < rel_legacy / 3, (rel_sites, rel_legacy)
+
+
+def test_sites_survive_a_checkpoint_and_a_deepcopy(tmp_path):
+    model = _model()
+    calib = np.random.RandomState(0).randn(32, 3, 32, 32).astype(np.float32)
+    plan = rule_plan(load_graph(export_onnx(copy.deepcopy(model), tmp_path / "fp32.onnx", 32)), True, [])
+    sites, _ = find_sites(apply_transform(copy.deepcopy(model), "fold_bn"), 32, calib, plan, QOPTS)
+    q, _ = _qat(model, calib, sites, tmp_path)
+    x = torch.from_numpy(calib[:4])
+    save_checkpoint(tmp_path / "q.pt", q, SPEC, [], ["fold_bn", qat_transform(64, plan, sites)], {"image_size": 32})
+    again = rebuild(torch.load(tmp_path / "q.pt", weights_only=True)).eval()
+    with torch.no_grad():
+        assert torch.allclose(again(x), q(x), atol=1e-5)
+        # a copy rounds through its own quantizers: narrowing the copy's ranges leaves the original alone
+        before = q(x)
+        twin = copy.deepcopy(q)
+        for fq in getattr(twin, SITES_ATTR):
+            fq.hi.mul_(0.1), fq.lo.mul_(0.1)
+        assert not torch.allclose(twin(x), before)
+        assert torch.equal(q(x), before)
+        # the float model for export has no rounding left: the snapped layers compute plain float math
+        snapped = snap_weights(copy.deepcopy(q))
+        assert not hasattr(snapped, SITES_ATTR)
+        assert not any(h for m in snapped.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
