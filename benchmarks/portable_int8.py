@@ -85,6 +85,7 @@ def make_files(args, model, data, x, out: Path) -> tuple[dict, dict]:
     from edgekd.quant.ptq import quantize_onnx
     from edgekd.quant.plan import load_graph, rule_plan
     from edgekd.quant.qat import apply_transform, qat_transform, snap_weights
+    from edgekd.quant.sites import find_sites, site_ranges
     from edgekd.quant.targets import TARGETS
     from edgekd.stages.quantize import calibration_images
     from edgekd.train import TrainConfig, fit
@@ -98,7 +99,9 @@ def make_files(args, model, data, x, out: Path) -> tuple[dict, dict]:
         for stem in ("fp32", "int8"):
             files[f"ptq {target} stem-{stem}"] = quantize_onnx(fp32, out / f"ptq_{target}_stem{stem}.onnx", calib,
                                                                 target=t, keep_first_conv_fp32=stem == "fp32")
-        q = apply_transform(apply_transform(copy.deepcopy(model), "fold_bn"), qat_transform(t.weight_qmax, stem_fp32))
+        folded = apply_transform(copy.deepcopy(model), "fold_bn")
+        sites, _ = find_sites(folded, 32, calib, stem_fp32, {"target": t})
+        q = apply_transform(folded, qat_transform(t.weight_qmax, stem_fp32, sites))
         with torch.no_grad():
             q.train()
             for i in range(0, len(calib), 64):
@@ -111,7 +114,7 @@ def make_files(args, model, data, x, out: Path) -> tuple[dict, dict]:
                                                                      for i in range(0, len(x), 500)])
         snapped = export_onnx(snap_weights(copy.deepcopy(q)), out / f"qat_{target}_float.onnx", 32)
         files[f"qat {target} stem-fp32"] = quantize_onnx(snapped, out / f"qat_{target}_stemfp32.onnx", calib, target=t,
-                                                          keep_first_conv_fp32=True)
+                                                          plan=stem_fp32, tensor_ranges=site_ranges(q, sites))
     if args.litert:
         from edgekd.formats import FORMATS
         from edgekd.formats.base import ConvertJob, Variant
