@@ -6,6 +6,7 @@ comparison is the simulation's, the same on every CPU."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ from edgekd.models import build, rebuild, save_checkpoint
 from edgekd.onnx_export import export_onnx, run_onnx
 from edgekd.quant.plan import load_graph, rule_plan
 from edgekd.quant.ptq import quantize_onnx
-from edgekd.quant.qat import QConv2d, activation_ranges, apply_transform, qat_transform, snap_weights
+from edgekd.quant.qat import ActFakeQuant, QConv2d, activation_ranges, apply_transform, qat_transform, snap_weights
 from edgekd.quant.sites import SITES_ATTR, find_sites, quantized_tensors, site_ranges
 from edgekd.quant.targets import TARGETS
 
@@ -75,6 +76,11 @@ def test_qat_rounds_every_tensor_the_file_rounds_and_they_agree(tmp_path):
     int8_layers = {p for p, m in apply_transform(copy.deepcopy(folded), qat_transform(64, plan)).named_modules()
                    if isinstance(m, QConv2d)}
     assert int8_layers <= {f for s in sites for f in s.feeds}
+    # a layer whose input no site rounds keeps rounding it itself
+    unfed = [dataclasses.replace(s, feeds=tuple(f for f in s.feeds if f != "features.3.conv.2")) for s in sites]
+    q = apply_transform(copy.deepcopy(folded), qat_transform(64, plan, unfed))
+    own = {p for p, m in q.named_modules() if isinstance(m, QConv2d) and isinstance(m.act_fq, ActFakeQuant)}
+    assert own == {"features.3.conv.2"}
 
     q_sites, plan = _qat(model, calib, sites, tmp_path)
     q_legacy, _ = _qat(model, calib, [], tmp_path)

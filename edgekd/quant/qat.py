@@ -150,16 +150,19 @@ def wrap_qat(model: nn.Module, skip_first_conv: bool = False, weight_qmax: int =
     `keep_fp32(module_path)` leaves the modules a quantization plan keeps fp32 (quant.plan), so
     QAT trains what the planned int8 file runs; `weight_qmax` is the target's weight grid
     (quant.targets). With `sites` (quant.sites: every tensor the int8 file rounds, found in this
-    model) activations are rounded there instead of at each layer's input."""
+    model) activations are rounded there instead of at each layer's input; a layer whose input
+    no site rounds (a tensor made inside a module's forward: a channel shuffle, an activation
+    decomposed by the exporter) keeps rounding its own input."""
     first = next((m for m in model.modules() if type(m) is nn.Conv2d), None) if skip_first_conv else None
     kept = {m for path, m in model.named_modules() if keep_fp32 is not None and keep_fp32(path)}
+    fed = {id(m) for path, m in model.named_modules() if any(path in s.feeds for s in sites or [])}
     for parent in list(model.modules()):
         for name, m in list(parent.named_children()):
             if type(m) in (nn.Conv2d, nn.Linear) and m is not first and m not in kept:
                 _ensure_bias(m)
                 m.__class__ = QConv2d if isinstance(m, nn.Conv2d) else QLinear
                 m.weight_qmax = weight_qmax
-                m.act_fq = nn.Identity() if sites else ActFakeQuant().to(m.weight.device)
+                m.act_fq = nn.Identity() if id(m) in fed else ActFakeQuant().to(m.weight.device)
     if sites:
         device = next(model.parameters()).device
         modules = dict(model.named_modules())
