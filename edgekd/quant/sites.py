@@ -3,9 +3,9 @@
 onnxruntime's QDQ quantizer rounds every tensor that enters or leaves an int8 op, once: a
 conv's input, but also a residual branch's output and the shortcut before their Add, the
 Add's output, a pool's input and output, the logits. Fake quantization on conv inputs alone
-misses the rest, and the error it leaves grows with every residual block: a MobileNetV2 file
-drifts a little from its QAT model, a MobileNetV4 (whose blocks are mostly residual) far
-enough that export verification fails.
+leaves the rest out of training, and gives the bias no input grid to follow (quant.qat keeps
+the int32 bias on the grid of the site that feeds its layer), so the file computes something
+else than the model that was trained and verified.
 
 So the tensors come from the file itself, not from rules about ops: quantize the BN-folded
 model once with the plan (a few calibration images), read which tensors its QuantizeLinear
@@ -13,13 +13,14 @@ nodes take, and find each in PyTorch by value: run the fp32 graph with those ten
 outputs and the model with hooks recording what every module returns (and takes), and match.
 A tensor is rounded where it is made (a module's output, so every consumer, the shortcut
 included, sees the rounded value) or, where no module makes it (a functional pool, a
-flatten), where a module takes it. The names and module paths are a `Site` list recorded in
-the QAT transform, so a checkpoint rebuilds the same simulation, and the file is quantized on
-the ranges the sites learned (onnxruntime's TensorQuantOverrides by tensor name)."""
+flatten), where a module takes it. A tensor made inside a module's forward (an activation the
+exporter decomposes, a channel shuffle) has neither and is left out (`find_sites` names them).
+The names and module paths are a `Site` list recorded in the QAT transform, so a checkpoint
+rebuilds the same simulation, and the file is quantized on the ranges the sites learned
+(onnxruntime's TensorQuantOverrides by tensor name)."""
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-
-log = logging.getLogger("edgekd")
 
 OUTPUT_SUFFIX = "_QuantizeLinear_Input"  # onnxruntime renames a graph output it quantizes
 
@@ -94,7 +93,7 @@ def _torch_records(model: nn.Module, x: torch.Tensor, numels: set[int]):
     kind, value); only values whose size some wanted tensor has. Copies: an in-place activation
     would change a recorded conv output into its own."""
     records: list[tuple[str, int, str, np.ndarray]] = []
-    calls: dict[str, int] = {}
+    calls: dict[str, int] = {}  # forward hooks count a module's calls, pre-hooks read the count
     handles = []
 
     def pre(path):
@@ -119,7 +118,7 @@ def _torch_records(model: nn.Module, x: torch.Tensor, numels: set[int]):
     finally:
         for h in handles:
             h.remove()
-    return records, calls
+    return records
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
@@ -132,14 +131,15 @@ def match_sites(model: nn.Module, fp32: Path, names: list[str], x: np.ndarray) -
     output it equals, else the first module input (the outermost module that takes it). Returns
     the sites and the tensors found nowhere."""
     values = _onnx_values(fp32, names, x)
-    records, _ = _torch_records(model, torch.from_numpy(x), {v.size for v in values.values()})
+    records = _torch_records(model, torch.from_numpy(x), {v.size for v in values.values()})
     outs = [r for r in records if r[2] == "out"]
     ins = [r for r in records if r[2] == "in"]
     by_key: dict[tuple[str, int, str], list[str]] = {}
     missing = []
     for t in names:
         v = values.get(t)
-        hit = None if v is None else next((r for r in [*outs, *ins] if _same(r[3], v)), None)
+        # a constant tensor (a dead ReLU's zeros) equals too many others to be placed by value
+        hit = None if v is None or np.ptp(v) == 0 else next((r for r in [*outs, *ins] if _same(r[3], v)), None)
         if hit is None:
             missing.append(t)
         else:
@@ -223,7 +223,7 @@ def install(model: nn.Module, sites: list[Site], make_fq) -> nn.ModuleList:
         rounds.append(r)
         m = modules[s.path]
         m.register_forward_hook(r) if s.kind == "out" else m.register_forward_pre_hook(r)
-    model.register_forward_pre_hook(_NewForward(rounds))
+    model.register_forward_pre_hook(_NewForward(rounds), prepend=True)  # before a site on the model's own input
     setattr(model, SITES_ATTR, fqs)
     return fqs
 
