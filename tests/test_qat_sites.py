@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 
 import numpy as np
+import pytest
 import torch
 
 from edgekd.models import build, rebuild, save_checkpoint
@@ -116,3 +118,27 @@ def test_sites_survive_a_checkpoint_and_a_deepcopy(tmp_path):
         snapped = snap_weights(copy.deepcopy(q))
         assert not hasattr(snapped, SITES_ATTR)
         assert not any(h for m in snapped.modules() for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
+
+
+@pytest.mark.parametrize("matching", ["works", "fails"])
+def test_the_quantize_stage_records_its_sites_and_survives_a_model_it_cannot_follow(
+        matching, minimal_pipeline, write_pipeline, tmp_path, monkeypatch, caplog):
+    import edgekd.stages.quantize as stage
+    from edgekd.cli import main
+
+    if matching == "fails":
+        def fail(*_a, **_k):
+            raise RuntimeError("a model the matching cannot follow")
+        monkeypatch.setattr(stage, "find_sites", fail)
+    minimal_pipeline["stages"] = [{"quantize": {"method": "qat", "plan": "int8", "calibration": {"samples": 8},
+                                                "qat": {"epochs": 1, "loss": "ce", "lr": 0.001}}}]
+    out = tmp_path / "run"
+    assert main(["run", str(write_pipeline(minimal_pipeline)), "--out", str(out)]) == 0
+    result = json.loads((out / "00_quantize" / "result.json").read_text())
+    rounded = result["info"]["qat_rounded_tensors"]
+    if matching == "works":
+        assert rounded["simulated"] > 10 and rounded["not_simulated"] == []
+    else:  # QAT as before sites: each layer rounds its own input
+        assert rounded["simulated"] == 0
+        assert "could not find where the int8 file rounds" in caplog.text
+    assert result["models"]["int8_qat"]["top1"] >= 0

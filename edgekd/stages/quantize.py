@@ -24,7 +24,7 @@ from ..metrics import classification_metrics
 from ..bench.machine import int8_class, machine_info
 from ..fileio import write_json
 from ..onnx_export import export_onnx, onnx_logits, run_onnx
-from ..errors import ConfigError
+from ..errors import ConfigError, EdgekdError
 from ..quant.plan import (PATTERN, WEIGHTED, Plan, blocks, choose, float_cost, int8_losses, kind_comparison, load_graph,
                           module_path, profiles, recover_accuracy, rule_plan, search, time_plans, unmatched_patterns)
 from ..quant.ptq import quantize_onnx
@@ -169,7 +169,14 @@ class Quantize(Stage):
             planned.unlink()
         if cfg.method in ("qat", "both"):
             folded = apply_transform(copy.deepcopy(float_model).cpu(), "fold_bn")
-            sites, unmatched = find_sites(folded, data.image_size, calib, plan, qopts)
+            try:
+                sites, unmatched = find_sites(folded, data.image_size, calib, plan, qopts)
+            except EdgekdError:
+                raise
+            except Exception as e:  # a model the matching cannot follow still gets QAT, as before sites
+                log.warning("quantize: could not find where the int8 file rounds in the model (%s: %s); QAT rounds "
+                            "each layer's input only", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                sites, unmatched = [], []
             if unmatched:
                 log.warning("quantize: QAT does not simulate the rounding of %d of the int8 file's tensors (no module "
                             "makes or takes them): %s", len(unmatched), ", ".join(unmatched[:5]))
