@@ -84,7 +84,7 @@ def make_files(args, model, data, x, out: Path) -> tuple[dict, dict]:
     from edgekd.onnx_export import export_onnx
     from edgekd.quant.ptq import quantize_onnx
     from edgekd.quant.plan import load_graph, rule_plan
-    from edgekd.quant.qat import apply_transform, qat_transform, snap_weights
+    from edgekd.quant.qat import apply_transform, observe_ranges, qat_transform, snap_weights
     from edgekd.quant.sites import find_sites, site_ranges
     from edgekd.quant.targets import TARGETS
     from edgekd.stages.quantize import calibration_images
@@ -102,10 +102,7 @@ def make_files(args, model, data, x, out: Path) -> tuple[dict, dict]:
         folded = apply_transform(copy.deepcopy(model), "fold_bn")
         sites, _ = find_sites(folded, 32, calib, stem_fp32, {"target": t})
         q = apply_transform(folded, qat_transform(t.weight_qmax, stem_fp32, sites))
-        with torch.no_grad():
-            q.train()
-            for i in range(0, len(calib), 64):
-                q(torch.from_numpy(calib[i : i + 64]))
+        observe_ranges(q, calib)
         fit(q, data, TrainConfig(epochs=args.qat_epochs, loss="ce", lr=0.0005, schedule="cosine", eval_every=0),
             torch.device("cpu"), seed=0, desc=f"qat[{target}]")
         q.eval()
@@ -114,7 +111,7 @@ def make_files(args, model, data, x, out: Path) -> tuple[dict, dict]:
                                                                      for i in range(0, len(x), 500)])
         snapped = export_onnx(snap_weights(copy.deepcopy(q)), out / f"qat_{target}_float.onnx", 32)
         files[f"qat {target} stem-fp32"] = quantize_onnx(snapped, out / f"qat_{target}_stemfp32.onnx", calib, target=t,
-                                                          plan=stem_fp32, tensor_ranges=site_ranges(q, sites))
+                                                          plan=stem_fp32, tensor_ranges=site_ranges(q))
     if args.litert:
         from edgekd.formats import FORMATS
         from edgekd.formats.base import ConvertJob, Variant

@@ -36,7 +36,7 @@ from edgekd.models import rebuild
 from edgekd.onnx_export import export_onnx, run_onnx
 from edgekd.quant.plan import Plan
 from edgekd.quant.ptq import quantize_onnx
-from edgekd.quant.qat import activation_ranges, apply_transform, qat_transform, snap_weights
+from edgekd.quant.qat import activation_ranges, apply_transform, observe_ranges, qat_transform, snap_weights
 from edgekd.quant.sites import find_sites, site_ranges
 from edgekd.quant.targets import resolve_target
 from edgekd.stages.quantize import calibration_images
@@ -60,15 +60,12 @@ def measure(run: Path) -> list[dict]:
             folded = apply_transform(copy.deepcopy(model), "fold_bn")
             sites = find_sites(folded, data.image_size, calib, plan, qopts)[0] if mode == "sites" else []
             q = apply_transform(folded, qat_transform(target.weight_qmax, plan, sites))
+            observe_ranges(q, calib).eval()
             with torch.no_grad():
-                q.train()
-                for i in range(0, len(calib), 64):
-                    q(torch.from_numpy(calib[i : i + 64]))
-                q.eval()
                 ref = q(torch.from_numpy(x)).numpy()
             snapped = export_onnx(snap_weights(copy.deepcopy(q)), Path(td) / "snapped.onnx", data.image_size)
             path = quantize_onnx(snapped, Path(td) / f"{mode}.onnx", calib, activation_ranges=activation_ranges(q),
-                                 plan=plan, tensor_ranges=site_ranges(q, sites), **qopts)
+                                 plan=plan, tensor_ranges=site_ranges(q), **qopts)
             for kernels in (True, False):
                 out = run_onnx(path, x, int8_kernels=kernels)
                 rows.append({"run": run.name, "simulation": mode, "int8 kernels": "on" if kernels else "off",

@@ -17,7 +17,8 @@ from edgekd.models import build, rebuild, save_checkpoint
 from edgekd.onnx_export import export_onnx, run_onnx
 from edgekd.quant.plan import load_graph, rule_plan
 from edgekd.quant.ptq import quantize_onnx
-from edgekd.quant.qat import ActFakeQuant, QConv2d, activation_ranges, apply_transform, qat_transform, snap_weights
+from edgekd.quant.qat import (ActFakeQuant, QConv2d, activation_ranges, apply_transform, observe_ranges, qat_transform,
+                              snap_weights)
 from edgekd.quant.sites import SITES_ATTR, find_sites, quantized_tensors, site_ranges
 from edgekd.quant.targets import TARGETS
 
@@ -41,17 +42,14 @@ def _model() -> torch.nn.Module:
 def _qat(model, calib, sites, tmp):
     plan = rule_plan(load_graph(export_onnx(copy.deepcopy(model), tmp / "fp32.onnx", 32)), True, [])
     q = apply_transform(apply_transform(copy.deepcopy(model), "fold_bn"), qat_transform(64, plan, sites))
-    with torch.no_grad():
-        q.train()
-        q(torch.from_numpy(calib))  # the activation ranges, as the quantize stage sets them
-    return q.eval(), plan
+    return observe_ranges(q, calib).eval(), plan  # the activation ranges, as the quantize stage sets them
 
 
 def _file(q, plan, calib, sites, tmp):
     name = "sites" if sites else "legacy"
     snapped = export_onnx(snap_weights(copy.deepcopy(q)), tmp / f"{name}_float.onnx", 32)
     return quantize_onnx(snapped, tmp / f"{name}.onnx", calib, activation_ranges=activation_ranges(q), plan=plan,
-                         tensor_ranges=site_ranges(q, sites), **QOPTS)
+                         tensor_ranges=site_ranges(q), **QOPTS)
 
 
 def _rel(path, q, x) -> float:

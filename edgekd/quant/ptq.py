@@ -78,9 +78,8 @@ def quantize_onnx(src: Path, dst: Path, calib: np.ndarray, method: str = "minmax
         if exclude_depthwise:
             nodes_to_exclude += [n.name for n in graph.node if n.op_type == "Conv" and _group(n) > 1]
         input_name = graph.input[0].name
-        overrides = _range_overrides(graph, activation_ranges or {})
-        overrides.update({t: [{"rmin": np.float32(min(lo, 0.0)), "rmax": np.float32(max(hi, 0.0))}]
-                          for t, (lo, hi) in (tensor_ranges or {}).items()})
+        ranges = {**_input_ranges(graph, activation_ranges or {}), **(tensor_ranges or {})}
+        overrides = {t: _override(lo, hi) for t, (lo, hi) in ranges.items()}
         if overrides:
             extra["TensorQuantOverrides"] = overrides
         weighted = [n.name for n in graph.node if n.op_type in WEIGHTED]
@@ -117,7 +116,7 @@ def quantize_onnx(src: Path, dst: Path, calib: np.ndarray, method: str = "minmax
                     # (its range for the classifier's input clips the features), and scales the kernel takes
                     overrides = extra.setdefault("TensorQuantOverrides", {})
                     for name, (tensor, lo, hi) in refused.items():
-                        overrides[tensor] = [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                        overrides[tensor] = _override(lo, hi)
                     log.warning("int8 %s: the input of %s quantized on its output's range %s: onnxruntime's int8 "
                                 "average pool refuses scales whose ratio over the pixels is outside [2^-32, 256)",
                                 dst.name, ", ".join(refused), ", ".join(f"[{lo:.3g}, {hi:.3g}]" for _, lo, hi in refused.values()))
@@ -168,9 +167,14 @@ def refused_pools(path: Path) -> dict[str, tuple[str, float, float]]:
     return refused
 
 
-def _range_overrides(graph, ranges: dict[str, tuple[float, float]]) -> dict:
-    """onnxruntime TensorQuantOverrides (rmin/rmax) for the input tensor of each Conv/Gemm whose
-    weight has a range; a tensor feeding several of them gets the union. Shape-only ops
+def _override(lo: float, hi: float) -> list[dict]:
+    """One tensor's onnxruntime TensorQuantOverrides entry: quantized on [lo, hi] (0 inside it)."""
+    return [{"rmin": np.float32(min(lo, 0.0)), "rmax": np.float32(max(hi, 0.0))}]
+
+
+def _input_ranges(graph, ranges: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """The range of the input tensor of each Conv/Gemm whose weight has a range, by tensor name;
+    a tensor feeding several of them gets the union. Shape-only ops
     (Flatten before the classifier) pass their input's quantization through in onnxruntime,
     so their input gets the range too."""
     producer = {o: n for n in graph.node for o in n.output}
@@ -186,7 +190,7 @@ def _range_overrides(graph, ranges: dict[str, tuple[float, float]]) -> dict:
                 if p is None or p.op_type not in ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose"):
                     break
                 tensor = p.input[0]
-    return {t: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}] for t, (lo, hi) in by_tensor.items()}
+    return by_tensor
 
 
 def _group(node) -> int:

@@ -100,8 +100,7 @@ def weight_scale(w: torch.Tensor, qmax: int = 127) -> torch.Tensor:
     return (w.detach().abs().flatten(1).amax(1) / qmax).clamp_min(1e-8)
 
 
-def fake_quant_weight(w: torch.Tensor, qmax: int = 127, scale: torch.Tensor | None = None) -> torch.Tensor:
-    scale = weight_scale(w, qmax) if scale is None else scale
+def fake_quant_weight(w: torch.Tensor, qmax: int, scale: torch.Tensor) -> torch.Tensor:
     return torch.fake_quantize_per_channel_affine(w, scale, torch.zeros_like(scale, dtype=torch.int32), 0, -qmax, qmax)
 
 
@@ -155,7 +154,8 @@ def wrap_qat(model: nn.Module, skip_first_conv: bool = False, weight_qmax: int =
     decomposed by the exporter) keeps rounding its own input."""
     first = next((m for m in model.modules() if type(m) is nn.Conv2d), None) if skip_first_conv else None
     kept = {m for path, m in model.named_modules() if keep_fp32 is not None and keep_fp32(path)}
-    fed = {id(m) for path, m in model.named_modules() if any(path in s.feeds for s in sites or [])}
+    feeding = {layer: i for i, s in enumerate(sites or []) for layer in s.feeds}  # layer path -> its input's site
+    fed = {id(m) for path, m in model.named_modules() if path in feeding}
     for parent in list(model.modules()):
         for name, m in list(parent.named_children()):
             if type(m) in (nn.Conv2d, nn.Linear) and m is not first and m not in kept:
@@ -166,10 +166,20 @@ def wrap_qat(model: nn.Module, skip_first_conv: bool = False, weight_qmax: int =
     if sites:
         device = next(model.parameters()).device
         modules = dict(model.named_modules())
-        for site, fq in zip(sites, install(model, sites, lambda: ActFakeQuant().to(device))):
-            for path in site.feeds:
-                if isinstance(modules.get(path), (QConv2d, QLinear)):
-                    modules[path].__dict__["in_fq"] = fq
+        fqs = install(model, sites, lambda: ActFakeQuant().to(device))
+        for path, i in feeding.items():
+            if isinstance(modules.get(path), (QConv2d, QLinear)):
+                modules[path].__dict__["in_fq"] = fqs[i]
+    return model
+
+
+@torch.no_grad()
+def observe_ranges(model: nn.Module, images, device: torch.device | str = "cpu", batch: int = 64) -> nn.Module:
+    """Set every activation range of a freshly wrapped model on calibration images (NCHW float
+    array), as the quantize stage does before QAT trains."""
+    model.train()
+    for i in range(0, len(images), batch):
+        model(torch.as_tensor(images[i : i + batch]).to(device))
     return model
 
 

@@ -224,6 +224,7 @@ def install(model: nn.Module, sites: list[Site], make_fq) -> nn.ModuleList:
         m = modules[s.path]
         m.register_forward_hook(r) if s.kind == "out" else m.register_forward_pre_hook(r)
     model.register_forward_pre_hook(_NewForward(rounds), prepend=True)  # before a site on the model's own input
+    fqs.sites = list(sites)  # what each quantizer rounds (site_ranges); not state, so outside the state_dict
     setattr(model, SITES_ATTR, fqs)
     return fqs
 
@@ -239,13 +240,13 @@ def uninstall(model: nn.Module) -> nn.Module:
     return model
 
 
-def site_ranges(model: nn.Module, sites: list[Site]) -> dict[str, tuple[float, float]]:
+def site_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
     """Each site tensor's learned range, by ONNX tensor name (for quant.ptq.quantize_onnx)."""
     fqs = getattr(model, SITES_ATTR, None)
     if fqs is None:
         return {}
     out = {}
-    for s, fq in zip(sites, fqs):
+    for s, fq in zip(fqs.sites, fqs):
         if bool(fq.initialized):
             for t in s.tensors:
                 out[t] = (float(fq.lo), float(fq.hi))

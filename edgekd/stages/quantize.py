@@ -28,7 +28,7 @@ from ..errors import ConfigError, EdgekdError
 from ..quant.plan import (PATTERN, WEIGHTED, Plan, blocks, choose, float_cost, int8_losses, kind_comparison, load_graph,
                           module_path, profiles, recover_accuracy, rule_plan, search, time_plans, unmatched_patterns)
 from ..quant.ptq import quantize_onnx
-from ..quant.qat import activation_ranges, apply_transform, qat_transform, snap_weights
+from ..quant.qat import activation_ranges, apply_transform, observe_ranges, qat_transform, snap_weights
 from ..quant.sites import find_sites, site_ranges
 from ..quant.targets import TARGET_NAMES, resolve_target
 from ..train import TrainConfig, fit
@@ -184,17 +184,14 @@ class Quantize(Stage):
             wrap = qat_transform(target.weight_qmax, plan, sites)
             qmodel = apply_transform(folded, wrap).to(ctx.device)
             objective = ctx.objective(cfg.qat) if cfg.qat.epochs else None
-            with torch.no_grad():  # initialise activation ranges on calibration images
-                qmodel.train()
-                for i in range(0, len(calib), 64):
-                    qmodel(torch.from_numpy(calib[i : i + 64]).to(ctx.device))
+            observe_ranges(qmodel, calib, ctx.device)
             history = fit(qmodel, data, cfg.qat, ctx.device, seed=ctx.cfg.seed, objective=objective,
                           state_path=d / "qat_train_state.pt", desc=f"qat[{cfg.qat.describe()}]")
             qmodel.eval()
             sim = ctx.measure(qmodel)
             snapped = export_onnx(snap_weights(copy.deepcopy(qmodel).cpu()), d / "qat_float.onnx", data.image_size)
             qat = quantize_onnx(snapped, d / "int8_qat.onnx", calib, activation_ranges=activation_ranges(qmodel), plan=plan,
-                                tensor_ranges=site_ranges(qmodel, sites), **qopts)
+                                tensor_ranges=site_ranges(qmodel), **qopts)
             snapped.unlink()
             models["int8_qat"] = {**ort_figs(qat, "int8 QAT"), "torch_fake_quant_top1": sim["top1"],
                                   "params": sim.get("params"), "macs": sim.get("macs")}
