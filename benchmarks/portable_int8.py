@@ -84,8 +84,7 @@ def make_files(args, model, data, x, out: Path) -> tuple[dict, dict]:
     from edgekd.onnx_export import export_onnx
     from edgekd.quant.ptq import quantize_onnx
     from edgekd.quant.plan import load_graph, rule_plan
-    from edgekd.quant.qat import apply_transform, observe_ranges, qat_transform, snap_weights
-    from edgekd.quant.sites import find_sites, site_ranges
+    from edgekd.quant.qat_file import build_qat, qat_int8_file
     from edgekd.quant.targets import TARGETS
     from edgekd.stages.quantize import calibration_images
     from edgekd.train import TrainConfig, fit
@@ -99,19 +98,15 @@ def make_files(args, model, data, x, out: Path) -> tuple[dict, dict]:
         for stem in ("fp32", "int8"):
             files[f"ptq {target} stem-{stem}"] = quantize_onnx(fp32, out / f"ptq_{target}_stem{stem}.onnx", calib,
                                                                 target=t, keep_first_conv_fp32=stem == "fp32")
-        folded = apply_transform(copy.deepcopy(model), "fold_bn")
-        sites, _ = find_sites(folded, 32, calib, stem_fp32, {"target": t})
-        q = apply_transform(folded, qat_transform(t.weight_qmax, stem_fp32, sites))
-        observe_ranges(q, calib)
+        q = build_qat(model, 32, calib, stem_fp32, {"target": t}).model
         fit(q, data, TrainConfig(epochs=args.qat_epochs, loss="ce", lr=0.0005, schedule="cosine", eval_every=0),
             torch.device("cpu"), seed=0, desc=f"qat[{target}]")
         q.eval()
         with torch.no_grad():
             fake_quant[f"qat {target} stem-fp32"] = np.concatenate([q(torch.from_numpy(x[i : i + 500])).numpy()
                                                                      for i in range(0, len(x), 500)])
-        snapped = export_onnx(snap_weights(copy.deepcopy(q)), out / f"qat_{target}_float.onnx", 32)
-        files[f"qat {target} stem-fp32"] = quantize_onnx(snapped, out / f"qat_{target}_stemfp32.onnx", calib, target=t,
-                                                          plan=stem_fp32, tensor_ranges=site_ranges(q))
+        files[f"qat {target} stem-fp32"] = qat_int8_file(q, out / f"qat_{target}_stemfp32.onnx", 32, calib, stem_fp32,
+                                                          {"target": t})
     if args.litert:
         from edgekd.formats import FORMATS
         from edgekd.formats.base import ConvertJob, Variant

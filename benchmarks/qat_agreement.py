@@ -20,7 +20,6 @@ A run of a timm student needs `edgekd[timm]`; the data come from the run's confi
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import tempfile
@@ -33,11 +32,9 @@ from edgekd.bench.machine import machine_info
 from edgekd.config import load_pipeline
 from edgekd.data import load_data
 from edgekd.models import rebuild
-from edgekd.onnx_export import export_onnx, run_onnx
+from edgekd.onnx_export import run_onnx
 from edgekd.quant.plan import Plan
-from edgekd.quant.ptq import quantize_onnx
-from edgekd.quant.qat import activation_ranges, apply_transform, observe_ranges, qat_transform, snap_weights
-from edgekd.quant.sites import find_sites, site_ranges
+from edgekd.quant.qat_file import build_qat, qat_int8_file
 from edgekd.quant.targets import resolve_target
 from edgekd.stages.quantize import calibration_images
 
@@ -57,15 +54,10 @@ def measure(run: Path) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as td:
         for mode in ("conv inputs", "sites"):
-            folded = apply_transform(copy.deepcopy(model), "fold_bn")
-            sites = find_sites(folded, data.image_size, calib, plan, qopts)[0] if mode == "sites" else []
-            q = apply_transform(folded, qat_transform(target.weight_qmax, plan, sites))
-            observe_ranges(q, calib).eval()
+            q = build_qat(model, data.image_size, calib, plan, qopts, sites=mode == "sites").model.eval()
             with torch.no_grad():
                 ref = q(torch.from_numpy(x)).numpy()
-            snapped = export_onnx(snap_weights(copy.deepcopy(q)), Path(td) / "snapped.onnx", data.image_size)
-            path = quantize_onnx(snapped, Path(td) / f"{mode}.onnx", calib, activation_ranges=activation_ranges(q),
-                                 plan=plan, tensor_ranges=site_ranges(q), **qopts)
+            path = qat_int8_file(q, Path(td) / f"{mode.replace(' ', '_')}.onnx", data.image_size, calib, plan, qopts)
             for kernels in (True, False):
                 out = run_onnx(path, x, int8_kernels=kernels)
                 rows.append({"run": run.name, "simulation": mode, "int8 kernels": "on" if kernels else "off",

@@ -16,10 +16,9 @@ import torch
 from edgekd.models import build, rebuild, save_checkpoint
 from edgekd.onnx_export import export_onnx, run_onnx
 from edgekd.quant.plan import load_graph, rule_plan
-from edgekd.quant.ptq import quantize_onnx
-from edgekd.quant.qat import (ActFakeQuant, QConv2d, activation_ranges, apply_transform, observe_ranges, qat_transform,
-                              snap_weights)
-from edgekd.quant.sites import SITES_ATTR, find_sites, quantized_tensors, site_ranges
+from edgekd.quant.qat import ActFakeQuant, QConv2d, apply_transform, qat_transform, snap_weights
+from edgekd.quant.qat_file import build_qat, qat_int8_file
+from edgekd.quant.sites import SITES_ATTR, find_sites, quantized_tensors
 from edgekd.quant.targets import TARGETS
 
 SPEC = {"arch": "mobilenet_v2", "num_classes": 4, "cifar_stem": True, "width_mult": 0.25}
@@ -39,17 +38,15 @@ def _model() -> torch.nn.Module:
     return m.eval()
 
 
-def _qat(model, calib, sites, tmp):
-    plan = rule_plan(load_graph(export_onnx(copy.deepcopy(model), tmp / "fp32.onnx", 32)), True, [])
-    q = apply_transform(apply_transform(copy.deepcopy(model), "fold_bn"), qat_transform(64, plan, sites))
-    return observe_ranges(q, calib).eval(), plan  # the activation ranges, as the quantize stage sets them
+def _plan(model, tmp):
+    return rule_plan(load_graph(export_onnx(copy.deepcopy(model), tmp / "fp32.onnx", 32)), True, [])
 
 
-def _file(q, plan, calib, sites, tmp):
-    name = "sites" if sites else "legacy"
-    snapped = export_onnx(snap_weights(copy.deepcopy(q)), tmp / f"{name}_float.onnx", 32)
-    return quantize_onnx(snapped, tmp / f"{name}.onnx", calib, activation_ranges=activation_ranges(q), plan=plan,
-                         tensor_ranges=site_ranges(q), **QOPTS)
+def _qat(model, calib, plan, sites: bool):
+    """QAT as the quantize stage builds it, ranges set on `calib`; `sites=False`: conv inputs only."""
+    built = build_qat(model, 32, calib, plan, QOPTS, sites=sites)
+    built.model.eval()
+    return built
 
 
 def _rel(path, q, x) -> float:
@@ -63,7 +60,7 @@ def test_qat_rounds_every_tensor_the_file_rounds_and_they_agree(tmp_path):
     model = _model()
     calib = np.random.RandomState(0).randn(64, 3, 32, 32).astype(np.float32)
     folded = apply_transform(copy.deepcopy(model), "fold_bn")
-    plan = rule_plan(load_graph(export_onnx(copy.deepcopy(model), tmp_path / "fp32.onnx", 32)), True, [])
+    plan = _plan(model, tmp_path)
     sites, missing = find_sites(folded, 32, calib, plan, QOPTS)
     assert missing == []
     # found where they are made: a residual block's output, the branch conv before its add
@@ -82,11 +79,12 @@ def test_qat_rounds_every_tensor_the_file_rounds_and_they_agree(tmp_path):
     own = {p for p, m in q.named_modules() if isinstance(m, QConv2d) and isinstance(m.act_fq, ActFakeQuant)}
     assert own == {"features.3.conv.2"}
 
-    q_sites, plan = _qat(model, calib, sites, tmp_path)
-    q_legacy, _ = _qat(model, calib, [], tmp_path)
-    f_sites = _file(q_sites, plan, calib, sites, tmp_path)
+    built = _qat(model, calib, plan, sites=True)
+    assert (built.simulated, built.not_simulated) == (sum(len(s.tensors) for s in sites), [])
+    q_sites, q_legacy = built.model, _qat(model, calib, plan, sites=False).model
+    f_sites = qat_int8_file(q_sites, tmp_path / "sites.onnx", 32, calib, plan, QOPTS)
     assert sorted(t for s in sites for t in s.tensors) == sorted(quantized_tensors(f_sites))
-    f_legacy = _file(q_legacy, plan, calib, [], tmp_path)
+    f_legacy = qat_int8_file(q_legacy, tmp_path / "legacy.onnx", 32, calib, plan, QOPTS)
     x = np.random.RandomState(1).randn(64, 3, 32, 32).astype(np.float32)
     rel_sites, rel_legacy = _rel(f_sites, q_sites, x), _rel(f_legacy, q_legacy, x)
     # conv inputs alone leave the residual roundings and the coarse bias out of the simulation
@@ -97,11 +95,10 @@ def test_qat_rounds_every_tensor_the_file_rounds_and_they_agree(tmp_path):
 def test_sites_survive_a_checkpoint_and_a_deepcopy(tmp_path):
     model = _model()
     calib = np.random.RandomState(0).randn(32, 3, 32, 32).astype(np.float32)
-    plan = rule_plan(load_graph(export_onnx(copy.deepcopy(model), tmp_path / "fp32.onnx", 32)), True, [])
-    sites, _ = find_sites(apply_transform(copy.deepcopy(model), "fold_bn"), 32, calib, plan, QOPTS)
-    q, _ = _qat(model, calib, sites, tmp_path)
+    built = _qat(model, calib, _plan(model, tmp_path), sites=True)
+    q = built.model
     x = torch.from_numpy(calib[:4])
-    save_checkpoint(tmp_path / "q.pt", q, SPEC, [], ["fold_bn", qat_transform(64, plan, sites)], {"image_size": 32})
+    save_checkpoint(tmp_path / "q.pt", q, SPEC, [], ["fold_bn", built.transform], {"image_size": 32})
     again = rebuild(torch.load(tmp_path / "q.pt", weights_only=True)).eval()
     with torch.no_grad():
         assert torch.allclose(again(x), q(x), atol=1e-5)
@@ -121,13 +118,13 @@ def test_sites_survive_a_checkpoint_and_a_deepcopy(tmp_path):
 @pytest.mark.parametrize("matching", ["works", "fails"])
 def test_the_quantize_stage_records_its_sites_and_survives_a_model_it_cannot_follow(
         matching, minimal_pipeline, write_pipeline, tmp_path, monkeypatch, caplog):
-    import edgekd.stages.quantize as stage
+    import edgekd.quant.qat_file as qat_file
     from edgekd.cli import main
 
     if matching == "fails":
         def fail(*_a, **_k):
             raise RuntimeError("a model the matching cannot follow")
-        monkeypatch.setattr(stage, "find_sites", fail)
+        monkeypatch.setattr(qat_file, "find_sites", fail)
     minimal_pipeline["stages"] = [{"quantize": {"method": "qat", "plan": "int8", "calibration": {"samples": 8},
                                                 "qat": {"epochs": 1, "loss": "ce", "lr": 0.001}}}]
     out = tmp_path / "run"

@@ -24,12 +24,11 @@ from ..metrics import classification_metrics
 from ..bench.machine import int8_class, machine_info
 from ..fileio import write_json
 from ..onnx_export import export_onnx, onnx_logits, run_onnx
-from ..errors import ConfigError, EdgekdError
+from ..errors import ConfigError
 from ..quant.plan import (PATTERN, WEIGHTED, Plan, blocks, choose, float_cost, int8_losses, kind_comparison, load_graph,
                           module_path, profiles, recover_accuracy, rule_plan, search, time_plans, unmatched_patterns)
 from ..quant.ptq import quantize_onnx
-from ..quant.qat import activation_ranges, apply_transform, observe_ranges, qat_transform, snap_weights
-from ..quant.sites import find_sites, site_ranges
+from ..quant.qat_file import build_qat, qat_int8_file
 from ..quant.targets import TARGET_NAMES, resolve_target
 from ..train import TrainConfig, fit
 from .base import Stage, StageResult, register
@@ -168,36 +167,20 @@ class Quantize(Stage):
         else:
             planned.unlink()
         if cfg.method in ("qat", "both"):
-            folded = apply_transform(copy.deepcopy(float_model).cpu(), "fold_bn")
-            try:
-                sites, unmatched = find_sites(folded, data.image_size, calib, plan, qopts)
-            except EdgekdError:
-                raise
-            except Exception as e:  # a model the matching cannot follow still gets QAT, as before sites
-                log.warning("quantize: could not find where the int8 file rounds in the model (%s: %s); QAT rounds "
-                            "each layer's input only", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-                sites, unmatched = [], []
-            if unmatched:
-                log.warning("quantize: QAT does not simulate the rounding of %d of the int8 file's tensors (no module "
-                            "makes or takes them): %s", len(unmatched), ", ".join(unmatched[:5]))
-            info["qat_rounded_tensors"] = {"simulated": sum(len(s.tensors) for s in sites), "not_simulated": unmatched}
-            wrap = qat_transform(target.weight_qmax, plan, sites)
-            qmodel = apply_transform(folded, wrap).to(ctx.device)
             objective = ctx.objective(cfg.qat) if cfg.qat.epochs else None
-            observe_ranges(qmodel, calib, ctx.device)
+            built = build_qat(float_model, data.image_size, calib, plan, qopts, ctx.device)
+            info["qat_rounded_tensors"] = {"simulated": built.simulated, "not_simulated": built.not_simulated}
+            qmodel = built.model
             history = fit(qmodel, data, cfg.qat, ctx.device, seed=ctx.cfg.seed, objective=objective,
                           state_path=d / "qat_train_state.pt", desc=f"qat[{cfg.qat.describe()}]")
             qmodel.eval()
             sim = ctx.measure(qmodel)
-            snapped = export_onnx(snap_weights(copy.deepcopy(qmodel).cpu()), d / "qat_float.onnx", data.image_size)
-            qat = quantize_onnx(snapped, d / "int8_qat.onnx", calib, activation_ranges=activation_ranges(qmodel), plan=plan,
-                                tensor_ranges=site_ranges(qmodel), **qopts)
-            snapped.unlink()
+            qat = qat_int8_file(qmodel, d / "int8_qat.onnx", data.image_size, calib, plan, qopts)
             models["int8_qat"] = {**ort_figs(qat, "int8 QAT"), "torch_fake_quant_top1": sim["top1"],
                                   "params": sim.get("params"), "macs": sim.get("macs")}
             artifacts["onnx.int8_qat"] = ctx.rel(qat)
             ctx.float_model, ctx.model = float_model, qmodel
-            ctx.transforms = ["fold_bn", wrap]
+            ctx.transforms = ["fold_bn", built.transform]
         for k in ("int8_ptq", "int8_qat"):
             if k in models:
                 models[k].update({"params": models["student_fp32"].get("params"), "macs": models["student_fp32"].get("macs"),
