@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .measure import round_ratio
+
 
 def _lat(m: dict, runtime: str) -> dict:
     """A model's figures on one runtime ({} where it was not measured there)."""
@@ -12,6 +14,14 @@ def _lat(m: dict, runtime: str) -> dict:
 
 def _p50(m: dict, runtime: str) -> float | None:
     return _lat(m, runtime).get("p50_ms")
+
+
+def _speedup(slow: dict, fast: dict, runtime: str) -> float | None:
+    """How many times faster `fast` ran than `slow` on one runtime: the gate's figure (the median of
+    per-round ratios where both were timed in the same rounds), not the ratio of their p50s, which a
+    machine whose speed changes from round to round (a shared VM) can pull to either side."""
+    a, b = _lat(slow, runtime), _lat(fast, runtime)
+    return round_ratio(a, b) if a.get("p50_ms") and b.get("p50_ms") else None
 
 
 def latency_columns(models: dict[str, dict]) -> tuple[list[str], dict]:
@@ -82,8 +92,8 @@ def headline_parts(models: dict[str, dict]) -> tuple[str, list[str], list[str]]:
     rt = min(m["latency"], key=lambda k: m["latency"][k].get("p50_ms", float("inf")))  # its fastest runtime
     lat = m["latency"][rt]
     parts = []
-    if teacher and _p50(teacher, rt):
-        parts.append(f"{_p50(teacher, rt) / _p50(m, rt):.1f}x faster than teacher")
+    if teacher and (r := _speedup(teacher, m, rt)):
+        parts.append(f"{r:.1f}x faster than teacher")
     t, t_lat = teacher or {}, _lat(teacher or {}, rt)  # size and top-1 as that runtime ran them
     t_size = t_lat.get("size_bytes") or t.get("size_bytes")
     if t_size and (lat.get("size_bytes") or m.get("size_bytes")):
@@ -98,7 +108,7 @@ def headline_parts(models: dict[str, dict]) -> tuple[str, list[str], list[str]]:
     slow = []
     fp32 = models.get("student_fp32")
     if final.startswith("int8") and fp32:
-        ratios = sorted(((_p50(fp32, k) / _p50(m, k), k) for k in m["latency"] if _p50(fp32, k) and _p50(m, k)), reverse=True)
+        ratios = sorted(((r, k) for k in m["latency"] if (r := _speedup(fp32, m, k))), reverse=True)
         where = (lambda k: f" on {k}") if len(ratios) > 1 else (lambda k: "")
         fast = [(r, k) for r, k in ratios if r >= 1.1]
         if fast:
