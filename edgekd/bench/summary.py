@@ -12,10 +12,6 @@ def _lat(m: dict, runtime: str) -> dict:
     return (m.get("latency") or {}).get(runtime) or {}
 
 
-def _p50(m: dict, runtime: str) -> float | None:
-    return _lat(m, runtime).get("p50_ms")
-
-
 def _speedup(slow: dict, fast: dict, runtime: str) -> float | None:
     """How many times faster `fast` ran than `slow` on one runtime: the gate's figure (the median of
     per-round ratios where both were timed in the same rounds), not the ratio of their p50s, which a
