@@ -62,6 +62,5 @@ class Distill(Stage):
             result.models["student_ce_baseline"] = {**bfigs, "label": "student (ce, no teacher)"}
             result.info["baseline_history"] = base_hist
             result.info["baseline_beside"] = beside is not None
-            result.info["kd_gain_points"] = round(figs["top1"] - bfigs["top1"], 3)
             result.models["student_distilled"]["vs_ce_baseline"] = gain_over(bfigs["predictions"], figs["predictions"], ctx.data.test.labels.tolist())
         return result
