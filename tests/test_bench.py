@@ -176,6 +176,11 @@ def test_headline_says_when_int8_is_not_faster():
                                               "plan: auto chooses per runtime)")
     del models["teacher_fp32"]["top1"]  # a teacher only the benchmark measured: its runtime's top-1
     assert headline_sentence(models).startswith("int8 QAT: 100.0x faster than teacher, 45x smaller, -3.0 points")
+    for rt in ("onnxruntime/1t", "executorch/1t"):  # a teacher evaluated but not exported (export.include_teacher)
+        del models["teacher_fp32"]["latency"][rt]
+    models["teacher_fp32"]["top1"] = 92.0
+    assert headline_sentence(models).startswith("int8 QAT: 47x smaller than teacher, top-1 89.00 % (-3.0 points vs "
+                                                "teacher) (executorch/1t)")
 
 
 def test_per_class_table_puts_the_classes_compression_cost_most_first(monkeypatch):

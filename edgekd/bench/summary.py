@@ -90,14 +90,15 @@ def headline_parts(models: dict[str, dict]) -> tuple[str, list[str], list[str]]:
     parts = []
     if teacher and (r := _speedup(teacher, m, rt)):
         parts.append(f"{r:.1f}x faster than teacher")
+    named = bool(parts)  # after "faster than teacher" size and points read as the teacher's; else they say so
     t, t_lat = teacher or {}, _lat(teacher or {}, rt)  # size and top-1 as that runtime ran them
     t_size = t_lat.get("size_bytes") or t.get("size_bytes")
     if t_size and (lat.get("size_bytes") or m.get("size_bytes")):
-        parts.append(f"{t_size / (lat.get('size_bytes') or m['size_bytes']):.0f}x smaller")
+        parts.append(f"{t_size / (lat.get('size_bytes') or m['size_bytes']):.0f}x smaller" + ("" if named else " than teacher"))
     top1 = lat.get("top1", m["top1"])
     t_top1 = t_lat.get("top1") or shown_top1(t)
     if t_top1 is not None:
-        parts.append(f"{top1 - t_top1:+.1f} points")
+        parts.append(f"{top1 - t_top1:+.1f} points" if named else f"top-1 {top1:.2f} % ({top1 - t_top1:+.1f} points vs teacher)")
     shipped_fp32 = m.get("fp32_program_on") or {}  # runtime -> its best int8 speed-up (formats.int8_plan)
     where_fp32 = ", where its file is the fp32 program" if rt.split("/")[0] in shipped_fp32 else ""
     result = f"{m.get('label', final)}: " + ", ".join(parts) + f" ({rt}{where_fp32})"
