@@ -117,8 +117,8 @@ def headline_parts(models: dict[str, dict]) -> tuple[str, list[str], list[str]]:
         plan = str(m.get("plan", "auto"))  # untimed: every program is the plan's (int8) or a pinned run's
         untimed = None if plan == "auto" else "quantize.plan: int8" if plan == "int8" else "a pinned plan"
         for r, k in ratios:
-            rt_name = k.split("/")[0]
-            if r < 1.1 or rt_name in shipped_fp32:
+            if (r, k) not in fast:  # the NOTE holds every runtime the result does not
+                rt_name = k.split("/")[0]
                 # the profile of the int8 and fp32 files on that runtime: the quantize stage's (onnxruntime), the
                 # export stage's (a format that plans its own int8 and whose runtime profiles ops: formats.int8_plan)
                 losses = m.get(f"{rt_name}_int8_loses_time_on", "nothing")
