@@ -15,6 +15,15 @@ class EdgekdError(Exception):
         super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
 
 
+class Diverged(EdgekdError):
+    """A training run whose loss became NaN or infinite (train.fit); `what` says which run and
+    where, so a stage that knows more about why can say so in place of the usual advice."""
+
+    def __init__(self, what: str, advice: str):
+        super().__init__(f"{what}; {advice}")
+        self.what = what
+
+
 class InputError(EdgekdError):
     """Bad input: a file, folder or dataset edgekd was pointed at; exit code 2, message names it."""
 

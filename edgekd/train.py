@@ -22,12 +22,12 @@ import torch.nn as nn
 from pydantic import BaseModel, Field, field_validator, model_validator
 from tqdm import tqdm
 
-from .bn import bn_gap, recalibrate_bn
+from .bn import bn_gap, logit_scale_ratio, recalibrate_bn
 from . import dist
 from .data import Data, iterate, to_device, train_batches
 from .inference import channels_last, predict
 from .distill import LOSSES, Objective, shorthand_terms, teacher_names, term_type
-from .errors import EdgekdError
+from .errors import Diverged, EdgekdError
 from .fileio import save_torch, sha256_json
 from .schema import Strict, Switch
 
@@ -35,6 +35,7 @@ log = logging.getLogger("edgekd")
 POSTFIX_EVERY = 20  # steps between progress-bar loss readouts (each is a host-device sync)
 BN_GAP_WARN = 5.0  # points of eval-mode top-1 below batch-statistics top-1 that earn a warning
 BN_GAP_RECALIBRATE = 2.0  # ... and that make bn_recalibration "auto" re-estimate the statistics
+BN_SCALE_RECALIBRATE = 10.0  # eval-mode logits this many times larger (or smaller) than with batch statistics
 BN_CHECK_IMAGES = 512
 
 
@@ -352,9 +353,8 @@ def _stop_if_diverged(bad_step: torch.Tensor, desc: str, steps_per_epoch: int, c
         # disk, and a graph cached on a CPU with other vector instructions trained to NaN (torch 2.14.1)
         hint = ("; or, since it ran compiled, try compile: off or an empty $TORCHINDUCTOR_CACHE_DIR (a kernel cached "
                 "for another CPU can compute wrongly)" if cfg.compile != "off" else "")
-        raise EdgekdError(f"{desc}: the training loss became NaN or infinite at epoch {epoch + 1}/{cfg.epochs}, step "
-                          f"{in_epoch + 1}/{steps_per_epoch}; lower the learning rate (or check the data and teacher)"
-                          + hint)
+        raise Diverged(f"{desc}: the training loss became NaN or infinite at epoch {epoch + 1}/{cfg.epochs}, step "
+                       f"{in_epoch + 1}/{steps_per_epoch}", "lower the learning rate (or check the data and teacher)" + hint)
 
 
 def _settle_bn(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, seed: int, rec: dict,
@@ -369,14 +369,27 @@ def _settle_bn(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.dev
     if gap is None:
         return
     lag = gap["batch_stats_top1"] - gap["eval_mode_top1"]
-    if cfg.bn_recalibration == "on" or (cfg.bn_recalibration == "auto" and lag > BN_GAP_RECALIBRATE):
+    off = lag > BN_GAP_RECALIBRATE or logit_scale_ratio(gap) > BN_SCALE_RECALIBRATE
+    if cfg.bn_recalibration == "on" or (cfg.bn_recalibration == "auto" and off):
         recalibrate_bn(model, data, device, cfg.bn_recalibration_images, seed, together=True)
         rec["bn_recalibrated_images"] = min(cfg.bn_recalibration_images, len(data.train))
         rec["train_eval_mode_top1_before_recalibration"] = gap["eval_mode_top1"]
+        rec["train_eval_mode_logit_scale_before_recalibration"] = _finite(gap["eval_mode_logit_scale"])
         gap = bn_gap(model, data, device, BN_CHECK_IMAGES, seed + 1, together=True)
-    rec.update({f"train_{k}": v for k, v in gap.items()})
-    if gap["eval_mode_top1"] < gap["batch_stats_top1"] - BN_GAP_WARN and dist.world().main:
+    rec.update({f"train_{k}": _finite(v) for k, v in gap.items()})
+    if not dist.world().main:
+        return
+    hint = " (set bn_recalibration: auto or on to re-estimate them)" if cfg.bn_recalibration == "off" else ""
+    if gap["eval_mode_top1"] < gap["batch_stats_top1"] - BN_GAP_WARN:
         log.warning("%s: eval-mode top-1 %.1f %% is far below %.1f %% with batch statistics on the same training "
                     "images: BatchNorm running statistics do not fit the weights%s", desc, gap["eval_mode_top1"],
-                    gap["batch_stats_top1"], " (set bn_recalibration: auto or on to re-estimate them)"
-                    if cfg.bn_recalibration == "off" else "")
+                    gap["batch_stats_top1"], hint)
+    elif logit_scale_ratio(gap) > BN_SCALE_RECALIBRATE:
+        log.warning("%s: eval-mode logits average %.3g in size against %.3g with batch statistics on the same "
+                    "training images: BatchNorm running statistics do not fit the weights%s", desc,
+                    gap["eval_mode_logit_scale"], gap["batch_stats_logit_scale"], hint)
+
+
+def _finite(v: float) -> float | None:
+    """A figure for the history (JSON): None where it is not finite."""
+    return v if math.isfinite(v) else None

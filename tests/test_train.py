@@ -169,6 +169,49 @@ def test_a_short_mobilenet_v3_run_ends_with_bn_statistics_that_fit_its_weights(a
         assert all(torch.equal(v, fixed[4].state_dict()[k]) for k, v in before.items())
 
 
+def test_running_statistics_that_blow_the_logits_up_are_caught_where_top1_does_not_show_it(caplog, monkeypatch):
+    """A barely trained network can score the same top-1 in eval mode and with batch statistics
+    while its running statistics blow its activations up (a timm MobileNetV4 at 32 px: eval-mode
+    logits near 1e15 against 9). The check compares the logits' scale too: "auto" re-estimates such
+    statistics, "off" warns, and the quantize stage names them when QAT then diverges."""
+    from types import SimpleNamespace
+
+    import edgekd.train as train
+    from edgekd.bn import bn_gap, logit_scale_ratio, recalibrate_bn
+    from edgekd.stages.quantize import _unfit_bn
+
+    data, cpu = learnable_data(), torch.device("cpu")
+    torch.manual_seed(0)
+    model = _small_net()
+    fit(model, data, TrainConfig(epochs=1, loss="ce", lr=0.05, bn_recalibration="off"), cpu, seed=0)
+    recalibrate_bn(model, data, cpu, 256, 0)
+    ctx = SimpleNamespace(device=cpu, cfg=SimpleNamespace(seed=0))
+    assert _unfit_bn(model, data, ctx) == ""  # statistics that fit: a divergence keeps the usual advice
+    bn, head = model[4], model[-1]
+    with torch.no_grad():  # eval mode now computes about 100x the logits, with the same argmax
+        bn.bias.zero_(), head.bias.zero_()
+        bn.eps = 1e-12  # (batch statistics need eps > 0)
+        bn.running_var.mul_(1e-4)
+    gap = bn_gap(model, data, cpu, train.BN_CHECK_IMAGES, 1)
+    assert logit_scale_ratio(gap) > 50
+    assert "not the learning rate" in _unfit_bn(model, data, ctx) and "quantize.method: ptq" in _unfit_bn(model, data, ctx)
+    # the top-1 rule stays out of it, so what fires is the scale rule
+    monkeypatch.setattr(train, "BN_GAP_RECALIBRATE", 100.0)
+    monkeypatch.setattr(train, "BN_GAP_WARN", 100.0)
+    rec, before = {}, bn.running_var.clone()
+    train._settle_bn(model, data, TrainConfig(bn_recalibration="off"), cpu, 0, rec, "run")
+    assert "eval-mode logits average" in caplog.text and "bn_recalibration: auto or on" in caplog.text
+    assert "bn_recalibrated_images" not in rec and torch.equal(bn.running_var, before)
+    assert rec["train_eval_mode_logit_scale"] > 50 * rec["train_batch_stats_logit_scale"]
+    caplog.clear()
+    rec = {}
+    train._settle_bn(model, data, TrainConfig(), cpu, 0, rec, "run")
+    assert rec["bn_recalibrated_images"] == 256
+    assert rec["train_eval_mode_logit_scale_before_recalibration"] > 50 * rec["train_batch_stats_logit_scale"]
+    after = {k: rec[f"train_{k}"] for k in ("eval_mode_logit_scale", "batch_stats_logit_scale")}
+    assert logit_scale_ratio(after) < train.BN_SCALE_RECALIBRATE and "do not fit" not in caplog.text
+
+
 def _small_net(width: int = 8) -> torch.nn.Module:
     """conv-bn-relu blocks and a head: what compiles in seconds on a CPU."""
     nn = torch.nn

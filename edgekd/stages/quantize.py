@@ -24,13 +24,14 @@ from ..metrics import classification_metrics
 from ..bench.machine import int8_class, machine_info
 from ..fileio import write_json
 from ..onnx_export import export_onnx, onnx_logits, run_onnx
-from ..errors import ConfigError
+from ..bn import bn_gap, logit_scale_ratio
+from ..errors import ConfigError, Diverged
 from ..quant.plan import (PATTERN, WEIGHTED, Plan, blocks, choose, float_cost, int8_losses, kind_comparison, load_graph,
                           module_path, profiles, recover_accuracy, rule_plan, search, time_plans, unmatched_patterns)
 from ..quant.ptq import quantize_onnx
 from ..quant.qat_file import build_qat, qat_int8_file
 from ..quant.targets import TARGET_NAMES, resolve_target
-from ..train import TrainConfig, fit
+from ..train import BN_SCALE_RECALIBRATE, TrainConfig, fit
 from .base import Stage, StageResult, register
 
 log = logging.getLogger("edgekd")
@@ -119,6 +120,20 @@ def calibration_images(data, samples: int, seed: int) -> np.ndarray:
     return data.normalize(data.train.images[torch.as_tensor(idx)]).numpy()
 
 
+def _unfit_bn(float_model, data, ctx) -> str:
+    """Why QAT diverged, where the reason is the model rather than the learning rate: QAT trains the
+    BatchNorm-folded model, which computes with the running statistics, and a network those do not
+    hold (bn.bn_gap's logit scales) gives QAT logits of a size no loss survives. '' otherwise."""
+    gap = bn_gap(float_model, data, ctx.device, 128, ctx.cfg.seed)
+    if gap is None or logit_scale_ratio(gap) <= BN_SCALE_RECALIBRATE:
+        return ""
+    return (f"the cause is likely not the learning rate: the student's eval-mode logits average "
+            f"{gap['eval_mode_logit_scale']:.3g} in size against {gap['batch_stats_logit_scale']:.3g} with batch "
+            f"statistics, so its BatchNorm running statistics do not hold the network and the BN-folded model QAT "
+            f"trains is not the one that was trained; train the student further or with another recipe, or set "
+            f"quantize.method: ptq")
+
+
 def qat_below_ptq(models: dict, max_drop: float, classes: int) -> str | None:
     """Where QAT's file scores well below the PTQ file of the same plan (more than the drop budget,
     and at least a point): QAT's fine-tune cost more than int8 rounding did. The stage's own
@@ -171,8 +186,13 @@ class Quantize(Stage):
             built = build_qat(float_model, data.image_size, calib, plan, qopts, ctx.device)
             info["qat_rounded_tensors"] = {"simulated": built.simulated, "not_simulated": built.not_simulated}
             qmodel = built.model
-            history = fit(qmodel, data, cfg.qat, ctx.device, seed=ctx.cfg.seed, objective=objective,
-                          state_path=d / "qat_train_state.pt", desc=f"qat[{cfg.qat.describe()}]")
+            try:
+                history = fit(qmodel, data, cfg.qat, ctx.device, seed=ctx.cfg.seed, objective=objective,
+                              state_path=d / "qat_train_state.pt", desc=f"qat[{cfg.qat.describe()}]")
+            except Diverged as e:
+                if why := _unfit_bn(float_model, data, ctx):
+                    raise Diverged(e.what, why) from None
+                raise
             qmodel.eval()
             sim = ctx.measure(qmodel)
             qat = qat_int8_file(qmodel, d / "int8_qat.onnx", data.image_size, calib, plan, qopts)
