@@ -80,6 +80,8 @@ def write_reports(run_dir: Path, cfg, manifest: dict, stages: list[dict], models
         "models": models,
         "headline": headline(models),
         "skipped_images": manifest.get("skipped_images") or {"count": 0, "files": []},
+        "warnings": [{"stage": None, "message": m} for m in manifest.get("warnings", [])] +
+                    [{"stage": s["name"], "message": m} for s in manifest.get("stages", []) for m in s.get("warnings", [])],
         "metrics": flat_metrics(stages, models),
     }
     write_json(run_dir / "report.json", report)
@@ -165,6 +167,9 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
         L += _plan_table(s.get("info") or {})
         L += _by_op_table((s.get("info") or {}).get("int8_vs_fp32_by_op"), ONNX_BY_OP)
         L += _format_plans_table(s.get("info") or {})
+    if said := report.get("warnings"):
+        L += ["", f"## Warnings ({len(said)})", ""]
+        L += [f"- **{w['stage'] or 'before the stages'}**: {w['message']}" for w in said]
     from .bench.quality import quality_markdown
 
     L += quality_markdown(models)

@@ -87,6 +87,19 @@ def changed_keys(old, new, path: str = "") -> list[str]:
     return [] if old == new else [path or "(the whole file)"]
 
 
+class _Warnings(logging.Handler):
+    """Every WARNING the run logs, by stage (None before the first), for the manifest and the
+    report's Warnings section: a user reading report.md sees what went wrong without the log."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.stage: int | None = None  # the index of the stage running
+        self.seen: dict[int | None, list[str]] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen.setdefault(self.stage, []).append(record.getMessage()[:2000])
+
+
 class Runner:
     def __init__(self, cfg: PipelineConfig, raw: dict, run_dir: Path | None = None, resume: bool = False):
         self.cfg, self.raw = cfg, raw
@@ -131,6 +144,8 @@ class Runner:
 
     def run(self) -> Path:
         """Run every stage not already done; the manifest records the failure of any step."""
+        self.warnings = _Warnings()
+        log.addHandler(self.warnings)
         try:
             out = self._run()
             dist.release_ranks()
@@ -146,6 +161,7 @@ class Runner:
                 log.debug("could not record the failure in %s", self.manifest_path, exc_info=True)
             raise
         finally:
+            log.removeHandler(self.warnings)
             self.lock.release()
 
     def _run(self) -> Path:
@@ -184,6 +200,7 @@ class Runner:
         results: list[dict] = []
         redone = False
         for i, (name, scfg) in enumerate(cfg.stage_entries()):
+            self.warnings.stage = i
             chain = sha256_json([chain, name, scfg.model_dump()])
             stage_dir = self.run_dir / f"{i:02d}_{name}"
             entry = {"index": i, "name": name, "chain_hash": chain, "status": "pending", "dir": stage_dir.name}
@@ -195,7 +212,7 @@ class Runner:
                 rec = self._restore(ctx, stage_dir, old)
                 if rec is not None:
                     log.info("stage %d %s: already completed with the same config; skipped", i, name)
-                    entry.update({k: old[k] for k in ("status", "seconds", "artifacts") if k in old})
+                    entry.update({k: old[k] for k in ("status", "seconds", "artifacts", "warnings") if k in old})
                     entry["resumed"] = True
                     results.append(rec)
                     self._save_manifest()
@@ -219,12 +236,17 @@ class Runner:
             except BaseException as e:
                 entry.update({"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]})
                 raise
+            finally:
+                if said := self.warnings.seen.pop(i, None):
+                    entry["warnings"] = said
             entry.update({"status": "completed", "seconds": rec["seconds"],
                           "artifacts": {k: {"path": v, "bytes": file_size(self.run_dir / v)} for k, v in rec["artifacts"].items()}})
             self._save_manifest()
             results.append(rec)
         del self.manifest["stages"][len(cfg.stages):]
         self.manifest["status"] = "completed"
+        if said := self.warnings.seen.get(None):
+            self.manifest["warnings"] = said  # before the first stage: the data, the teachers
         self._save_manifest()
         from .report import write_reports
 

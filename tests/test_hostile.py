@@ -359,6 +359,34 @@ def test_skipped_images_are_listed_on_every_run_cached_or_not(tmp_path, make_ima
         assert "1 unreadable images were left out" in (out / "report.md").read_text()
 
 
+def test_the_report_lists_every_warning_by_stage_and_a_resume_keeps_them(tmp_path, make_image_folder, monkeypatch):
+    import logging
+
+    from edgekd.stages.distill import Distill
+
+    root = make_image_folder()
+    (root / "train" / "ant" / "broken.jpg").write_bytes(b"not a jpeg")
+    pipe = write(tmp_path, tiny(root, skip_bad_images=True))
+    real = Distill.run
+
+    def run(self, ctx):
+        logging.getLogger("edgekd.test").warning("distill: something the user must read")
+        return real(self, ctx)
+
+    monkeypatch.setattr(Distill, "run", run)
+    out = tmp_path / "r"
+    assert cli.main(["run", str(pipe), "--out", str(out)]) == 0
+    monkeypatch.setattr(Distill, "run", real)
+    for attempt in ("run", "resumed"):  # the resumed run skips distill and keeps what it said
+        said = json.loads((out / "report.json").read_text())["warnings"]
+        assert {"stage": "distill", "message": "distill: something the user must read"} in said, attempt
+        assert any(w["stage"] is None and "broken.jpg" in w["message"] for w in said), attempt
+        md = (out / "report.md").read_text()
+        assert "## Warnings" in md and "- **distill**: distill: something the user must read" in md
+        assert "- **before the stages**: skipping unreadable image" in md
+        assert cli.main(["run", str(pipe), "--resume", str(out)]) == 0
+
+
 # ----------------------------------------------------------------------------- disk full
 
 
