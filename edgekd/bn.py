@@ -88,9 +88,9 @@ def bn_gap(model: nn.Module, data: Data, device: torch.device, images: int, seed
 
     A large gap means the running statistics do not fit the weights; overfitting cannot cause
     it, since both figures are on the same images. The logit scales catch what top-1 can miss: a
-    barely trained network whose running statistics blow its activations up layer by layer
-    (a timm MobileNetV4 at 32 px: eval-mode logits near 1e15 against 9 with batch statistics, at
-    the same near-chance top-1), which int8 calibration and QAT then inherit."""
+    barely trained network whose running statistics blow its activations up layer by layer at
+    the same near-chance top-1 (a timm MobileNetV4 at 32 px, benchmarks/README.md), which int8
+    calibration and QAT then inherit."""
     bns = batchnorms(model)
     if not bns or images <= 0:
         return None
@@ -118,14 +118,15 @@ def bn_gap(model: nn.Module, data: Data, device: torch.device, images: int, seed
         total = dist.all_sum(torch.tensor([*sums.values(), n], dtype=torch.float64, device=device),
                              "checking BatchNorm statistics")
         sums, n = dict(zip(sums, total[:-1].tolist())), float(total[-1])
-    return {k: round((100.0 if k.endswith("top1") else 1.0) * v / n, 3 if k.endswith("top1") else 4)
-            for k, v in sums.items()}
+    return {k: round(100.0 * v / n, 3) if k.endswith("top1") else v / n for k, v in sums.items()}
 
 
 def logit_scale_ratio(gap: dict) -> float:
     """How far the eval-mode logits' scale is from the batch-statistics one (bn_gap), as a factor
-    >= 1 either way; inf where either is not finite or zero."""
+    >= 1 either way; inf where either is not finite, or zero and the other not."""
     a, b = gap["eval_mode_logit_scale"], gap["batch_stats_logit_scale"]
+    if a == b:
+        return 1.0
     if not (math.isfinite(a) and math.isfinite(b)) or a <= 0 or b <= 0:
         return math.inf
     return max(a / b, b / a)

@@ -171,9 +171,9 @@ def test_a_short_mobilenet_v3_run_ends_with_bn_statistics_that_fit_its_weights(a
 
 def test_running_statistics_that_blow_the_logits_up_are_caught_where_top1_does_not_show_it(caplog, monkeypatch):
     """A barely trained network can score the same top-1 in eval mode and with batch statistics
-    while its running statistics blow its activations up (a timm MobileNetV4 at 32 px: eval-mode
-    logits near 1e15 against 9). The check compares the logits' scale too: "auto" re-estimates such
-    statistics, "off" warns, and the quantize stage names them when QAT then diverges."""
+    while its running statistics blow its activations up (a timm MobileNetV4 at 32 px). The check
+    compares the logits' scale too: "auto" re-estimates such statistics, "off" warns, and the
+    quantize stage names them when QAT then diverges."""
     from types import SimpleNamespace
 
     import edgekd.train as train
@@ -194,6 +194,7 @@ def test_running_statistics_that_blow_the_logits_up_are_caught_where_top1_does_n
         bn.running_var.mul_(1e-4)
     gap = bn_gap(model, data, cpu, train.BN_CHECK_IMAGES, 1)
     assert logit_scale_ratio(gap) > 50
+    assert logit_scale_ratio({"eval_mode_logit_scale": 0.0, "batch_stats_logit_scale": 0.0}) == 1.0  # a zero head
     assert "not the learning rate" in _unfit_bn(model, data, ctx) and "quantize.method: ptq" in _unfit_bn(model, data, ctx)
     # the top-1 rule stays out of it, so what fires is the scale rule
     monkeypatch.setattr(train, "BN_GAP_RECALIBRATE", 100.0)
