@@ -121,9 +121,19 @@ def bn_gap(model: nn.Module, data: Data, device: torch.device, images: int, seed
     return {k: round(100.0 * v / n, 3) if k.endswith("top1") else v / n for k, v in sums.items()}
 
 
+LOGIT_SCALE_OFF = 10.0  # eval-mode logits this many times larger (or smaller) than with batch statistics
+
+
+def logits_off(gap: dict) -> bool:
+    """Whether bn_gap's logit scales say the running statistics do not hold the network (the end
+    of every training run re-estimates them; a QAT that diverges names them)."""
+    return logit_scale_ratio(gap) > LOGIT_SCALE_OFF
+
+
 def logit_scale_ratio(gap: dict) -> float:
     """How far the eval-mode logits' scale is from the batch-statistics one (bn_gap), as a factor
-    >= 1 either way; inf where either is not finite, or zero and the other not."""
+    >= 1 either way: 1 where they are equal (a zero head), inf where they differ and either is not
+    finite or is zero."""
     a, b = gap["eval_mode_logit_scale"], gap["batch_stats_logit_scale"]
     if a == b:
         return 1.0

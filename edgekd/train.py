@@ -22,7 +22,7 @@ import torch.nn as nn
 from pydantic import BaseModel, Field, field_validator, model_validator
 from tqdm import tqdm
 
-from .bn import bn_gap, logit_scale_ratio, recalibrate_bn
+from .bn import bn_gap, logits_off, recalibrate_bn
 from . import dist
 from .data import Data, iterate, to_device, train_batches
 from .inference import channels_last, predict
@@ -35,7 +35,6 @@ log = logging.getLogger("edgekd")
 POSTFIX_EVERY = 20  # steps between progress-bar loss readouts (each is a host-device sync)
 BN_GAP_WARN = 5.0  # points of eval-mode top-1 below batch-statistics top-1 that earn a warning
 BN_GAP_RECALIBRATE = 2.0  # ... and that make bn_recalibration "auto" re-estimate the statistics
-BN_SCALE_RECALIBRATE = 10.0  # eval-mode logits this many times larger (or smaller) than with batch statistics
 BN_CHECK_IMAGES = 512
 
 
@@ -369,7 +368,7 @@ def _settle_bn(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.dev
     if gap is None:
         return
     lag = gap["batch_stats_top1"] - gap["eval_mode_top1"]
-    off = lag > BN_GAP_RECALIBRATE or logit_scale_ratio(gap) > BN_SCALE_RECALIBRATE
+    off = lag > BN_GAP_RECALIBRATE or logits_off(gap)
     if cfg.bn_recalibration == "on" or (cfg.bn_recalibration == "auto" and off):
         recalibrate_bn(model, data, device, cfg.bn_recalibration_images, seed, together=True)
         rec["bn_recalibrated_images"] = min(cfg.bn_recalibration_images, len(data.train))
@@ -384,7 +383,7 @@ def _settle_bn(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.dev
         log.warning("%s: eval-mode top-1 %.1f %% is far below %.1f %% with batch statistics on the same training "
                     "images: BatchNorm running statistics do not fit the weights%s", desc, gap["eval_mode_top1"],
                     gap["batch_stats_top1"], hint)
-    elif logit_scale_ratio(gap) > BN_SCALE_RECALIBRATE:
+    elif logits_off(gap):
         log.warning("%s: eval-mode logits average %.3g in size against %.3g with batch statistics on the same "
                     "training images: BatchNorm running statistics do not fit the weights%s", desc,
                     gap["eval_mode_logit_scale"], gap["batch_stats_logit_scale"], hint)

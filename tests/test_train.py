@@ -177,7 +177,7 @@ def test_running_statistics_that_blow_the_logits_up_are_caught_where_top1_does_n
     from types import SimpleNamespace
 
     import edgekd.train as train
-    from edgekd.bn import bn_gap, logit_scale_ratio, recalibrate_bn
+    from edgekd.bn import LOGIT_SCALE_OFF, bn_gap, logit_scale_ratio, recalibrate_bn
     from edgekd.stages.quantize import _unfit_bn
 
     data, cpu = learnable_data(), torch.device("cpu")
@@ -210,7 +210,7 @@ def test_running_statistics_that_blow_the_logits_up_are_caught_where_top1_does_n
     assert rec["bn_recalibrated_images"] == 256
     assert rec["train_eval_mode_logit_scale_before_recalibration"] > 50 * rec["train_batch_stats_logit_scale"]
     after = {k: rec[f"train_{k}"] for k in ("eval_mode_logit_scale", "batch_stats_logit_scale")}
-    assert logit_scale_ratio(after) < train.BN_SCALE_RECALIBRATE and "do not fit" not in caplog.text
+    assert logit_scale_ratio(after) < LOGIT_SCALE_OFF and "do not fit" not in caplog.text
 
 
 def _small_net(width: int = 8) -> torch.nn.Module:

@@ -24,14 +24,14 @@ from ..metrics import classification_metrics
 from ..bench.machine import int8_class, machine_info
 from ..fileio import write_json
 from ..onnx_export import export_onnx, onnx_logits, run_onnx
-from ..bn import bn_gap, logit_scale_ratio
+from ..bn import bn_gap, logits_off
 from ..errors import ConfigError, Diverged
 from ..quant.plan import (PATTERN, WEIGHTED, Plan, blocks, choose, float_cost, int8_losses, kind_comparison, load_graph,
                           module_path, profiles, recover_accuracy, rule_plan, search, time_plans, unmatched_patterns)
 from ..quant.ptq import quantize_onnx
 from ..quant.qat_file import build_qat, qat_int8_file
 from ..quant.targets import TARGET_NAMES, resolve_target
-from ..train import BN_SCALE_RECALIBRATE, TrainConfig, fit
+from ..train import TrainConfig, fit
 from .base import Stage, StageResult, register
 
 log = logging.getLogger("edgekd")
@@ -125,7 +125,7 @@ def _unfit_bn(float_model, data, ctx) -> str:
     BatchNorm-folded model, which computes with the running statistics, and a network those do not
     hold (bn.bn_gap's logit scales) gives QAT logits of a size no loss survives. '' otherwise."""
     gap = bn_gap(float_model, data, ctx.device, 128, ctx.cfg.seed)
-    if gap is None or logit_scale_ratio(gap) <= BN_SCALE_RECALIBRATE:
+    if gap is None or not logits_off(gap):
         return ""
     return (f"the cause is likely not the learning rate: the student's eval-mode logits average "
             f"{gap['eval_mode_logit_scale']:.3g} in size against {gap['batch_stats_logit_scale']:.3g} with batch "
