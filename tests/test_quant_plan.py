@@ -79,6 +79,19 @@ def test_op_type_patterns_leave_those_ops_float_even_when_their_nodes_have_no_na
     assert default.get("QLinearMul", 0) > 0  # hardswish and squeeze-excitation multiplies, int8 by default
 
 
+def test_a_calibration_cache_gives_every_plan_the_file_a_fresh_calibration_gives(tmp_path):
+    _, fp32 = _export(V3, tmp_path)
+    _, calib = _calib()
+    base = rule_plan(load_graph(fp32), True, [])
+    plans = [base, base.with_block("features.2", "test", "t"), rule_plan(load_graph(fp32), True, ["Mul"])]
+    cache = tmp_path / "ranges"
+    for i, plan in enumerate(plans * 2):  # the second round reads every range from the cache
+        fresh = quantize_onnx(fp32, tmp_path / f"fresh{i}.onnx", calib, plan=plan)
+        cached = quantize_onnx(fp32, tmp_path / f"cached{i}.onnx", calib, plan=plan, calibration_cache=cache)
+        assert cached.read_bytes() == fresh.read_bytes(), plan.name
+    assert len(list(cache.iterdir())) == 2  # one range file per set of op types calibrated (Mul kept fp32: another)
+
+
 def test_a_keep_fp32_pattern_that_matches_nothing_is_reported(tmp_path):
     _, fp32 = _export(V2, tmp_path)
     graph = load_graph(fp32)

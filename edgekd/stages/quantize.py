@@ -252,13 +252,15 @@ class Quantize(Stage):
             x, y = data.normalize(split.images[:]).numpy(), split.labels.numpy()
             fp32_top1 = _top1(fp32, x, y)
             work = d / "plan_search"
-            candidates = search(fp32, work, calib, base, lambda p, path: quantize_onnx(fp32, path, calib[:32], plan=p, **qopts),
-                                runtime=cfg.plan_runtime)
+            # every candidate is the same fp32 file on the same images: onnxruntime calibrates once per image set
+            candidates = search(fp32, work, calib, base, lambda p, path: quantize_onnx(
+                fp32, path, calib[:32], plan=p, calibration_cache=work / "ranges_search", **qopts), runtime=cfg.plan_runtime)
 
             n = itertools.count()
 
             def evaluate(p: Plan):
-                path = quantize_onnx(fp32, work / f"eval_{next(n)}.onnx", calib, plan=p, **qopts)
+                path = quantize_onnx(fp32, work / f"eval_{next(n)}.onnx", calib, plan=p, calibration_cache=work / "ranges",
+                                     **qopts)
                 return _top1(path, x, y), path
 
             chosen = choose(candidates, evaluate, fp32_top1, cfg.max_drop_points)
