@@ -252,6 +252,7 @@ class Quantize(Stage):
             x, y = data.normalize(split.images[:]).numpy(), split.labels.numpy()
             fp32_top1 = _top1(fp32, x, y)
             work = d / "plan_search"
+            shutil.rmtree(work, ignore_errors=True)  # an interrupted search's files and ranges are not this one's
             # every candidate is the same fp32 file on the same images: onnxruntime calibrates once per image set
             candidates = search(fp32, work, calib, base, lambda p, path: quantize_onnx(
                 fp32, path, calib[:32], plan=p, calibration_cache=work / "ranges_search", **qopts), runtime=cfg.plan_runtime)
