@@ -91,6 +91,27 @@ def test_interleaved_rounds_keep_the_ratio_when_a_burst_of_load_hits_one_block()
     assert abs(round_ratio(blocked["slow"], blocked["fast"]) - 4.0) > 2.0  # the block timing's error
 
 
+def test_the_model_timed_after_a_teacher_is_not_slower_than_its_identical_twin():
+    """Each round's order rotates, but the model after the teacher in that order follows it in most
+    rounds, and a big model evicts a small one's weights: its first calls after it run slow.
+    Every model re-warmed for as long as the teacher's call takes, it is timed as fast as its twin."""
+    state = {"last": None, "cold": 0}
+
+    def runner(name, ms):
+        def run(_x):
+            if state["last"] != name:
+                state["cold"] = 4 if state["last"] == "teacher" else 0  # its caches were evicted
+                state["last"] = name
+            slow, state["cold"] = state["cold"] > 0, max(0, state["cold"] - 1)
+            time.sleep((2.0 if slow else ms) / 1e3)
+        return run
+
+    x = np.zeros(1, np.float32)
+    models = {"fp32": 0.3, "twin": 0.3, "int8": 0.2, "unpruned": 0.5, "teacher": 5.0}  # a benchmark stage's order
+    out = time_interleaved({n: runner(n, ms) for n, ms in models.items()}, x, 10, 50, 10)
+    assert round_ratio(out["fp32"], out["twin"]) == pytest.approx(1.0, abs=0.25)
+
+
 def test_a_slow_model_is_timed_fewer_times_in_the_same_rounds():
     """A teacher that takes tens of ms a call gets MIN_CALLS a round, not the students' share of
     `runs`, and keeps every round, so its ratios are still taken round by round."""

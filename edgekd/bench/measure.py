@@ -19,6 +19,7 @@ log = logging.getLogger("edgekd")
 
 WARMUP_MS = 500.0  # warm-up stops here: a slow model (a teacher) is warm after a few calls
 ROUND_MS = 100.0  # timed calls stop near this a round (time_interleaved), near 10x this in all (time_runner)
+REWARM_CAP_MS = 50.0  # untimed calls before a model's calls in a round (time_interleaved) last at most this
 MIN_CALLS = 3  # but at least this many either way
 PEAK_CHILDREN = 4  # peak-memory child processes at once, at most one per core
 
@@ -30,6 +31,18 @@ def _warm(run, x: np.ndarray, warmup: int) -> float:
     for _ in range(min(warmup - 1, int(WARMUP_MS // max(last, 1e-3)))):
         last = _timed(run, x)
     return last
+
+
+def _rewarm(run, x: np.ndarray, ms: float) -> None:
+    """Untimed calls for about `ms`, at least one, before a model's timed calls in a round: the
+    model timed before it evicted its weights from the caches, the more the longer that one ran.
+    After a teacher a small model's first calls ran up to twice as slow, and with one untimed call
+    the model that followed the teacher in most rounds was timed a third slower than its identical
+    twin. Every model is re-warmed as long (time_interleaved), so none is timed hotter than another."""
+    t0 = time.perf_counter()
+    run(x)
+    while (time.perf_counter() - t0) * 1e3 < ms:
+        run(x)
 
 
 def _calls(last_ms: float, budget_ms: float, most: int) -> int:
@@ -64,12 +77,14 @@ def time_interleaved(runners: dict, x: np.ndarray, warmup: int, runs: int, round
     median steady with few, in as many rounds as the others."""
     names = list(runners)
     rounds = max(1, min(rounds, runs))
-    per_round = {n: _calls(_warm(runners[n], x, warmup), ROUND_MS, runs // rounds) for n in names}  # rounds <= runs
+    warm_ms = {n: _warm(runners[n], x, warmup) for n in names}
+    per_round = {n: _calls(warm_ms[n], ROUND_MS, runs // rounds) for n in names}  # rounds <= runs
     samples: dict[str, list[float]] = {n: [] for n in names}
     medians: dict[str, list[float]] = {n: [] for n in names}
+    rewarm_ms = min(max(warm_ms.values()), REWARM_CAP_MS)  # as long as the slowest model's call
     for r in range(rounds):
         for n in names[r % len(names):] + names[: r % len(names)]:
-            runners[n](x)  # one untimed call: the previous model may have evicted this one's caches
+            _rewarm(runners[n], x, rewarm_ms)
             ts = [_timed(runners[n], x) for _ in range(per_round[n])]
             samples[n] += ts
             medians[n].append(float(np.median(ts)))
