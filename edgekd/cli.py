@@ -54,7 +54,8 @@ def _cmd_validate(args) -> int:
     from .config import load_pipeline
 
     cfg, _ = load_pipeline(args.pipeline, args.set)
-    print(f"{args.pipeline}: OK ({len(cfg.stages)} stages: {', '.join(n for n, _ in cfg.stage_entries())})")
+    names = [n for n, _ in cfg.stage_entries()]
+    print(f"{args.pipeline}: OK ({len(names)} stage{'s' if len(names) > 1 else ''}: {', '.join(names)})")
     return 0
 
 

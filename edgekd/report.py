@@ -133,7 +133,8 @@ def render_markdown(report: dict, plots: dict[str, str]) -> str:
     if skipped.get("count"):
         files = skipped["files"]
         shown = "; ".join(f"`{f['file']}` ({f['reason']})" for f in files[:5]) + (f"; and {len(files) - 5} more" if len(files) > 5 else "")
-        L += [f"**{skipped['count']} unreadable images were left out** (`data.skip_bad_images`, all listed in "
+        n = skipped["count"]
+        L += [f"**{n} unreadable image{' was' if n == 1 else 's were'} left out** (`data.skip_bad_images`, all listed in "
               f"report.json): {shown}", ""]
     models = report["models"]
     runtimes, lat = latency_columns(models)

@@ -352,7 +352,7 @@ def test_cli_validate_ok(write_pipeline, minimal_pipeline, capsys):
     path = write_pipeline(minimal_pipeline)
     assert cli.main(["validate", str(path)]) == 0
     out, err = capsys.readouterr()
-    assert out.strip() == f"{path}: OK (1 stages: distill)"
+    assert out.strip() == f"{path}: OK (1 stage: distill)"
     assert "error" not in err
 
 

@@ -356,7 +356,7 @@ def test_skipped_images_are_listed_on_every_run_cached_or_not(tmp_path, make_ima
         for name in ("manifest.json", "report.json"):
             skipped = json.loads((out / name).read_text())["skipped_images"]
             assert skipped["count"] == 1 and skipped["files"][0]["file"].endswith("broken.jpg"), (attempt, name)
-        assert "1 unreadable images were left out" in (out / "report.md").read_text()
+        assert "1 unreadable image was left out" in (out / "report.md").read_text()
 
 
 def test_the_report_lists_every_warning_by_stage_and_a_resume_keeps_them(tmp_path, make_image_folder, monkeypatch):
