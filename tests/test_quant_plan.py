@@ -92,6 +92,14 @@ def test_a_calibration_cache_gives_every_plan_the_file_a_fresh_calibration_gives
     assert len(list(cache.iterdir())) == 2  # one range file per set of op types calibrated (Mul kept fp32: another)
 
 
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_calibration_prints_nothing_between_the_progress_bars(tmp_path, capsys, method):
+    _, fp32 = _export(V2, tmp_path)
+    _, calib = _calib()
+    assert quantize_onnx(fp32, tmp_path / "int8.onnx", calib[:8], method=method).is_file()
+    assert capsys.readouterr().out == ""
+
+
 def test_a_keep_fp32_pattern_that_matches_nothing_is_reported(tmp_path):
     _, fp32 = _export(V2, tmp_path)
     graph = load_graph(fp32)

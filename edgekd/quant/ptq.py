@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import shutil
 import tempfile
@@ -112,14 +114,18 @@ def quantize_onnx(src: Path, dst: Path, calib: np.ndarray, method: str = "minmax
             cache = str(Path(calibration_cache) / f"ranges_{key}.json")
         with atomic_path(dst) as tmp:
             def quantize() -> None:
-                quantize_static(
-                    str(pre), str(tmp), _Reader(calib.astype(np.float32), input_name),
-                    quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=target.reduce_range,
-                    activation_type=QuantType.QInt8 if activation_type == "int8" else QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=methods[method],
-                    nodes_to_exclude=nodes_to_exclude, op_types_to_quantize=op_types, extra_options=extra,
-                    calibration_cache_path=cache,
-                )
+                # onnxruntime's histogram calibrators print their progress to stdout, between edgekd's bars
+                with contextlib.redirect_stdout(io.StringIO()) as said:
+                    quantize_static(
+                        str(pre), str(tmp), _Reader(calib.astype(np.float32), input_name),
+                        quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=target.reduce_range,
+                        activation_type=QuantType.QInt8 if activation_type == "int8" else QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=methods[method],
+                        nodes_to_exclude=nodes_to_exclude, op_types_to_quantize=op_types, extra_options=extra,
+                        calibration_cache_path=cache,
+                    )
+                if said.getvalue().strip():
+                    log.debug("onnxruntime quantize_static: %s", said.getvalue().strip())
 
             try:
                 quantize()
