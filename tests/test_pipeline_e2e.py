@@ -93,7 +93,10 @@ def test_run_leaves_manifest_reports_and_artifacts(run_dir):
         assert models[k]["top1"] > 25, (k, models[k]["top1"])  # measured by onnxruntime; chance is 10
         assert "onnxruntime/1t" in models[k]["latency"]
         assert models[k]["latency"]["onnxruntime/1t"]["p50_ms"] > 0
-    _int8_or_said_why(models, "size_bytes", models["int8_qat"]["int8_layers"].startswith("0/"))
+    all_fp32 = models["int8_qat"]["int8_layers"].startswith("0/")
+    _int8_or_said_why(models, "size_bytes", all_fp32)
+    # a plan that kept every ONNX layer fp32 is named too, with export's own runtimes beside it
+    assert ("onnxruntime" in models["int8_qat"].get("fp32_program_on", {})) == all_fp32
     assert "openvino" in report["stages"][-1]["info"]["skipped"] or "openvino/1t" in models["int8_qat"]["latency"]
     for k in ("student_fp32", "int8_qat", "student_unpruned_fp32"):  # peak memory from a child process
         assert models[k]["latency"]["onnxruntime/1t"]["model_peak_mb"] > 0

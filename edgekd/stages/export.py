@@ -304,7 +304,8 @@ def _verify_all(ctx, variants, formats, chosen: dict, job: ExportJob, quant_plan
                     rec[fmt.figure("int8_plan")], props["edgekd.int8_plan"] = planned, planned["chosen"]
                     programs.setdefault(fmt.key, {})[v.name] = program(planned)
                     if planned["chosen"] == "fp32" and "candidates" in planned:  # for the headline's NOTE on that runtime
-                        models[v.name].setdefault("fp32_program_on", {})[fmt.runtime] = max(
+                        models[v.name].setdefault("fp32_program_on", dict(ctx.variants.get(v.name, {}).get(
+                            "fp32_program_on", {})))[fmt.runtime] = max(
                             c["speedup_vs_fp32"] for c in planned["candidates"] if c["plan"] != "fp32")
                     if "int8_loses_time_on" in planned:  # and why int8 gains little there (its runtime's profiler)
                         models[v.name][f"{fmt.runtime}_int8_loses_time_on"] = planned["int8_loses_time_on"]

@@ -207,6 +207,8 @@ class Quantize(Stage):
                                   "int8_layers": record["int8_layers"], "plan": cfg.plan, "plan_runtime": record["runtime"],
                                   "onnxruntime_int8_loses_time_on": record["int8_loses_time_on"],
                                   "quantized_from": "student_fp32"})
+                if cfg.plan == "auto" and record["int8_layers"].startswith("0/"):  # for the headline's NOTE on that runtime
+                    models[k]["fp32_program_on"] = {record["runtime"]: record["candidates"][0]["speedup_vs_fp32"]}
                 info[f"{k}_drop_points"] = round(models["student_fp32"]["top1"] - models[k]["top1"], 3)
         if why := qat_below_ptq(models, cfg.max_drop_points, len(data.classes)):
             log.warning("quantize: %s", why)
