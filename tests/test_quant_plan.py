@@ -364,3 +364,41 @@ def test_a_qat_file_well_below_its_ptq_twin_is_named_with_what_to_check():
     assert qat_below_ptq(figs(60.0, 58.5), 2.0, 10) is None  # within the budget
     assert qat_below_ptq(figs(60.0, 62.0), 0.5, 10) is None  # QAT better
     assert qat_below_ptq({"int8_ptq": {"top1": 60.0}}, 0.5, 10) is None  # PTQ only
+
+
+def test_a_plan_that_keeps_every_layer_fp32_is_named_the_fp32_program_in_the_headline(minimal_pipeline, write_pipeline,
+                                                                                      tmp_path, monkeypatch):
+    # int8 timed slower than fp32 on this runtime (by rule here: each quantized tensor costs time): the int8
+    # file is the fp32 program, and the headline never calls it faster in int8 when it times faster by chance
+    import json
+
+    import onnx
+
+    from edgekd.bench import measure
+    from edgekd.bench.runtimes import RUNTIMES
+    from edgekd.cli import main
+
+    ort_rt = RUNTIMES.get("onnxruntime")
+    load = ort_rt.load
+
+    def load_naming_its_file(self, path, threads):
+        run = load(self, path, threads)
+        run.quantized = sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(path)).graph.node)
+        return run
+
+    def timed(runners, x, warmup, runs, rounds):  # 1 ms, and a hundredth more per quantized tensor
+        ms = {n: 1.0 + 0.01 * getattr(r, "quantized", 0) for n, r in runners.items()}
+        ms = {n: v * (0.8 if n == "int8_ptq" else 1.0) for n, v in ms.items()}  # the fp32 program by chance faster
+        return {n: {"p50_ms": v, "round_p50_ms": [v] * rounds, "runs": runs, "rounds": rounds} for n, v in ms.items()}
+
+    monkeypatch.setattr(ort_rt, "load", load_naming_its_file)
+    monkeypatch.setattr(measure, "time_interleaved", timed)
+    minimal_pipeline["stages"] = [{"quantize": {"method": "ptq", "calibration": {"samples": 8}}},
+                                  {"benchmark": {"runtimes": ["onnxruntime"], "runs": 5, "rounds": 1}}]
+    out = tmp_path / "run"
+    assert main(["run", str(write_pipeline(minimal_pipeline)), "--out", str(out), "--set", "device=cpu"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    ptq = report["models"]["int8_ptq"]
+    assert ptq["int8_layers"].startswith("0/") and 0 < ptq["fp32_program_on"]["onnxruntime"] < 1
+    assert "int8 is 1.25x the speed" not in report["headline"]
+    assert "here (1.25x: its file is the fp32 program, int8 ran at" in report["headline"]
