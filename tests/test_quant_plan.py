@@ -186,6 +186,10 @@ def test_choose_keeps_the_fastest_plan_within_the_budget_and_says_when_none_is()
     assert evaluated == ["int8 -1 block", "int8 -2 blocks"]  # fastest first, stops at the first that holds
     chosen = choose([dict(c) for c in cands], evaluate, 95.0, 0.5)
     assert chosen["plan"].name == "int8 -2 blocks" and not chosen["within_budget"]  # the most accurate
+    # timed in the same rounds, the per-round speed-up ranks them where p50s (medians of round medians) disagree
+    noisy = [{"plan": Plan("int8 -7 blocks"), "p50_ms": 0.386, "speedup_vs_fp32": 0.872, "top1": 56.0},
+             {"plan": Plan("fp32"), "p50_ms": 0.405, "speedup_vs_fp32": 0.994, "top1": 53.0}]
+    assert choose(noisy, evaluate, 53.0, 0.5)["plan"].name == "fp32"
 
 
 def test_search_times_real_files_and_returns_the_plans_it_kept(tmp_path):

@@ -174,7 +174,7 @@ def choose_int8(fmt: Format, v: Variant, path: Path, files: dict[str, tuple[list
         paying = [r for r in rows if r["plan"] != "fp32" and r["p50_ms"] is not None
                   and r["speedup_vs_fp32"] >= 1 + MARGIN and passes(r)]
         within = [r for r in paying if r["drop_points"] <= max_drop]
-        chosen = (min(within, key=lambda r: r["p50_ms"]) if within else max(paying, key=lambda r: r["top1"]) if paying
+        chosen = (max(within, key=lambda r: r["speedup_vs_fp32"]) if within else max(paying, key=lambda r: r["top1"]) if paying
                   else next(r for r in rows if r["plan"] == "fp32"))
         by_op = _by_op(fmt, files, rows, chosen, x[:1]) if len(files) > 1 else _twin_by_op(*twin) if twin else {}
         os.replace(files[chosen["plan"]][1], path)
