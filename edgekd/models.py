@@ -71,6 +71,9 @@ def _build_timm(spec: dict[str, Any], pretrained: bool) -> nn.Module:
     return model
 
 
+AUX_HEADS = ("googlenet", "inception_v3")  # built without their auxiliary classifiers: every loss here reads one output
+
+
 def build(spec: dict[str, Any], pretrained: bool = False) -> nn.Module:
     import torchvision
 
@@ -80,6 +83,10 @@ def build(spec: dict[str, Any], pretrained: bool = False) -> nn.Module:
     if arch not in torchvision.models.list_models(module=torchvision.models):
         raise InputError(f"unknown arch '{arch}': not a torchvision classification model")
     kwargs: dict[str, Any] = {}
+    if arch in AUX_HEADS:  # their training-mode forward returns a tuple with the auxiliary heads' logits
+        kwargs["aux_logits"] = False
+        if not pretrained:
+            kwargs["init_weights"] = True  # torchvision's default, said explicitly (it warns otherwise)
     if spec.get("width_mult") is not None:
         kwargs["width_mult"] = spec["width_mult"]
     try:

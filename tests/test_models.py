@@ -128,6 +128,17 @@ def test_cifar_stem_unsupported_arch():
         build({"arch": "squeezenet1_0", "num_classes": 3, "cifar_stem": True})
 
 
+def test_auxiliary_heads_are_left_out():
+    """GoogLeNet's training-mode forward returns its auxiliary heads' logits too (a named tuple):
+    every loss and the training loop read one tensor, so it is built without them."""
+    import torch
+
+    model = build({"arch": "googlenet", "num_classes": 3}).train()
+    assert model.aux1 is None and model.aux2 is None
+    out = model(torch.randn(2, 3, 32, 32))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 3)
+
+
 def test_width_mult_on_arch_without_it():
     with pytest.raises(EdgekdError, match=r"arch 'resnet18' does not accept \{'width_mult': 0.5\}"):
         build({"arch": "resnet18", "num_classes": 3, "width_mult": 0.5})
