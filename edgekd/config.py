@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import ConfigError, InputError, did_you_mean
+from .errors import ConfigError, EdgekdError, InputError, did_you_mean
 from .schema import TIMM, PipelineConfig
 
 
@@ -244,7 +244,32 @@ def validate(raw: Any) -> PipelineConfig:
     cfg._validated = validated
     _check_teachers(cfg, validated)
     check_inputs(cfg)
+    _check_prunable(cfg, validated)
     return cfg
+
+
+def _check_prunable(cfg: PipelineConfig, validated: dict[int, tuple[str, BaseModel]]) -> None:
+    """A prune stage's student traced as that stage will trace it (random weights, a second for a
+    mobile model): a student torch-pruning cannot follow, or a `prune.ignore` entry that names no
+    module, is known here, not after the stages before it have trained."""
+    prunes = [(i, scfg) for i, (name, scfg) in validated.items() if name == "prune"]
+    if not prunes:
+        return
+    from .models import build
+    from .pruning import check_prunable
+
+    student = cfg.student
+    classes = student.num_classes or cfg.data.num_classes or 10
+    model = build({"arch": student.arch, "num_classes": classes, "cifar_stem": student.cifar_stem,
+                   "width_mult": student.width_mult})
+    for i, scfg in prunes:
+        try:
+            check_prunable(model, cfg.data.image_size, scfg.ignore, classes, scfg.importance)
+        except EdgekdError as e:
+            if str(e).startswith("prune.ignore:"):
+                raise ConfigError(f"stages[{i}].{e}") from None
+            raise ConfigError(f"stages[{i}].prune: student.arch {student.arch}: {e}; pick another student "
+                              "architecture or leave the prune stage out") from None
 
 
 def _check_teachers(cfg: PipelineConfig, validated: dict[int, tuple[str, BaseModel]]) -> None:

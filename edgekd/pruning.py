@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from .errors import EdgekdError
+from .errors import EdgekdError, did_you_mean
 
 IMPORTANCE = {
     "l1": lambda: tp.importance.MagnitudeImportance(p=1),
@@ -50,8 +50,9 @@ def resolve_ignored(model: nn.Module, names: list[str], num_classes: int) -> lis
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
     if missing:
+        near = did_you_mean(missing[0], [n for n in modules if n])
         sample = ", ".join(n for n in list(modules)[1:8])
-        raise EdgekdError(f"prune.ignore: no module named {missing[0]!r} (module names look like: {sample}, ...)")
+        raise EdgekdError(f"prune.ignore: no module named {missing[0]!r}{near or f' (module names look like: {sample}, ...)'}")
     ignored = [modules[n] for n in names]
     ignored += [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == num_classes]
     ignored += [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.out_channels == num_classes]
@@ -68,8 +69,26 @@ def make_pruner(model: nn.Module, image_size: int, importance: str, ratio: float
             max_pruning_ratio=0.95,
         )
     except Exception as e:
-        layer = getattr(e, "module_name", None) or str(e).splitlines()[0]
-        raise EdgekdError(f"torch-pruning cannot trace this model ({type(e).__name__}: {layer})") from None
+        raise EdgekdError(f"torch-pruning cannot trace this model ({_where(e)})") from None
+
+
+def _where(e: Exception) -> str:
+    """The exception and the torch-pruning function it came from: `ZeroDivisionError` alone does not
+    say that a reshape of the channels (ShuffleNet's channel shuffle) is what it cannot follow."""
+    what = getattr(e, "module_name", None) or (str(e).splitlines() or [""])[0]
+    tb, frame = e.__traceback__, None
+    while tb is not None:
+        if "torch_pruning" in tb.tb_frame.f_code.co_filename:
+            frame = tb.tb_frame.f_code.co_name
+        tb = tb.tb_next
+    return f"{type(e).__name__}: {what}" + (f", in torch-pruning's {frame}" if frame else "")
+
+
+def check_prunable(model: nn.Module, image_size: int, ignore: list[str], num_classes: int, importance: str) -> None:
+    """Trace `model` as the prune stage will (its dependency graph at `image_size`), so an
+    architecture torch-pruning cannot follow, or an `ignore` entry that names no module, fails
+    before the stages ahead of the prune stage have trained for hours."""
+    make_pruner(model.eval(), image_size, importance, 0.5, 1, False, None, resolve_ignored(model, ignore, num_classes))
 
 
 def accumulate_taylor_grads(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:

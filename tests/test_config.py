@@ -112,6 +112,13 @@ BAD_PIPELINES = [
      r"^teacher: required key is missing \(stages distill use a distillation loss\)$"),
     ("dkd loss without a teacher", lambda p: (p.pop("teacher"), stage_opts(p).update(loss="dkd")),
      r"^teacher: required key is missing \(stages distill use a distillation loss\)$"),
+    ("a student torch-pruning cannot trace, before any stage trains",
+     lambda p: (p["student"].update(arch="shufflenet_v2_x0_5", cifar_stem=False, width_mult=None),
+                p["stages"].append({"prune": {"target_macs": 0.5}})),
+     r"^stages\[1\]\.prune: student\.arch shufflenet_v2_x0_5: torch-pruning cannot trace this model \(ZeroDivisionError: "
+     r".*, in torch-pruning's update_reshape_index_mapping\); pick another student architecture or leave the prune stage out$"),
+    ("prune.ignore naming no module", lambda p: p["stages"].append({"prune": {"target_macs": 0.5, "ignore": ["features.1.conv.9"]}}),
+     r"^stages\[1\]\.prune\.ignore: no module named 'features\.1\.conv\.9' \(did you mean 'features\.1\.conv\.[0-2]'"),
     ("env var without default not set", lambda p: p["data"].update(source="${EDGEKD_TEST_SURELY_UNSET}/x"),
      r"^data\.source: environment variable \$\{EDGEKD_TEST_SURELY_UNSET\} is not set and has no default$"),
     ("env var unset inside a stage", lambda p: stage_opts(p).update(lr="${EDGEKD_TEST_SURELY_UNSET}"),
