@@ -37,6 +37,8 @@ def test_block_of_a_module_path():
     assert block_of("blocks.2.1.conv_pw") == "blocks.2"
     assert block_of("classifier.3") == "classifier.3"
     assert block_of("fc") == "fc"
+    assert block_of("trunk_output.block1.block1-0.f.a.0") == "trunk_output.block1.block1-0"  # torchvision RegNet
+    assert block_of("features.denseblock1.denselayer2.conv1") == "features"  # no index: the first component
 
 
 def test_every_weighted_node_maps_to_a_module_of_the_model(tmp_path):

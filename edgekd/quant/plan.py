@@ -97,12 +97,18 @@ def in_modules(node, keep) -> bool:
     return False
 
 
+INDEXED = re.compile(r"[A-Za-z_]\w*-\d+")  # a name with an index: RegNet's block1-0
+
+
 def block_of(path: str) -> str:
     """The block a module path belongs to: its components up to the first index (`features.3`,
-    `layer1.0`, `blocks.2`), or the first component where none is numeric (`classifier`, `fc`)."""
+    `layer1.0`, `blocks.2`, torchvision RegNet's `trunk_output.block1.block1-0`), or the first
+    component where none is an index (`classifier`, `fc`). Without RegNet's `-0` the first index
+    is a conv's inside its ConvNormActivation, and a RegNet had one block per conv: 82 of them,
+    each timed twice by the plan search."""
     parts = path.split(".")
     for i, p in enumerate(parts):
-        if p.isdigit():
+        if p.isdigit() or INDEXED.fullmatch(p):
             return ".".join(parts[: i + 1]) if i else parts[0]
     return parts[0]
 
