@@ -242,6 +242,7 @@ def validate(raw: Any) -> PipelineConfig:
         for key, why in getattr(scfg, "pipeline_problems", lambda _: [])(cfg):
             raise ConfigError(f"stages[{i}].{name}.{key}: {why}")
     cfg._validated = validated
+    check_order(validated)
     _check_teachers(cfg, validated)
     check_inputs(cfg)
     _check_prunable(cfg, validated)
@@ -270,6 +271,27 @@ def _check_prunable(cfg: PipelineConfig, validated: dict[int, tuple[str, BaseMod
                 raise ConfigError(f"stages[{i}].{e}") from None
             raise ConfigError(f"stages[{i}].prune: student.arch {student.arch}: {e}; pick another student "
                               "architecture or leave the prune stage out") from None
+
+
+def check_order(validated: dict[int, tuple[str, BaseModel]]) -> None:
+    """Stages in an order whose outputs hold (Stage.step): a prune after quantize would leave int8
+    files of the unpruned student, which export then verifies against the pruned one and stops; a
+    benchmark before anything is written measures nothing."""
+    from .stages import STAGES
+
+    seen: list[tuple[int, str, Any]] = []
+    for i, (name, _) in validated.items():
+        cls = STAGES.get(name)
+        if cls.step is None:
+            continue
+        for j, jname, jcls in seen:
+            if jcls.step > cls.step:
+                raise ConfigError(f"stages[{i}].{name}: must come before stages[{j}].{jname} ({name} {cls.does}; "
+                                  f"{jname} {jcls.does})")
+        if cls.step == 3 and not any(c.step in (1, 2) for _, _, c in seen):
+            raise ConfigError(f"stages[{i}].{name}: no stage before it writes model files ({name} {cls.does}; add an "
+                              "export stage before it)")
+        seen.append((i, name, cls))
 
 
 def _check_teachers(cfg: PipelineConfig, validated: dict[int, tuple[str, BaseModel]]) -> None:

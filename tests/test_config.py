@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,6 +121,14 @@ BAD_PIPELINES = [
      r".*, in torch-pruning's update_reshape_index_mapping\); pick another student architecture or leave the prune stage out$"),
     ("prune.ignore naming no module", lambda p: p["stages"].append({"prune": {"target_macs": 0.5, "ignore": ["features.1.conv.9"]}}),
      r"^stages\[1\]\.prune\.ignore: no module named 'features\.1\.conv\.9' \(did you mean 'features\.1\.conv\.[0-2]'"),
+    ("prune after quantize (its int8 files would be of the unpruned student)",
+     lambda p: p["stages"].extend([{"quantize": {"method": "ptq"}}, {"prune": {"target_macs": 0.5}}]),
+     r"^stages\[2\]\.prune: must come before stages\[1\]\.quantize \(prune removes channels from the student; "
+     r"quantize makes the int8 files from the student as it stands\)$"),
+    ("distill after export", lambda p: p["stages"].insert(0, {"export": {}}),
+     r"^stages\[1\]\.distill: must come before stages\[0\]\.export \(distill trains the student; export writes"),
+    ("benchmark with nothing written before it", lambda p: p["stages"].append({"benchmark": {}}),
+     r"^stages\[1\]\.benchmark: no stage before it writes model files \(.*; add an export stage before it\)$"),
     ("env var without default not set", lambda p: p["data"].update(source="${EDGEKD_TEST_SURELY_UNSET}/x"),
      r"^data\.source: environment variable \$\{EDGEKD_TEST_SURELY_UNSET\} is not set and has no default$"),
     ("env var unset inside a stage", lambda p: stage_opts(p).update(lr="${EDGEKD_TEST_SURELY_UNSET}"),
@@ -133,6 +143,17 @@ def test_bad_pipeline_message_names_key_path(write_pipeline, minimal_pipeline, m
     msg = load_error(write_pipeline(minimal_pipeline))
     assert re.search(pattern, msg), msg
     assert "\n" not in msg
+
+
+def test_other_libraries_info_logs_stay_out_of_the_run_log():
+    """onnxruntime's quantizer logs each bias input it copies at INFO on the root logger: a run shows
+    edgekd's INFO lines and only other libraries' warnings."""
+    code = ("import logging; from edgekd.cli import main; main(['stages']); logging.info('root info'); "
+            "logging.getLogger('onnxruntime').info('library info'); logging.getLogger('x').warning('library warning'); "
+            "logging.getLogger('edgekd').info('edgekd info')")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stderr
+    assert "edgekd info" in err and "library warning" in err
+    assert "root info" not in err and "library info" not in err
 
 
 def test_config_error_is_an_edgekd_error_with_exit_code_2():

@@ -30,6 +30,11 @@ class StageResult:
 class Stage(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[BaseModel]]
+    # Where the stage stands in a pipeline (config.check_order): a stage changes what every stage of
+    # a higher `step` reads, so none may follow one of those; None: anywhere (an assistant trains a
+    # teacher). `does` says what it does, for that check's message.
+    step: ClassVar[int | None] = None
+    does: ClassVar[str] = ""
 
     def __init__(self, config: BaseModel):
         self.config = config

@@ -70,6 +70,8 @@ def _files(ctx, fmt: str) -> dict:
 @register("benchmark")
 class Benchmark(Stage):
     Config = BenchmarkConfig
+    step = 3
+    does = "measures the files written before it"
 
     def run(self, ctx) -> StageResult:
         cfg: BenchmarkConfig = self.config

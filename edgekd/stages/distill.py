@@ -32,6 +32,8 @@ class DistillConfig(TrainConfig):
 @register("distill")
 class Distill(Stage):
     Config = DistillConfig
+    step = 0
+    does = "trains the student"
 
     def run(self, ctx) -> StageResult:
         cfg: DistillConfig = self.config

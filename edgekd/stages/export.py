@@ -115,6 +115,8 @@ STUDENT_FILES = ("student_fp32", "int8_ptq", "int8_qat", "student_unpruned_fp32"
 @register("export")
 class Export(Stage):
     Config = ExportConfig
+    step = 2
+    does = "writes the files of the student as it stands"
 
     def run(self, ctx) -> StageResult:
         cfg: ExportConfig = self.config

@@ -56,6 +56,8 @@ class PruneConfig(Strict):
 @register("prune")
 class Prune(Stage):
     Config = PruneConfig
+    step = 0
+    does = "removes channels from the student"
 
     def run(self, ctx) -> StageResult:
         cfg: PruneConfig = self.config

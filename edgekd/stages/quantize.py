@@ -151,6 +151,8 @@ def qat_below_ptq(models: dict, max_drop: float, classes: int) -> str | None:
 @register("quantize")
 class Quantize(Stage):
     Config = QuantizeConfig
+    step = 1
+    does = "makes the int8 files from the student as it stands"
 
     def run(self, ctx) -> StageResult:
         cfg: QuantizeConfig = self.config
