@@ -166,8 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    for noisy in ("matplotlib", "PIL", "torch_pruning"):
+    # edgekd's own progress at INFO; other libraries only warn (onnxruntime's quantizer logs every bias it
+    # copies at INFO, on the root logger), unless -v asks for everything
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("edgekd").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    for noisy in ("matplotlib", "PIL", "torch_pruning"):  # not even with -v
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.fn(args)
