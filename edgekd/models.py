@@ -7,6 +7,8 @@ reloads in a fresh process without pickling code objects.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import copy
 import logging
 from pathlib import Path
@@ -142,8 +144,14 @@ def rebuild(ckpt: dict, example_input: torch.Tensor | None = None) -> nn.Module:
 
 
 def _load_state(model: nn.Module, sd: dict, what: str) -> None:
-    sd = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in sd.items()}
     own = model.state_dict()
+    # The modules' state-dict versions travel in `_metadata`, which a plain dict (an edgekd checkpoint's
+    # copy, an unwrapped trainer checkpoint) has lost: MNASNet refuses weights without its version.
+    # Where the file carries none, the weights are of this architecture as built here.
+    meta = getattr(sd, "_metadata", None) or getattr(own, "_metadata", None)
+    sd = OrderedDict((k, v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in sd.items())
+    if meta is not None:
+        sd._metadata = meta  # type: ignore[attr-defined]
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     shape = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]

@@ -249,6 +249,19 @@ def test_load_edgekd_checkpoint(tmp_path, mnv2, x32):
     assert torch.equal(outputs(rebuilt, x32), outputs(mnv2, x32))
 
 
+def test_mnasnet_weights_load_without_their_version_metadata(tmp_path, x32):
+    """torchvision's MNASNet refuses a state dict without its `_metadata` version, which an edgekd
+    checkpoint's copy and an unwrapped trainer checkpoint ({"model": {...}}) do not carry: both load."""
+    net = randomized(build({"arch": "mnasnet0_5", "num_classes": 3, "cifar_stem": True})).eval()
+    spec = {"arch": "mnasnet0_5", "num_classes": 3, "cifar_stem": True, "width_mult": None}
+    save_checkpoint(tmp_path / "edgekd.pt", net, spec)
+    rebuilt = models.rebuild(torch.load(tmp_path / "edgekd.pt", weights_only=True))
+    assert torch.equal(outputs(rebuilt, x32), outputs(net, x32))
+    torch.save({"model": dict(net.state_dict())}, tmp_path / "trainer.pt")
+    model, _ = load_model(ModelConfig(arch="mnasnet0_5", cifar_stem=True, checkpoint=str(tmp_path / "trainer.pt")), 3, "student")
+    assert torch.equal(outputs(model, x32), outputs(net, x32))
+
+
 def test_load_onnx_teacher(tmp_path):
     net = tiny_net()
     path = tmp_path / "teacher.onnx"
