@@ -261,15 +261,25 @@ def _check_prunable(cfg: PipelineConfig, validated: dict[int, tuple[str, BaseMod
 
     student = cfg.student
     classes = student.num_classes or cfg.data.num_classes or 10
-    model = build({"arch": student.arch, "num_classes": classes, "cifar_stem": student.cifar_stem,
-                   "width_mult": student.width_mult})
+    spec = {"arch": student.arch, "num_classes": classes, "cifar_stem": student.cifar_stem, "width_mult": student.width_mult}
+    if student.checkpoint:
+        if student.trust_pickle:
+            return  # a pickled model is what it is, whatever student.arch says: not unpickled here (the stage checks)
+        from .safeload import open_checkpoint
+
+        kind, obj = open_checkpoint(Path(student.checkpoint).expanduser(), "student.checkpoint", False, "", mmap=True)
+        if kind == "torchscript":
+            return
+        if isinstance(obj, dict) and obj.get("edgekd_format"):  # its own spec wins over student.arch (models.load_model)
+            spec, classes = dict(obj["spec"]), obj["spec"]["num_classes"]
+    model = build(spec)
     for i, scfg in prunes:
         try:
             check_prunable(model, cfg.data.image_size, scfg.ignore, classes, scfg.importance)
         except EdgekdError as e:
             if str(e).startswith("prune.ignore:"):
                 raise ConfigError(f"stages[{i}].{e}") from None
-            raise ConfigError(f"stages[{i}].prune: student.arch {student.arch}: {e}; pick another student "
+            raise ConfigError(f"stages[{i}].prune: student.arch {spec['arch']}: {e}; pick another student "
                               "architecture or leave the prune stage out") from None
 
 

@@ -145,6 +145,21 @@ def test_bad_pipeline_message_names_key_path(write_pipeline, minimal_pipeline, m
     assert "\n" not in msg
 
 
+def test_prune_trace_follows_the_student_checkpoints_own_architecture(write_pipeline, minimal_pipeline, tmp_path):
+    """An edgekd checkpoint's spec wins over student.arch (models.load_model), so validate traces that
+    model: its module names are the ones prune.ignore may name."""
+    from edgekd.models import build, save_checkpoint
+
+    spec = {"arch": "mobilenet_v2", "num_classes": 3, "cifar_stem": True, "width_mult": 0.25}
+    save_checkpoint(tmp_path / "student.pt", build(spec), spec)
+    minimal_pipeline["student"] = {"arch": "resnet18", "checkpoint": str(tmp_path / "student.pt")}
+    minimal_pipeline["stages"].append({"prune": {"target_macs": 0.5, "ignore": ["features.1"]}})
+    load_pipeline(write_pipeline(minimal_pipeline))
+    minimal_pipeline["stages"][-1]["prune"]["ignore"] = ["layer1"]
+    with pytest.raises(ConfigError, match=r"^stages\[1\]\.prune\.ignore: no module named 'layer1'"):
+        load_pipeline(write_pipeline(minimal_pipeline))
+
+
 def test_other_libraries_info_logs_stay_out_of_the_run_log():
     """onnxruntime's quantizer logs each bias input it copies at INFO on the root logger: a run shows
     edgekd's INFO lines and only other libraries' warnings."""
