@@ -7,10 +7,9 @@ reloads in a fresh process without pickling code objects.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import copy
 import logging
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
