@@ -176,6 +176,7 @@ def fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, *,
             objective.detach()
 
 
+DEAD_LOGITS = 1e-5  # a logit that varies less than this (relative) over a split's images does not depend on them
 COPYING_IN_PLACE = (nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.SiLU)  # ReLU6 is a Hardtanh; ReLU copies nothing
 
 
@@ -328,6 +329,8 @@ def _fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, s
                         dist.collective(lambda b=b: torch.distributed.broadcast(b, 0), f"training {desc}")
                 logits = predict(model, data, eval_split, device, together=True, what=f"training {desc}")
                 rec[f"{eval_name}_top1"] = classification_metrics(logits, eval_split.labels.numpy(), data.classes)["top1"]
+                if last and w.main:
+                    _warn_if_dead(logits, rec[f"{eval_name}_top1"], desc, eval_name, cfg.lr)
             if not w.main:  # rank 0 checkpoints and reports; this rank's model is discarded
                 continue
             if state_path:
@@ -338,6 +341,17 @@ def _fit(model: nn.Module, data: Data, cfg: TrainConfig, device: torch.device, s
     finally:
         bar.close()
     return history
+
+
+def _warn_if_dead(logits, top1: float, desc: str, split: str, lr: float) -> None:
+    """Say so where a run ends with logits that are the same for every image: its activations died
+    (SqueezeNet, which has no BatchNorm, does at a learning rate MobileNets train well at), and
+    every later stage would compress a model that answers one class, whatever the image."""
+    scale = max(1.0, float(abs(logits).max())) if logits.size else 1.0
+    if len(logits) < 2 or float(logits.std(0).max()) > DEAD_LOGITS * scale:
+        return
+    log.warning("%s: the logits are the same for every image (top-1 %.1f %% on the %d %s images): the network's "
+                "activations died; lower the learning rate (lr %g) or warm it up", desc, top1, len(logits), split, lr)
 
 
 def _first_nonfinite(loss: torch.Tensor, step: int, bad_step: torch.Tensor) -> torch.Tensor:

@@ -278,3 +278,33 @@ def test_a_compiler_that_fails_is_one_line_naming_the_option(monkeypatch):
         fit(_small_net(), learnable_data(16, 8, size=8), TrainConfig(epochs=1, loss="ce", eval_every=0, compile="default"),
             torch.device("cpu"), seed=0)
     assert "\n" not in str(e.value)
+
+
+def test_a_run_whose_logits_no_longer_depend_on_the_image_is_named(caplog):
+    """SqueezeNet (no BatchNorm) trained at a MobileNet's learning rate ends with every ReLU dead and
+    logits that are the same for every image; the run says so, with what to change. A model that
+    still looks at its images, trained the same way, is not named."""
+    import logging
+
+    import torch.nn as nn
+
+    data = tiny_data(32)
+    cfg = TrainConfig(epochs=1, loss="ce", lr=0.01, eval_every=0)
+
+    def net(dead: bool) -> nn.Module:
+        torch.manual_seed(0)
+        conv = nn.Conv2d(3, 8, 3, padding=1)
+        if dead:  # every unit below zero whatever the image: the ReLU passes nothing, and no gradient
+            nn.init.zeros_(conv.weight)
+            nn.init.constant_(conv.bias, -1.0)
+        return nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    for dead in (True, False):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="edgekd"):
+            fit(net(dead), data, cfg, torch.device("cpu"), seed=0, desc="distill[ce]")
+        said = [r.getMessage() for r in caplog.records if "the same for every image" in r.getMessage()]
+        assert bool(said) == dead, said
+        if dead:
+            assert said[0].startswith("distill[ce]: the logits are the same for every image (top-1 ")
+            assert "lower the learning rate (lr 0.01)" in said[0]
