@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..quant.plan import MARGIN
 from .measure import round_ratio
 
 
@@ -122,16 +123,28 @@ def headline_parts(models: dict[str, dict]) -> tuple[str, list[str], list[str]]:
                 # the profile of the int8 and fp32 files on that runtime: the quantize stage's (onnxruntime), the
                 # export stage's (a format that plans its own int8 and whose runtime profiles ops: formats.int8_plan)
                 losses = m.get(f"{rt_name}_int8_loses_time_on", "nothing")
-                why = (f": its file is the fp32 program, int8 ran at {shipped_fp32[rt_name]:.2f}x there"
-                       + (f", losing time on {losses}" if losses != "nothing" else "")
-                       if rt_name in shipped_fp32 else f": its program follows {untimed}, untimed on this machine; "
+                why = (_fp32_program(shipped_fp32[rt_name], losses) if rt_name in shipped_fp32 else
+                       f": its program follows {untimed}, untimed on this machine; "
                        "plan: auto chooses per runtime" if untimed else f": int8 loses time on {losses}"
                        if losses != "nothing" else "")
                 slow.append(f"{k if len(ratios) > 1 else 'here'} ({r:.2f}x{why})")
         if str(m.get("int8_layers", "")).startswith("0/") and slow:
-            notes.append(f"the quantization plan keeps every ONNX layer fp32: int8 did not pay on "
-                         f"{m.get('plan_runtime', 'onnxruntime')} on this CPU (quant_plan.json says what it cost)")
+            plan_rt = m.get("plan_runtime", "onnxruntime")
+            held = shipped_fp32.get(plan_rt, 0) >= 1 + MARGIN  # faster in int8, kept out by the accuracy budget
+            notes.append("the quantization plan keeps every ONNX layer fp32: " + (
+                f"no int8 plan held quantize.max_drop_points on {plan_rt}" if held else
+                f"int8 did not pay on {plan_rt} on this CPU") + " (quant_plan.json says what it cost)")
     return result, slow, notes
+
+
+def _fp32_program(best: float, losses: str) -> str:
+    """Why a runtime's int8 file is the fp32 program, from its fastest int8 program's speed-up: too slow
+    (and on what, where its runtime profiles ops), or faster but outside the accuracy budget
+    (quant.plan.choose, formats.int8_plan.choose_int8)."""
+    if best >= 1 + MARGIN:
+        return f": its file is the fp32 program, as no int8 program held the accuracy budget (the fastest ran at {best:.2f}x)"
+    return f": its file is the fp32 program, int8 ran at {best:.2f}x there" + (
+        f", losing time on {losses}" if losses != "nothing" else "")
 
 
 NOT_FASTER = "NOTE: int8 is not faster than the fp32 student"

@@ -42,11 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..quant.plan import PATTERN, int8_losses, kind_comparison
+from ..quant.plan import MARGIN, PATTERN, int8_losses, kind_comparison
 from .base import ExportJob, Format, Variant
 
 log = logging.getLogger("edgekd")
-MARGIN = 0.03  # an int8 program must be this much faster than fp32 to be shipped instead of it
 JUDGE_IMAGES = 1000  # at most this many judging images per candidate (programs run image by image)
 
 

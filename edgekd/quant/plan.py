@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 WEIGHTED = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+MARGIN = 0.03  # a plan (or program) must be this much faster than another to count as faster
 STEM_REASON = "stem conv: raw pixels in, 3 input channels (quantize.keep_first_conv_fp32)"
 
 
@@ -364,7 +365,7 @@ def float_cost(profile: dict[str, dict]) -> dict:
             "float_ops": {k: v["nodes"] for k, v in fl.items()}}
 
 
-def search(fp32: Path, workdir: Path, calib, base: Plan, quantize, threads: int = 1, margin: float = 0.03,
+def search(fp32: Path, workdir: Path, calib, base: Plan, quantize, threads: int = 1, margin: float = MARGIN,
            budget_ms: float = 2500.0, progress: bool = True, runtime: str = "onnxruntime") -> list[dict]:
     """Greedy per-block search on `runtime` (one that runs ONNX files): from `base` (every block
     int8) keep a block fp32 when that makes the file at least `margin` faster; and where the
@@ -481,3 +482,9 @@ def choose(candidates: list[dict], evaluate, fp32_top1: float, max_drop: float) 
         if c["drop_points"] <= max_drop:
             return {**c, "within_budget": True}
     return {**max(tried, key=lambda c: c["top1"]), "within_budget": False}
+
+
+def fastest_int8(candidates: list[dict]) -> dict | None:
+    """The fastest timed candidate with any int8 in it (the all-fp32 plan is named `fp32`)."""
+    int8 = [c for c in candidates if c["plan"] != "fp32"]
+    return max(int8, key=lambda c: c["speedup_vs_fp32"]) if int8 else None

@@ -29,6 +29,7 @@ from ..formats.base import ConvertJob, ExportJob
 from ..formats.int8_plan import choose_int8, int8_candidates, program, ship_untimed, untimed_program, unwritten_twins
 from ..formats.workers import Conversion, NpyFile, conversion_pool, convert_all, worker_count
 from ..onnx_export import metadata
+from ..quant.plan import fastest_int8
 from .base import Stage, StageResult, register
 
 log = logging.getLogger("edgekd")
@@ -307,8 +308,7 @@ def _verify_all(ctx, variants, formats, chosen: dict, job: ExportJob, quant_plan
                     programs.setdefault(fmt.key, {})[v.name] = program(planned)
                     if planned["chosen"] == "fp32" and "candidates" in planned:  # for the headline's NOTE on that runtime
                         models[v.name].setdefault("fp32_program_on", dict(ctx.variants.get(v.name, {}).get(
-                            "fp32_program_on", {})))[fmt.runtime] = max(
-                            c["speedup_vs_fp32"] for c in planned["candidates"] if c["plan"] != "fp32")
+                            "fp32_program_on", {})))[fmt.runtime] = fastest_int8(planned["candidates"])["speedup_vs_fp32"]
                     if "int8_loses_time_on" in planned:  # and why int8 gains little there (its runtime's profiler)
                         models[v.name][f"{fmt.runtime}_int8_loses_time_on"] = planned["int8_loses_time_on"]
                 fmt.write_metadata(path, props)
