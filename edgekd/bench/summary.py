@@ -139,8 +139,10 @@ def headline_parts(models: dict[str, dict]) -> tuple[str, list[str], list[str]]:
 
 def _fp32_program(best: float, losses: str) -> str:
     """Why a runtime's int8 file is the fp32 program, from its fastest int8 program's speed-up: too slow
-    (and on what, where its runtime profiles ops), or faster but outside the accuracy budget
-    (quant.plan.choose, formats.int8_plan.choose_int8)."""
+    (and on what, where its runtime profiles ops), or faster but kept out on accuracy: by
+    quantize.max_drop_points in the quantize stage's plan (quant.plan.choose), by the top-1 agreement
+    with the fp32 program that verification requires in a format's own plan (formats.int8_plan.choose_int8,
+    which ships a faster int8 program outside max_drop_points rather than the fp32 one)."""
     if best >= 1 + MARGIN:
         return f": its file is the fp32 program, as no int8 program held the accuracy budget (the fastest ran at {best:.2f}x)"
     return f": its file is the fp32 program, int8 ran at {best:.2f}x there" + (

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..quant.plan import MARGIN, PATTERN, int8_losses, kind_comparison
+from ..quant.plan import MARGIN, PATTERN, fastest_int8, int8_losses, kind_comparison
 from .base import ExportJob, Format, Variant
 
 log = logging.getLogger("edgekd")
@@ -184,7 +184,7 @@ def choose_int8(fmt: Format, v: Variant, path: Path, files: dict[str, tuple[list
            f"({len(split)} images)", "max_drop_points": max_drop, "within_budget": chosen["drop_points"] <= max_drop,
            "candidates": rows, **by_op}
     if chosen["plan"] == "fp32":
-        best = max((r for r in rows if r["plan"] != "fp32"), key=lambda r: r["speedup_vs_fp32"])
+        best = fastest_int8(rows)
         if "not_written" in best:
             why = (f"int8 does not pay on {fmt.runtime} here: {best['not_written']} (the fastest: {best['plan']}); "
                    f"{v.name}'s int8 programs were not written")
