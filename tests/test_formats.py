@@ -220,7 +220,7 @@ def test_a_profiler_that_fails_costs_the_op_table_not_the_export(tiny, tmp_path,
     ({"fp32": 1.0, "int8": 1.5, "quantize plan (p)": 1.2}, [], "fp32"),  # no int8 program of PTQ's pays
     ({"fp32": 1.0, "int8": 0.5, "quantize plan (p)": 0.99}, ["int8", "quantize plan (p)"], "int8"),  # 1.01x: not slower
 ])
-def test_qat_int8_programs_are_written_only_where_their_ptq_twin_was_not_slower(tiny, tmp_path, monkeypatch, p50,
+def test_qat_int8_programs_are_written_only_where_their_ptq_twin_was_not_slower(tiny, tmp_path, monkeypatch, caplog, p50,
                                                                                qat_written, qat_chosen):
     """The export stage's two rounds (stages.export._write_and_choose): the PTQ file's programs are
     timed first; a QAT program whose PTQ twin (same name, same structure) ran slower than the fp32
@@ -261,7 +261,13 @@ def test_qat_int8_programs_are_written_only_where_their_ptq_twin_was_not_slower(
     assert timed == [["fp32", "int8", "quantize plan (p)"]] + ([sorted(qat_written + ["fp32"])] if qat_written else [])
     if not qat_written:  # no int8 program of its own to profile: its PTQ twin's comparison stands for them
         assert "were not written" in rec["verdict"] and "int8_qat.fake is the fp32 program" in rec["verdict"]
-        assert rec["by_op_program"] == "int8_ptq's quantize plan (p)" and "loses time on depthwise conv" in rec["verdict"]
+        assert rec["by_op_program"] == "int8_ptq's quantize plan (p)"
+        # the PTQ file's verdict (a warning) says what int8 loses time on; the QAT file's names it and points there
+        ptq_verdict = chosen["int8_ptq", "fake"][1]["verdict"]
+        assert "loses time on depthwise conv" in ptq_verdict and "loses time" not in rec["verdict"]
+        assert "for int8_qat either: int8_ptq's program" in rec["verdict"]
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "does not pay" in r.getMessage()]
+        assert warned == [f"export: {ptq_verdict}"]
     else:
         assert rec["by_op_program"] == qat_chosen
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int8_ptq.fake", "int8_qat.fake", "student_fp32.fake"]

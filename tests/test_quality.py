@@ -131,3 +131,10 @@ def test_a_temperature_fit_that_runs_to_its_bound_is_not_applied():
     assert res["ece_after"] == res["ece_before"] and res["note"].startswith("not applied: the fit ran to its bound")
     few = calibrate(*_overconfident(n=60, seed=3), zt, yt, [str(i) for i in range(10)])
     assert few["temperature"] == few["temperature_fit"] > 1 and few["note"].startswith("fit on 60 validation images only")
+    # the report says each reason once, naming every file it holds for
+    from edgekd.bench.quality import quality_markdown
+
+    models = {"int8_ptq": {"label": "int8 PTQ", "calibration": res}, "int8_qat": {"label": "int8 QAT", "calibration": res},
+              "student_fp32": {"label": "student fp32", "calibration": few}}
+    notes = [line for line in quality_markdown(models) if line.startswith("- ")]
+    assert notes == [f"- int8 PTQ, int8 QAT: temperature {res['note']}.", f"- student fp32: temperature {few['note']}."]

@@ -73,8 +73,11 @@ def quality_markdown(models: dict[str, dict]) -> list[str]:
         for k, c in cal.items():
             L.append(f"| {_label(models, k)} | {c['temperature']:.3f} | {c['ece_before']:.4f} | {c['ece_after']:.4f} | "
                      f"{c['val_images']} |")
-        notes = [f"- {_label(models, k)}: temperature {c['note']}." for k, c in cal.items() if c.get("note")]
-        L += [""] + notes if notes else []
+        by_note: dict[str, list[str]] = {}  # one line per reason, naming the files it holds for
+        for k, c in cal.items():
+            if c.get("note"):
+                by_note.setdefault(c["note"], []).append(_label(models, k))
+        L += [""] + [f"- {', '.join(names)}: temperature {note}." for note, names in by_note.items()] if by_note else []
     return L
 
 

@@ -185,6 +185,7 @@ class Export(Stage):
             raise EdgekdError("export.temperature_scaling: on, but the data has no validation split (set data.val_split)")
         xv, yv = data.normalize(data.val.images[:]).numpy(), data.val.labels.numpy()
         xt, yt = data.normalize(data.test.images[:]).numpy(), data.test.labels.numpy()
+        notes: dict[str, list[str]] = {}  # one warning per reason, naming the files it holds for
         for name in [n for n in STUDENT_FILES if n in models]:
             for fmt in (f for f in formats if f.key in models[name]):
                 path = ctx.run_dir / models[name][fmt.key]
@@ -198,7 +199,9 @@ class Export(Stage):
                     log.info("export: %s temperature %.3f, test ECE %.4f -> %.4f", name, res["temperature"],
                              res["ece_before"], res["ece_after"])
                     if "note" in res:
-                        log.warning("export: %s temperature %s", name, res["note"])
+                        notes.setdefault(res["note"], []).append(name)
+        for note, names in notes.items():
+            log.warning("export: %s temperature %s", ", ".join(names), note)
 
 
 def _conversions(variants, formats, d, quant_plan) -> tuple[dict, list[tuple]]:
