@@ -245,13 +245,18 @@ def _unwrap(root: Folder) -> Folder:
 
 def check_layout(root: Path, cfg: DataConfig) -> None:
     """What `edgekd validate` can tell of a folder source without decoding it: its train and test
-    folders, or its label files, are there (the same errors a run would give)."""
-    if not cfg.labels:
-        _split_dirs(root, cfg)
-        return
-    inside = _labels_root(root, cfg.labels, "labels")
-    if cfg.test_labels:
-        _labels_root(inside, cfg.test_labels, "test_labels")
+    folders, or its label files, are there, and a class-names file names every class folder (the
+    same errors a run would give)."""
+    if cfg.labels:
+        inside = _labels_root(root, cfg.labels, "labels")
+        if cfg.test_labels:
+            _labels_root(inside, cfg.test_labels, "test_labels")
+    else:
+        train, _ = _split_dirs(root, cfg)
+    if cfg.class_names:
+        names = class_names_file(root, cfg.class_names)
+        folders = [] if cfg.labels else sorted(p.name for p in train.iterdir() if p.is_dir() and not _not_data(p.name))
+        read_class_names(names, folders)  # its format, and where the classes are folders, every one named
 
 
 def _labels_root(root: Folder, rel: str, key: str) -> Folder:
@@ -261,6 +266,50 @@ def _labels_root(root: Folder, rel: str, key: str) -> Folder:
         if (inside / rel).is_file():
             return inside
     raise InputError(f"data.{key}: {rel} not found in {root}")
+
+
+def class_names_file(root: Folder | None, rel: str) -> Folder:
+    """data.class_names: the file inside the source (or the folder it wraps its content in, as
+    data.labels), else `rel` as a path of its own."""
+    for inside in (root, _unwrap(root)) if root is not None else ():
+        if (inside / rel).is_file():
+            return inside / rel
+    if (own := Path(rel).expanduser()).is_file():
+        return own
+    raise InputError(f"data.class_names: {rel} not found" + (f" in {root} nor" if root is not None else "") +
+                     " as a file of its own (expected a text file of '<class> <name>' lines)")
+
+
+def read_class_names(path: Folder, classes: list[str]) -> list[str]:
+    """The readable name of each of `classes` from a data.class_names file: one '<class> <name>'
+    a line, split at the first tab where the line has one, else at the first run of spaces;
+    blank lines and '#' comments skipped. The file may name more classes than the data has
+    (ImageNet's 1,000 for a subset of them); every class of the data must be named, and no two
+    with the same name (a phone app could not tell them apart)."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"data.class_names: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    names: dict[str, str] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, _, name = line.partition("\t") if "\t" in line else line.partition(" ")
+        if not name.strip():
+            raise InputError(f"data.class_names: {path} line {n}: expected '<class> <name>', got {line[:60]!r}")
+        names[key.strip()] = name.strip()
+    missing = [c for c in classes if c not in names]
+    if missing:
+        raise InputError(f"data.class_names: {path} names no {', '.join(repr(c) for c in missing[:5])}"
+                         f"{f' (and {len(missing) - 5} more)' if len(missing) > 5 else ''} of the data's "
+                         f"{len(classes)} classes (expected a '<class> <name>' line for each)")
+    shown = [names[c] for c in classes]
+    if len(set(shown)) < len(shown):
+        twice = next(s for s in shown if shown.count(s) > 1)
+        raise InputError(f"data.class_names: {path} names {', '.join(c for c in classes if names[c] == twice)} "
+                         f"all {twice!r}; each class needs a name of its own")
+    return shown
 
 
 def _split_dirs(root: Folder, cfg: DataConfig) -> tuple[Folder, Folder | None]:
@@ -654,6 +703,9 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
             raise InputError(f"{train_dir} and {test_dir} have different class folders")
     if cfg.num_classes is not None and cfg.num_classes != len(train.classes):
         raise InputError(f"data.num_classes is {cfg.num_classes} but {src} has {len(train.classes)} classes")
+    if cfg.class_names:
+        root = None if src.lower() in ("cifar10", "cifar100") else path
+        train.classes = test.classes = read_class_names(class_names_file(root, cfg.class_names), train.classes)
     if cfg.subset:
         train = train.select(stratified_indices(train.labels.numpy(), cfg.subset, seed), f"subset{cfg.subset}s{seed}")
     if cfg.test_subset:

@@ -66,6 +66,11 @@ class DataConfig(Strict):
     label_columns: tuple[str, str] | None = Field(None, description="[file column, class column] of the label files "
                                                   "(auto: the first of file_name, filename, file, path, image, "
                                                   "image_id, id, and of label, class, category, target)")
+    class_names: str | None = Field(None, description="a text file giving the classes readable names, one "
+                                    "'<class> <name>' a line (the class as its folder or label-file value, then a tab or "
+                                    "spaces: Imagenette's classes.txt, ImageNet's LOC_synset_mapping.txt), inside the "
+                                    "source like labels, else a path; the names go into the exported files' metadata "
+                                    "(edgekd.classes), the report and classify.py's output")
     test_split: float = Field(0.0, ge=0.0, lt=1.0, description="for a source with no test folder (one folder of class "
                               "folders, or train/ alone): this fraction of its images, stratified and the same for "
                               "every run and seed, is held out as the test split")

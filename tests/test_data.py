@@ -228,6 +228,36 @@ def test_validate_checks_a_folder_sources_layout(image_folder, write_pipeline, m
     assert capsys.readouterr().err.strip().endswith(f"data.labels: labels.csv not found in {image_folder}")
 
 
+def test_class_names_file_gives_the_classes_readable_names(image_folder, tmp_path, write_pipeline, minimal_pipeline,
+                                                            capsys):
+    """data.class_names: Imagenette's classes.txt (tab) or ImageNet's synset mapping (spaces, more
+    classes than the data has), inside the source or a path of its own; the names are what the
+    data's classes are called from then on (metadata, report). A class left unnamed, two classes
+    of one name, or no such file are one-line errors, from validate too."""
+    from edgekd.cli import main
+
+    (image_folder / "classes.txt").write_text("ant\tcarpenter ant\nmoose\tEurasian elk\nzebra\tplains zebra\n")
+    data = load_data(cfg_for(image_folder, class_names="classes.txt", val_split=0.25), seed=0)
+    assert data.classes == data.test.classes == data.val.classes == ["carpenter ant", "Eurasian elk", "plains zebra"]
+    synsets = tmp_path / "LOC_synset_mapping.txt"
+    synsets.write_text("# wnid name\naardvark Orycteropus afer\nant formicid, emmet\nmoose  Alces alces\n\nzebra zebra\n")
+    assert load_data(cfg_for(image_folder, class_names=str(synsets)), seed=0).classes == [
+        "formicid, emmet", "Alces alces", "zebra"]
+    path = write_pipeline({**minimal_pipeline, "data": {**minimal_pipeline["data"], "class_names": "classes.txt"}})
+    assert main(["validate", str(path)]) == 0
+    for text, why in [("ant x\nmoose y\n", "names no 'zebra' of the data's 3 classes"),
+                      ("ant x\nmoose x\nzebra z\n", "names ant, moose all 'x'"),
+                      ("ant x\nmoose\nzebra z\n", "line 2: expected '<class> <name>', got 'moose'")]:
+        (image_folder / "classes.txt").write_text(text)
+        with pytest.raises(EdgekdError, match=why):
+            load_data(cfg_for(image_folder, class_names="classes.txt"), seed=0)
+        assert main(["validate", str(path)]) == 2 and why in capsys.readouterr().err
+    assert main(["validate", str(path), "--set", "data.class_names=names.txt"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"data.class_names: names.txt not found in {image_folder} nor as a file of its own "
+        "(expected a text file of '<class> <name>' lines)")
+
+
 def test_test_split_and_test_dir_are_one_choice():
     with pytest.raises(ValueError, match="set one"):
         DataConfig(source="x", test_split=0.2, test_dir="holdout")
