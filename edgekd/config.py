@@ -462,7 +462,17 @@ def load_pipeline(path: str | os.PathLike, overrides: list[str] | None = None) -
         raise ConfigError(f"{path}: file is empty")
     if not isinstance(raw, dict):
         raise ConfigError(f"<root>: expected a mapping of pipeline keys, got {type(raw).__name__}")
+    raw = _unshared(raw)
     for ov in overrides or []:
         apply_override(raw, ov)
     raw = interpolate(raw)
     return validate(raw), raw
+
+
+def _unshared(tree: Any) -> Any:
+    """`tree` with every mapping and list its own object: a YAML alias (`- distill: *recipe`) loads
+    as the anchor's very object, so an override of one path (--set stages[0].distill.lr=...) would
+    change the other place too. copy.deepcopy keeps such sharing; this does not."""
+    if isinstance(tree, dict):
+        return {k: _unshared(v) for k, v in tree.items()}
+    return [_unshared(v) for v in tree] if isinstance(tree, list) else tree

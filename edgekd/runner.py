@@ -222,7 +222,9 @@ class Runner:
                 why = ("its saved outputs are unreadable" if same else "an earlier stage was redone" if redone
                        else "its config (or an earlier stage's) changed")
                 moved = set_aside(self.run_dir, stage_dir)
-                log.warning("stage %d %s: %s; redoing it (previous folder moved to %s)", i, name, why, ctx.rel(moved))
+                # the first stage redone warns; the ones after it follow from it (one warning per cause)
+                log.log(logging.INFO if redone else logging.WARNING,
+                        "stage %d %s: %s; redoing it (previous folder moved to %s)", i, name, why, ctx.rel(moved))
                 entry["replaced"] = ctx.rel(moved)
             redone = True  # later stages were built on this one's old outputs
             entry["status"] = "running"

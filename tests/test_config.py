@@ -282,6 +282,17 @@ def test_set_by_stage_index(write_pipeline, minimal_pipeline):
     assert cfg.stage_entries()[0][1].lr == pytest.approx(0.1)
 
 
+def test_set_changes_one_place_of_a_yaml_alias(write_pipeline, minimal_pipeline):
+    """Two stages from one anchored recipe (`- distill: *recipe`): --set on one leaves the other
+    as the file says (an alias loads as the anchor's very object)."""
+    minimal_pipeline["stages"] = [{"distill": {"epochs": 1, "lr": 0.05}}] * 2  # dumped as an anchor and an alias
+    path = write_pipeline(minimal_pipeline)
+    assert "&" in path.read_text() and "*" in path.read_text()
+    cfg, raw = load_pipeline(path, ["stages[0].distill.lr=0.01"])
+    assert [s.lr for _, s in cfg.stage_entries()] == [pytest.approx(0.01), pytest.approx(0.05)]
+    assert raw["stages"][1]["distill"]["lr"] == 0.05
+
+
 def test_set_several_overrides_and_yaml_values(write_pipeline, minimal_pipeline):
     cfg, _ = load_pipeline(write_pipeline(minimal_pipeline), [
         "distill.loss=dkd", "student.cifar_stem=false", "data.mean=[0.5, 0.5, 0.5]", "seed=7", "name=renamed"])

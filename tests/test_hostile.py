@@ -148,14 +148,17 @@ def test_out_that_is_a_file_or_unwritable_is_one_line(tmp_path, image_folder, ca
 
 
 def test_resume_after_a_config_change_keeps_what_it_replaces(tmp_path, image_folder, capsys, caplog):
-    pipe, out = write(tmp_path, tiny(image_folder)), tmp_path / "run"
+    two = tiny(image_folder)
+    two["stages"] *= 2  # a second training run on the first's student: redone because the first was
+    pipe, out = write(tmp_path, two), tmp_path / "run"
     assert cli.main(["run", str(pipe), "--out", str(out)]) == 0
     (out / "00_distill" / "my_notes.txt").write_text("keep me")
     old_model = (out / "00_distill" / "model.pt").read_bytes()
     old_config = (out / "config.yaml").read_text()
-    assert cli.main(["run", str(pipe), "--resume", str(out), "--set", "distill.lr=0.01"]) == 0
+    assert cli.main(["run", str(pipe), "--resume", str(out), "--set", "stages[0].distill.lr=0.01"]) == 0
     moved = sorted((out / "replaced").iterdir())
-    assert [m.name.split("-")[0] for m in moved] == ["00_distill", "config.yaml"]
+    assert [m.name.split("-")[0] for m in moved] == ["00_distill", "01_distill", "config.yaml"]
+    moved = [moved[0], moved[2]]
     assert (moved[0] / "my_notes.txt").read_text() == "keep me"
     assert (moved[0] / "model.pt").read_bytes() == old_model
     assert moved[1].read_text() == old_config  # how the replaced stage was made
@@ -164,6 +167,11 @@ def test_resume_after_a_config_change_keeps_what_it_replaces(tmp_path, image_fol
     assert any(m.startswith("--resume: this pipeline differs from the run's config.yaml in stages[0].distill.lr; ")
                for m in messages)
     assert any("stage 0 distill: its config (or an earlier stage's) changed; redoing it" in m for m in messages)
+    # one warning per cause: the stage after it is redone because it was, which the log says without a warning
+    redone = [r for r in caplog.records if "redoing it" in r.getMessage()]
+    assert [(r.levelname, r.getMessage().split(";")[0]) for r in redone] == [
+        ("WARNING", "stage 0 distill: its config (or an earlier stage's) changed"),
+        ("INFO", "stage 1 distill: an earlier stage was redone")]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stages"][0]["replaced"] == f"replaced/{moved[0].name}"
 
