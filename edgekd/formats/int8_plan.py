@@ -185,10 +185,11 @@ def choose_int8(fmt: Format, v: Variant, path: Path, files: dict[str, tuple[list
            "candidates": rows, **by_op}
     if chosen["plan"] == "fp32":
         best = fastest_int8(rows)
-        said = twin is not None and "verdict" in twin[1]  # its PTQ twin's verdict, logged already, says why
-        if "not_written" in best and said:
-            why = (f"int8 does not pay on {fmt.runtime} here for {v.name} either: {best['not_written']}, so its int8 "
-                   "programs were not written")
+        # a QAT file whose int8 programs were not written: its PTQ twin's verdict, logged already, says why
+        follows = "not_written" in best and twin is not None and "verdict" in twin[1]
+        if follows:
+            why = (f"int8 does not pay on {fmt.runtime} here for {v.name} either: {best['not_written']} and its own "
+                   "int8 programs were not written")
         elif "not_written" in best:
             why = (f"int8 does not pay on {fmt.runtime} here: {best['not_written']} (the fastest: {best['plan']}); "
                    f"{v.name}'s int8 programs were not written")
@@ -199,11 +200,10 @@ def choose_int8(fmt: Format, v: Variant, path: Path, files: dict[str, tuple[list
         else:
             why = (f"int8 does not pay on {fmt.runtime} here: the best int8 program ({best['plan']}) ran at "
                    f"{best['speedup_vs_fp32']}x the fp32 speed with top-1 {best['top1']} vs {top1['fp32']}")
-        if by_op.get("int8_loses_time_on", "nothing") != "nothing" and why.startswith("int8 does not pay") and not said:
+        if by_op.get("int8_loses_time_on", "nothing") != "nothing" and why.startswith("int8 does not pay") and not follows:
             why += f"; {by_op['by_op_program']} loses time on {by_op['int8_loses_time_on']}"
         rec["verdict"] = f"{why}, so {v.name}{fmt.suffix} is the fp32 program of the same weights"
-        # one warning per runtime: where the twin warned, this file's verdict is its consequence
-        log.log(logging.INFO if said and "not_written" in best else logging.WARNING, "export: %s", rec["verdict"])
+        log.log(logging.INFO if follows else logging.WARNING, "export: %s", rec["verdict"])  # one warning per runtime
     return path, rec
 
 
