@@ -682,6 +682,8 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
             if not path.name.lower().endswith(ARCHIVES):
                 raise InputError(f"data.source: {path} is a file but not a {'/'.join(ARCHIVES)} archive")
             path = open_archive(path, cache, cfg.archive)
+        if cfg.class_names:  # a class-names file that does not fit the folders fails before the decode, not after
+            check_layout(path, cfg)
         if cfg.labels:
             path = _labels_root(path, cfg.labels, "labels")
             train_dir, files, labels, classes, missing = _labelled_files(path, cfg.labels, "labels", cfg.train_dir, cfg)

@@ -229,7 +229,7 @@ def test_validate_checks_a_folder_sources_layout(image_folder, write_pipeline, m
 
 
 def test_class_names_file_gives_the_classes_readable_names(image_folder, tmp_path, write_pipeline, minimal_pipeline,
-                                                            capsys):
+                                                            capsys, monkeypatch):
     """data.class_names: Imagenette's classes.txt (tab) or ImageNet's synset mapping (spaces, more
     classes than the data has), inside the source or a path of its own; the names are what the
     data's classes are called from then on (metadata, report). A class left unnamed, two classes
@@ -243,6 +243,7 @@ def test_class_names_file_gives_the_classes_readable_names(image_folder, tmp_pat
     synsets.write_text("# wnid name\naardvark Orycteropus afer\nant formicid, emmet\nmoose  Alces alces\n\nzebra zebra\n")
     assert load_data(cfg_for(image_folder, class_names=str(synsets)), seed=0).classes == [
         "formicid, emmet", "Alces alces", "zebra"]
+    synsets.with_name("two.txt").write_text("ant formicid\n")
     path = write_pipeline({**minimal_pipeline, "data": {**minimal_pipeline["data"], "class_names": "classes.txt"}})
     assert main(["validate", str(path)]) == 0
     for text, why in [("ant x\nmoose y\n", "names no 'zebra' of the data's 3 classes"),
@@ -252,6 +253,11 @@ def test_class_names_file_gives_the_classes_readable_names(image_folder, tmp_pat
         with pytest.raises(EdgekdError, match=why):
             load_data(cfg_for(image_folder, class_names="classes.txt"), seed=0)
         assert main(["validate", str(path)]) == 2 and why in capsys.readouterr().err
+    # in an archive (which validate does not open), before a single image is decoded
+    archive = _make_zip(image_folder, tmp_path / "set.zip", "set")
+    forbid_decoding(monkeypatch)
+    with pytest.raises(EdgekdError, match="names no 'moose', 'zebra' of the data's 3 classes"):
+        load_data(cfg_for(archive, cache=tmp_path / "fresh", class_names=str(synsets.with_name("two.txt"))), seed=0)
     assert main(["validate", str(path), "--set", "data.class_names=names.txt"]) == 2
     assert capsys.readouterr().err.strip().endswith(
         f"data.class_names: names.txt not found in {image_folder} nor as a file of its own "
