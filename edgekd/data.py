@@ -255,8 +255,7 @@ def check_layout(root: Path, cfg: DataConfig) -> None:
         train, _ = _split_dirs(root, cfg)
     if cfg.class_names:
         names = class_names_file(root, cfg.class_names)
-        folders = [] if cfg.labels else sorted(p.name for p in train.iterdir() if p.is_dir() and not _not_data(p.name))
-        read_class_names(names, folders)  # its format, and where the classes are folders, every one named
+        read_class_names(names, [] if cfg.labels else _class_folders(train))  # its format; every class folder named
 
 
 def _labels_root(root: Folder, rel: str, key: str) -> Folder:
@@ -412,8 +411,13 @@ def _not_data(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
+def _class_folders(folder: Folder) -> list[str]:
+    """The classes of an ImageFolder split, in label order."""
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not _not_data(d.name))
+
+
 def _list_image_folder(folder: Folder) -> tuple[list[Folder], list[int], list[str]]:
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not _not_data(d.name))
+    classes = _class_folders(folder)
     if not classes:
         raise InputError(f"{folder}: no class folders found (ImageFolder layout: <class>/<image>)")
     files, labels, left, other = [], [], 0, Counter()
@@ -672,8 +676,11 @@ def imbalance(data: Data) -> str | None:
 def load_data(cfg: DataConfig, seed: int) -> Data:
     cache = cache_root(cfg.cache_dir)
     src = cfg.source
+    shown = None  # data.class_names: the classes' readable names, read once, checked before anything is decoded
     if src.lower() in ("cifar10", "cifar100"):
         train, test = _load_torchvision(src.lower(), cfg, True), _load_torchvision(src.lower(), cfg, False)
+        if cfg.class_names:
+            shown = read_class_names(class_names_file(None, cfg.class_names), train.classes)
     else:
         path = Path(src).expanduser()
         if not path.exists():
@@ -682,11 +689,11 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
             if not path.name.lower().endswith(ARCHIVES):
                 raise InputError(f"data.source: {path} is a file but not a {'/'.join(ARCHIVES)} archive")
             path = open_archive(path, cache, cfg.archive)
-        if cfg.class_names:  # a class-names file that does not fit the folders fails before the decode, not after
-            check_layout(path, cfg)
+        names = class_names_file(path, cfg.class_names) if cfg.class_names else None
         if cfg.labels:
             path = _labels_root(path, cfg.labels, "labels")
             train_dir, files, labels, classes, missing = _labelled_files(path, cfg.labels, "labels", cfg.train_dir, cfg)
+            shown = read_class_names(names, classes) if names else None
             train = _decode_split(train_dir, files, labels, classes, cfg, cache, missing)
             test_dir = test = None
             if cfg.test_labels:
@@ -695,6 +702,7 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
                 test = _decode_split(test_dir, files, labels, train.classes, cfg, cache, missing)
         else:
             train_dir, test_dir = _split_dirs(path, cfg)
+            shown = read_class_names(names, _class_folders(train_dir)) if names else None
             train = _load_image_folder(train_dir, cfg, cache)
             test = _load_image_folder(test_dir, cfg, cache) if test_dir is not None else None
         if test is None:
@@ -705,9 +713,8 @@ def load_data(cfg: DataConfig, seed: int) -> Data:
             raise InputError(f"{train_dir} and {test_dir} have different class folders")
     if cfg.num_classes is not None and cfg.num_classes != len(train.classes):
         raise InputError(f"data.num_classes is {cfg.num_classes} but {src} has {len(train.classes)} classes")
-    if cfg.class_names:
-        root = None if src.lower() in ("cifar10", "cifar100") else path
-        train.classes = test.classes = read_class_names(class_names_file(root, cfg.class_names), train.classes)
+    if shown is not None:
+        train.classes = test.classes = shown
     if cfg.subset:
         train = train.select(stratified_indices(train.labels.numpy(), cfg.subset, seed), f"subset{cfg.subset}s{seed}")
     if cfg.test_subset:

@@ -253,9 +253,16 @@ def test_class_names_file_gives_the_classes_readable_names(image_folder, tmp_pat
         with pytest.raises(EdgekdError, match=why):
             load_data(cfg_for(image_folder, class_names="classes.txt"), seed=0)
         assert main(["validate", str(path)]) == 2 and why in capsys.readouterr().err
+    # classes from a label file are named the same way, checked before its images are decoded
+    root = _flat_with_labels(image_folder, tmp_path / "kaggle")
+    labelled = dict(labels="train.csv", train_dir="train", test_split=0.25, label_columns=("id", "breed"))
+    assert load_data(cfg_for(root, tmp_path / "c", class_names=str(synsets), **labelled), seed=0).classes == [
+        "formicid, emmet", "Alces alces", "zebra"]
+    forbid_decoding(monkeypatch)
+    with pytest.raises(EdgekdError, match="names no 'moose', 'zebra' of the data's 3 classes"):
+        load_data(cfg_for(root, tmp_path / "fresh", class_names=str(synsets.with_name("two.txt")), **labelled), seed=0)
     # in an archive (which validate does not open), before a single image is decoded
     archive = _make_zip(image_folder, tmp_path / "set.zip", "set")
-    forbid_decoding(monkeypatch)
     with pytest.raises(EdgekdError, match="names no 'moose', 'zebra' of the data's 3 classes"):
         load_data(cfg_for(archive, cache=tmp_path / "fresh", class_names=str(synsets.with_name("two.txt"))), seed=0)
     assert main(["validate", str(path), "--set", "data.class_names=names.txt"]) == 2
