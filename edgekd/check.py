@@ -12,8 +12,11 @@ both unlikely under "same model quality" (p < ALPHA) and at least MIN_DROP point
 tolerance alone either flaps on small test splits or misses real drops on large ones.
 
 Speed ratios depend on the CPU class (int8 gains far more with VNNI than on AVX2-only x86),
-so a baseline keeps them per class (`by_cpu`, written by --update-baseline on each class); on
-a class it has no figure for, a speedup must only stay above 1x. Within a class, machines and
+so a baseline keeps them per class (`by_cpu`: --update-baseline writes the class it runs on,
+--add-cpu-figures adds one class's ratios and leaves every other stored figure as it is); on a
+class it has no figure for, a speedup must only stay above 1x, and no class's tolerance takes
+its bound below that (a stored 1.25x with 30 % would let an int8 file slower than fp32 pass
+where an unknown class would fail it). Within a class, machines and
 their load still differ, and the figure is the median of per-round ratios of models timed for
 milliseconds each, so a ratio below its bound is a regression only where the rounds agree:
 their upper quartile is below the bound too (a real loss, e.g. an int8 file that stopped
@@ -38,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EdgekdError
+from .errors import EdgekdError, InputError
 from .fileio import write_json
 from .metrics import paired
 
@@ -125,6 +128,19 @@ def baseline_from_report(report: dict, old: dict | None = None, predictions: dic
     return out
 
 
+def add_cpu_figures(report: dict, baseline: dict) -> tuple[dict, list[str]]:
+    """The baseline with the report's speed ratios stored for the report's CPU class (by_cpu),
+    every other figure, tolerance and the stored predictions left as they are: the accuracy
+    reference stays the run it was made from, and each class's speed joins it."""
+    cpu, added = cpu_class(report), []
+    metrics = {k: dict(v) for k, v in baseline.get("metrics", {}).items()}
+    for key, spec in metrics.items():
+        if "speedup." in key and key in report.get("metrics", {}):
+            spec["by_cpu"] = {**spec.get("by_cpu", {}), cpu: report["metrics"][key]}
+            added.append(key)
+    return {**baseline, "metrics": metrics}, added
+
+
 def _paired_verdict(key: str, delta: float, baseline: dict, predictions: dict | None) -> tuple[str, str] | None:
     """(verdict, tolerance text) by the paired test, or None where it cannot be applied."""
     base = baseline.get("predictions")
@@ -168,6 +184,8 @@ def compare(report: dict, baseline: dict, predictions: dict | None = None) -> tu
         if bound is not None:
             (base, tol_text), tol = bound, {}
         allowed = tol.get("abs", 0.0) + abs(base) * tol.get("rel", 0.0)
+        if "speedup." in key and direction == "higher" and 1.0 < base <= 1.0 + allowed:
+            allowed, tol_text = base - 1.0, "> 1x"  # no class's tolerance lets a speedup fall below 1x
         if key not in now:
             rows.append({"metric": key, "baseline": base, "now": None, "delta": None, "tolerance": tol_text, "verdict": "MISSING"})
             failed = True
@@ -207,12 +225,19 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, cells)])
 
 
-def run_check(report_path: Path, baseline_path: Path, update: bool = False) -> int:
+def run_check(report_path: Path, baseline_path: Path, update: bool = False, add_cpu: bool = False) -> int:
     if report_path.is_dir():
         report_path = report_path / "report.json"
     report = _load(report_path, "report")
     if "metrics" not in report:
         raise EdgekdError(f"report {report_path}: no 'metrics' section (not an edgekd report.json?)")
+    if add_cpu:
+        new, added = add_cpu_figures(report, _load(baseline_path, "baseline"))
+        if not added:
+            raise InputError(f"report {report_path}: none of the baseline's speed ratios is in it (another pipeline?)")
+        write_json(baseline_path, new)
+        print(f"baseline {baseline_path}: {len(added)} speed ratios stored for {cpu_class(report)}")
+        return 0
     if update:
         old = _load(baseline_path, "baseline") if baseline_path.exists() else None
         new = baseline_from_report(report, old, _predictions(report_path))

@@ -112,7 +112,7 @@ def _cmd_stages(args) -> int:
 def _cmd_check(args) -> int:
     from .check import run_check
 
-    return run_check(Path(args.report), Path(args.baseline), update=args.update_baseline)
+    return run_check(Path(args.report), Path(args.baseline), update=args.update_baseline, add_cpu=args.add_cpu_figures)
 
 
 def _cmd_bench(args) -> int:
@@ -140,7 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="compare a report with a stored baseline (exit 1 on regression)")
     c.add_argument("report")
     c.add_argument("--baseline", required=True)
-    c.add_argument("--update-baseline", action="store_true", help="write the report's figures into the baseline")
+    what = c.add_mutually_exclusive_group()
+    what.add_argument("--update-baseline", action="store_true", help="write the report's figures into the baseline")
+    what.add_argument("--add-cpu-figures", action="store_true",
+                      help="store the report's speed ratios for its CPU class, every other baseline figure as it is")
     c.set_defaults(fn=_cmd_check)
     b = sub.add_parser("bench", help="benchmark ONNX, ExecuTorch .pte or LiteRT .tflite models on the available runtimes")
     b.add_argument("models", nargs="+", help=".onnx, .pte or .tflite file(s); each runs on the listed runtimes of its format")

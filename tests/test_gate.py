@@ -155,6 +155,42 @@ def test_speed_ratios_are_gated_per_cpu_class():
     assert compare({"machine": arm, "metrics": {key: 0.9}}, base)[1]  # slower than fp32 fails anywhere
 
 
+def test_a_cpu_class_joins_a_baseline_without_moving_its_accuracy_reference(tmp_path, capsys):
+    """--add-cpu-figures stores one class's speed ratios beside the others and leaves the stored
+    figures, tolerances and predictions as they are; a stored ratio's tolerance never lets a
+    speedup fall below 1x, the bound a class without a figure is held to."""
+    from edgekd.check import baseline_from_report
+    from edgekd.cli import main
+
+    vnni = {"isa": ["avx2", "avx512f", "avx512bw", "avx512_vnni"], "arch": "x86_64"}
+    amx = {"isa": ["avx2", "avx512f", "avx512bw", "avx512_vnni", "amx_int8"], "arch": "x86_64"}
+    speed, top1 = "stage.benchmark.speedup.student_fp32/int8_qat@onnxruntime/1t", "model.int8_qat.top1"
+    teacher = "stage.benchmark.speedup.teacher_fp32/int8_qat@onnxruntime/1t"
+    base = baseline_from_report({"machine": vnni, "metrics": {speed: 1.7, teacher: 25.0, top1: 85.2}},
+                                predictions={"split": "s", "labels": [0, 1], "models": {"int8_qat": [0, 1]}})
+    path = tmp_path / "baseline.json"
+    path.write_text(json.dumps(base))
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"machine": amx, "metrics": {speed: 1.22, teacher: 22.8, top1: 83.0}}))
+    assert main(["check", str(report), "--baseline", str(path), "--add-cpu-figures"]) == 0
+    assert "2 speed ratios stored for x86-64 AMX-INT8" in capsys.readouterr().out
+    new = json.loads(path.read_text())
+    assert new["predictions"] == base["predictions"] and new["metrics"][top1] == base["metrics"][top1]
+    assert new["metrics"][speed]["by_cpu"] == {"x86-64 AVX-512 VNNI": 1.7, "x86-64 AMX-INT8": 1.22}
+    assert new["metrics"][speed]["value"] == 1.7 and new["metrics"][teacher]["by_cpu"]["x86-64 AMX-INT8"] == 22.8
+    # AMX now holds the teacher ratio to its own figure (22.8x less 30 %), not only above 1x
+    rows, failed = compare({"machine": amx, "metrics": {speed: 1.15, teacher: 14.0, top1: 85.2}}, new)
+    assert failed and [r["verdict"] for r in rows if r["metric"] == teacher] == ["REGRESSION"]
+    # 1.22x less 30 % would be 0.85x: the bound stays at 1x
+    rows, failed = compare({"machine": amx, "metrics": {speed: 0.95, teacher: 22.0, top1: 85.2}}, new)
+    assert failed and next(r for r in rows if r["metric"] == speed)["verdict"] == "REGRESSION"
+    assert not compare({"machine": amx, "metrics": {speed: 1.02, teacher: 22.0, top1: 85.2}}, new)[1]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"machine": amx, "metrics": {top1: 80.0}}))
+    assert main(["check", str(other), "--baseline", str(path), "--add-cpu-figures"]) == 2
+    assert json.loads(path.read_text()) == new  # nothing written
+
+
 def _timed_report(machine: dict, ratios: list[float]) -> dict:
     """A report whose benchmark stage timed the fp32 and int8 files in the same rounds, the fp32
     file at 1.7 ms and the int8 file at whatever gives each round's ratio."""
