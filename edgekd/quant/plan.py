@@ -328,23 +328,27 @@ def kind_comparison(fp32: dict[str, dict], int8: dict[str, dict]) -> list[dict]:
 
 
 LOSS_WORTH_NAMING = 0.01  # of the fp32 file's time: a smaller difference is the profiler's noise
+LOSSES_NAMED = 3  # the costliest kinds; the rest are counted (the by-op table beside has every row)
 
 
 def int8_losses(by_op: list[dict]) -> str:
-    """Where the int8 file spends more time than the fp32 file (kind_comparison), in one line: the
-    op kinds its int8 kernels run slower, and those only the int8 file has (an fp32 add is fused
-    into its convolution; quantize / dequantize at float islands and the file's ends), each
-    where it costs at least LOSS_WORTH_NAMING of the fp32 file's time."""
+    """Where the int8 file spends more time than the fp32 file (kind_comparison), in one line that
+    a headline can carry: the op kinds its int8 kernels run slower, and those only the int8 file
+    has (an fp32 add is fused into its convolution; quantize / dequantize at float islands and
+    the file's ends), each where it costs at least LOSS_WORTH_NAMING of the fp32 file's time,
+    the LOSSES_NAMED costliest named first and the others counted."""
     floor = LOSS_WORTH_NAMING * sum(r["fp32_us"] or 0 for r in by_op)
+    lost = sorted(((r["int8_us"] or 0) - (r["fp32_us"] or 0), i) for i, r in enumerate(by_op))
     named = []
-    for r in by_op:
-        more = (r["int8_us"] or 0) - (r["fp32_us"] or 0)
+    for more, i in reversed(lost):
+        r = by_op[i]
         if more < max(floor, 1e-9):
-            continue
+            break
         named.append(f"{r['ops']} +{more:.0f} us (no such kernel in the fp32 file)" if r["fp32_us"] is None else
                      f"{r['ops']} {r['int8_speedup']}x ({r['int8_us']:g} vs {r['fp32_us']:g} us)" if r["int8_speedup"] else
                      f"{r['ops']} +{more:.0f} us")
-    return ", ".join(named) or "nothing"
+    more = f" and {len(named) - LOSSES_NAMED} more kinds" if len(named) > LOSSES_NAMED else ""
+    return ", ".join(named[:LOSSES_NAMED]) + more or "nothing"
 
 
 # the ops left in an onnxruntime int8 file that are not int8 kernels: the price of a float island
