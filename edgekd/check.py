@@ -16,11 +16,11 @@ so a baseline keeps them per class (`by_cpu`: --update-baseline writes the class
 --add-cpu-figures adds one class's ratios and leaves every other stored figure as it is); on a
 class it has no figure for, a speedup must only stay above 1x, and no class's tolerance takes
 its bound below that (a stored 1.25x with 30 % would let an int8 file slower than fp32 pass
-where an unknown class would fail it). Within a class, machines and
-their load still differ, and the figure is the median of per-round ratios of models timed for
-milliseconds each, so a ratio below its bound is a regression only where the rounds agree:
-their upper quartile is below the bound too (a real loss, e.g. an int8 file that stopped
-paying, moves every round; a noisy moment moves a few).
+where an unknown class would fail it). Within a class, machines and their load still differ,
+and the figure is the median of per-round ratios of models timed for milliseconds each, so a
+ratio below its bound is a regression only where the rounds agree: their upper quartile is
+below the bound too (a real loss, e.g. an int8 file that stopped paying, moves every round; a
+noisy moment moves a few).
 
 Robustness is gated as mean top-1 on corrupted images. The drop from clean top-1 is reported
 but not gated: it is the difference of two gated figures, and it grows when clean top-1
