@@ -6,11 +6,14 @@ threads pinned and printed with the ISA:
 - the teacher's forward (ResNet-50, CIFAR stem, batch 256): PyTorch NCHW, PyTorch channels_last,
   onnxruntime (what edgekd.inference.frozen_forward runs for teacher tables and figures);
 - a student training step (MobileNetV2 x0.5, CIFAR stem, batch 64, SGD) and its evaluation
-  forward (batch 256): NCHW vs channels_last (what train.fit and predict use on a CPU).
+  forward (batch 256): NCHW vs channels_last (what train.fit and predict use on a CPU);
+- with --bf16, the same under bf16 autocast (channels_last): what a CPU with AMX-BF16 (Intel
+  Sapphire Rapids and later) or AVX-512 BF16 would gain if the loop trained and the teacher ran
+  in bf16 there, as it does on a GPU.
 
 Random weights: speed only.
 
-    python benchmarks/cpu_layout.py --size 32 --threads 2
+    python benchmarks/cpu_layout.py --size 32 --threads 2 [--bf16]
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--bf16", action="store_true", help="also time bf16 autocast (channels_last)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -45,20 +49,22 @@ def main() -> None:
     assert ort is not None, "onnxruntime did not take the teacher"
     teacher_cl = copy.deepcopy(teacher).to(memory_format=cl)
 
-    def infer(m, x):
+    def infer(m, x, bf16=False):
         def f():
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 m(x)
         return f
 
-    def train_step(layout):
+    def train_step(layout, bf16=False):
         m = copy.deepcopy(student).train().to(memory_format=layout)
         opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
         x, y = torch.randn(64, 3, s, s).contiguous(memory_format=layout), torch.randint(0, 10, (64,))
 
         def f():
             opt.zero_grad()
-            F.cross_entropy(m(x), y).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(m(x), y)
+            loss.backward()
             opt.step()
         return f
 
@@ -71,6 +77,14 @@ def main() -> None:
         "student eval forward, NCHW": infer(copy.deepcopy(student).eval(), xt),
         "student eval forward, channels_last": infer(copy.deepcopy(student).eval().to(memory_format=cl), xt),
     }
+    if args.bf16:
+        xt_cl = xt.contiguous(memory_format=cl)
+        cases.update({
+            "teacher forward, PyTorch channels_last, bf16 autocast": infer(teacher_cl, xt_cl, bf16=True),
+            "student train step, channels_last, bf16 autocast": train_step(cl, bf16=True),
+            "student eval forward, channels_last, bf16 autocast":
+                infer(copy.deepcopy(student).eval().to(memory_format=cl), xt_cl, bf16=True),
+        })
     batch = {k: (64 if "train" in k else 256) for k in cases}
     for f in cases.values():  # warm-up
         f()
