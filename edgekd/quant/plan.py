@@ -337,18 +337,14 @@ def int8_losses(by_op: list[dict]) -> str:
     has (an fp32 add is fused into its convolution; quantize / dequantize at float islands and
     the file's ends), each where it costs at least LOSS_WORTH_NAMING of the fp32 file's time,
     the LOSSES_NAMED costliest named first and the others counted."""
-    floor = LOSS_WORTH_NAMING * sum(r["fp32_us"] or 0 for r in by_op)
-    lost = sorted(((r["int8_us"] or 0) - (r["fp32_us"] or 0), i) for i, r in enumerate(by_op))
-    named = []
-    for more, i in reversed(lost):
-        r = by_op[i]
-        if more < max(floor, 1e-9):
-            break
-        named.append(f"{r['ops']} +{more:.0f} us (no such kernel in the fp32 file)" if r["fp32_us"] is None else
-                     f"{r['ops']} {r['int8_speedup']}x ({r['int8_us']:g} vs {r['fp32_us']:g} us)" if r["int8_speedup"] else
-                     f"{r['ops']} +{more:.0f} us")
-    more = f" and {len(named) - LOSSES_NAMED} more kinds" if len(named) > LOSSES_NAMED else ""
-    return ", ".join(named[:LOSSES_NAMED]) + more or "nothing"
+    floor = max(LOSS_WORTH_NAMING * sum(r["fp32_us"] or 0 for r in by_op), 1e-9)
+    lost = lambda r: (r["int8_us"] or 0) - (r["fp32_us"] or 0)  # noqa: E731
+    costly = [r for r in sorted(by_op, key=lost, reverse=True) if lost(r) >= floor]
+    named = [f"{r['ops']} +{lost(r):.0f} us (no such kernel in the fp32 file)" if r["fp32_us"] is None else
+             f"{r['ops']} {r['int8_speedup']}x ({r['int8_us']:g} vs {r['fp32_us']:g} us)" if r["int8_speedup"] else
+             f"{r['ops']} +{lost(r):.0f} us" for r in costly[:LOSSES_NAMED]]
+    rest = f" and {len(costly) - LOSSES_NAMED} more kinds" if len(costly) > LOSSES_NAMED else ""
+    return ", ".join(named) + rest or "nothing"
 
 
 # the ops left in an onnxruntime int8 file that are not int8 kernels: the price of a float island
